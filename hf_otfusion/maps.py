@@ -1,0 +1,231 @@
+"""Transport maps for every space of a parent, solved in flow order against the anchor.
+
+Each space gets its ground cost from activation statistics or, data-free, from unit weight vectors whose
+other axes were already moved into the anchor's basis by the maps solved upstream. Attention is solved
+head-aware by default: whole heads are matched on the cost of their best within-head matching, then the
+within-head maps of the matched pairs are assembled into one coupling over (head, dim) units, so that Q and K
+(and V and O) share a map and the fused attention is an attention of aligned heads.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import ot
+import torch
+
+from .align import align_tensor
+from .config import FusionConfig
+from .plan import FusionPlan, Space
+from .statistics import UnitStatistics
+from .transport import (
+    SolveInfo,
+    TransportMap,
+    plan_entropy,
+    softness,
+    solve_transport,
+    solve_transport_batch,
+    uniform,
+)
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class SpaceDiagnostics:
+    """One solved space of one parent: sizes, cost source, solver outcome and time."""
+
+    parent: int
+    space: str
+    units: tuple[int, int]
+    cost_source: str
+    solver: str
+    reg: float | None
+    transport_cost: float
+    entropy: float
+    softness: float
+    seconds: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class _CostSources:
+    """The per-source ground costs of a space for one parent, from activations or weights."""
+
+    def __init__(
+        self,
+        parent_plan: FusionPlan,
+        anchor_plan: FusionPlan,
+        parent_params: dict[str, torch.Tensor],
+        anchor_params: dict[str, torch.Tensor],
+        stats: dict[str, UnitStatistics] | None,
+        config: FusionConfig,
+    ) -> None:
+        self.parent_plan, self.anchor_plan = parent_plan, anchor_plan
+        self.parent_params, self.anchor_params = parent_params, anchor_params
+        self.stats, self.config = stats, config
+
+    def kind(self, space: str) -> str:
+        if self.config.cost == "activations" and self.stats is not None and self.anchor_plan.hooks.get(space):
+            return "activations"
+        return "weights"
+
+    def costs(self, space: str, maps: dict[str, TransportMap], pooled: bool) -> list[np.ndarray]:
+        """One cost per source (hook or parameter), or a single cost with all sources pooled."""
+        if self.kind(space) == "activations":
+            per_hook = [self.stats[hook] for hook in self.anchor_plan.hooks[space]]
+            if pooled:
+                total = per_hook[0]
+                for extra in per_hook[1:]:
+                    total = total + extra
+                per_hook = [total]
+            return [s.cost(self.config.activation_cost) for s in per_hook]
+        features = self._weight_features(space, maps)
+        if not features:
+            raise RuntimeError(f"Space {space} has no parameter usable for a weight-based cost.")
+        if pooled:
+            features = [(np.concatenate([a for a, _ in features], 1), np.concatenate([b for _, b in features], 1))]
+        return [ot.dist(a, b, metric="sqeuclidean") for a, b in features]
+
+    def _weight_features(self, space: str, maps: dict[str, TransportMap]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Per parameter: the units' weight vectors in both models, other axes already in the anchor basis.
+
+        Only parameters whose other bound axes are already solved take part, which is what makes the
+        flow order matter: the residual space comes from embeddings and LayerNorms, layer spaces from
+        weights reading the already-aligned residual stream.
+        """
+        features = []
+        for name in self.anchor_plan.parameters_of(space):
+            axes = self.anchor_plan.parameters[name]
+            own = [dim for dim, axis in enumerate(axes) if axis is not None and axis.space == space]
+            others = [axis.space for axis in axes if axis is not None and axis.space != space]
+            if len(own) != 1 or any(other not in maps for other in others):
+                continue
+            dim = own[0]
+            parent = align_tensor(self.parent_params[name], self.parent_plan.parameters[name], maps, skip_axis=dim)
+            anchor = self.anchor_params[name].detach().to(torch.float64)
+            features.append(
+                (
+                    parent.movedim(dim, 0).reshape(parent.shape[dim], -1).numpy(),
+                    anchor.movedim(dim, 0).reshape(anchor.shape[dim], -1).numpy(),
+                )
+            )
+        return features
+
+
+def compute_maps(
+    parent_index: int,
+    parent_plan: FusionPlan,
+    anchor_plan: FusionPlan,
+    parent_params: dict[str, torch.Tensor],
+    anchor_params: dict[str, torch.Tensor],
+    stats: dict[str, UnitStatistics] | None,
+    config: FusionConfig,
+) -> tuple[dict[str, TransportMap], list[SpaceDiagnostics]]:
+    """Solves the transport map of every space of one parent onto the anchor, in flow order.
+
+    Returns:
+        The maps keyed by space name (nested head spaces included, heads spaces too in `aware` mode) and
+        one `SpaceDiagnostics` per solve.
+    """
+    sources = _CostSources(parent_plan, anchor_plan, parent_params, anchor_params, stats, config)
+    maps: dict[str, TransportMap] = {}
+    diagnostics: list[SpaceDiagnostics] = []
+
+    def record(space: str, transport: TransportMap, info: SolveInfo, source: str, started: float) -> None:
+        seconds = time.perf_counter() - started
+        diagnostics.append(
+            SpaceDiagnostics(
+                parent_index, space, transport.plan.shape, source, info.solver, info.reg,
+                info.transport_cost, info.entropy, info.softness, seconds,
+            )
+        )  # fmt: skip
+        logger.debug(
+            "parent %d %-10s %4dx%-4d %s/%s cost=%.4g entropy=%.3f softness=%.3f (%.2fs)",
+            parent_index, space, *transport.plan.shape, source, info.solver, info.transport_cost,
+            info.entropy, info.softness, seconds,
+        )  # fmt: skip
+
+    for space in anchor_plan.spaces.values():
+        started = time.perf_counter()
+        nested = anchor_plan.nested_in(space.name)
+        if space.heads is not None and config.heads == "aware":
+            continue  # solved together with its heads space
+        if nested:
+            if config.heads == "aware":
+                for name, transport, info in _solve_heads(space, nested, sources, maps, parent_plan, config):
+                    maps[name] = transport
+                    record(name, transport, info, sources.kind(nested[0].name), started)
+            continue
+        mean_policy = space.stream and config.residual == "mean"
+        costs = sources.costs(space.name, maps, pooled=not mean_policy)
+        transport, info = _solve_mean(costs, config) if mean_policy else _solve(costs[0], config)
+        maps[space.name] = transport
+        record(space.name, transport, info, sources.kind(space.name), started)
+    return maps, diagnostics
+
+
+def _solve(cost: np.ndarray, config: FusionConfig) -> tuple[TransportMap, SolveInfo]:
+    return solve_transport(
+        cost,
+        solver=config.solver,
+        reg=config.reg,
+        reg_mode=config.reg_mode,
+        emd_max_iter=config.emd_max_iter,
+        sinkhorn_max_iter=config.sinkhorn_max_iter,
+    )
+
+
+def _solve_mean(costs: list[np.ndarray], config: FusionConfig) -> tuple[TransportMap, SolveInfo]:
+    """The `mean` residual policy: one plan per source, averaged (still a coupling with the same marginals)."""
+    solved = [_solve(cost, config) for cost in costs]
+    plan = np.mean([transport.plan for transport, _ in solved], axis=0)
+    first, info = solved[0]
+    entropy = plan_entropy(plan)
+    mean_cost = float(np.mean([i.transport_cost for _, i in solved]))
+    info = SolveInfo(info.solver, info.reg, mean_cost, entropy, softness(entropy, *plan.shape))
+    return TransportMap(plan, first.mu, first.nu), info
+
+
+def _solve_heads(
+    heads: Space,
+    nested: list[Space],
+    sources: _CostSources,
+    maps: dict[str, TransportMap],
+    parent_plan: FusionPlan,
+    config: FusionConfig,
+) -> list[tuple[str, TransportMap, SolveInfo]]:
+    """Heads first (on the cost of each head pair's best within-head matchings), then dims within heads."""
+    heads_a, heads_b = parent_plan.spaces[heads.name].size, heads.size
+    unit_costs = [sources.costs(space.name, maps, pooled=True)[0] for space in nested]
+    head_cost = np.zeros((heads_a, heads_b))
+    within: list[dict[tuple[int, int], TransportMap]] = [{} for _ in nested]
+    pairs = [(a, b) for a in range(heads_a) for b in range(heads_b)]
+    for s, (space, cost) in enumerate(zip(nested, unit_costs, strict=True)):
+        dim_a, dim_b = parent_plan.spaces[space.name].head_dim, space.head_dim
+        blocks = np.stack([cost[a * dim_a : (a + 1) * dim_a, b * dim_b : (b + 1) * dim_b] for a, b in pairs])
+        solved = solve_transport_batch(
+            blocks, solver=config.solver, reg=config.reg, reg_mode=config.reg_mode,
+            sinkhorn_max_iter=config.sinkhorn_max_iter,
+        )  # fmt: skip
+        for (a, b), (transport, info) in zip(pairs, solved, strict=True):
+            within[s][(a, b)] = transport
+            head_cost[a, b] += info.transport_cost
+    head_map, head_info = _solve(head_cost, config)
+    results = [(heads.name, head_map, head_info)]
+    for s, (space, cost) in enumerate(zip(nested, unit_costs, strict=True)):
+        dim_a, dim_b = parent_plan.spaces[space.name].head_dim, space.head_dim
+        plan = np.zeros_like(cost)
+        for (a, b), transport in within[s].items():
+            weight = head_map.plan[a, b]
+            if weight > 0:
+                plan[a * dim_a : (a + 1) * dim_a, b * dim_b : (b + 1) * dim_b] = weight * transport.plan
+        n_a, n_b = plan.shape
+        entropy = plan_entropy(plan)
+        info = SolveInfo(config.solver, head_info.reg, float((plan * cost).sum()), entropy, softness(entropy, n_a, n_b))
+        results.append((space.name, TransportMap(plan, uniform(n_a), uniform(n_b)), info))
+    return results

@@ -1,0 +1,55 @@
+"""Function-preserving random permutations of a model's units: the ground truth that fusion must undo.
+
+Permuting the residual dimensions, the heads, the dimensions within each head (Q/K and V/O separately) and
+the FFN units consistently in every tensor leaves the network's function unchanged. Fusing a model with such
+a copy of itself must give the model back, which is the strongest end-to-end check of the engine.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import torch
+from transformers import PreTrainedModel
+
+from .align import align_parameters
+from .plan import resolve_plan
+from .spec import AlignmentSpec
+from .transport import TransportMap
+
+
+def random_permutations(
+    model: PreTrainedModel, seed: int = 0, spec: AlignmentSpec | None = None
+) -> dict[str, np.ndarray]:
+    """One permutation per space; nested head spaces permute whole heads, then dimensions inside each head.
+
+    `permutations[space][j]` is the original unit that lands at position j.
+    """
+    plan = resolve_plan(model, spec)
+    rng = np.random.default_rng(seed)
+    permutations: dict[str, np.ndarray] = {}
+    for space in plan.spaces.values():
+        if space.heads is None:
+            permutations[space.name] = rng.permutation(space.size)
+    for space in plan.spaces.values():
+        if space.heads is not None:
+            head_order, dim = permutations[space.heads], space.head_dim
+            permutations[space.name] = np.concatenate([head * dim + rng.permutation(dim) for head in head_order])
+    return permutations
+
+
+def permute_model(model: PreTrainedModel, seed: int = 0, spec: AlignmentSpec | None = None) -> PreTrainedModel:
+    """A copy of `model` with every space randomly permuted; it computes the same function."""
+    plan = resolve_plan(model, spec)
+    maps = {
+        space: TransportMap.from_permutation(permutation)
+        for space, permutation in random_permutations(model, seed, spec).items()
+    }
+    params = {name: param.detach() for name, param in model.named_parameters()}
+    permuted = align_parameters(params, plan, maps)
+    result = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, param in result.named_parameters():
+            param.copy_(permuted[name].to(param.dtype))
+    return result

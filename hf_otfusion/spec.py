@@ -1,0 +1,159 @@
+"""Alignment specs: per-`model_type` data that binds every parameter axis to a space of interchangeable units.
+
+A spec is the only place that knows an architecture. It is a YAML file (see `specs/bert.yaml`) validated
+strictly into the frozen dataclasses below: unknown keys, undeclared spaces and malformed axis entries fail
+with a `SpecError` naming the entry. Adding an architecture means adding a spec file.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import SpecError, UnsupportedArchitectureError
+
+LAYER = "{i}"
+BASE = "{base}"
+_INPUT_PREFIX = "in:"
+_TOP_KEYS = {"model_type", "architectures", "layers", "spaces", "parameters", "hooks"}
+_SPACE_KEYS = {"size", "heads", "stream"}
+
+
+@dataclass(frozen=True)
+class SpaceSpec:
+    """A set of interchangeable units, possibly one per layer (`{i}` in the name).
+
+    `size` names the config key giving the number of units. `heads` names the space of attention heads this
+    space is nested in (its units are `heads x d_head`, head-major). `stream` marks a residual stream: many
+    modules write to it, and the residual policy decides how their costs combine.
+    """
+
+    name: str
+    size: str
+    heads: str | None = None
+    stream: bool = False
+
+
+@dataclass(frozen=True)
+class AxisBinding:
+    """One parameter axis bound to a space; `reads` is True for weight columns that take the unit as input."""
+
+    space: str
+    reads: bool = False
+
+    @classmethod
+    def parse(cls, entry: str) -> AxisBinding:
+        if entry.startswith(_INPUT_PREFIX):
+            return cls(entry[len(_INPUT_PREFIX) :], reads=True)
+        return cls(entry)
+
+    def format(self, layer: int | None = None) -> AxisBinding:
+        return AxisBinding(_expand(self.space, layer), self.reads)
+
+
+@dataclass(frozen=True)
+class AlignmentSpec:
+    """The validated content of one spec file."""
+
+    model_type: str
+    architectures: tuple[str, ...]
+    layers: str
+    spaces: tuple[SpaceSpec, ...]
+    parameters: dict[str, tuple[AxisBinding | None, ...]]
+    hooks: dict[str, tuple[str, ...]]
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], source: str = "<dict>") -> AlignmentSpec:
+        """Validates a parsed spec file; every problem names the offending entry."""
+        if not isinstance(raw, dict):
+            raise SpecError(f"{source}: a spec must be a mapping, got {type(raw).__name__}.")
+        _reject_unknown(raw, _TOP_KEYS, source)
+        missing = sorted(_TOP_KEYS - set(raw))
+        if missing:
+            raise SpecError(f"{source}: missing key(s) {missing}.")
+
+        spaces = []
+        for name, body in raw["spaces"].items():
+            body = body or {}
+            _reject_unknown(body, _SPACE_KEYS, f"{source}: space {name!r}")
+            if "size" not in body:
+                raise SpecError(f"{source}: space {name!r} needs a `size` (a config key).")
+            spaces.append(SpaceSpec(name, body["size"], body.get("heads"), bool(body.get("stream", False))))
+        declared = {s.name for s in spaces}
+        for space in spaces:
+            if space.heads is not None and space.heads not in declared:
+                raise SpecError(f"{source}: space {space.name!r} nests in undeclared heads space {space.heads!r}.")
+
+        parameters: dict[str, tuple[AxisBinding | None, ...]] = {}
+        for pattern, axes in raw["parameters"].items():
+            if not isinstance(axes, list):
+                raise SpecError(f"{source}: parameter {pattern!r} needs a list of axis entries, got {axes!r}.")
+            bindings = tuple(None if axis is None else AxisBinding.parse(str(axis)) for axis in axes)
+            for binding in bindings:
+                if binding is not None and binding.space not in declared:
+                    raise SpecError(
+                        f"{source}: parameter {pattern!r} binds an axis to undeclared space {binding.space!r}; "
+                        f"declared spaces are {sorted(declared)}."
+                    )
+            parameters[pattern] = bindings
+
+        hooks: dict[str, tuple[str, ...]] = {}
+        for space_name, modules in raw["hooks"].items():
+            if space_name not in declared:
+                raise SpecError(f"{source}: hooks given for undeclared space {space_name!r}.")
+            hooks[space_name] = tuple(modules)
+
+        return cls(
+            model_type=str(raw["model_type"]),
+            architectures=tuple(raw["architectures"]),
+            layers=str(raw["layers"]),
+            spaces=tuple(spaces),
+            parameters=parameters,
+            hooks=hooks,
+        )
+
+
+def available_specs() -> list[str]:
+    """The `model_type`s that ship with a spec."""
+    folder = resources.files("hf_otfusion") / "specs"
+    return sorted(entry.name[: -len(".yaml")] for entry in folder.iterdir() if entry.name.endswith(".yaml"))
+
+
+def load_spec(model_type_or_path: str | Path) -> AlignmentSpec:
+    """Loads the shipped spec for a `model_type`, or a spec file given by path.
+
+    Raises:
+        UnsupportedArchitectureError: no spec ships for that `model_type`.
+        SpecError: the file is malformed.
+    """
+    path = Path(model_type_or_path)
+    if path.suffix in {".yaml", ".yml"} and path.is_file():
+        text, source = path.read_text(), str(path)
+    else:
+        name = str(model_type_or_path)
+        resource = resources.files("hf_otfusion") / "specs" / f"{name}.yaml"
+        if not resource.is_file():
+            raise UnsupportedArchitectureError(
+                f"No alignment spec for model_type {name!r}. Shipped specs: {available_specs()}. "
+                "To add an architecture, write a spec file (see hf_otfusion/specs/bert.yaml) and pass its path."
+            )
+        text, source = resource.read_text(), f"specs/{name}.yaml"
+    return AlignmentSpec.from_dict(yaml.safe_load(text), source)
+
+
+def _expand(template: str, layer: int | None) -> str:
+    if LAYER in template:
+        if layer is None:
+            raise SpecError(f"{template!r} uses {LAYER} outside a per-layer context.")
+        return template.replace(LAYER, str(layer))
+    return template
+
+
+def _reject_unknown(mapping: dict[str, Any], allowed: set[str], where: str) -> None:
+    unknown = sorted(set(mapping) - allowed)
+    if unknown:
+        raise SpecError(f"{where}: unknown key(s) {unknown}; allowed keys are {sorted(allowed)}.")

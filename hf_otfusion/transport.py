@@ -1,0 +1,219 @@
+"""Optimal-transport solvers and the transport map they define. No model knowledge lives here.
+
+A `TransportMap` holds a coupling P (n_a x n_b, summing to 1) between the units of a parent (a) and of the
+anchor (b), with marginals mu and nu. It moves tensors into the anchor's basis with the two normalisations
+that keep fusion exact when widths differ (see DESIGN.md):
+- output side (rows, biases, LayerNorm, embedding columns): X' = (P diag(1/nu))^T X, a convex combination of
+  the parent's units for each anchor unit;
+- input side (weight columns reading the unit): W' = W diag(1/mu) P, whose rows sum to 1.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import ot
+import ot.batch
+import torch
+from scipy.optimize import linear_sum_assignment
+
+logger = logging.getLogger(__name__)
+
+# Marginal tolerance of Sinkhorn; tighter buys nothing here because the anchor-side marginal is projected
+# exactly afterwards, and costs many iterations when plans are nearly hard.
+SINKHORN_TOL = 1e-6
+
+
+@dataclass
+class TransportMap:
+    """A coupling between parent units (rows) and anchor units (columns), with its marginals."""
+
+    plan: np.ndarray
+    mu: np.ndarray
+    nu: np.ndarray
+
+    @classmethod
+    def from_permutation(cls, permutation: np.ndarray) -> TransportMap:
+        """The map sending parent unit `permutation[j]` to anchor unit `j`."""
+        n = len(permutation)
+        plan = np.zeros((n, n))
+        plan[permutation, np.arange(n)] = 1.0 / n
+        uniform = np.full(n, 1.0 / n)
+        return cls(plan, uniform, uniform.copy())
+
+    def output_matrix(self) -> np.ndarray:
+        """M with X'_b = sum_a M[a, b] X_a for axes that hold the unit (P diag(1/nu))."""
+        return self.plan / self.nu[None, :]
+
+    def input_matrix(self) -> np.ndarray:
+        """M with W'_{:, b} = sum_a W_{:, a} M[a, b] for axes that read the unit (diag(1/mu) P)."""
+        return self.plan / self.mu[:, None]
+
+
+@dataclass
+class SolveInfo:
+    """What one OT solve did: logged per space so that softness and quality can be inspected."""
+
+    solver: str
+    reg: float | None
+    transport_cost: float
+    entropy: float
+    softness: float
+
+
+def uniform(n: int) -> np.ndarray:
+    return np.full(n, 1.0 / n)
+
+
+def solve_transport(
+    cost: np.ndarray,
+    *,
+    solver: str = "exact",
+    reg: float = 0.05,
+    reg_mode: str = "relative",
+    mu: np.ndarray | None = None,
+    nu: np.ndarray | None = None,
+    emd_max_iter: int = 10_000_000,
+    sinkhorn_max_iter: int = 1000,
+) -> tuple[TransportMap, SolveInfo]:
+    """Solves OT between parent units (rows of `cost`) and anchor units (columns).
+
+    Args:
+        cost: ground cost, shape (n_a, n_b).
+        solver: `exact` (linear assignment when widths are equal and marginals uniform, else POT `emd`) or
+            `sinkhorn` (POT's log-domain Sinkhorn, stable for small regularisation).
+        reg: entropic regularisation; with `reg_mode="relative"` it multiplies `cost_scale(cost)`.
+        mu, nu: marginals (uniform when None).
+
+    Returns:
+        The transport map and a `SolveInfo` with the transport cost, the plan's entropy and its softness
+        (0 for a permutation, 1 for the uniform plan).
+    """
+    cost = np.asarray(cost, dtype=np.float64)
+    n_a, n_b = cost.shape
+    is_uniform = mu is None and nu is None
+    mu = uniform(n_a) if mu is None else np.asarray(mu, dtype=np.float64)
+    nu = uniform(n_b) if nu is None else np.asarray(nu, dtype=np.float64)
+    used_reg = None
+    if solver == "exact":
+        if n_a == n_b and is_uniform:
+            rows, cols = linear_sum_assignment(cost)
+            plan = np.zeros_like(cost)
+            plan[rows, cols] = 1.0 / n_a
+        else:
+            plan = ot.emd(mu, nu, cost, numItermax=emd_max_iter)
+    elif solver == "sinkhorn":
+        used_reg = reg * cost_scale(cost) if reg_mode == "relative" else reg
+        plan = _sinkhorn(reduced_cost(cost), used_reg, mu, nu, sinkhorn_max_iter)
+    else:
+        raise ValueError(f"Unknown solver {solver!r}; use 'exact' or 'sinkhorn'.")
+    entropy = plan_entropy(plan)
+    info = SolveInfo(solver, used_reg, float((plan * cost).sum()), entropy, softness(entropy, n_a, n_b))
+    return TransportMap(plan, mu, nu), info
+
+
+def solve_transport_batch(
+    costs: np.ndarray,
+    *,
+    solver: str = "exact",
+    reg: float = 0.05,
+    reg_mode: str = "relative",
+    sinkhorn_max_iter: int = 1000,
+) -> list[tuple[TransportMap, SolveInfo]]:
+    """Solves many small problems of one shape (uniform marginals), e.g. every pair of attention heads.
+
+    Sinkhorn runs as one batched POT solve on the costs rescaled per problem, so a relative `reg` gives each
+    problem the softness it would get alone; exact problems are independent linear assignments.
+    """
+    costs = np.asarray(costs, dtype=np.float64)
+    if solver != "sinkhorn":
+        return [solve_transport(cost, solver=solver) for cost in costs]
+    _, n_a, n_b = costs.shape
+    if reg_mode == "relative":
+        scales = np.array([cost_scale(cost) for cost in costs])
+        regs = reg * scales
+    else:
+        scales, regs = np.ones(len(costs)), np.full(len(costs), reg)
+    scaled = np.stack([reduced_cost(cost) for cost in costs]) / scales[:, None, None]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = ot.batch.solve_batch(
+            torch.from_numpy(scaled), reg=reg, method="sinkhorn",
+            max_iter=sinkhorn_max_iter, tol=SINKHORN_TOL,
+        )  # fmt: skip
+    solved = []
+    mu, nu = uniform(n_a), uniform(n_b)
+    for plan, cost, used_reg in zip(result.plan.numpy(), costs, regs, strict=True):
+        if not np.isfinite(plan).all():
+            plan = _sinkhorn(reduced_cost(cost), used_reg, mu, nu, sinkhorn_max_iter)
+        plan = _project_marginals(plan, mu, nu)
+        entropy = plan_entropy(plan)
+        info = SolveInfo("sinkhorn", float(used_reg), float((plan * cost).sum()), entropy, softness(entropy, n_a, n_b))
+        solved.append((TransportMap(plan, mu, nu), info))
+    return solved
+
+
+def reduced_cost(cost: np.ndarray) -> np.ndarray:
+    """The cost minus its row minima, then minus its column minima.
+
+    Constants per row or column do not change any transport plan (the marginals are fixed), but they make
+    every row and column hold a zero, so the Sinkhorn kernel exp(-cost/reg) never underflows to an all-zero
+    row and the fast (non-log) Sinkhorn iterations stay finite even at small reg.
+    """
+    reduced = cost - cost.min(axis=1, keepdims=True)
+    return reduced - reduced.min(axis=0, keepdims=True)
+
+
+def _sinkhorn(cost: np.ndarray, reg: float, mu: np.ndarray, nu: np.ndarray, max_iter: int) -> np.ndarray:
+    """POT's Sinkhorn, falling back to the stabilised (log-absorbing) variant if the fast one overflows."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        plan = ot.sinkhorn(mu, nu, cost, reg, method="sinkhorn", numItermax=max_iter, stopThr=SINKHORN_TOL)
+        if not np.isfinite(plan).all() or plan.sum() <= 0:
+            plan = ot.sinkhorn(
+                mu, nu, cost, reg, method="sinkhorn_stabilized", numItermax=max_iter, stopThr=SINKHORN_TOL
+            )
+    for warning in caught:
+        logger.debug("Sinkhorn (n=%dx%d, reg=%.3g): %s", *cost.shape, reg, warning.message)
+    return _project_marginals(plan, mu, nu)
+
+
+def cost_scale(cost: np.ndarray) -> float:
+    """Typical margin by which a unit's best match beats its second best (median over rows).
+
+    Sinkhorn's softness depends on reg relative to these margins, not to the cost's maximum, so scaling reg
+    by this gap gives comparable softness across spaces and models.
+    """
+    if cost.shape[1] < 2:
+        return float(np.abs(cost).max()) or 1.0
+    two_smallest = np.partition(cost, 1, axis=1)[:, :2]
+    gap = float(np.median(two_smallest[:, 1] - two_smallest[:, 0]))
+    if gap > 0:
+        return gap
+    spread = float(cost.std())
+    return spread if spread > 0 else 1.0
+
+
+def plan_entropy(plan: np.ndarray) -> float:
+    """Shannon entropy (nats) of a coupling."""
+    p = plan[plan > 0]
+    return float(-(p * np.log(p)).sum())
+
+
+def softness(entropy: float, n_a: int, n_b: int) -> float:
+    """Entropy rescaled to [0, 1]: 0 for a hard matching (entropy log max(n)), 1 for the uniform plan."""
+    hard, flat = math.log(max(n_a, n_b)), math.log(n_a * n_b)
+    if flat <= hard:
+        return 0.0
+    return float(min(max((entropy - hard) / (flat - hard), 0.0), 1.0))
+
+
+def _project_marginals(plan: np.ndarray, mu: np.ndarray, nu: np.ndarray) -> np.ndarray:
+    """Sinkhorn stops at a tolerance; rescale columns so the anchor-side marginal is exact (no unit dropped)."""
+    column_mass = plan.sum(axis=0)
+    column_mass[column_mass <= 0] = 1.0
+    return plan * (nu / column_mass)[None, :]

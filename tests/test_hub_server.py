@@ -1,0 +1,378 @@
+"""The local Hub server, driven by the REAL huggingface_hub and transformers clients.
+
+huggingface_hub reads HF_ENDPOINT once, at import, so every client-side check runs in a fresh Python
+subprocess pointed at a server that the test started on port 0 in its own tmp dir. The subprocess prints
+one ``RESULT <json>`` line that the test asserts on; stdlib-only checks (Range, HEAD headers, content
+addressing) run in-process with urllib.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from hf_otfusion.hub_server import HubServer, commit_sha
+
+CLIENT_TIMEOUT_S = 120
+
+
+@pytest.fixture
+def hub(tmp_path: Path, caplog: pytest.LogCaptureFixture):
+    with HubServer(tmp_path / "hub-root") as server:
+        yield server
+    # The real clients must only have used routes the server implements.
+    records = caplog.get_records("setup") + caplog.get_records("call")
+    unsupported = [r.getMessage() for r in records if "unsupported route" in r.getMessage()]
+    assert not unsupported, unsupported
+
+
+def run_client(hub: HubServer, tmp_path: Path, script: str) -> dict:
+    """Run ``script`` in a subprocess whose huggingface_hub talks to ``hub``; return its RESULT json."""
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_")) and k != "TRANSFORMERS_OFFLINE"
+    }
+    home = tmp_path / "hf-home"
+    env.update(
+        HF_ENDPOINT=hub.url,
+        HF_HUB_DISABLE_XET="1",
+        HF_TOKEN="dummy",
+        HF_HOME=str(home),
+        HF_HUB_DISABLE_TELEMETRY="1",
+        HF_HUB_DISABLE_PROGRESS_BARS="1",
+        TOKENIZERS_PARALLELISM="false",
+    )
+    prelude = "import json, sys\ndef result(obj):\n    print('RESULT ' + json.dumps(obj))\n"
+    proc = subprocess.run(
+        [sys.executable, "-c", prelude + textwrap.dedent(script)],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=CLIENT_TIMEOUT_S,
+    )
+    assert proc.returncode == 0, f"client failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    assert lines, f"no RESULT line:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    return json.loads(lines[-1][len("RESULT ") :])
+
+
+def _resolve_gets(hub: HubServer) -> list[str]:
+    return [path for method, path in hub.request_log if method == "GET" and "/resolve/" in path]
+
+
+def test_transformers_roundtrip_pinned_by_sha(hub: HubServer, tmp_path: Path) -> None:
+    """A tiny BERT pushed in one commit loads back bit-identical by SHA, even after main moves on."""
+    out = run_client(
+        hub,
+        tmp_path,
+        """
+        import hashlib, shutil
+        import torch
+        from huggingface_hub import HfApi, hf_hub_download, get_safetensors_metadata
+        from transformers import AutoModel, BertConfig, BertModel
+
+        api = HfApi()
+        cfg = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=24)
+        torch.manual_seed(0)
+        model = BertModel(cfg).eval()
+        model.save_pretrained("tiny")
+        shutil.copy("tiny/model.safetensors", "v1.safetensors")
+        url = api.create_repo("ns/a")
+        commits_before = len(api.list_repo_commits("ns/a"))
+        info1 = api.upload_folder(repo_id="ns/a", folder_path="tiny", commit_message="v1")
+        sha1 = info1.oid
+        commits_after = len(api.list_repo_commits("ns/a"))
+        mi = api.model_info("ns/a")
+        mi_rev = api.model_info("ns/a", revision=sha1)
+
+        loaded = AutoModel.from_pretrained("ns/a", revision=sha1)
+        pairs = zip(model.state_dict().values(), loaded.state_dict().values())
+        same = all(torch.equal(a, b) for a, b in pairs)
+        same_keys = list(model.state_dict()) == list(loaded.state_dict())
+
+        meta = get_safetensors_metadata("ns/a", revision=sha1)
+
+        torch.manual_seed(1)
+        BertModel(cfg).save_pretrained("tiny")
+        sha2 = api.upload_folder(repo_id="ns/a", folder_path="tiny", commit_message="v2").oid
+        old = hf_hub_download("ns/a", "model.safetensors", revision=sha1, cache_dir="c2")
+        new = hf_hub_download("ns/a", "model.safetensors", cache_dir="c3")
+        digest = lambda p: hashlib.sha256(open(p, "rb").read()).hexdigest()
+        result(dict(
+            url=str(url), sha1=sha1, sha2=sha2, commits=[commits_before, commits_after],
+            mi_sha=mi.sha, mi_rev_sha=mi_rev.sha, head_after=api.model_info("ns/a").sha,
+            siblings=sorted(s.rfilename for s in mi.siblings), same=same, same_keys=same_keys,
+            n_tensors=len(meta.weight_map), sharded=meta.sharded,
+            old_is_v1=digest(old) == digest("v1.safetensors"),
+            new_is_v2=digest(new) == digest("tiny/model.safetensors"),
+        ))
+        """,
+    )
+    assert out["url"] == f"{hub.url}/ns/a"
+    assert out["commits"][1] == out["commits"][0] + 1, "upload_folder must make exactly one commit"
+    assert out["mi_sha"] == out["sha1"] == out["mi_rev_sha"]
+    assert {"config.json", "model.safetensors"} <= set(out["siblings"])
+    assert out["same"] and out["same_keys"]
+    assert out["n_tensors"] > 10 and out["sharded"] is False
+    assert out["sha2"] != out["sha1"] and out["head_after"] == out["sha2"]
+    assert out["old_is_v1"] and out["new_is_v2"]
+    gets = _resolve_gets(hub)
+    assert f"/ns/a/resolve/{out['sha1']}/model.safetensors" in gets
+    assert f"/ns/a/resolve/{out['sha1']}/config.json" in gets
+
+
+def test_missing_repo_revision_and_file_map_to_client_errors(hub: HubServer, tmp_path: Path) -> None:
+    out = run_client(
+        hub,
+        tmp_path,
+        """
+        from huggingface_hub import HfApi, hf_hub_download
+        from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
+
+        api = HfApi()
+        api.create_repo("ns/b")
+        api.upload_file(path_or_fileobj=b'{"a": 1}', path_in_repo="config.json", repo_id="ns/b")
+
+        def kind(**kw):
+            try:
+                hf_hub_download(**kw)
+            except RepositoryNotFoundError:
+                return "repo"
+            except RevisionNotFoundError:
+                return "revision"
+            except EntryNotFoundError:
+                return "entry"
+            return "ok"
+
+        def info_kind(**kw):
+            try:
+                api.model_info(**kw)
+            except RepositoryNotFoundError:
+                return "repo"
+            except RevisionNotFoundError:
+                return "revision"
+            return "ok"
+
+        api.create_repo("ns/data", repo_type="dataset")
+        api.upload_file(path_or_fileobj=b"x,y\\n1,2\\n", path_in_repo="data/train.csv", repo_id="ns/data",
+                        repo_type="dataset")
+        csv = open(hf_hub_download("ns/data", "data/train.csv", repo_type="dataset"), "rb").read().decode()
+        tree = sorted(f.path for f in api.list_repo_tree("ns/data", repo_type="dataset", recursive=True))
+        result(dict(
+            ok=kind(repo_id="ns/b", filename="config.json"),
+            repo=kind(repo_id="ns/nope", filename="config.json"),
+            revision=kind(repo_id="ns/b", filename="config.json", revision="no-such-branch"),
+            sha_revision=kind(repo_id="ns/b", filename="config.json", revision="0" * 40),
+            entry=kind(repo_id="ns/b", filename="missing.json"),
+            info_repo=info_kind(repo_id="ns/nope"),
+            info_revision=info_kind(repo_id="ns/b", revision="nope"),
+            exists=[api.file_exists("ns/b", "config.json"), api.file_exists("ns/b", "nope.json")],
+            whoami=api.whoami()["name"], csv=csv, tree=tree,
+        ))
+        """,
+    )
+    assert out["ok"] == "ok"
+    assert out["repo"] == "repo" and out["info_repo"] == "repo"
+    assert out["revision"] == "revision" and out["sha_revision"] == "revision" and out["info_revision"] == "revision"
+    assert out["entry"] == "entry"
+    assert out["exists"] == [True, False]
+    assert out["whoami"] == "local-user"
+    assert out["csv"] == "x,y\n1,2\n"
+    assert out["tree"] == ["data", "data/train.csv"]
+    assert "/datasets/ns/data/resolve/main/data/train.csv" in _resolve_gets(hub)
+
+
+def test_stale_parent_rejected_pr_and_branches(hub: HubServer, tmp_path: Path) -> None:
+    out = run_client(
+        hub,
+        tmp_path,
+        """
+        from huggingface_hub import CommitOperationAdd, HfApi, hf_hub_download
+        from huggingface_hub.errors import HfHubHTTPError
+
+        api = HfApi()
+        api.create_repo("ns/c")
+        c1 = api.upload_file(path_or_fileobj=b"one", path_in_repo="f.txt", repo_id="ns/c").oid
+        c2 = api.upload_file(path_or_fileobj=b"two", path_in_repo="f.txt", repo_id="ns/c").oid
+        try:
+            api.create_commit("ns/c", [CommitOperationAdd("g.txt", b"stale")], commit_message="stale",
+                              parent_commit=c1)
+            stale = None
+        except HfHubHTTPError as e:
+            stale = e.response.status_code
+        fresh = api.create_commit("ns/c", [CommitOperationAdd("g.txt", b"fresh")], commit_message="fresh",
+                                  parent_commit=c2).oid
+
+        pr = api.upload_file(path_or_fileobj=b"proposal", path_in_repo="f.txt", repo_id="ns/c",
+                             create_pr=True)
+        read = lambda path: open(path, "rb").read()
+        pr_bytes = read(hf_hub_download("ns/c", "f.txt", revision=pr.pr_revision, cache_dir="c1"))
+        main_bytes = read(hf_hub_download("ns/c", "f.txt", cache_dir="c2"))
+
+        dev = api.upload_file(path_or_fileobj=b"dev", path_in_repo="f.txt", repo_id="ns/c",
+                              revision="dev").oid
+        api.create_branch("ns/c", branch="pinned", revision=c1)
+        api.create_branch("ns/c", branch="pinned", exist_ok=True)
+        refs = api.list_repo_refs("ns/c", include_pull_requests=True)
+        api.delete_file("g.txt", "ns/c")
+        after_delete = sorted(api.list_repo_files("ns/c"))
+        api.delete_repo("ns/c")
+        api.delete_repo("ns/c", missing_ok=True)
+        result(dict(
+            c1=c1, c2=c2, stale=stale, fresh=fresh, pr_revision=pr.pr_revision, pr_num=pr.pr_num,
+            pr_bytes=pr_bytes.decode(), main_bytes=main_bytes.decode(), dev=dev,
+            branches={b.name: b.target_commit for b in refs.branches},
+            prs=[p.ref for p in refs.pull_requests], after_delete=after_delete,
+            gone=not api.repo_exists("ns/c"),
+        ))
+        """,
+    )
+    assert out["stale"] in (409, 412)
+    assert len(out["fresh"]) == 40
+    assert out["pr_revision"] == "refs/pr/1" and out["pr_num"] == 1
+    assert out["pr_bytes"] == "proposal" and out["main_bytes"] == "two"
+    assert out["branches"]["dev"] == out["dev"]
+    assert out["branches"]["pinned"] == out["c1"]
+    assert out["branches"]["main"] == out["fresh"]
+    assert out["prs"] == ["refs/pr/1"]
+    assert out["after_delete"] == ["f.txt"]
+    assert out["gone"] is True
+
+
+def test_injected_commit_failure_raises_and_leaves_repo_unchanged(hub: HubServer, tmp_path: Path) -> None:
+    hub.fail_next_commits = 1
+    out = run_client(
+        hub,
+        tmp_path,
+        """
+        import os
+        from huggingface_hub import HfApi, snapshot_download
+        from huggingface_hub.errors import HfHubHTTPError
+
+        api = HfApi()
+        api.create_repo("ns/d")
+        head0 = api.model_info("ns/d").sha
+        os.makedirs("folder")
+        for i in range(3):
+            open(f"folder/w{i}.bin", "wb").write(os.urandom(50_000))
+        try:
+            api.upload_folder(repo_id="ns/d", folder_path="folder")
+            error = None
+        except HfHubHTTPError as e:
+            error = [type(e).__name__, e.response.status_code]
+        head1 = api.model_info("ns/d").sha
+        retry = api.upload_folder(repo_id="ns/d", folder_path="folder").oid
+        snap = snapshot_download("ns/d", allow_patterns=["w0.bin"], cache_dir="snap")
+        result(dict(error=error, unchanged=head0 == head1, retry=retry, head=api.model_info("ns/d").sha,
+                    files=sorted(api.list_repo_files("ns/d")), snap=sorted(os.listdir(snap))))
+        """,
+    )
+    assert out["error"] == ["HfHubHTTPError", 500]
+    assert out["unchanged"]
+    assert out["retry"] == out["head"]
+    assert out["files"] == ["w0.bin", "w1.bin", "w2.bin"]
+    assert hub.fail_next_commits == 0
+    # snapshot_download with allow_patterns fetched only the file it was asked for.
+    assert out["snap"] == ["w0.bin"]
+    gets = _resolve_gets(hub)
+    assert gets == [f"/ns/d/resolve/{out['head']}/w0.bin"], gets
+
+
+# ------------------------------------------------------------------------------------------- stdlib checks
+def _request(
+    url: str, method: str = "GET", body: bytes | None = None, headers: dict | None = None
+) -> tuple[int, dict, bytes]:
+    req = urllib.request.Request(url, data=body, method=method, headers=headers or {})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            return resp.status, dict(resp.headers), resp.read()
+    except urllib.error.HTTPError as err:
+        return err.code, dict(err.headers), err.read()
+
+
+def _commit(hub: HubServer, repo: str, files: dict[str, bytes], message: str = "add") -> str:
+    lines = [{"key": "header", "value": {"summary": message, "description": ""}}]
+    lines += [
+        {"key": "file", "value": {"path": p, "content": base64.b64encode(d).decode(), "encoding": "base64"}}
+        for p, d in files.items()
+    ]
+    body = b"".join(json.dumps(line).encode() + b"\n" for line in lines)
+    status, _, raw = _request(
+        f"{hub.url}/api/models/{repo}/commit/main", "POST", body, {"Content-Type": "application/x-ndjson"}
+    )
+    assert status == 200, raw
+    return json.loads(raw)["commitOid"]
+
+
+def _create(hub: HubServer, namespace: str, name: str) -> None:
+    body = json.dumps({"name": name, "organization": namespace, "type": "model"}).encode()
+    status, _, raw = _request(f"{hub.url}/api/repos/create", "POST", body, {"Content-Type": "application/json"})
+    assert status == 200, raw
+
+
+def test_resolve_headers_ranges_and_content_addressing(hub: HubServer) -> None:
+    data = bytes(range(256)) * 4
+    for name in ("r1", "r2"):
+        _create(hub, "ns", name)
+    sha = _commit(hub, "ns/r1", {"dir/blob.bin": data})
+    # Same parent, same files, same message => same commit id, in any repo: commits are content-addressed.
+    assert _commit(hub, "ns/r2", {"dir/blob.bin": data}) == sha
+    initial = commit_sha(None, {}, "initial commit")
+    assert sha == commit_sha(initial, {"dir/blob.bin": hashlib.sha256(data).hexdigest()}, "add")
+    assert json.loads(_request(f"{hub.url}/api/models/ns/r1")[2])["sha"] == sha
+
+    url = f"{hub.url}/ns/r1/resolve/{sha}/dir/blob.bin"
+    status, headers, body = _request(url, "HEAD")
+    assert status == 200 and body == b""
+    assert headers["X-Repo-Commit"] == sha and headers["Content-Length"] == str(len(data))
+    assert headers["ETag"].strip('"') and headers["Accept-Ranges"] == "bytes"
+
+    assert _request(url, headers={"Range": "bytes=10-19"})[::2] == (206, data[10:20])
+    assert _request(url, headers={"Range": "bytes=-5"})[2] == data[-5:]
+    assert _request(url, headers={"Range": "bytes=1000-"})[2] == data[1000:]
+    status, headers, _ = _request(url, headers={"Range": "bytes=5000-6000"})
+    assert status == 416 and headers["Content-Range"] == f"bytes */{len(data)}"
+
+    status, headers, raw = _request(f"{hub.url}/ns/r1/resolve/main/nope.bin", "HEAD")
+    assert status == 404 and headers["X-Error-Code"] == "EntryNotFound" and headers["X-Repo-Commit"] == sha
+    status, headers, raw = _request(f"{hub.url}/ns/r1/resolve/nope/dir/blob.bin")
+    assert status == 404 and headers["X-Error-Code"] == "RevisionNotFound" and "error" in json.loads(raw)
+    assert _request(f"{hub.url}/ns/zz/resolve/main/x")[1]["X-Error-Code"] == "RepoNotFound"
+
+    status, _, raw = _request(f"{hub.url}/api/models/ns/r1/tree/main")
+    assert [(e["type"], e["path"]) for e in json.loads(raw)] == [("directory", "dir")]
+    status, _, raw = _request(f"{hub.url}/api/models/ns/r1/tree/main/dir")
+    assert [e["path"] for e in json.loads(raw)] == ["dir/blob.bin"]
+
+    # The pinned commit keeps serving its bytes after main moves on.
+    _commit(hub, "ns/r1", {"dir/blob.bin": b"changed"}, message="change")
+    assert _request(url)[2] == data
+    assert _request(f"{hub.url}/ns/r1/resolve/main/dir/blob.bin")[2] == b"changed"
+    assert ("HEAD", "/ns/r1/resolve/main/nope.bin") in hub.request_log
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "192.0.2.10", "example.com", "::"])
+def test_refuses_non_loopback_host(tmp_path: Path, host: str) -> None:
+    with pytest.raises(ValueError, match="loopback"):
+        HubServer(tmp_path, host=host)
+
+
+def test_stop_is_prompt_and_idempotent(tmp_path: Path) -> None:
+    server = HubServer(tmp_path, host="localhost").start()
+    assert server.url.startswith("http://127.0.0.1:")
+    assert _request(f"{server.url}/api/whoami-v2")[0] == 200
+    server.stop()
+    server.stop()
+    with pytest.raises(OSError):
+        urllib.request.urlopen(f"{server.url}/api/whoami-v2", timeout=5)

@@ -1,0 +1,84 @@
+"""Invariants 2 and 4: fuse(A, A) == A, and every fused parameter is the alpha-weighted mix of the aligned parents."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import build, inputs_for, outputs, relative_error
+
+from hf_otfusion import FusionConfig, fuse, fuse_with_diagnostics, permute_model
+from hf_otfusion.align import align_parameters
+from hf_otfusion.plan import resolve_plan
+
+
+@pytest.mark.parametrize("cost", ["weights", "activations"])
+def test_model_fused_with_itself_is_unchanged(cost):
+    parent = build("bert-seqcls")
+    fused = fuse([parent, parent], data=[inputs_for(parent)], config=FusionConfig(cost=cost), progress=False)
+    for (name, a), (_, b) in zip(parent.named_parameters(), fused.named_parameters(), strict=True):
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-6, msg=name)
+
+
+def test_three_parents_mix_with_weights_summing_to_one_on_every_parameter():
+    parents = [build("deit-teacher", seed=s) for s in (0, 1, 2)]
+    config = FusionConfig(cost="weights", weights=[1.0, 2.0, 5.0])  # normalised to 1/8, 2/8, 5/8
+    result = fuse_with_diagnostics(parents, config=config, progress=False)
+    alphas = [1 / 8, 2 / 8, 5 / 8]
+    plan = resolve_plan(parents[0])
+    aligned = [{n: p.detach().double() for n, p in parents[0].named_parameters()}]
+    for k in (1, 2):
+        params = {n: p.detach() for n, p in parents[k].named_parameters()}
+        aligned.append(align_parameters(params, plan, result.maps[k]))
+    fused = dict(result.model.named_parameters())
+    checked = [
+        "deit.embeddings.cls_token",
+        "deit.embeddings.distillation_token",
+        "deit.embeddings.patch_embeddings.projection.weight",
+        "deit.layers.1.attention.q_proj.weight",
+        "deit.layers.0.mlp.fc2.bias",
+        "deit.layernorm.weight",
+        "cls_classifier.weight",
+        "distillation_classifier.bias",
+    ]
+    for name in fused:
+        expected = sum(alpha * tensors[name] for alpha, tensors in zip(alphas, aligned, strict=True))
+        torch.testing.assert_close(fused[name].double(), expected, rtol=1e-6, atol=1e-6, msg=name)
+    # the unaligned label axis shows the weights directly: the classifier bias is a plain weighted mean
+    bias = sum(a * p.get_parameter("cls_classifier.bias").double() for a, p in zip(alphas, parents, strict=True))
+    torch.testing.assert_close(fused["cls_classifier.bias"].double(), bias, rtol=1e-6, atol=1e-6)
+    assert all(name in fused for name in checked)
+
+
+def test_vanilla_weights_apply_to_every_parameter():
+    parents = [build("bert-mlm", seed=s) for s in (0, 1, 2)]
+    fused = fuse(parents, config=FusionConfig(method="vanilla", weights=[0.2, 0.3, 0.5]), progress=False)
+    for name, param in fused.named_parameters():
+        expected = sum(w * p.get_parameter(name) for w, p in zip([0.2, 0.3, 0.5], parents, strict=True))
+        torch.testing.assert_close(param, expected, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_anchor_choice_sets_the_basis_and_keeps_the_function():
+    parent = build("vit-cls")
+    permuted = permute_model(parent, seed=3)
+    inputs = inputs_for(parent, seed=9)
+    fused = fuse([parent, permuted], config=FusionConfig(cost="weights", anchor=1), progress=False)
+    for (name, a), (_, b) in zip(permuted.named_parameters(), fused.named_parameters(), strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=name)
+    assert relative_error(outputs(fused, inputs), outputs(parent, inputs)) < 1e-4
+
+
+def test_mlm_decoder_stays_tied_to_the_word_embeddings():
+    parents = [build("bert-mlm", seed=0), build("bert-mlm", seed=1)]
+    fused = fuse(parents, config=FusionConfig(cost="weights"), progress=False)
+    assert fused.cls.predictions.decoder.weight is fused.bert.embeddings.word_embeddings.weight
+    assert fused.cls.predictions.decoder.weight.data_ptr() == fused.bert.embeddings.word_embeddings.weight.data_ptr()
+
+
+def test_same_inputs_give_identical_weights():
+    parents = [build("bert-seqcls", seed=0), build("bert-seqcls", seed=1)]
+    data = [inputs_for(parents[0], seed=s) for s in range(2)]
+    config = FusionConfig(cost="activations", solver="sinkhorn", reg=0.1)
+    first = fuse(parents, data=data, config=config, progress=False)
+    second = fuse(parents, data=data, config=config, progress=False)
+    for (name, a), (_, b) in zip(first.named_parameters(), second.named_parameters(), strict=True):
+        assert torch.equal(a, b), name

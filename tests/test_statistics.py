@@ -1,0 +1,109 @@
+"""Sufficient statistics: exact, padding-free, additive over shards, and constant in memory."""
+
+from __future__ import annotations
+
+import tracemalloc
+
+import numpy as np
+import pytest
+import torch
+from conftest import build, inputs_for
+
+from hf_otfusion.plan import resolve_plan
+from hf_otfusion.statistics import UnitStatistics, collect_statistics
+
+
+def _collect(models, batches, **kwargs):
+    plans = [resolve_plan(m) for m in models]
+    return collect_statistics(models, plans, batches, anchor=0, progress=False, **kwargs)
+
+
+def _hooked(model, name, inputs):
+    """Activations of one module, recorded the plain way: (batch, seq, units)."""
+    recorded = []
+    handle = model.get_submodule(name).register_forward_hook(lambda m, i, o: recorded.append(o.detach()))
+    with torch.no_grad():
+        model(**inputs)
+    handle.remove()
+    return recorded[0].double()
+
+
+def test_statistics_equal_sums_over_non_padding_tokens():
+    anchor, parent = build("bert-seqcls", seed=0), build("bert-seqcls", seed=1)
+    inputs = inputs_for(anchor, batch=6)
+    stats = _collect([anchor, parent], [inputs])[1]
+    hook = "bert.encoder.layer.1.intermediate.dense"
+    keep = inputs["attention_mask"].bool()
+    b = _hooked(anchor, hook, inputs)[keep]
+    a = _hooked(parent, hook, inputs)[keep]
+    s = stats[hook]
+    assert s.count == int(keep.sum()) < keep.numel()
+    np.testing.assert_allclose(s.gram, (a.T @ b).numpy(), rtol=1e-6, atol=1e-8)
+    np.testing.assert_allclose(s.sumsq_a, (a * a).sum(0).numpy(), rtol=1e-6)
+    np.testing.assert_allclose(s.sum_b, b.sum(0).numpy(), rtol=1e-6, atol=1e-8)
+    expected_cost = ((a[:, :, None] - b[:, None, :]) ** 2).mean(0).numpy()
+    np.testing.assert_allclose(s.cost("euclidean"), expected_cost, rtol=1e-6, atol=1e-8)
+    corr = np.corrcoef(a.numpy().T, b.numpy().T)[: a.shape[1], a.shape[1] :]
+    np.testing.assert_allclose(s.cost("correlation"), 1 - corr, rtol=1e-5, atol=1e-6)
+
+
+def test_padding_tokens_do_not_change_the_statistics():
+    anchor, parent = build("bert-seqcls", seed=0), build("bert-seqcls", seed=1)
+    inputs = inputs_for(anchor, batch=6)
+    garbage = dict(inputs, input_ids=inputs["input_ids"].where(inputs["attention_mask"].bool(), 7))
+    first = _collect([anchor, parent], [inputs])[1]
+    second = _collect([anchor, parent], [garbage])[1]
+    for hook in first:
+        np.testing.assert_allclose(first[hook].gram, second[hook].gram, rtol=1e-5, atol=1e-6)
+
+
+def test_statistics_of_shards_add_up_to_those_of_the_whole():
+    anchor, parent = build("vit-cls", seed=0), build("vit-cls", seed=1)
+    batches = [inputs_for(anchor, batch=4, seed=s) for s in range(3)]
+    whole = _collect([anchor, parent], batches)[1]
+    shard_a = _collect([anchor, parent], batches[:1])[1]
+    shard_b = _collect([anchor, parent], batches[1:])[1]
+    for hook, stats in whole.items():
+        summed = shard_a[hook] + shard_b[hook]
+        assert summed.count == stats.count
+        np.testing.assert_allclose(summed.gram, stats.gram, rtol=1e-12)
+        np.testing.assert_allclose(summed.sumsq_b, stats.sumsq_b, rtol=1e-12)
+
+
+def test_first_token_filter_keeps_one_token_per_sample():
+    anchor, parent = build("vit-cls", seed=0), build("vit-cls", seed=1)
+    stats = _collect([anchor, parent], [inputs_for(anchor, batch=5)], tokens="first")[1]
+    assert stats["vit.layers.0.mlp.fc1"].count == 5
+
+
+def test_num_samples_caps_the_data():
+    anchor, parent = build("vit-cls", seed=0), build("vit-cls", seed=1)
+    batches = [inputs_for(anchor, batch=4, seed=s) for s in range(3)]
+    stats = _collect([anchor, parent], batches, num_samples=6, tokens="first")[1]
+    assert stats["vit.layers.0.mlp.fc1"].count == 6
+
+
+def _peak_bytes(models, num_samples: int) -> tuple[int, int]:
+    batches = (inputs_for(models[0], batch=50, seed=s) for s in range(num_samples // 50))
+    tracemalloc.start()
+    stats = _collect(models, batches)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    held = sum(s.gram.nbytes + s.sum_a.nbytes * 4 for s in stats[1].values())
+    return peak, held
+
+
+@pytest.mark.parametrize("family", ["bert-seqcls"])
+def test_statistics_memory_does_not_grow_with_the_number_of_samples(family):
+    models = [build(family, seed=0), build(family, seed=1)]
+    peak_100, held_100 = _peak_bytes(models, 100)
+    peak_1000, held_1000 = _peak_bytes(models, 1000)
+    assert held_100 == held_1000
+    assert peak_1000 < 1.25 * peak_100, (peak_100, peak_1000)
+
+
+def test_unit_statistics_start_empty_and_refuse_a_cost():
+    from hf_otfusion import EmptyAlignmentDataError
+
+    with pytest.raises(EmptyAlignmentDataError, match="No token"):
+        UnitStatistics.zeros(3, 3).cost()
