@@ -25,6 +25,9 @@ def align_tensor(
         if axis is None or dim == skip_axis or axis.space not in maps:
             continue
         transport = maps[axis.space]
+        if transport.permutation is not None:  # both normalisations reduce to the same gather
+            result = result.index_select(dim, torch.from_numpy(transport.permutation))
+            continue
         matrix = transport.input_matrix() if axis.reads else transport.output_matrix()
         moved = result.movedim(dim, 0)
         contracted = torch.from_numpy(matrix).T @ moved.reshape(moved.shape[0], -1)

@@ -12,12 +12,12 @@ import torch
 import transformers
 from transformers import AutoConfig, PreTrainedModel
 
-from .align import align_parameters
+from .align import align_tensor
 from .compatibility import check_compatible, check_finite, check_same_model_type
 from .config import FusionConfig
 from .errors import EmptyAlignmentDataError, FusionError, UnsupportedArchitectureError
 from .maps import SpaceDiagnostics, compute_maps
-from .plan import resolve_plan
+from .plan import FusionPlan, resolve_plan
 from .spec import AlignmentSpec, load_spec
 from .statistics import collect_statistics
 from .transport import TransportMap
@@ -37,7 +37,7 @@ class FusionResult:
         maps: `maps[k][space]`, the transport map of each space of parent k onto the anchor (empty for the
             anchor and for `vanilla`).
         diagnostics: one entry per solved space and parent (cost, entropy, softness, time).
-        timings: wall seconds per stage (`plan`, `statistics`, `maps`, `apply`, `average`).
+        timings: wall seconds per stage (`plan`, `statistics`, `maps`, `apply` = align and average).
     """
 
     model: PreTrainedModel
@@ -123,10 +123,7 @@ def fuse_with_diagnostics(
     anchor = config.anchor
     params = [{name: p.detach() for name, p in parent.named_parameters()} for parent in parents]
     result = FusionResult(model=parents[anchor], config=config, timings=timings)
-    aligned: list[dict[str, torch.Tensor]] = []
-    if config.method == "vanilla":
-        aligned = [{name: t.to(torch.float64) for name, t in p.items()} for p in params]
-    else:
+    if config.method == "ot":
         stats = None
         if needs_data:
             started = time.perf_counter()
@@ -135,25 +132,18 @@ def fuse_with_diagnostics(
                 num_samples=config.num_samples, progress=progress,
             )  # fmt: skip
             timings["statistics"] = time.perf_counter() - started
-        timings["maps"] = timings["apply"] = 0.0
+        started = time.perf_counter()
         for k in range(len(parents)):
-            if k == anchor:
-                aligned.append({name: t.to(torch.float64) for name, t in params[k].items()})
-                continue
-            started = time.perf_counter()
-            maps, diagnostics = compute_maps(
-                k, plans[k], plans[anchor], params[k], params[anchor], stats[k] if stats else None, config
-            )
-            timings["maps"] += time.perf_counter() - started
-            started = time.perf_counter()
-            aligned.append(align_parameters(params[k], plans[k], maps))
-            timings["apply"] += time.perf_counter() - started
-            result.maps[k] = maps
-            result.diagnostics.extend(diagnostics)
+            if k != anchor:
+                result.maps[k], diagnostics = compute_maps(
+                    k, plans[k], plans[anchor], params[k], params[anchor], stats[k] if stats else None, config
+                )
+                result.diagnostics.extend(diagnostics)
+        timings["maps"] = time.perf_counter() - started
 
     started = time.perf_counter()
-    result.model = _build_fused_model(parents[anchor], aligned, weights)
-    timings["average"] = time.perf_counter() - started
+    result.model = _build_fused_model(parents[anchor], params, plans, result.maps, weights)
+    timings["apply"] = time.perf_counter() - started
     return result
 
 
@@ -173,12 +163,24 @@ def load_parent(model: ModelOrPath) -> PreTrainedModel:
 
 
 def _build_fused_model(
-    anchor_model: PreTrainedModel, aligned: list[dict[str, torch.Tensor]], weights: list[float]
+    anchor_model: PreTrainedModel,
+    params: list[dict[str, torch.Tensor]],
+    plans: list[FusionPlan],
+    maps: dict[int, dict[str, TransportMap]],
+    weights: list[float],
 ) -> PreTrainedModel:
-    """A copy of the anchor whose every parameter is the weighted mix of the aligned parents' tensors."""
+    """A copy of the anchor whose every parameter is the weighted mix of the parents' aligned tensors.
+
+    Parents are aligned one tensor at a time while mixing, so the peak memory is the parents plus the fused
+    copy, not a second aligned copy of every parent.
+    """
     fused = copy.deepcopy(anchor_model)
     with torch.no_grad():
         for name, param in fused.named_parameters():
-            mixed = sum(weight * tensors[name] for weight, tensors in zip(weights, aligned, strict=True))
+            mixed = torch.zeros(param.shape, dtype=torch.float64)
+            for k, weight in enumerate(weights):
+                tensor = params[k][name]
+                aligned = align_tensor(tensor, plans[k].parameters[name], maps[k]) if k in maps else tensor.double()
+                mixed += weight * aligned
             param.copy_(mixed.to(param.dtype))
     return fused
