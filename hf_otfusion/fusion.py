@@ -16,10 +16,10 @@ from .align import align_tensor
 from .compatibility import check_compatible, check_finite, check_same_model_type
 from .config import FusionConfig
 from .errors import EmptyAlignmentDataError, FusionError, UnsupportedArchitectureError
-from .maps import SpaceDiagnostics, compute_maps
+from .maps import SpaceDiagnostics, compute_maps, per_hook_spaces
 from .plan import FusionPlan, resolve_plan
 from .spec import AlignmentSpec, load_spec
-from .statistics import collect_statistics
+from .statistics import collect_statistics, statistics_keys
 from .transport import TransportMap
 
 logger = logging.getLogger(__name__)
@@ -127,8 +127,9 @@ def fuse_with_diagnostics(
         stats = None
         if needs_data:
             started = time.perf_counter()
+            keys = statistics_keys(plans[anchor], per_hook_spaces(plans[anchor], config))
             stats = collect_statistics(
-                parents, plans, data, anchor=anchor, tokens=config.tokens, batch_size=config.batch_size,
+                parents, plans, data, anchor=anchor, keys=keys, tokens=config.tokens, batch_size=config.batch_size,
                 num_samples=config.num_samples, progress=progress,
             )  # fmt: skip
             timings["statistics"] = time.perf_counter() - started
@@ -139,6 +140,7 @@ def fuse_with_diagnostics(
                     k, plans[k], plans[anchor], params[k], params[anchor], stats[k] if stats else None, config
                 )
                 result.diagnostics.extend(diagnostics)
+        del stats  # the Gram matrices are not needed once the maps exist; free them before building the model
         timings["maps"] = time.perf_counter() - started
 
     started = time.perf_counter()

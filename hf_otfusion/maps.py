@@ -19,8 +19,9 @@ import torch
 
 from .align import align_tensor
 from .config import FusionConfig
+from .errors import SpecError
 from .plan import FusionPlan, Space
-from .statistics import UnitStatistics
+from .statistics import UnitStatistics, statistics_keys
 from .transport import (
     SolveInfo,
     TransportMap,
@@ -53,21 +54,20 @@ class SpaceDiagnostics:
         return asdict(self)
 
 
+@dataclass
 class _CostSources:
     """The per-source ground costs of a space for one parent, from activations or weights."""
 
-    def __init__(
-        self,
-        parent_plan: FusionPlan,
-        anchor_plan: FusionPlan,
-        parent_params: dict[str, torch.Tensor],
-        anchor_params: dict[str, torch.Tensor],
-        stats: dict[str, UnitStatistics] | None,
-        config: FusionConfig,
-    ) -> None:
-        self.parent_plan, self.anchor_plan = parent_plan, anchor_plan
-        self.parent_params, self.anchor_params = parent_params, anchor_params
-        self.stats, self.config = stats, config
+    parent_plan: FusionPlan
+    anchor_plan: FusionPlan
+    parent_params: dict[str, torch.Tensor]
+    anchor_params: dict[str, torch.Tensor]
+    stats: dict[str, UnitStatistics] | None
+    config: FusionConfig
+
+    @property
+    def keys(self) -> dict[str, str]:
+        return statistics_keys(self.anchor_plan, per_hook_spaces(self.anchor_plan, self.config))
 
     def kind(self, space: str) -> str:
         if self.config.cost == "activations" and self.stats is not None and self.anchor_plan.hooks.get(space):
@@ -77,16 +77,17 @@ class _CostSources:
     def costs(self, space: str, maps: dict[str, TransportMap], pooled: bool) -> list[np.ndarray]:
         """One cost per source (hook or parameter), or a single cost with all sources pooled."""
         if self.kind(space) == "activations":
-            per_hook = [self.stats[hook] for hook in self.anchor_plan.hooks[space]]
-            if pooled:
-                total = per_hook[0]
-                for extra in per_hook[1:]:
-                    total = total + extra
-                per_hook = [total]
+            keys = dict.fromkeys(self.keys[hook] for hook in self.anchor_plan.hooks[space])
+            per_hook = [self.stats[key] for key in keys]
+            if pooled and len(per_hook) > 1:
+                per_hook = [sum(per_hook[1:], start=per_hook[0])]
             return [s.cost(self.config.activation_cost) for s in per_hook]
         features = self._weight_features(space, maps)
         if not features:
-            raise RuntimeError(f"Space {space} has no parameter usable for a weight-based cost.")
+            raise SpecError(
+                f"Space {space} has no parameter whose other axes are aligned before it, so it has no weight-based "
+                "cost; list it after the spaces it reads in the spec, or give it hooks and use cost='activations'."
+            )
         if pooled:
             features = [(np.concatenate([a for a, _ in features], 1), np.concatenate([b for _, b in features], 1))]
         return [ot.dist(a, b, metric="sqeuclidean") for a, b in features]
@@ -115,6 +116,11 @@ class _CostSources:
                 )
             )
         return features
+
+
+def per_hook_spaces(plan: FusionPlan, config: FusionConfig) -> set[str]:
+    """Spaces whose hooks need statistics of their own: residual streams under the `mean` policy."""
+    return {name for name, space in plan.spaces.items() if space.stream and config.residual == "mean"}
 
 
 def compute_maps(

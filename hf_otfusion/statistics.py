@@ -1,9 +1,10 @@
 """Streaming activation statistics: the sufficient statistics of the activation-based ground costs.
 
-For each hooked module and each non-anchor parent we accumulate, in float64, the token count, per-unit sums
-and sums of squares of both models, and the cross Gram sum a_parent a_anchor^T. Euclidean and correlation
-costs follow exactly from these, memory is O(n_a * n_b) whatever the number of samples, and statistics from
-several data shards simply add up (`UnitStatistics.__add__`), which is what makes the pass distributable.
+For each hooked module (or space) and each non-anchor parent we accumulate, in float64, the token count, the
+per-unit means and centred sums of squares of both models, and the centred cross Gram (co-moment) between
+parent and anchor units. Euclidean and correlation costs follow exactly from these, memory is O(n_a * n_b)
+whatever the number of samples, and statistics from several data shards combine exactly
+(`UnitStatistics.__add__`), which is what makes the pass distributable.
 """
 
 from __future__ import annotations
@@ -26,37 +27,63 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class UnitStatistics:
-    """Sums over tokens of one hook's activations in a parent (a) and the anchor (b)."""
+    """Token count, means and centred second moments of one hook's activations in a parent (a) and the anchor (b).
+
+    Moments are kept centred (sums of products of deviations from the running means) and merged with Chan's
+    formula, so that large activation means never cancel against the quantities the costs need; batches and
+    data shards combine with `+` in any order.
+    """
 
     count: int
-    sum_a: np.ndarray
-    sum_b: np.ndarray
-    sumsq_a: np.ndarray
-    sumsq_b: np.ndarray
-    gram: np.ndarray
+    mean_a: np.ndarray
+    mean_b: np.ndarray
+    m2_a: np.ndarray  # sum over tokens of (a - mean_a)^2, per unit
+    m2_b: np.ndarray
+    comoment: np.ndarray  # sum over tokens of (a - mean_a)(b - mean_b)^T, shape (n_a, n_b)
 
     @classmethod
     def zeros(cls, n_a: int, n_b: int) -> UnitStatistics:
         return cls(0, np.zeros(n_a), np.zeros(n_b), np.zeros(n_a), np.zeros(n_b), np.zeros((n_a, n_b)))
 
+    @classmethod
+    def of_batch(cls, a: torch.Tensor, b: torch.Tensor) -> UnitStatistics:
+        """Statistics of one batch of token activations, shapes (tokens, n_a) and (tokens, n_b).
+
+        The centred cross product, the dominant cost of the pass, is one float32 matrix product (about twice
+        as fast as float64); centring first keeps its rounding relative to the covariance itself.
+        """
+        mean_a, mean_b = a.double().mean(0), b.double().mean(0)
+        centred_a, centred_b = a - mean_a.float(), b - mean_b.float()
+        return cls(
+            a.shape[0],
+            mean_a.numpy(),
+            mean_b.numpy(),
+            (centred_a.double() ** 2).sum(0).numpy(),
+            (centred_b.double() ** 2).sum(0).numpy(),
+            (centred_a.T @ centred_b).double().numpy(),
+        )
+
     def update(self, a: torch.Tensor, b: torch.Tensor) -> None:
-        """Adds one batch of token activations, shapes (tokens, n_a) and (tokens, n_b)."""
-        a, b = a.double(), b.double()
-        self.count += a.shape[0]
-        self.sum_a += a.sum(0).numpy()
-        self.sum_b += b.sum(0).numpy()
-        self.sumsq_a += (a * a).sum(0).numpy()
-        self.sumsq_b += (b * b).sum(0).numpy()
-        self.gram += (a.T @ b).numpy()
+        """Folds one batch of token activations into these statistics."""
+        if a.shape[0]:
+            merged = self + UnitStatistics.of_batch(a, b)
+            self.__dict__.update(merged.__dict__)
 
     def __add__(self, other: UnitStatistics) -> UnitStatistics:
+        if other.count == 0:
+            return self
+        if self.count == 0:
+            return other
+        n = self.count + other.count
+        delta_a, delta_b = other.mean_a - self.mean_a, other.mean_b - self.mean_b
+        weight = self.count * other.count / n
         return UnitStatistics(
-            self.count + other.count,
-            self.sum_a + other.sum_a,
-            self.sum_b + other.sum_b,
-            self.sumsq_a + other.sumsq_a,
-            self.sumsq_b + other.sumsq_b,
-            self.gram + other.gram,
+            n,
+            self.mean_a + delta_a * (other.count / n),
+            self.mean_b + delta_b * (other.count / n),
+            self.m2_a + other.m2_a + delta_a**2 * weight,
+            self.m2_b + other.m2_b + delta_b**2 * weight,
+            self.comoment + other.comoment + np.outer(delta_a, delta_b) * weight,
         )
 
     def cost(self, kind: str = "euclidean") -> np.ndarray:
@@ -64,20 +91,29 @@ class UnitStatistics:
         if self.count == 0:
             raise EmptyAlignmentDataError("No token reached this hook; check the alignment data and token filter.")
         n = float(self.count)
-        if kind == "euclidean":
-            cost = (self.sumsq_a[:, None] + self.sumsq_b[None, :] - 2.0 * self.gram) / n
-            return np.maximum(cost, 0.0)
+        cov = self.comoment / n
+        var_a, var_b = self.m2_a / n, self.m2_b / n
+        if kind == "euclidean":  # E[(a - b)^2] = var_a + var_b - 2 cov + (mean_a - mean_b)^2
+            gap = self.mean_a[:, None] - self.mean_b[None, :]
+            return np.maximum(var_a[:, None] + var_b[None, :] - 2.0 * cov + gap**2, 0.0)
         if kind == "correlation":
-            mean_a, mean_b = self.sum_a / n, self.sum_b / n
-            cov = self.gram / n - np.outer(mean_a, mean_b)
-            std_a = np.sqrt(np.maximum(self.sumsq_a / n - mean_a**2, 0.0))
-            std_b = np.sqrt(np.maximum(self.sumsq_b / n - mean_b**2, 0.0))
-            return 1.0 - cov / (np.outer(std_a, std_b) + 1e-12)
+            std = np.outer(np.sqrt(np.maximum(var_a, 0.0)), np.sqrt(np.maximum(var_b, 0.0)))
+            return 1.0 - cov / (std + 1e-12)
         raise ValueError(f"Unknown activation cost {kind!r}; use 'euclidean' or 'correlation'.")
 
 
-# statistics[parent_index][hook_module_name]
+# statistics[parent_index][key]; a key is a space (its hooks pooled) or a single hook module
 ActivationStatistics = dict[int, dict[str, UnitStatistics]]
+
+
+def statistics_keys(plan: FusionPlan, per_hook_spaces: set[str] = frozenset()) -> dict[str, str]:
+    """Where each hook's statistics accumulate: into its space's pooled sums, or on their own.
+
+    Pooling the hooks of a space (Q and K outputs, the many writers of the residual stream) into one set of
+    sums is exactly what the pooled cost needs and keeps one Gram matrix per space instead of one per hook;
+    spaces in `per_hook_spaces` (the residual stream under the `mean` policy) keep one per hook.
+    """
+    return {hook: hook if space in per_hook_spaces else space for space, hooks in plan.hooks.items() for hook in hooks}
 
 
 def collect_statistics(
@@ -86,6 +122,7 @@ def collect_statistics(
     data: Iterable,
     *,
     anchor: int,
+    keys: dict[str, str] | None = None,
     tokens: str = "all",
     batch_size: int = 16,
     num_samples: int | None = None,
@@ -101,12 +138,13 @@ def collect_statistics(
         data: a `datasets.Dataset` (model-input columns, e.g. `input_ids`/`attention_mask` or
             `pixel_values`; other columns are ignored), a `torch.utils.data.DataLoader`, or any iterable of
             batch dicts.
+        keys: hook module -> statistics key (see `statistics_keys`); default: one key per hook.
         tokens: `all` non-padding tokens (padding excluded through `attention_mask`) or only the `first`.
 
     Raises:
         EmptyAlignmentDataError: the data yielded no token.
     """
-    hook_names = {name for names in plans[anchor].hooks.values() for name in names}
+    keys = keys or {hook: hook for hooks in plans[anchor].hooks.values() for hook in hooks}
     stats: ActivationStatistics = {k: {} for k in range(len(models)) if k != anchor}
     anchor_outputs: dict[str, torch.Tensor] = {}
     token_mask: dict[str, torch.Tensor | None] = {"mask": None}
@@ -120,10 +158,10 @@ def collect_statistics(
     def record_parent(k: int, name: str):
         def hook(module, inputs, output):
             acts = _select_tokens(output, token_mask["mask"], tokens)
-            target = anchor_outputs[name]
-            if name not in stats[k]:
-                stats[k][name] = UnitStatistics.zeros(acts.shape[1], target.shape[1])
-            stats[k][name].update(acts, target)
+            target, key = anchor_outputs[name], keys[name]
+            if key not in stats[k]:
+                stats[k][key] = UnitStatistics.zeros(acts.shape[1], target.shape[1])
+            stats[k][key].update(acts, target)
 
         return hook
 
@@ -131,7 +169,7 @@ def collect_statistics(
     try:
         for k, model in enumerate(models):
             modules = dict(model.named_modules())
-            for name in sorted(hook_names):
+            for name in sorted(keys):
                 callback = record_anchor(name) if k == anchor else record_parent(k, name)
                 handles.append(modules[name].register_forward_hook(callback))
             model.eval()
