@@ -137,7 +137,7 @@ def fuse_with_diagnostics(
         for k in range(len(parents)):
             if k != anchor:
                 result.maps[k], diagnostics = compute_maps(
-                    k, plans[k], plans[anchor], params[k], params[anchor], stats[k] if stats else None, config
+                    k, plans[k], plans[anchor], params[k], params[anchor], stats[k] if stats else None, config, progress
                 )
                 result.diagnostics.extend(diagnostics)
         del stats  # the Gram matrices are not needed once the maps exist; free them before building the model

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import ot
 import torch
+from tqdm.auto import tqdm
 
 from .align import align_tensor
 from .config import FusionConfig
@@ -131,6 +132,7 @@ def compute_maps(
     anchor_params: dict[str, torch.Tensor],
     stats: dict[str, UnitStatistics] | None,
     config: FusionConfig,
+    progress: bool = False,
 ) -> tuple[dict[str, TransportMap], list[SpaceDiagnostics]]:
     """Solves the transport map of every space of one parent onto the anchor, in flow order.
 
@@ -156,7 +158,8 @@ def compute_maps(
             info.entropy, info.softness, seconds,
         )  # fmt: skip
 
-    for space in anchor_plan.spaces.values():
+    spaces = tqdm(anchor_plan.spaces.values(), desc=f"transport maps, parent {parent_index}", disable=not progress)
+    for space in spaces:
         started = time.perf_counter()
         nested = anchor_plan.nested_in(space.name)
         if space.heads is not None and config.heads == "aware":

@@ -180,6 +180,7 @@ def collect_statistics(
                 _batches(data, models[anchor], batch_size, num_samples),
                 desc="activation statistics",
                 unit="batch",
+                total=_num_batches(data, batch_size, num_samples),
                 disable=not progress,
             ):
                 token_mask["mask"] = batch.get("attention_mask")
@@ -232,6 +233,16 @@ def _batches(data, model: PreTrainedModel, batch_size: int, num_samples: int | N
                 batch = {key: value[:remaining] for key, value in batch.items()}
             remaining -= min(size, remaining)
         yield batch
+
+
+def _num_batches(data, batch_size: int, num_samples: int | None) -> int | None:
+    """How many batches `_batches` will yield, when the data knows its length (for the progress bar)."""
+    if not hasattr(data, "__len__"):
+        return None
+    if hasattr(data, "column_names"):  # a datasets.Dataset: counted in samples
+        samples = len(data) if num_samples is None else min(len(data), num_samples)
+        return -(-samples // batch_size)
+    return len(data) if num_samples is None else None
 
 
 def _batch_size(batch: dict) -> int:

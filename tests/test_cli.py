@@ -87,3 +87,22 @@ def test_cli_config_file_is_overridden_by_flags(parents, tmp_path):
     assert main(["fuse", *paths, "--out", str(out), "--config", str(config), "--solver", "exact", "-q"]) == 0
     saved = json.loads((out / "fusion_config.json").read_text())
     assert saved["solver"] == "exact" and saved["reg"] == 0.05
+
+
+def test_serve_hub_command_serves_the_hub_api_on_loopback(tmp_path):
+    import subprocess
+    import sys
+    import urllib.request
+
+    command = [sys.executable, "-m", "hf_otfusion.cli", "serve-hub", "--port", "0", "--root", str(tmp_path)]
+    server = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+    try:
+        first_line = server.stdout.readline()
+        url = first_line.split(" at ")[1].split()[0]
+        assert url.startswith("http://127.0.0.1:")
+        with urllib.request.urlopen(f"{url}/api/whoami-v2", timeout=10) as response:
+            assert json.loads(response.read())["type"] == "user"
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+    assert server.returncode is not None
