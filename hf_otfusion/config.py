@@ -62,7 +62,7 @@ class FusionConfig:
     tokens: str = "all"
     anchor: int = 0
     weights: list[float] | None = None
-    batch_size: int = 16
+    batch_size: int = 8
     num_samples: int | None = None
     sinkhorn_max_iter: int = 1000
     emd_max_iter: int = 10_000_000

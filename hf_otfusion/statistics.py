@@ -9,6 +9,7 @@ whatever the number of samples, and statistics from several data shards combine 
 
 from __future__ import annotations
 
+import copy
 import inspect
 import logging
 from collections.abc import Iterable, Iterator
@@ -64,27 +65,29 @@ class UnitStatistics:
         )
 
     def update(self, a: torch.Tensor, b: torch.Tensor) -> None:
-        """Folds one batch of token activations into these statistics."""
+        """Folds one batch of token activations into these statistics, in place."""
         if a.shape[0]:
-            merged = self + UnitStatistics.of_batch(a, b)
-            self.__dict__.update(merged.__dict__)
+            self.merge_(UnitStatistics.of_batch(a, b))
 
-    def __add__(self, other: UnitStatistics) -> UnitStatistics:
+    def merge_(self, other: UnitStatistics) -> None:
+        """Adds `other`'s tokens in place (Chan's parallel formula; no full-size temporaries but one outer product)."""
         if other.count == 0:
-            return self
-        if self.count == 0:
-            return other
+            return
         n = self.count + other.count
         delta_a, delta_b = other.mean_a - self.mean_a, other.mean_b - self.mean_b
         weight = self.count * other.count / n
-        return UnitStatistics(
-            n,
-            self.mean_a + delta_a * (other.count / n),
-            self.mean_b + delta_b * (other.count / n),
-            self.m2_a + other.m2_a + delta_a**2 * weight,
-            self.m2_b + other.m2_b + delta_b**2 * weight,
-            self.comoment + other.comoment + np.outer(delta_a, delta_b) * weight,
-        )
+        self.mean_a += delta_a * (other.count / n)
+        self.mean_b += delta_b * (other.count / n)
+        self.m2_a += other.m2_a + delta_a**2 * weight
+        self.m2_b += other.m2_b + delta_b**2 * weight
+        self.comoment += other.comoment
+        self.comoment += np.outer(delta_a * weight, delta_b)
+        self.count = n
+
+    def __add__(self, other: UnitStatistics) -> UnitStatistics:
+        merged = copy.deepcopy(self)
+        merged.merge_(other)
+        return merged
 
     def cost(self, kind: str = "euclidean") -> np.ndarray:
         """Ground cost between units: mean squared difference, or 1 - Pearson correlation."""
@@ -124,7 +127,7 @@ def collect_statistics(
     anchor: int,
     keys: dict[str, str] | None = None,
     tokens: str = "all",
-    batch_size: int = 16,
+    batch_size: int = 8,
     num_samples: int | None = None,
     progress: bool = True,
 ) -> ActivationStatistics:
