@@ -3,8 +3,8 @@
 For every family (a BertForSequenceClassification pair and a ViTForImageClassification pair, random init with
 two seeds) and every configuration (weight- or activation-based cost, exact or Sinkhorn solver), one fusion
 runs in a fresh child process (this script with the hidden `--one` flag), so that one configuration's memory
-peak cannot leak into the next. The child reports, at the end of each stage (plan, statistics, maps, apply,
-average), the stage's wall time, the process peak RSS so far (`ru_maxrss`) and the current RSS, plus where
+peak cannot leak into the next. The child reports, at the end of each stage (plan, statistics, maps,
+apply+average), the stage's wall time, the process peak RSS so far (`ru_maxrss`) and the current RSS, plus where
 the time of the two heavy stages goes: the forward passes versus the float64 statistics accumulation, and the
 OT solves grouped by problem size versus building the costs. A configuration that runs past `--timeout` is
 stopped; its row then shows the stage it was stuck in and the solves done so far.
@@ -16,9 +16,11 @@ stopped; its row then shows the stage it was stuck in and the solves done so far
 Targets (from the issue; a 2-core machine): whole weight-based fusion < 60 s, activation-based < 180 s,
 peak RSS < 4 GB.
 
-Instrumentation only wraps functions from the outside (fusion.collect_statistics, fusion.compute_maps,
-fusion.align_parameters, fusion._build_fused_model, maps.solve_transport, UnitStatistics.update) inside the
-child process; the package is used exactly as `fuse_with_diagnostics` runs it.
+Instrumentation only wraps functions from the outside, in the child process, and only those that exist
+(fusion.collect_statistics, fusion.compute_maps, fusion.align_parameters, fusion._build_fused_model,
+maps.solve_transport, maps.solve_transport_batch, UnitStatistics.update); the package runs exactly as
+`fuse_with_diagnostics` runs it. Each run records a hash of the package sources it imported, since the
+package may change between runs.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ from importlib import metadata
 FAMILIES = ("bert", "vit")
 COSTS = ("weights", "activations")
 SOLVERS = ("exact", "sinkhorn")
-STAGES = ("plan", "statistics", "maps", "apply", "average")
+STAGES = ("plan", "statistics", "maps", "apply+average")
 TARGET_SECONDS = {"weights": 60.0, "activations": 180.0}
 TARGET_RSS_GB = 4.0
 GB = 1e9
@@ -75,6 +77,39 @@ def _current_rss() -> int:
     return psutil.Process().memory_info().rss
 
 
+def _source_hash(package_dir: str) -> str:
+    """A short hash of the package's sources (.py and specs), to tell which engine version a run measured."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for root, dirs, files in os.walk(package_dir):
+        dirs[:] = sorted(d for d in dirs if d != "__pycache__")
+        for name in sorted(files):
+            if name.endswith((".py", ".yaml")):
+                path = os.path.join(root, name)
+                digest.update(os.path.relpath(path, package_dir).encode())
+                with open(path, "rb") as handle:
+                    digest.update(handle.read())
+    return digest.hexdigest()[:12]
+
+
+def _profile_report(profiler, spec: dict, top: int = 25) -> str:
+    """Dumps the cProfile stats next to the others and returns the top functions by own and total time."""
+    import io
+    import pstats
+
+    os.makedirs(spec["profile"], exist_ok=True)
+    name = f"{spec['family']}-{spec['cost']}-{spec['solver']}{'-small' if spec['small'] else ''}.prof"
+    path = os.path.join(spec["profile"], name)
+    profiler.dump_stats(path)
+    text = io.StringIO()
+    stats = pstats.Stats(profiler, stream=text).strip_dirs()
+    text.write(f"cProfile of the fusion call, saved to {path}\n")
+    stats.sort_stats("tottime").print_stats(top)
+    stats.sort_stats("cumulative").print_stats(top)
+    return text.getvalue()
+
+
 def build_pair(family: str, small: bool, seeds=(0, 1)):
     """Two randomly initialised models of the family, differing only in their seed."""
     import torch
@@ -102,9 +137,7 @@ class RandomBatches:
     ViT: standard-normal pixel values.
     """
 
-    def __init__(
-        self, family: str, model_config, samples: int, batch_size: int, seq_len: int, seed: int = 1234
-    ):
+    def __init__(self, family: str, model_config, samples: int, batch_size: int, seq_len: int, seed: int = 1234):
         self.family, self.config = family, model_config
         self.samples, self.batch_size, self.seq_len, self.seed = samples, batch_size, seq_len, seed
 
@@ -167,15 +200,15 @@ class Probe:
         return wrapped
 
     # fine-grained ----------------------------------
-    def wrap_solver(self, function):
+    def wrap_solver(self, function, batched: bool = False):
         def wrapped(cost, *args, **kwargs):
             started = time.perf_counter()
+            key = ("batch " if batched else "") + "x".join(str(n) for n in cost.shape)
             if cost.size >= LARGE_SOLVE:  # so that a run stopped inside one long solve says which
-                _emit("solve_begin", shape="{}x{}".format(*cost.shape), elapsed=started - self.started)
+                _emit("solve_begin", shape=key, elapsed=started - self.started)
             try:
                 return function(cost, *args, **kwargs)
             finally:
-                key = "{}x{}".format(*cost.shape)
                 entry = self.solves.setdefault(key, [0, 0.0])
                 entry[0] += 1
                 entry[1] += time.perf_counter() - started
@@ -225,38 +258,68 @@ def run_one(spec: dict) -> None:
     from hf_otfusion import maps as maps_module
     from hf_otfusion import statistics as statistics_module
 
-    _emit("hello", torch=torch.__version__, threads=torch.get_num_threads(), package=hf_otfusion.__version__)
-    models = build_pair(spec["family"], spec["small"])
-    data = None
-    if spec["cost"] == "activations":
-        data = RandomBatches(
-            spec["family"], models[0].config, spec["samples"], spec["batch_size"], spec["seq_len"]
-        )
-    config = FusionConfig(
-        cost=spec["cost"],
-        solver=spec["solver"],
-        reg=spec["reg"],
-        batch_size=spec["batch_size"],
-        num_samples=spec["samples"],
+    _emit(
+        "hello",
+        torch=torch.__version__,
+        threads=torch.get_num_threads(),
+        package=hf_otfusion.__version__,
+        source_hash=_source_hash(os.path.dirname(hf_otfusion.__file__)),
     )
+    models = build_pair(spec["family"], spec["small"])
+    options = dict(cost=spec["cost"], solver=spec["solver"], reg=spec["reg"], num_samples=spec["samples"])
+    if spec["batch_size"]:  # else the package's default batch size
+        options["batch_size"] = spec["batch_size"]
+    config = FusionConfig(**options)
+    data = None
+    if spec["cost"] == "activations":  # batches of config.batch_size (an iterable of batches is used as given)
+        data = RandomBatches(spec["family"], models[0].config, spec["samples"], config.batch_size, spec["seq_len"])
     parameters = sum(p.numel() for p in models[0].parameters())
     rss_before, peak_before = _current_rss(), _peak_rss()
-    _emit("loaded", parameters=parameters, rss_before=rss_before, peak_before=peak_before)
+    _emit(
+        "loaded",
+        parameters=parameters,
+        rss_before=rss_before,
+        peak_before=peak_before,
+        batch_size=config.batch_size,
+    )
 
     probe = Probe()
-    fusion_module.collect_statistics = probe.wrap_stage("statistics", fusion_module.collect_statistics)
-    fusion_module.compute_maps = probe.wrap_stage("maps", fusion_module.compute_maps)
-    fusion_module.align_parameters = probe.wrap_stage("apply", fusion_module.align_parameters)
-    fusion_module._build_fused_model = probe.wrap_stage("average", fusion_module._build_fused_model)
-    maps_module.solve_transport = probe.wrap_solver(maps_module.solve_transport)
-    statistics_module.UnitStatistics.update = probe.wrap_update(statistics_module.UnitStatistics.update)
+    stages = {
+        "collect_statistics": "statistics",
+        "compute_maps": "maps",
+        "align_parameters": "apply+average",  # older engines: align every parent, then average
+        "_build_fused_model": "apply+average",
+    }
+    wrapped = []
+    for function, stage in stages.items():
+        if hasattr(fusion_module, function):
+            setattr(fusion_module, function, probe.wrap_stage(stage, getattr(fusion_module, function)))
+            wrapped.append(f"fusion.{function}")
+    for function, batched in (("solve_transport", False), ("solve_transport_batch", True)):
+        if hasattr(maps_module, function):
+            setattr(maps_module, function, probe.wrap_solver(getattr(maps_module, function), batched))
+            wrapped.append(f"maps.{function}")
+    if hasattr(statistics_module.UnitStatistics, "update"):
+        statistics_module.UnitStatistics.update = probe.wrap_update(statistics_module.UnitStatistics.update)
+        wrapped.append("UnitStatistics.update")
 
     import resource
 
+    profiler = None
+    if spec.get("profile"):
+        import cProfile
+
+        profiler = cProfile.Profile()
     cpu_before = resource.getrusage(resource.RUSAGE_SELF)
     started = time.perf_counter()
+    if profiler is not None:
+        profiler.enable()
     result = fuse_with_diagnostics(models, data=data, config=config, progress=False)
+    if profiler is not None:
+        profiler.disable()
     total = time.perf_counter() - started
+    if profiler is not None:
+        _emit("profile", text=_profile_report(profiler, spec))
 
     diagnostics: dict[str, float] = {}
     for d in result.diagnostics:  # heads/qk/vo of one layer share one clock: count the heads entry only
@@ -276,6 +339,7 @@ def run_one(spec: dict) -> None:
         update_calls=probe.update_calls,
         update_seconds=probe.update_seconds,
         diagnostics_seconds=diagnostics,
+        instrumented=wrapped,
         rss_before=rss_before,
         peak_rss=_peak_rss(),
     )
@@ -337,9 +401,13 @@ def run_child(spec: dict, timeout: float | None, threads: int | None) -> dict:
     record.update(load_before=load_before, load_after=load_after)
     for event in events:
         if event["event"] == "hello":
-            record.update(torch=event["torch"], threads=event["threads"])
+            record.update(torch=event["torch"], threads=event["threads"], source_hash=event["source_hash"])
         elif event["event"] == "loaded":
-            record.update(parameters=event["parameters"], rss_before=event["rss_before"])
+            record.update(
+                parameters=event["parameters"], rss_before=event["rss_before"], batch_size=event["batch_size"]
+            )
+        elif event["event"] == "profile":
+            record["profile"] = event["text"]
     done = [e for e in events if e["event"] == "done"]
     if done:
         record.update({k: v for k, v in done[-1].items() if k not in ("event", "time")})
@@ -388,7 +456,16 @@ def machine_info(threads: int | None) -> dict:
             versions[package] = metadata.version(package)
         except metadata.PackageNotFoundError:
             versions[package] = None
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:  # read-only git queries: which commit, and whether the package has uncommitted edits
+        git = ["git", "-C", repo]
+        head = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout
+        dirty = subprocess.run([*git, "status", "--porcelain", "--", "hf_otfusion"], capture_output=True, text=True)
+        commit = head.strip() + (" + uncommitted package edits" if dirty.stdout.strip() else "")
+    except OSError:
+        commit = None
     return {
+        "commit": commit,
         "cpu": model,
         "cores": os.cpu_count(),
         "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
@@ -432,8 +509,7 @@ def print_family(family: str, records: list[dict]) -> None:
     print(header)
     print("-" * len(header))
     for r in records:
-        apply, average = _stage_seconds(r, "apply"), _stage_seconds(r, "average")
-        apply_avg = None if apply is None and average is None else (apply or 0.0) + (average or 0.0)
+        apply_avg = _stage_seconds(r, "apply+average")
         total = r.get("total") if r["status"] == "ok" else f">{r['fusion_wall'] or 0:.0f}"
         status = r["status"] if r["status"] == "ok" else f"{r['status']} in {r.get('stuck_in')}"
         cells = [
@@ -449,7 +525,7 @@ def print_family(family: str, records: list[dict]) -> None:
         ]
         print("".join(cells))
 
-    header = f"{'config':<22}{'before':>8}" + "".join(f"{stage:>12}" for stage in STAGES)
+    header = f"{'config':<22}{'before':>8}" + "".join(f"{stage:>15}" for stage in STAGES)
     print(f"\n-- {family}: RSS before fusion (current) and process peak RSS at the end of each stage, GB --")
     print(header)
     print("-" * len(header))
@@ -457,16 +533,14 @@ def print_family(family: str, records: list[dict]) -> None:
         row = f"{_label(r):<22}{_fmt(_gb(r.get('rss_before')), 8, 2)}"
         for stage in STAGES:
             entry = r.get("stages", {}).get(stage)
-            row += _fmt(None if entry is None else _gb(entry["peak_rss"]), 12, 2)
+            row += _fmt(None if entry is None else _gb(entry["peak_rss"]), 15, 2)
         print(row)
 
     columns = f"{'fwd s':>8}{'gram s':>8}{'solves':>8}{'solve s':>9}{'cost s':>8}"
     header = f"{'config':<22}{columns}  slowest solve groups"
     print(f"\n-- {family}: where the time goes --")
     print("   statistics = forward passes (fwd) + UnitStatistics.update (gram, float64 accumulation);")
-    print(
-        "   maps = OT solves (count, seconds, slowest groups as shape: count x seconds each) + cost building"
-    )
+    print("   maps = OT solves (count, seconds, slowest groups as shape: count x seconds each) + cost building")
     print(header)
     print("-" * len(header))
     for r in records:
@@ -506,31 +580,23 @@ def target_lines(records: list[dict]) -> list[str]:
         else:
             verdict = "PASS" if peak < TARGET_RSS_GB and r["status"] == "ok" else "FAIL"
             partial = "" if r["status"] == "ok" else " (so far; run did not finish)"
-            lines.append(
-                f"{verdict}  {name:<34} peak RSS {peak:8.2f} GB  (target < {TARGET_RSS_GB:.0f} GB){partial}"
-            )
+            lines.append(f"{verdict}  {name:<34} peak RSS {peak:8.2f} GB  (target < {TARGET_RSS_GB:.0f} GB){partial}")
     return lines
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--family", choices=(*FAMILIES, "all"), default="all")
     parser.add_argument("--samples", type=int, default=200, help="alignment samples (activation-based cost)")
     parser.add_argument("--seq-len", type=int, default=128, help="BERT tokens per sample (rows are padded)")
     parser.add_argument("--costs", nargs="+", choices=COSTS, default=list(COSTS))
     parser.add_argument("--solvers", nargs="+", choices=SOLVERS, default=list(SOLVERS))
-    parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument(
-        "--reg", type=float, default=0.05, help="Sinkhorn reg (FusionConfig.reg, relative mode)"
+        "--batch-size", type=int, default=None, help="activation-pass batch size (default: the package's)"
     )
-    parser.add_argument(
-        "--threads", type=int, default=None, help="torch.set_num_threads (and OMP/MKL threads)"
-    )
-    parser.add_argument(
-        "--small", action="store_true", help="tiny models (64/128/2 layers/4 heads): a smoke run"
-    )
+    parser.add_argument("--reg", type=float, default=0.05, help="Sinkhorn reg (FusionConfig.reg, relative mode)")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (and OMP/MKL threads)")
+    parser.add_argument("--small", action="store_true", help="tiny models (64/128/2 layers/4 heads): a smoke run")
     parser.add_argument(
         "--timeout",
         type=float,
@@ -538,6 +604,9 @@ def main(argv: list[str] | None = None) -> int:
         help="seconds of fusion per configuration (from models loaded); 0 = no limit",
     )
     parser.add_argument("--json", metavar="PATH", help="also write machine-readable results here")
+    parser.add_argument(
+        "--profile", metavar="DIR", help="run each fusion under cProfile; save .prof files here, print the top"
+    )
     # --nproc (distributed statistics) will go here once the package supports it; it travels in `spec`.
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one configuration in this process
     args = parser.parse_args(argv)
@@ -557,14 +626,15 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"versions: torch {versions['torch']}, transformers {versions['transformers']}, "
         f"POT {versions['pot']}, numpy {versions['numpy']}, scipy {versions['scipy']}, "
-        f"hf-otfusion {versions['hf-otfusion']}"
+        f"hf-otfusion {versions['hf-otfusion']} (commit {machine['commit']})"
     )
     shape = SMALL_SHAPE if args.small else FULL_SHAPE
     print(
         f"models: {'SMALL ' if args.small else ''}hidden {shape['hidden_size']}, "
         f"FFN {shape['intermediate_size']}, "
         f"{shape['num_hidden_layers']} layers, {shape['num_attention_heads']} heads; alignment data: "
-        f"{args.samples} samples, batch {args.batch_size}, BERT seq-len {args.seq_len}; reg {args.reg}; "
+        f"{args.samples} samples, batch {args.batch_size or 'package default'}, "
+        f"BERT seq-len {args.seq_len}; reg {args.reg}; "
         f"timeout {args.timeout:.0f} s per configuration",
     )
     if hasattr(os, "getloadavg"):
@@ -581,22 +651,24 @@ def main(argv: list[str] | None = None) -> int:
                 spec = dict(
                     family=family, cost=cost, solver=solver, small=args.small, samples=args.samples,
                     seq_len=args.seq_len, batch_size=args.batch_size, reg=args.reg, threads=args.threads,
+                    profile=args.profile and os.path.abspath(args.profile),
                 )  # fmt: skip
                 record = run_child(spec, args.timeout or None, args.threads)
                 records.append(record)
                 total = (
-                    f"{record['total']:.1f} s"
-                    if record["status"] == "ok"
-                    else f">{record['fusion_wall'] or 0:.0f} s"
+                    f"{record['total']:.1f} s" if record["status"] == "ok" else f">{record['fusion_wall'] or 0:.0f} s"
                 )
                 cpu = f" (fusion CPU time {record['cpu_seconds']:.0f} s)" if record.get("cpu_seconds") else ""
                 print(
                     f"[{family} {cost}+{solver}] {record['status']}: total {total}{cpu}, peak RSS "
                     f"{_fmt(_gb(record.get('peak_rss')), 0, 2).strip()} GB, "
-                    f"torch threads {record.get('threads')}, "
+                    f"torch threads {record.get('threads')}, batch {record.get('batch_size')}, "
+                    f"engine sources {record.get('source_hash')}, "
                     f"load average {record['load_before']:.2f} -> {record['load_after']:.2f}",
                     flush=True,
                 )
+                if record.get("profile"):
+                    print(record.pop("profile"))
                 if record["status"] != "ok":
                     print(f"    stopped in stage {record.get('stuck_in')}; solves so far: "
                           f"{_solve_summary(record.get('solves') or {}, limit=5) or 'none'}")  # fmt: skip
@@ -608,11 +680,13 @@ def main(argv: list[str] | None = None) -> int:
                         print("    " + record["stderr_tail"].replace("\n", "\n    "))
     threads = sorted({r.get("threads") for r in records if r.get("threads") is not None})
     print(f"\ntorch threads used: {', '.join(map(str, threads)) or '-'}")
+    hashes = sorted({r.get("source_hash") for r in records if r.get("source_hash")})
+    print(f"engine sources (sha256 of hf_otfusion/*.py, specs): {', '.join(hashes) or '-'}")
+    if len(hashes) > 1:
+        print("WARNING: the package changed between configurations; rows measured different engine versions")
     for family in families:
         print_family(family, [r for r in records if r["spec"]["family"] == family])
-    print(
-        f"\n== targets (weight-based < 60 s, activation-based < 180 s, peak RSS < {TARGET_RSS_GB:.0f} GB) =="
-    )
+    print(f"\n== targets (weight-based < 60 s, activation-based < 180 s, peak RSS < {TARGET_RSS_GB:.0f} GB) ==")
     for line in target_lines(records):
         print(line)
     if args.json:

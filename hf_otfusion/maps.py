@@ -35,6 +35,9 @@ from .transport import (
 
 logger = logging.getLogger(__name__)
 
+# Head pairs whose head-plan mass is below this fraction of the largest entry keep their exact within-head plan.
+SIGNIFICANT_HEAD_MASS = 1e-3
+
 
 @dataclass
 class SpaceDiagnostics:
@@ -208,28 +211,41 @@ def _solve_heads(
     parent_plan: FusionPlan,
     config: FusionConfig,
 ) -> list[tuple[str, TransportMap, SolveInfo]]:
-    """Heads first (on the cost of each head pair's best within-head matchings), then dims within heads."""
+    """Heads first, on the cost of each head pair's best within-head matchings; then dims within matched heads.
+
+    The head-pair costs come from exact within-head matchings (cheap linear assignments). With a soft solver,
+    only head pairs that carry a noticeable share of the head plan's mass (at least `SIGNIFICANT_HEAD_MASS` of
+    its largest entry) get a soft within-head plan; the rest keep their exact one. Their mass is negligible,
+    and skipping them makes the soft attention solve cost about H small problems instead of H^2.
+    """
     heads_a, heads_b = parent_plan.spaces[heads.name].size, heads.size
     unit_costs = [sources.costs(space.name, maps, pooled=True)[0] for space in nested]
-    head_cost = np.zeros((heads_a, heads_b))
-    within: list[dict[tuple[int, int], TransportMap]] = [{} for _ in nested]
     pairs = [(a, b) for a in range(heads_a) for b in range(heads_b)]
-    for s, (space, cost) in enumerate(zip(nested, unit_costs, strict=True)):
+    blocks = []
+    for space, cost in zip(nested, unit_costs, strict=True):
         dim_a, dim_b = parent_plan.spaces[space.name].head_dim, space.head_dim
-        blocks = np.stack([cost[a * dim_a : (a + 1) * dim_a, b * dim_b : (b + 1) * dim_b] for a, b in pairs])
-        solved = solve_transport_batch(
-            blocks, solver=config.solver, reg=config.reg, reg_mode=config.reg_mode,
-            sinkhorn_max_iter=config.sinkhorn_max_iter,
-        )  # fmt: skip
-        for (a, b), (transport, info) in zip(pairs, solved, strict=True):
-            within[s][(a, b)] = transport
+        blocks.append(np.stack([cost[a * dim_a : (a + 1) * dim_a, b * dim_b : (b + 1) * dim_b] for a, b in pairs]))
+    within = [dict(zip(pairs, solve_transport_batch(stack, solver="exact"), strict=True)) for stack in blocks]
+    head_cost = np.zeros((heads_a, heads_b))
+    for solved in within:
+        for (a, b), (_, info) in solved.items():
             head_cost[a, b] += info.transport_cost
     head_map, head_info = _solve(head_cost, config)
+    if config.solver == "sinkhorn":
+        significant = [
+            i for i, (a, b) in enumerate(pairs) if head_map.plan[a, b] >= SIGNIFICANT_HEAD_MASS * head_map.plan.max()
+        ]
+        for solved, stack in zip(within, blocks, strict=True):
+            soft = solve_transport_batch(
+                stack[significant], solver="sinkhorn", reg=config.reg, reg_mode=config.reg_mode,
+                sinkhorn_max_iter=config.sinkhorn_max_iter,
+            )  # fmt: skip
+            solved.update(zip([pairs[i] for i in significant], soft, strict=True))
     results = [(heads.name, head_map, head_info)]
-    for s, (space, cost) in enumerate(zip(nested, unit_costs, strict=True)):
+    for solved, space, cost in zip(within, nested, unit_costs, strict=True):
         dim_a, dim_b = parent_plan.spaces[space.name].head_dim, space.head_dim
         plan = np.zeros_like(cost)
-        for (a, b), transport in within[s].items():
+        for (a, b), (transport, _) in solved.items():
             weight = head_map.plan[a, b]
             if weight > 0:
                 plan[a * dim_a : (a + 1) * dim_a, b * dim_b : (b + 1) * dim_b] = weight * transport.plan
