@@ -172,6 +172,7 @@ def compute_maps(
                 for name, transport, info in _solve_heads(space, nested, sources, maps, parent_plan, config):
                     maps[name] = transport
                     record(name, transport, info, sources.kind(nested[0].name), started)
+                    started = time.perf_counter()  # the heads entry carries the time of the joint solve
             continue
         mean_policy = space.stream and config.residual == "mean"
         costs = sources.costs(space.name, maps, pooled=not mean_policy)

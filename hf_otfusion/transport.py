@@ -142,7 +142,8 @@ def solve_transport_batch(
     """Solves many small problems of one shape (uniform marginals), e.g. every pair of attention heads.
 
     Sinkhorn runs as one batched POT solve on the costs rescaled per problem, so a relative `reg` gives each
-    problem the softness it would get alone; exact problems are independent linear assignments.
+    problem the softness it would get alone; exact problems are independent linear assignments. The batch
+    stays in float64: small problems at small reg underflow to denormals in float32, which is slower.
     """
     costs = np.asarray(costs, dtype=np.float64)
     if solver != "sinkhorn":
@@ -157,7 +158,7 @@ def solve_transport_batch(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         result = ot.batch.solve_batch(
-            torch.from_numpy(scaled.astype(np.float32)), reg=reg, method="sinkhorn",
+            torch.from_numpy(scaled), reg=reg, method="sinkhorn",
             max_iter=sinkhorn_max_iter, tol=SINKHORN_TOL,
         )  # fmt: skip
     solved = []
