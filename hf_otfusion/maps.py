@@ -68,10 +68,7 @@ class _CostSources:
     anchor_params: dict[str, torch.Tensor]
     stats: dict[str, UnitStatistics] | None
     config: FusionConfig
-
-    @property
-    def keys(self) -> dict[str, str]:
-        return statistics_keys(self.anchor_plan, per_hook_spaces(self.anchor_plan, self.config))
+    keys: dict[str, str]  # hook module -> statistics key, as `collect_statistics` accumulated them
 
     def kind(self, space: str) -> str:
         if self.config.cost == "activations" and self.stats is not None and self.anchor_plan.hooks.get(space):
@@ -82,10 +79,10 @@ class _CostSources:
         """One cost per source (hook or parameter), or a single cost with all sources pooled."""
         if self.kind(space) == "activations":
             keys = dict.fromkeys(self.keys[hook] for hook in self.anchor_plan.hooks[space])
-            per_hook = [self.stats[key] for key in keys]
-            if pooled and len(per_hook) > 1:
-                per_hook = [sum(per_hook[1:], start=per_hook[0])]
-            return [s.cost(self.config.activation_cost) for s in per_hook]
+            moments = [self.stats[key] for key in keys]
+            if pooled and len(moments) > 1:
+                moments = [sum(moments[1:], start=moments[0])]
+            return [s.cost(self.config.activation_cost) for s in moments]
         features = self._weight_features(space, maps)
         if not features:
             raise SpecError(
@@ -143,7 +140,9 @@ def compute_maps(
         The maps keyed by space name (nested head spaces included, heads spaces too in `aware` mode) and
         one `SpaceDiagnostics` per solve.
     """
-    sources = _CostSources(parent_plan, anchor_plan, parent_params, anchor_params, stats, config)
+    per_hook = per_hook_spaces(anchor_plan, config)
+    keys = statistics_keys(anchor_plan, per_hook)
+    sources = _CostSources(parent_plan, anchor_plan, parent_params, anchor_params, stats, config, keys)
     maps: dict[str, TransportMap] = {}
     diagnostics: list[SpaceDiagnostics] = []
 
@@ -174,7 +173,7 @@ def compute_maps(
                     record(name, transport, info, sources.kind(nested[0].name), started)
                     started = time.perf_counter()  # the heads entry carries the time of the joint solve
             continue
-        mean_policy = space.stream and config.residual == "mean"
+        mean_policy = space.name in per_hook
         costs = sources.costs(space.name, maps, pooled=not mean_policy)
         transport, info = _solve_mean(costs, config) if mean_policy else _solve(costs[0], config)
         maps[space.name] = transport

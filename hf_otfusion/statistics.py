@@ -147,7 +147,7 @@ def collect_statistics(
     Raises:
         EmptyAlignmentDataError: the data yielded no token.
     """
-    keys = keys or {hook: hook for hooks in plans[anchor].hooks.values() for hook in hooks}
+    keys = keys or statistics_keys(plans[anchor], per_hook_spaces=set(plans[anchor].hooks))
     stats: ActivationStatistics = {k: {} for k in range(len(models)) if k != anchor}
     anchor_outputs: dict[str, torch.Tensor] = {}
     token_mask: dict[str, torch.Tensor | None] = {"mask": None}
