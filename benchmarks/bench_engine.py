@@ -12,6 +12,15 @@ stopped; its row then shows the stage it was stuck in and the solves done so far
     python benchmarks/bench_engine.py                      # both families, 4 configurations, 200 samples
     python benchmarks/bench_engine.py --small              # tiny models: a smoke run of a few seconds
     python benchmarks/bench_engine.py --family bert --costs weights --solvers exact --json out.json
+    python benchmarks/bench_engine.py --family bert --costs activations --nproc 1 2   # statistics speed-up
+    python benchmarks/bench_engine.py --from-disk /tmp/ckpt                # fuse saved checkpoints (streamed)
+    python benchmarks/bench_engine.py --device cuda                        # passes and Sinkhorn on the GPU
+
+`--nproc N` runs the child under `torchrun --nproc_per_node N` (gloo on CPU; each process gets one thread
+unless --threads says otherwise) and reports the statistics-stage time of the main process, which includes
+waiting for the slowest shard and the reduction. `--from-disk DIR` saves the pair once (in a process of its
+own) and passes the checkpoint paths, so `fuse` loads them one at a time and averages into the loaded
+anchor; without it the models are built in the child and passed as objects (the fused model is a copy).
 
 Targets (from the issue; a 2-core machine): whole weight-based fusion < 60 s, activation-based < 180 s,
 peak RSS < 4 GB.
@@ -27,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import subprocess
@@ -59,8 +69,16 @@ SMALL_SHAPE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, n
 # ----------------------------------------------------------------------------------------------------
 
 
+_EMIT_LOCK = threading.Lock()  # solver threads report concurrently; one event per line, never interleaved
+
+
 def _emit(kind: str, **payload) -> None:
-    print(EVENT + json.dumps({"event": kind, "time": time.time(), **payload}), flush=True)
+    if os.environ.get("RANK", "0") != "0":  # under torchrun, the main process speaks for the run
+        return
+    line = EVENT + json.dumps({"event": kind, "time": time.time(), **payload}) + "\n"
+    with _EMIT_LOCK:
+        sys.stdout.write(line)
+        sys.stdout.flush()
 
 
 def _peak_rss() -> int:
@@ -128,6 +146,39 @@ def build_pair(family: str, small: bool, seeds=(0, 1)):
         torch.manual_seed(seed)
         models.append(model_class(config).eval())
     return models
+
+
+def prepare_checkpoints(family: str, small: bool, directory: str) -> str:
+    """Saves the pair once under `directory/<family>[-small]/{0,1}` (reused if there) and returns that folder.
+
+    It runs in a process of its own, so that building the models never counts in a fusion's peak RSS.
+    """
+    folder = os.path.join(directory, family + ("-small" if small else ""))
+    if all(os.path.exists(os.path.join(folder, str(seed), "model.safetensors")) for seed in (0, 1)):
+        return folder
+    script = (
+        "import sys; sys.path.insert(0, sys.argv[1]); import bench_engine as b; "
+        "[m.save_pretrained(f'{sys.argv[4]}/{i}') for i, m in enumerate(b.build_pair(sys.argv[2], sys.argv[3] == '1'))]"
+    )
+    here = os.path.dirname(os.path.abspath(__file__))
+    subprocess.run([sys.executable, "-c", script, here, family, "1" if small else "0", folder], check=True)
+    return folder
+
+
+def _checkpoint_config(path: str):
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(path)
+
+
+def _parameter_count(model) -> int:
+    """Parameters of a model, or of a checkpoint (read from its safetensors header, without loading it)."""
+    if not isinstance(model, str):
+        return sum(p.numel() for p in model.parameters())
+    from safetensors import safe_open
+
+    with safe_open(os.path.join(model, "model.safetensors"), "pt") as handle:
+        return sum(math.prod(handle.get_slice(name).get_shape()) for name in handle.keys())
 
 
 class RandomBatches:
@@ -264,16 +315,24 @@ def run_one(spec: dict) -> None:
         threads=torch.get_num_threads(),
         package=hf_otfusion.__version__,
         source_hash=_source_hash(os.path.dirname(hf_otfusion.__file__)),
+        processes=int(os.environ.get("WORLD_SIZE", "1")),
     )
-    models = build_pair(spec["family"], spec["small"])
+    if spec.get("from_disk"):  # checkpoints saved by `prepare_checkpoints`: fuse loads them itself
+        models = [os.path.join(spec["from_disk"], str(seed)) for seed in (0, 1)]
+        model_config = _checkpoint_config(models[0])
+    else:
+        models = build_pair(spec["family"], spec["small"])
+        model_config = models[0].config
     options = dict(cost=spec["cost"], solver=spec["solver"], reg=spec["reg"], num_samples=spec["samples"])
+    if spec.get("tokens_per_sample"):  # else every non-padding token
+        options["tokens_per_sample"] = spec["tokens_per_sample"]
     if spec["batch_size"]:  # else the package's default batch size
         options["batch_size"] = spec["batch_size"]
     config = FusionConfig(**options)
     data = None
     if spec["cost"] == "activations":  # batches of config.batch_size (an iterable of batches is used as given)
-        data = RandomBatches(spec["family"], models[0].config, spec["samples"], config.batch_size, spec["seq_len"])
-    parameters = sum(p.numel() for p in models[0].parameters())
+        data = RandomBatches(spec["family"], model_config, spec["samples"], config.batch_size, spec["seq_len"])
+    parameters = _parameter_count(models[0])
     rss_before, peak_before = _current_rss(), _peak_rss()
     _emit(
         "loaded",
@@ -314,7 +373,7 @@ def run_one(spec: dict) -> None:
     started = time.perf_counter()
     if profiler is not None:
         profiler.enable()
-    result = fuse_with_diagnostics(models, data=data, config=config, progress=False)
+    result = fuse_with_diagnostics(models, data=data, config=config, progress=False, device=spec.get("device"))
     if profiler is not None:
         profiler.disable()
     total = time.perf_counter() - started
@@ -357,7 +416,12 @@ def run_child(spec: dict, timeout: float | None, threads: int | None) -> dict:
         for key in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
             env[key] = str(threads)
     command = [sys.executable, os.path.abspath(__file__), "--one", json.dumps(spec)]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    if spec.get("nproc", 1) > 1:  # the same child on N processes (gloo on CPU, NCCL on GPUs)
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node"]
+        command = [*launcher, str(spec["nproc"]), *command[1:]]
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True
+    )
     events: list[dict] = []
     stderr: list[str] = []
 
@@ -386,7 +450,7 @@ def run_child(spec: dict, timeout: float | None, threads: int | None) -> dict:
         deadline = (fusion_started or started + STARTUP_ALLOWANCE_S) + timeout if timeout else None
         if deadline is not None and now > deadline:
             timed_out = True
-            process.kill()  # only the child this function started
+            os.killpg(process.pid, 9)  # the session this function started: the child and, under torchrun, its workers
             break
         time.sleep(0.2)
     process.wait()
@@ -402,6 +466,7 @@ def run_child(spec: dict, timeout: float | None, threads: int | None) -> dict:
     for event in events:
         if event["event"] == "hello":
             record.update(torch=event["torch"], threads=event["threads"], source_hash=event["source_hash"])
+            record.update(processes=event.get("processes", 1))
         elif event["event"] == "loaded":
             record.update(
                 parameters=event["parameters"], rss_before=event["rss_before"], batch_size=event["batch_size"]
@@ -491,7 +556,12 @@ def _stage_seconds(record: dict, stage: str) -> float | None:
 
 
 def _label(record: dict) -> str:
-    return f"{record['spec']['cost']}+{record['spec']['solver']}"
+    spec = record["spec"]
+    tokens = spec.get("tokens_per_sample")
+    label = f"{spec['cost']}+{spec['solver']}" + (f" k={tokens}" if tokens else "")
+    label += f" x{spec['nproc']}" if spec.get("nproc", 1) > 1 else ""
+    label += " disk" if spec.get("from_disk") else ""
+    return label + (f" {spec['device']}" if spec.get("device") else "")
 
 
 def _solve_summary(solves: dict, limit: int = 3) -> str:
@@ -536,11 +606,14 @@ def print_family(family: str, records: list[dict]) -> None:
             row += _fmt(None if entry is None else _gb(entry["peak_rss"]), 15, 2)
         print(row)
 
-    columns = f"{'fwd s':>8}{'gram s':>8}{'solves':>8}{'solve s':>9}{'cost s':>8}"
+    columns = f"{'fwd s':>8}{'gram s':>8}{'solves':>8}{'solve s':>9}{'maps s':>8}"
     header = f"{'config':<22}{columns}  slowest solve groups"
     print(f"\n-- {family}: where the time goes --")
     print("   statistics = forward passes (fwd) + UnitStatistics.update (gram, float64 accumulation);")
-    print("   maps = OT solves (count, seconds, slowest groups as shape: count x seconds each) + cost building")
+    print(
+        "   maps s = wall time of the maps stage: cost building + OT solves, several spaces at once on a thread"
+        " each; solve s = solver time summed over threads (count, slowest groups as shape: count x seconds each)"
+    )
     print(header)
     print("-" * len(header))
     for r in records:
@@ -551,15 +624,34 @@ def print_family(family: str, records: list[dict]) -> None:
         count = sum(c for c, _ in solves.values())
         solve_seconds = sum(s for _, s in solves.values())
         maps = _stage_seconds(r, "maps")
-        costs = None if maps is None else maps - solve_seconds
         print(
             f"{_label(r):<22}{_fmt(forward, 8)}{_fmt(gram, 8)}{_fmt(str(count) if solves else None, 8)}"
-            f"{_fmt(solve_seconds if solves else None, 9)}{_fmt(costs, 8)}  {_solve_summary(solves)}"
+            f"{_fmt(solve_seconds if solves else None, 9)}{_fmt(maps, 8)}  {_solve_summary(solves)}"
         )
 
 
 def _gb(value) -> float | None:
     return None if value is None else value / GB
+
+
+def speedup_lines(records: list[dict]) -> list[str]:
+    """Statistics-stage seconds per process count, and the speed-up over one process, per configuration."""
+    groups: dict[tuple, dict[int, float | None]] = {}
+    for r in records:
+        spec = r["spec"]
+        key = (spec["family"], spec["cost"], spec["solver"], spec.get("tokens_per_sample"), spec.get("from_disk"))
+        groups.setdefault(key, {})[spec.get("nproc", 1)] = _stage_seconds(r, "statistics")
+    lines = []
+    for (family, cost, solver, _, _), seconds in groups.items():
+        if cost != "activations":
+            continue
+        one = seconds.get(1)
+        cells = []
+        for n, value in sorted(seconds.items()):
+            speedup = f", x{one / value:.2f}" if one and value else ""
+            cells.append(f"{n} proc: {_fmt(value, 0).strip()} s{speedup if n > 1 else ''}")
+        lines.append(f"{family} {cost}+{solver}: " + "; ".join(cells))
+    return lines
 
 
 def target_lines(records: list[dict]) -> list[str]:
@@ -594,6 +686,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--batch-size", type=int, default=None, help="activation-pass batch size (default: the package's)"
     )
+    parser.add_argument(
+        "--tokens-per-sample",
+        type=int,
+        nargs="+",
+        default=[0],
+        help="FusionConfig.tokens_per_sample values to run with activation costs (0 = every token)",
+    )
     parser.add_argument("--reg", type=float, default=0.05, help="Sinkhorn reg (FusionConfig.reg, relative mode)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (and OMP/MKL threads)")
     parser.add_argument("--small", action="store_true", help="tiny models (64/128/2 layers/4 heads): a smoke run")
@@ -607,7 +706,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--profile", metavar="DIR", help="run each fusion under cProfile; save .prof files here, print the top"
     )
-    # --nproc (distributed statistics) will go here once the package supports it; it travels in `spec`.
+    parser.add_argument(
+        "--nproc", type=int, nargs="+", default=[1],
+        help="run each configuration on these numbers of processes (torchrun; gloo on CPU), e.g. --nproc 1 2",
+    )  # fmt: skip
+    parser.add_argument(
+        "--from-disk", metavar="DIR",
+        help="save the pair under DIR once and fuse the checkpoints (loaded one at a time) instead of models in memory",
+    )  # fmt: skip
+    parser.add_argument("--device", help="fuse_with_diagnostics(device=...): cpu, cuda or auto (default: leave as is)")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one configuration in this process
     args = parser.parse_args(argv)
 
@@ -646,12 +753,16 @@ def main(argv: list[str] | None = None) -> int:
 
     records: list[dict] = []
     for family in families:
-        for cost in args.costs:
-            for solver in args.solvers:
+        for cost, tokens_per_sample in [
+            (c, k) for c in args.costs for k in (args.tokens_per_sample if c == "activations" else [0])
+        ]:
+            for solver, nproc in [(solver, n) for solver in args.solvers for n in args.nproc]:
+                checkpoints = prepare_checkpoints(family, args.small, args.from_disk) if args.from_disk else None
                 spec = dict(
                     family=family, cost=cost, solver=solver, small=args.small, samples=args.samples,
                     seq_len=args.seq_len, batch_size=args.batch_size, reg=args.reg, threads=args.threads,
-                    profile=args.profile and os.path.abspath(args.profile),
+                    profile=args.profile and os.path.abspath(args.profile), tokens_per_sample=tokens_per_sample,
+                    nproc=nproc, from_disk=checkpoints and os.path.abspath(checkpoints), device=args.device,
                 )  # fmt: skip
                 record = run_child(spec, args.timeout or None, args.threads)
                 records.append(record)
@@ -660,7 +771,7 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 cpu = f" (fusion CPU time {record['cpu_seconds']:.0f} s)" if record.get("cpu_seconds") else ""
                 print(
-                    f"[{family} {cost}+{solver}] {record['status']}: total {total}{cpu}, peak RSS "
+                    f"[{family} {_label(record)}] {record['status']}: total {total}{cpu}, peak RSS "
                     f"{_fmt(_gb(record.get('peak_rss')), 0, 2).strip()} GB, "
                     f"torch threads {record.get('threads')}, batch {record.get('batch_size')}, "
                     f"engine sources {record.get('source_hash')}, "
@@ -686,6 +797,10 @@ def main(argv: list[str] | None = None) -> int:
         print("WARNING: the package changed between configurations; rows measured different engine versions")
     for family in families:
         print_family(family, [r for r in records if r["spec"]["family"] == family])
+    if len(args.nproc) > 1:
+        print("\n== statistics pass on several processes (wall time of the stage on the main process) ==")
+        for line in speedup_lines(records):
+            print(line)
     print(f"\n== targets (weight-based < 60 s, activation-based < 180 s, peak RSS < {TARGET_RSS_GB:.0f} GB) ==")
     for line in target_lines(records):
         print(line)

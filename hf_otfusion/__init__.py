@@ -16,7 +16,28 @@ _EXPORTS = {
     "FusionResult": "fusion",
     "fuse": "fusion",
     "fuse_with_diagnostics": "fusion",
+    "FinetuneConfig": "finetune",
+    "FinetuneResult": "finetune",
+    "finetune": "finetune",
+    "EvaluationTable": "evaluation",
+    "evaluate_model": "evaluation",
+    "evaluate_models": "evaluation",
+    "load_metric": "metrics",
+    "DataSource": "data",
+    "load_dataset_source": "data",
+    "encode_dataset": "data",
+    "FuseJob": "pipeline",
+    "Provenance": "provenance",
+    "render_card": "card",
+    "push_folder": "hub",
+    "ReadinessReport": "readiness",
+    "readiness_report": "readiness",
+    "GramStatistics": "gram",
+    "collect_gram_statistics": "gram",
+    "merge_parameters": "merging",
+    "regmean_linear": "merging",
     "permute_model": "permute",
+    "compress": "target",
     "random_permutations": "permute",
     "FusionPlan": "plan",
     "resolve_plan": "plan",
@@ -36,6 +57,17 @@ _EXPORTS = {
     "LabelSetMismatchError": "errors",
     "NonFiniteWeightsError": "errors",
     "EmptyAlignmentDataError": "errors",
+    "DeviceUnavailableError": "errors",
+    "TargetShapeError": "errors",
+    "DataSourceError": "errors",
+    "ParentNotFoundError": "errors",
+    "UnknownRevisionError": "errors",
+    "CorruptCheckpointError": "errors",
+    "UnsafeCheckpointError": "errors",
+    "OutputExistsError": "errors",
+    "PushError": "errors",
+    "TrainingDataError": "errors",
+    "UnsupportedTaskError": "errors",
 }
 
 __all__ = sorted(_EXPORTS)
@@ -54,22 +86,45 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
+    from .card import render_card
     from .config import FusionConfig
+    from .data import DataSource, encode_dataset, load_dataset_source
     from .errors import (
+        CorruptCheckpointError,
+        DataSourceError,
         DepthMismatchError,
+        DeviceUnavailableError,
         EmptyAlignmentDataError,
         FusionError,
         IncompatibleModelsError,
         LabelSetMismatchError,
         ModelTypeMismatchError,
         NonFiniteWeightsError,
+        OutputExistsError,
+        ParentNotFoundError,
+        PushError,
         SpecError,
+        TargetShapeError,
+        TrainingDataError,
         UncoveredParameterError,
+        UnknownRevisionError,
+        UnsafeCheckpointError,
         UnsupportedArchitectureError,
+        UnsupportedTaskError,
         VocabularyMismatchError,
     )
+    from .evaluation import EvaluationTable, evaluate_model, evaluate_models
+    from .finetune import FinetuneConfig, FinetuneResult, finetune
     from .fusion import FusionResult, fuse, fuse_with_diagnostics
+    from .gram import GramStatistics, collect_gram_statistics
+    from .hub import push_folder
+    from .merging import merge_parameters, regmean_linear
+    from .metrics import load_metric
     from .permute import permute_model, random_permutations
+    from .pipeline import FuseJob
     from .plan import FusionPlan, resolve_plan
+    from .provenance import Provenance
+    from .readiness import ReadinessReport, readiness_report
     from .spec import AlignmentSpec, available_specs, load_spec
+    from .target import compress
     from .transport import TransportMap, solve_transport

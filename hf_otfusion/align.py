@@ -27,6 +27,8 @@ def align_tensor(
         transport = maps[axis.space]
         if transport.permutation is not None:  # both normalisations reduce to the same gather
             result = result.index_select(dim, torch.from_numpy(transport.permutation))
+            if transport.output_scale != 1.0 and not axis.reads:
+                result = result * transport.output_scale
             continue
         matrix = transport.input_matrix() if axis.reads else transport.output_matrix()
         moved = result.movedim(dim, 0)

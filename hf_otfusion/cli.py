@@ -1,7 +1,7 @@
 """`otfusion-hub`: fuse checkpoints from the command line, and serve a local Hub for offline work.
 
 Every `fuse` option that shapes the fusion is a `FusionConfig` field of the same name, so a command line and
-a saved `fusion_config.json` describe the same thing.
+the `fusion_config.yaml` written next to the fused weights describe the same thing.
 """
 
 from __future__ import annotations
@@ -10,17 +10,32 @@ import argparse
 import dataclasses
 import json
 import logging
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 EXAMPLES = """examples:
   # data-free fusion of two local checkpoints (weight-based cost, exact OT)
   otfusion-hub fuse ./model-a ./model-b --out fused --cost weights
 
-  # activation-based soft alignment on a saved datasets.Dataset of model inputs
+  # Hub parents pinned to revisions, soft alignment on 500 rows of a Hub data set, evaluated, then pushed
+  otfusion-hub fuse user/vit-a user/vit-b@v1.0 --out fused --data user/images --num-samples 500 \\
+      --solver sinkhorn --reg 0.3 --eval-data user/images --eval-split test --push-to-hub user/vit-fused
+
+  # check parents, revisions and data without downloading any weights
+  otfusion-hub fuse user/vit-a user/vit-b --out fused --data user/images --dry-run
+
+  # retry an upload that failed (the fused directory was kept)
+  otfusion-hub push fused user/vit-fused
+
+  # activation-based soft alignment on a saved datasets.Dataset (or csv/json/parquet files, an image folder)
   otfusion-hub fuse ./model-a ./model-b --out fused --data ./align-ds --solver sinkhorn --reg 0.3
+
+  # do the parents need alignment, or are they fine-tunes of one base? (per-layer distances + advice)
+  otfusion-hub inspect ./model-a ./model-b
+
+  # fine-tunes of one base: RegMean on alignment data, or task arithmetic against the shared base
+  otfusion-hub fuse ./ft-a ./ft-b --out merged --method regmean --data ./align-ds
+  otfusion-hub fuse ./ft-a ./ft-b --out merged --method task-arithmetic --base ./base-model --scale 0.5
 
   # a Hub-compatible server on 127.0.0.1 for trying Hub workflows offline
   otfusion-hub serve-hub --port 8765 --root ./hub-data
@@ -46,15 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    fuse.add_argument("parents", nargs="+", help="local checkpoint directories or Hub model ids (two or more)")
-    fuse.add_argument(
-        "--out", type=Path, required=True, help="output directory (refused if it exists and is not empty)"
-    )
-    fuse.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out")
-    fuse.add_argument("--data", type=Path, help="alignment data: a datasets.Dataset saved with save_to_disk, "
-                      "holding the model's input columns (needed for --cost activations)")  # fmt: skip
-    fuse.add_argument("--config", type=Path, help="a JSON file of FusionConfig fields; flags override it")
-    fuse.add_argument("-q", "--quiet", action="store_true", help="no progress bars, warnings only")
+    _add_fuse_io_arguments(fuse)
     defaults = FusionConfig()
     for field in dataclasses.fields(FusionConfig):
         flag = "--" + field.name.replace("_", "-")
@@ -64,9 +71,45 @@ def build_parser() -> argparse.ArgumentParser:
             fuse.add_argument(flag, choices=_CHOICES[field.name], default=None, help=help_text)
         elif field.name == "weights":
             fuse.add_argument(flag, type=float, nargs="+", default=None, help=help_text + "; one per parent")
+        elif field.name == "target":
+            fuse.add_argument(flag, metavar="KEY=INT,...", default=None, help=help_text + "; a narrower shape to "
+                              "fuse into, e.g. hidden_size=48,intermediate_size=96,num_attention_heads=4")  # fmt: skip
         else:
-            kind = float if isinstance(default, float) else int
+            kind = float if isinstance(default, float) else str if "str" in str(field.type) else int
             fuse.add_argument(flag, type=kind, default=None, help=help_text)
+
+    inspect = commands.add_parser(
+        "inspect",
+        help="measure how far apart the parents are before and after OT alignment, and recommend a method",
+        description="Per layer and overall: relative L2 distance, cosine and sign disagreement of the weights "
+        "before and after OT alignment onto the anchor, the share of units OT leaves in place and, with --data, "
+        "the activation correlation of matched units. Recommends `ot` or a same-base method and says why.",
+    )
+    inspect.add_argument("parents", nargs="+", help="local checkpoint directories or Hub model ids (two or more)")
+    inspect.add_argument("--data", type=Path, help="alignment data (a datasets.Dataset saved with save_to_disk)")
+    inspect.add_argument("--anchor", type=int, default=0, help="the parent the others are compared with")
+    inspect.add_argument("--cost", choices=_CHOICES["cost"], default=None,
+                         help="alignment cost (default: activations with --data, else weights)")  # fmt: skip
+    inspect.add_argument("--solver", choices=_CHOICES["solver"], default="exact")
+    inspect.add_argument("--batch-size", type=int, default=8)
+    inspect.add_argument("--num-samples", type=int, default=None)
+    inspect.add_argument("--json", type=Path, help="also write the report as JSON to this file")
+    inspect.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+
+    push = commands.add_parser(
+        "push",
+        help="upload a fused output directory to the Hub in one commit",
+        description="Create REPO if needed and upload DIR (written by `otfusion-hub fuse`) as one commit; prints "
+        "the commit SHA and URL. The token comes from HF_TOKEN or `hf auth login` and is never written anywhere.",
+    )
+    push.add_argument("folder", type=Path, metavar="DIR", help="the fused model directory")
+    push.add_argument("repo_id", metavar="REPO", help="target model repository, e.g. user/fused-model")
+    _add_push_options(push, prefix="")
+    push.add_argument("--commit-message", help="summary of the commit (default: names the directory)")
+    push.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+
+    _add_finetune_parser(commands)
+    _add_eval_parser(commands)
 
     serve = commands.add_parser("serve-hub", help="serve a local Hub-compatible API on 127.0.0.1")
     serve.add_argument("--port", type=int, default=8765)
@@ -74,49 +117,354 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def run_fuse(args: argparse.Namespace) -> int:
-    from .config import FusionConfig
+def _add_fuse_io_arguments(fuse: argparse.ArgumentParser) -> None:
+    """The `fuse` options that are not FusionConfig fields: inputs, data, output, Hub, safety."""
+    fuse.add_argument("parents", nargs="+", help="Hub model ids with an optional @revision (user/model@v1, "
+                      "user/model@<commit sha>) or local checkpoint directories; two or more")  # fmt: skip
+    fuse.add_argument("--out", type=Path, required=True, help="output directory (refused if it exists and is "
+                      "not empty, unless --overwrite)")  # fmt: skip
+    fuse.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out")
+    fuse.add_argument("--config", type=Path, help="a YAML (or JSON) file of FusionConfig fields, e.g. the "
+                      "fusion_config.yaml of a fused model; flags override it")  # fmt: skip
+    fuse.add_argument("--dry-run", action="store_true", help="resolve revisions, read configs and weight headers, "
+                      "check compatibility, print the plan; download no weights, write nothing")  # fmt: skip
+    fuse.add_argument("-q", "--quiet", action="store_true", help="no progress bars, warnings only")
+    data = fuse.add_argument_group("alignment and evaluation data")
+    data.add_argument("--data", help="alignment data (for --cost activations): a Hub dataset id[@revision], a "
+                      "save_to_disk directory, a data directory (imagefolder, csv, ...) or data files")  # fmt: skip
+    data.add_argument("--split", help="split of --data (default: the only split, or train)")
+    data.add_argument("--data-seed", type=int, default=0, help="seed of the row sample drawn with --num-samples")
+    data.add_argument("--text-column", help="column holding the text (default: detected)")
+    data.add_argument("--image-column", help="column holding the images (default: detected)")
+    data.add_argument("--label-column", help="column holding the labels (default: label/labels)")
+    data.add_argument("--max-length", type=int, default=128, help="tokenizer truncation/padding length")
+    data.add_argument("--eval-data", help="evaluate parents, vanilla average and fused model on this data")
+    data.add_argument("--eval-split", default="test", help="split of --eval-data (default: test)")
+    data.add_argument("--eval-num-samples", type=int, help="evaluate on this many rows (seeded by --data-seed)")
+    output = fuse.add_argument_group("compute and output")
+    output.add_argument("--device", help="where the statistics pass runs: cpu, cuda, auto (default: cpu)")
+    output.add_argument("--dtype", choices=("float32", "float16", "bfloat16"),
+                        help="dtype of the saved fused weights (default: the anchor's)")  # fmt: skip
+    output.add_argument("--max-shard-size", default="5GB", help="shard model.safetensors above this size, with "
+                        "an index (default: 5GB)")  # fmt: skip
+    safety = fuse.add_argument_group("safety")
+    safety.add_argument("--allow-pickle", action="store_true", help="load pickle (.bin) weights when a parent has "
+                        "no safetensors; unpickling can run code, so only for authors you trust")  # fmt: skip
+    safety.add_argument("--trust-remote-code", action="store_true", help="allow parents whose model class is code "
+                        "in their repository (it runs on your machine)")  # fmt: skip
+    hub = fuse.add_argument_group("Hub")
+    hub.add_argument("--push-to-hub", metavar="REPO", help="after a successful fusion, upload --out to this "
+                     "model repository in one commit")  # fmt: skip
+    _add_push_options(hub, prefix="")
 
-    values = json.loads(args.config.read_text()) if args.config else {}
+
+def _add_push_options(group, prefix: str) -> None:
+    group.add_argument(f"--{prefix}private", action="store_true", help="create the repository as private")
+    group.add_argument(f"--{prefix}revision", metavar="BRANCH", help="push to this branch (created if missing)")
+    group.add_argument(f"--{prefix}create-pr", action="store_true", help="open a pull request instead of "
+                       "committing to the branch")  # fmt: skip
+
+
+def run_fuse(args: argparse.Namespace, argv: list[str]) -> int:
+    import shlex
+
+    from .config import FusionConfig
+    from .pipeline import FuseJob, load_config_file, silence_progress_bars
+
+    values = load_config_file(args.config) if args.config else {}
     for field in dataclasses.fields(FusionConfig):
         flag_value = getattr(args, field.name)
         if flag_value is not None:
             values[field.name] = flag_value
     config = FusionConfig.from_dict(values)
+    if args.quiet:
+        silence_progress_bars()
+    job = FuseJob(
+        parents=args.parents, out=args.out, config=config, data=args.data, split=args.split, seed=args.data_seed,
+        text_column=args.text_column, image_column=args.image_column, label_column=args.label_column,
+        max_length=args.max_length, eval_data=args.eval_data, eval_split=args.eval_split,
+        eval_num_samples=args.eval_num_samples, device=args.device, dtype=args.dtype,
+        max_shard_size=args.max_shard_size, overwrite=args.overwrite, allow_pickle=args.allow_pickle,
+        trust_remote_code=args.trust_remote_code, repo_id=args.push_to_hub,
+        command=shlex.join(["otfusion-hub", *argv]), progress=not args.quiet,
+    )  # fmt: skip
+    plan = job.plan()
+    if args.dry_run:
+        print(plan.describe(config, args.out, args.push_to_hub))
+        print("Dry run: pre-flight passed; no weights were downloaded and nothing was written.")
+        return 0
+    result = job.run(plan)
+    from .distributed import is_main_process, process_state
 
-    out: Path = args.out
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:
-        raise SystemExit(f"error: --out {out} exists and is not empty; choose another path or pass --overwrite.")
+    if not is_main_process(process_state(None)):
+        return 0  # under torchrun / accelerate launch, only the main process writes the output (and pushes)
+    if not args.quiet:
+        print(result.summary())
+    if args.eval_data:
+        from .card import results_text
+        from .provenance import Provenance
+
+        print(results_text(Provenance.load(args.out)))
+    print(f"Fused model written to {args.out}")
+    if args.push_to_hub:
+        message = f"Fuse {', '.join(args.parents)} with hf_otfusion"
+        return _push(args.out, args.push_to_hub, args, commit_message=message)
+    return 0
+
+
+def run_push(args: argparse.Namespace) -> int:
+    if args.quiet:
+        from .pipeline import silence_progress_bars
+
+        silence_progress_bars()
+    return _push(args.folder, args.repo_id, args, commit_message=args.commit_message)
+
+
+def _push(folder: Path, repo_id: str, args: argparse.Namespace, commit_message: str | None = None) -> int:
+    """Uploads `folder`; prints the commit SHA and URL, or the error and the command that retries it."""
+    from .errors import PushError
+    from .hub import push_folder
+
+    try:
+        pushed = push_folder(
+            folder, repo_id, private=args.private, revision=args.revision, create_pr=args.create_pr,
+            commit_message=commit_message,
+        )  # fmt: skip
+    except PushError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 3
+    print(f"Pushed {folder} to {pushed.repo_url} (revision {pushed.revision})")
+    print(f"commit: {pushed.commit_sha}")
+    print(f"url: {pushed.pr_url or pushed.commit_url}")
+    return 0
+
+
+def run_inspect(args: argparse.Namespace) -> int:
+    from .config import FusionConfig
+    from .readiness import readiness_report
+
     data = None
     if args.data is not None:
         from datasets import load_from_disk
 
         data = load_from_disk(str(args.data))
-
-    from .fusion import fuse_with_diagnostics
-
-    result = fuse_with_diagnostics(args.parents, data=data, config=config, progress=not args.quiet)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        result.model.save_pretrained(staging)
-        (staging / "fusion_config.json").write_text(config.to_json() + "\n")
-        (staging / "fusion_diagnostics.json").write_text(
-            json.dumps([d.to_dict() for d in result.diagnostics], indent=1) + "\n"
-        )
-        if out.exists():
-            shutil.rmtree(out)
-        staging.rename(out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    if not args.quiet:
-        print(result.summary())
-    print(f"Fused model written to {out}")
+    cost = args.cost or ("activations" if data is not None else "weights")
+    config = FusionConfig(
+        cost=cost, solver=args.solver, anchor=args.anchor, batch_size=args.batch_size, num_samples=args.num_samples
+    )
+    report = readiness_report(args.parents, data=data, config=config, progress=not args.quiet)
+    if args.json is not None:
+        args.json.write_text(json.dumps(report.to_dict(), indent=1) + "\n")
+    print(report.to_markdown())
     return 0
 
 
+FINETUNE_EXAMPLES = """examples:
+  # 200 steps on the train split of a saved DatasetDict, scored on its test split before and after
+  otfusion-hub finetune ./fused --data ./fmnist --split train --eval-split test --out fused-ft --max-steps 200
+
+  # the same on 2 CPU processes (gloo) or GPUs: the Trainer handles the distribution
+  torchrun --nproc_per_node 2 -m hf_otfusion.cli finetune ./fused --data ./fmnist --eval-split test --out fused-ft
+
+  # text classification from a Hub data set, then upload the finetuned model
+  otfusion-hub finetune user/bert-fused --data user/news --text-column text --label-column label \\
+      --eval-split test --out bert-ft --learning-rate 1e-4 --push-to-hub user/bert-fused-ft
+"""
+
+
+def _add_data_options(group, default_split: str | None) -> None:
+    """Where the rows come from and how raw rows become model inputs (shared by `finetune` and `eval`)."""
+    group.add_argument("--data", required=True, help="a Hub dataset id[@revision], a save_to_disk directory, a "
+                       "data directory (imagefolder, csv, ...) or data files")  # fmt: skip
+    shown = default_split or "the only split, or train"
+    group.add_argument("--split", default=default_split, help=f"split of --data (default: {shown})")
+    group.add_argument("--num-samples", type=int, help="use this many rows of the split (seeded by --data-seed)")
+    group.add_argument("--data-seed", type=int, default=0, help="seed of the row sample drawn with --num-samples")
+    group.add_argument("--text-column", help="column holding the text (default: detected)")
+    group.add_argument("--image-column", help="column holding the images (default: detected)")
+    group.add_argument("--label-column", help="column holding the labels (default: label/labels)")
+    group.add_argument("--max-length", type=int, default=128, help="tokenizer truncation/padding length")
+
+
+def _add_finetune_parser(commands) -> None:
+    from .finetune import FinetuneConfig
+
+    finetune = commands.add_parser(
+        "finetune",
+        help="finetune a (fused) classifier with the transformers Trainer and extend its model card",
+        description="Train MODEL (a sequence or image classifier: local directory or Hub id[@revision]) on --data "
+        "with the transformers Trainer, save it to --out with its processor and provenance, and append the run "
+        "(data, steps, results) to its model card. Runs unchanged under torchrun / accelerate launch.",
+        epilog=FINETUNE_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    finetune.add_argument("model", help="a checkpoint directory or Hub model id[@revision]")
+    finetune.add_argument("--out", type=Path, required=True, help="output directory (refused if it exists and is "
+                          "not empty, unless --overwrite)")  # fmt: skip
+    finetune.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out")
+    finetune.add_argument("--config", type=Path, help="a YAML or JSON file of FinetuneConfig fields; flags override it")
+    finetune.add_argument("-q", "--quiet", action="store_true", help="no progress bars or loss logs")
+    data = finetune.add_argument_group("training and evaluation data")
+    _add_data_options(data, default_split=None)
+    data.add_argument("--eval-data", help="evaluation data source (default: --data, when --eval-split is given)")
+    data.add_argument("--eval-split", help="split scored before and after training (default with --eval-data: test)")
+    data.add_argument("--eval-num-samples", type=int, help="score on this many rows (seeded by --data-seed)")
+    recipe = finetune.add_argument_group("training recipe (FinetuneConfig fields)")
+    defaults = FinetuneConfig()
+    for field in dataclasses.fields(FinetuneConfig):
+        flag = "--" + field.name.replace("_", "-")
+        default = getattr(defaults, field.name)
+        help_text = f"FinetuneConfig.{field.name} (default: {default})"
+        if isinstance(default, bool):
+            recipe.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        else:
+            recipe.add_argument(flag, type=type(default), default=None, help=help_text)
+    hub = finetune.add_argument_group("Hub")
+    hub.add_argument("--push-to-hub", metavar="REPO", help="after training, upload --out to this model repository "
+                     "in one commit")  # fmt: skip
+    _add_push_options(hub, prefix="")
+
+
+def _add_eval_parser(commands) -> None:
+    from .metrics import available_metrics
+
+    evaluate = commands.add_parser(
+        "eval",
+        help="print the accuracy and loss of one or more classifiers on one split",
+        description="Score each MODEL (local directory or Hub id[@revision]) on the same rows: accuracy, mean "
+        "cross-entropy loss and any extra --metrics, computed offline with the evaluate modules shipped in "
+        "hf_otfusion.",
+    )
+    evaluate.add_argument("models", nargs="+", help="checkpoint directories or Hub model ids[@revision]")
+    _add_data_options(evaluate.add_argument_group("data"), default_split="test")
+    evaluate.add_argument("--batch-size", type=int, default=64)
+    extra = [m for m in available_metrics() if m != "accuracy"]
+    evaluate.add_argument("--metrics", nargs="+", default=[], choices=extra, help="extra metrics (f1: macro-averaged)")
+    evaluate.add_argument("--markdown", action="store_true", help="print a markdown table")
+    evaluate.add_argument("--json", type=Path, help="also write the table as JSON to this file")
+    evaluate.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+
+
+def _load_classifier(source: str, progress: bool):
+    """A checkpoint resolved (Hub ids pinned to a commit), downloaded with its processor, card and provenance."""
+    from .data import load_processor
+    from .hub import download_parents, load_parent_model, resolve_parent
+
+    parent = resolve_parent(source)
+    download_parents([parent], 0, progress=progress)
+    if parent.on_hub:
+        from huggingface_hub import hf_hub_download
+        from huggingface_hub.errors import EntryNotFoundError
+
+        from .finetune import PROVENANCE_FILES
+
+        for name in ("README.md", *PROVENANCE_FILES):  # the card and provenance that finetuning carries over
+            try:
+                hf_hub_download(parent.repo_id, name, revision=parent.commit)
+            except EntryNotFoundError:
+                continue
+    processor = load_processor(parent.directory) if parent.processor_files else None
+    return parent, load_parent_model(parent), processor
+
+
+def _encoded_split(args, source: str, split: str | None, num_samples: int | None, model, processor):
+    """Rows of one split as model inputs and labels, and the `DataSource` that says where they came from."""
+    from .data import DataSource, encode_dataset
+
+    data_source = DataSource.resolve(source, split, num_samples, args.data_seed)
+    dataset = encode_dataset(
+        data_source.load(), processor, text_column=args.text_column, image_column=args.image_column,
+        label_column=args.label_column, max_length=args.max_length, label2id=getattr(model.config, "label2id", None),
+    )  # fmt: skip
+    return dataset, data_source
+
+
+def _describe(source) -> str:
+    pinned = f"{source.repo_id}@{source.commit}" if source.kind == "hub" else source.source
+    return f"{pinned} (split {source.split})"
+
+
+def run_finetune(args: argparse.Namespace) -> int:
+    from .distributed import is_main_process, process_state
+    from .finetune import FinetuneConfig, check_output_dir, finetune
+    from .pipeline import load_config_file, silence_progress_bars
+
+    values = load_config_file(args.config) if args.config else {}
+    for field in dataclasses.fields(FinetuneConfig):
+        if getattr(args, field.name) is not None:
+            values[field.name] = getattr(args, field.name)
+    config = FinetuneConfig.from_dict(values)
+    check_output_dir(args.out, args.overwrite)  # before any download or training
+    if args.quiet:
+        silence_progress_bars()
+    parent, model, processor = _load_classifier(args.model, progress=not args.quiet)
+    train, train_source = _encoded_split(args, args.data, args.split, args.num_samples, model, processor)
+    evaluation, eval_source = None, None
+    if args.eval_data or args.eval_split:
+        evaluation, eval_source = _encoded_split(
+            args, args.eval_data or args.data, args.eval_split or "test", args.eval_num_samples, model, processor
+        )
+    result = finetune(
+        model, train, evaluation, config, output_dir=args.out, processor=processor, source=parent.pinned,
+        source_dir=parent.directory, data_name=_describe(train_source),
+        eval_name=_describe(eval_source) if eval_source else None, overwrite=args.overwrite,
+        hub_datasets=[s.hub_id for s in (train_source, eval_source) if s is not None and s.hub_id],
+        progress=not args.quiet,
+    )  # fmt: skip
+    if not is_main_process(process_state(None)):
+        return 0  # under torchrun / accelerate launch, only the main process wrote the output (and pushes)
+    if result.metrics_after is not None:
+        before, after = result.metrics_before or {}, result.metrics_after
+        print(
+            f"accuracy {before.get('accuracy', float('nan')):.4f} -> {after['accuracy']:.4f}, "
+            f"loss {before.get('loss', float('nan')):.4f} -> {after['loss']:.4f} after {result.steps} steps"
+        )
+    print(f"Finetuned model written to {args.out}")
+    if args.push_to_hub:
+        return _push(args.out, args.push_to_hub, args, commit_message=f"Finetune {args.model} with hf_otfusion")
+    return 0
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from .evaluation import EvaluationTable, ModelScore, evaluate_model
+
+    if args.quiet:
+        from .pipeline import silence_progress_bars
+
+        silence_progress_bars()
+    rows, encodings, split = [], [], args.split
+    for source in args.models:
+        parent, model, processor = _load_classifier(source, progress=not args.quiet)
+        # rows are encoded once per distinct processor and label mapping, so parents and fused models share them
+        key = (_processor_key(processor), sorted((getattr(model.config, "label2id", None) or {}).items()))
+        dataset = next((d for k, d in encodings if k == key), None)
+        if dataset is None:
+            dataset, data_source = _encoded_split(args, args.data, args.split, args.num_samples, model, processor)
+            encodings.append((key, dataset))
+            split = data_source.split
+        scores = evaluate_model(
+            model, dataset, processor=processor, batch_size=args.batch_size, metrics=args.metrics,
+            progress=not args.quiet, desc=parent.name,
+        )  # fmt: skip
+        rows.append(ModelScore.from_scores(source, scores))
+    table = EvaluationTable(rows=rows, split=str(split))
+    print(table.to_markdown() if args.markdown else table)
+    if args.json is not None:
+        args.json.write_text(table.to_json() + "\n")
+    return 0
+
+
+def _processor_key(processor) -> str:
+    """What makes two processors encode the same rows identically: the image settings, or the vocabulary."""
+    if processor is None:
+        return "none"
+    if hasattr(processor, "get_vocab"):
+        return type(processor).__name__ + json.dumps(sorted(processor.get_vocab().items()))
+    return type(processor).__name__ + processor.to_json_string()
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     if args.command == "serve-hub":
         from .hub_server import serve
@@ -128,7 +476,11 @@ def main(argv: list[str] | None = None) -> int:
     from .errors import FusionError
 
     try:
-        return run_fuse(args)
+        if args.command == "push":
+            return run_push(args)
+        if args.command in ("finetune", "eval"):
+            return run_finetune(args) if args.command == "finetune" else run_eval(args)
+        return run_inspect(args) if args.command == "inspect" else run_fuse(args, argv)
     except FusionError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -68,9 +68,9 @@ def check_compatible(models: list[PreTrainedModel], plans: list[FusionPlan], anc
                     )
 
 
-def check_finite(models: list[PreTrainedModel]) -> None:
-    """Raises `NonFiniteWeightsError` naming the first parameter with NaN or inf."""
-    for k, model in enumerate(models):
+def check_finite(models: list[PreTrainedModel], indices: list[int] | None = None) -> None:
+    """Raises `NonFiniteWeightsError` naming the first parameter with NaN or inf (parents numbered by `indices`)."""
+    for k, model in zip(range(len(models)) if indices is None else indices, models, strict=True):
         for name, param in model.named_parameters():
             if not torch.isfinite(param).all():
                 raise NonFiniteWeightsError(
@@ -81,3 +81,16 @@ def check_finite(models: list[PreTrainedModel]) -> None:
 
 def _labels(config) -> dict[int, str]:
     return {int(key): str(value) for key, value in (config.id2label or {}).items()}
+
+
+def check_same_widths(plans: list[FusionPlan], anchor: int, method: str) -> None:
+    """Raises `IncompatibleModelsError` when a method that averages tensors as they are meets other widths."""
+    for k, plan in enumerate(plans):
+        for name, space in plans[anchor].spaces.items():
+            if plan.spaces[name].size != space.size:
+                raise IncompatibleModelsError(
+                    f"Parent {k} has {plan.spaces[name].size} units in space {name!r} but the anchor (parent "
+                    f"{anchor}) has {space.size}: method={method!r} averages tensors as they are, which needs "
+                    "parents of one shape. Use method='ot', which aligns parents of different widths onto the "
+                    "anchor's shape (or onto FusionConfig.target)."
+                )

@@ -10,7 +10,8 @@ from typing import Any
 from .errors import FusionError
 
 _CHOICES: dict[str, tuple[str, ...]] = {
-    "method": ("ot", "vanilla"),
+    "method": ("ot", "vanilla", "interpolate", "task-arithmetic", "regmean"),
+    "align": ("none", "ot"),
     "cost": ("activations", "weights"),
     "solver": ("exact", "sinkhorn"),
     "reg_mode": ("relative", "absolute"),
@@ -18,7 +19,17 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "heads": ("aware", "cross"),
     "activation_cost": ("euclidean", "correlation"),
     "tokens": ("all", "first"),
+    "marginals": ("uniform", "importance"),
 }
+
+
+def strict_from_dict(cls, values: dict[str, Any]):
+    """`cls(**values)` for a config dataclass, rejecting unknown keys so that typos do not pass silently."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise FusionError(f"Unknown {cls.__name__} key(s) {unknown}; valid keys are {sorted(known)}.")
+    return cls(**values)
 
 
 @dataclass
@@ -27,6 +38,15 @@ class FusionConfig:
 
     Args:
         method: `ot` aligns every parent onto the anchor before averaging; `vanilla` averages as they are.
+            For fine-tunes of one base (see `hf_otfusion.merging`): `interpolate` (the weighted average),
+            `task-arithmetic` (base + scale * sum of task vectors) or `regmean` (closed-form least-squares
+            merge of every linear layer from the Gram matrices of its inputs on the alignment data).
+        align: `ot` aligns the parents with OT (the options below) before a same-base method; `none` merges
+            them as they are. `method="ot"` always aligns.
+        base: the parents' shared ancestor for `task-arithmetic`: a local checkpoint or Hub id (`REPO[@rev]`).
+        scale: λ of task arithmetic, θ = θ_base + λ Σ_k w_k (θ_k − θ_base), w_k = `weights` or 1.
+        regmean_alpha: RegMean's scaling of the Gram matrices' off-diagonal entries, in [0, 1] (1 = plain
+            least squares; smaller is more regularised, 0 = per-input weighted averaging).
         cost: `activations` compares units by their outputs on alignment data; `weights` is data-free and
             compares unit weight vectors after their inputs were aligned.
         solver: `exact` gives hard permutations (POT `emd`, or a linear assignment for equal widths);
@@ -44,7 +64,19 @@ class FusionConfig:
             `correlation` (1 - Pearson correlation).
         tokens: which token positions feed activation statistics: `all` non-padding tokens or only the
             `first` (CLS) token.
+        tokens_per_sample: with `tokens="all"`, keep at most this many evenly spaced non-padding tokens of
+            each sample (its first token always among them); `None` keeps them all. The co-moment products
+            of the activation pass scale with the token count while the forward passes do not, so this
+            trades a little estimation noise for a much cheaper pass on long sequences.
         anchor: index of the parent whose basis and config the fused model takes.
+        target: fuse into a narrower shape than the anchor's (compression): config sizes such as
+            `{"hidden_size": 48, "intermediate_size": 96, "num_attention_heads": 4}`, or the same as a string
+            `"hidden_size=48,intermediate_size=96,num_attention_heads=4"` (the CLI's `--target`). The fused
+            model is the anchor's class with these config values; see `hf_otfusion.target`. `None` keeps the
+            anchor's shape.
+        marginals: mass of each unit in the OT problems between spaces of different widths: `uniform`, or
+            `importance` (mean squared activation, or squared weight norm without data), so that heavy units
+            keep their own partners and light ones are merged first.
         weights: one averaging weight per parent (normalised to sum to 1); `None` means uniform.
         batch_size: batch size of the activation pass.
         num_samples: cap on the number of alignment samples used (`None` = all).
@@ -52,6 +84,10 @@ class FusionConfig:
     """
 
     method: str = "ot"
+    align: str = "none"
+    base: str | None = None
+    scale: float = 1.0
+    regmean_alpha: float = 0.9
     cost: str = "activations"
     solver: str = "exact"
     reg: float = 0.1
@@ -60,7 +96,10 @@ class FusionConfig:
     heads: str = "aware"
     activation_cost: str = "euclidean"
     tokens: str = "all"
+    tokens_per_sample: int | None = None
     anchor: int = 0
+    target: dict[str, int] | None = None
+    marginals: str = "uniform"
     weights: list[float] | None = None
     batch_size: int = 8
     num_samples: int | None = None
@@ -74,14 +113,32 @@ class FusionConfig:
                 raise FusionError(f"FusionConfig.{name}={value!r} is not one of {list(allowed)}.")
         if not self.reg > 0:
             raise FusionError(f"FusionConfig.reg must be > 0, got {self.reg}.")
+        if not 0.0 <= self.regmean_alpha <= 1.0:
+            raise FusionError(f"FusionConfig.regmean_alpha must lie in [0, 1], got {self.regmean_alpha}.")
+        if self.base and self.method != "task-arithmetic":
+            raise FusionError(f"base={self.base!r} is only used by method='task-arithmetic', not {self.method!r}.")
+        if self.align == "ot" and self.method == "vanilla":
+            raise FusionError("align='ot' contradicts method='vanilla' (no alignment); use method='ot' instead.")
         if self.batch_size < 1:
             raise FusionError(f"FusionConfig.batch_size must be >= 1, got {self.batch_size}.")
         if self.num_samples is not None and self.num_samples < 1:
             raise FusionError(f"FusionConfig.num_samples must be >= 1 or None, got {self.num_samples}.")
+        if self.tokens_per_sample is not None and self.tokens_per_sample < 1:
+            raise FusionError(f"FusionConfig.tokens_per_sample must be >= 1 or None, got {self.tokens_per_sample}.")
+        if self.target is not None:
+            self.target = _parse_target(self.target)
+            if self.method != "ot":
+                raise FusionError(f"target={self.target} needs method='ot' (widths change); got {self.method!r}.")
         if self.weights is not None:
             self.weights = [float(w) for w in self.weights]
             if any(w < 0 for w in self.weights) or sum(self.weights) <= 0:
                 raise FusionError(f"FusionConfig.weights must be non-negative with a positive sum: {self.weights}.")
+
+    @property
+    def needs_data(self) -> bool:
+        """Whether this fusion reads alignment data (activation costs, or RegMean's input Gram matrices)."""
+        aligns = self.method == "ot" or self.align == "ot"
+        return (aligns and self.cost == "activations") or self.method == "regmean"
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict of every field (JSON/YAML-safe), the form written next to the checkpoint."""
@@ -90,11 +147,7 @@ class FusionConfig:
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> FusionConfig:
         """Builds a config from a dict, rejecting unknown keys so that typos do not pass silently."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise FusionError(f"Unknown FusionConfig key(s) {unknown}; valid keys are {sorted(known)}.")
-        return cls(**values)
+        return strict_from_dict(cls, values)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
@@ -110,3 +163,26 @@ class FusionConfig:
             )
         total = sum(self.weights)
         return [w / total for w in self.weights]
+
+
+def _parse_target(value: dict[str, int] | str) -> dict[str, int]:
+    """`{"hidden_size": 48, ...}` from a dict or from `"hidden_size=48,..."`, with positive integer sizes."""
+    if isinstance(value, str):
+        entries = [entry.strip() for entry in value.split(",") if entry.strip()]
+        if not all(entry.count("=") == 1 for entry in entries):
+            raise FusionError(
+                f"FusionConfig.target={value!r} must look like 'hidden_size=48,intermediate_size=96,"
+                "num_attention_heads=4' (comma-separated KEY=INT config sizes)."
+            )
+        value = dict(entry.split("=") for entry in entries)
+    if not isinstance(value, dict) or not value:
+        raise FusionError(f"FusionConfig.target must be a non-empty mapping of config sizes, got {value!r}.")
+    target = {}
+    for key, size in value.items():
+        try:
+            target[str(key).strip()] = int(str(size).strip())
+        except ValueError:
+            raise FusionError(f"FusionConfig.target[{key!r}]={size!r} is not an integer size.") from None
+        if target[str(key).strip()] < 1:
+            raise FusionError(f"FusionConfig.target[{key!r}] must be >= 1, got {size!r}.")
+    return target

@@ -42,9 +42,53 @@ class LabelSetMismatchError(IncompatibleModelsError):
     """Parents predict different label sets, so their class logits cannot be averaged."""
 
 
+class TargetShapeError(FusionError):
+    """A `target` shape is not a compression of the anchor: unknown config key, a wider space, bad head split."""
+
+
 class NonFiniteWeightsError(FusionError):
     """A parent has NaN or infinite weights."""
 
 
 class EmptyAlignmentDataError(FusionError):
     """Activation-based alignment was asked for, but the data yielded no usable token."""
+
+
+class DataSourceError(FusionError):
+    """Alignment or evaluation data cannot be found, read, or turned into model inputs."""
+
+
+class ParentNotFoundError(FusionError):
+    """A parent is neither an existing local checkpoint directory nor a repository on the Hub."""
+
+
+class UnknownRevisionError(FusionError):
+    """A parent's or data set's `@revision` names no branch, tag or commit of its repository."""
+
+
+class CorruptCheckpointError(FusionError):
+    """A weight file is unreadable, truncated, or does not hold the tensors its config describes."""
+
+
+class UnsafeCheckpointError(FusionError):
+    """Loading a checkpoint would run code: pickle weights or remote code, refused unless explicitly allowed."""
+
+
+class OutputExistsError(FusionError):
+    """The output directory exists and is not empty."""
+
+
+class PushError(FusionError):
+    """Uploading a finished output directory to the Hub failed; the local output is kept."""
+
+
+class TrainingDataError(FusionError):
+    """Finetuning or evaluation data does not fit the model: missing input columns or labels, unknown labels."""
+
+
+class UnsupportedTaskError(FusionError):
+    """The model has no head that hf_otfusion can finetune or evaluate (sequence or image classification)."""
+
+
+class DeviceUnavailableError(FusionError):
+    """The requested device (a CUDA GPU) is not available to torch in this process."""

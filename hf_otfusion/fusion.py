@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import copy
+import gc
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -13,18 +14,24 @@ import transformers
 from transformers import AutoConfig, PreTrainedModel
 
 from .align import align_tensor
-from .compatibility import check_compatible, check_finite, check_same_model_type
+from .compatibility import check_compatible, check_finite, check_same_model_type, check_same_widths
 from .config import FusionConfig
+from .distributed import broadcast_from_main, is_main_process, models_on, process_state, resolve_device
 from .errors import EmptyAlignmentDataError, FusionError, UnsupportedArchitectureError
 from .maps import SpaceDiagnostics, compute_maps, per_hook_spaces
+from .merging import SAME_BASE_METHODS, base_in_anchor_class, merge_parameters, parent_grams
 from .plan import FusionPlan, resolve_plan
 from .spec import AlignmentSpec, load_spec
 from .statistics import collect_statistics, statistics_keys
+from .target import target_basis
 from .transport import TransportMap
 
 logger = logging.getLogger(__name__)
 
 ModelOrPath = PreTrainedModel | str | Path
+
+# the most elements `_build_fused_model` mixes at once (32 MB in float64; a BERT word embedding is 190 MB)
+PIECE_ELEMENTS = 1 << 22
 
 
 @dataclass
@@ -35,9 +42,11 @@ class FusionResult:
         model: the fused model, an instance of the anchor's class with the anchor's config.
         config: the `FusionConfig` used.
         maps: `maps[k][space]`, the transport map of each space of parent k onto the anchor (empty for the
-            anchor and for `vanilla`).
+            anchor and for unaligned methods); with `task-arithmetic` and `align="ot"`, key `len(parents)`
+            holds the base model's maps.
         diagnostics: one entry per solved space and parent (cost, entropy, softness, time).
-        timings: wall seconds per stage (`plan`, `statistics`, `maps`, `apply` = align and average).
+        timings: wall seconds per stage (`plan`, `statistics`, `maps`, `gram` for RegMean, `apply` = align
+            and merge).
     """
 
     model: PreTrainedModel
@@ -64,10 +73,12 @@ def fuse(
     config: FusionConfig | None = None,
     *,
     spec: AlignmentSpec | str | Path | None = None,
+    base: ModelOrPath | None = None,
     progress: bool = True,
+    device: str | torch.device | None = None,
 ) -> PreTrainedModel:
     """Fuses two or more parents into one model of the anchor's class; see `fuse_with_diagnostics`."""
-    return fuse_with_diagnostics(models, data, config, spec=spec, progress=progress).model
+    return fuse_with_diagnostics(models, data, config, spec=spec, base=base, progress=progress, device=device).model
 
 
 def fuse_with_diagnostics(
@@ -76,19 +87,36 @@ def fuse_with_diagnostics(
     config: FusionConfig | None = None,
     *,
     spec: AlignmentSpec | str | Path | None = None,
+    base: ModelOrPath | None = None,
     progress: bool = True,
+    device: str | torch.device | None = None,
 ) -> FusionResult:
     """Aligns every parent onto the anchor with optimal transport, then averages in the anchor's basis.
 
+    With a same-base `config.method` (`interpolate`, `task-arithmetic`, `regmean`), the parents are merged by
+    that method instead, after OT alignment only when `config.align="ot"` (see `hf_otfusion.merging`).
+
     Args:
-        models: parents, as loaded models or local/Hub checkpoints (loaded with safetensors only).
+        models: parents, as loaded models or local/Hub checkpoints (loaded with safetensors only). For OT
+            and vanilla fusion, checkpoints are loaded one at a time and the fused model is the loaded anchor
+            overwritten, so two checkpoints fuse in the memory of two models (see `_align_and_average`).
         data: alignment data for `cost="activations"`: a `datasets.Dataset` with the model's input
             columns (`input_ids`, `attention_mask`, `pixel_values`, ...), a DataLoader or an iterable of
-            batch dicts. Not needed for `cost="weights"` or `method="vanilla"`.
+            batch dicts. Not needed for `cost="weights"` or unaligned methods, except `regmean`, which
+            measures each linear layer's inputs on it.
         config: the fusion choices; defaults to `FusionConfig()`.
         spec: an alignment spec (object, shipped `model_type` name or YAML path); defaults to the spec of the
             parents' `model_type`.
+        base: the parents' shared ancestor for `task-arithmetic`, as a model or checkpoint; defaults to
+            `config.base`.
         progress: show progress bars.
+        device: where the statistics forward passes (and Sinkhorn solves) run: `"cuda"`, `"cpu"`, `"auto"`
+            (CUDA when available); `None` leaves the models where they are. Models are moved there for the
+            pass and get their original tensors back afterwards.
+
+    Launched on several processes (`torchrun --nproc_per_node N`, `accelerate launch`), every process runs
+    this same call: each takes its share of the alignment batches, the statistics are summed over processes,
+    the maps are solved on the main process and broadcast, and every process returns the same fused model.
 
     Returns:
         A `FusionResult` whose `model` is a normal `PreTrainedModel` (save it with `save_pretrained`).
@@ -98,9 +126,17 @@ def fuse_with_diagnostics(
             weights or missing alignment data; each message says what to do.
     """
     config = config or FusionConfig()
+    device = resolve_device(device)
+    process = process_state(device)  # None unless this is one of several launched processes
+    if process is not None and device is not None and device.type == "cuda":
+        device = process.device  # this process's own GPU
     timings: dict[str, float] = {}
     started = time.perf_counter()
-    parents = [load_parent(model) for model in models]
+    # OT and vanilla averaging load checkpoints one at a time (`_align_and_average`): check and plan them on
+    # weightless skeletons first. The same-base methods need every parent at once and load them all here.
+    streamed = config.method not in SAME_BASE_METHODS
+    from_checkpoint = [streamed and not isinstance(model, PreTrainedModel) for model in models]
+    parents = [_skeleton(m) if lazy else load_parent(m) for m, lazy in zip(models, from_checkpoint, strict=True)]
     if len(parents) < 2:
         raise FusionError(f"Fusion needs at least 2 parents, got {len(parents)}.")
     if not 0 <= config.anchor < len(parents):
@@ -111,49 +147,223 @@ def fuse_with_diagnostics(
         spec = load_spec(spec)
     plans = [resolve_plan(parent, spec) for parent in parents]
     check_compatible(parents, plans, config.anchor)
-    check_finite(parents)
-    needs_data = config.method == "ot" and config.cost == "activations"
-    if needs_data and data is None:
+    if config.method != "ot" and config.align != "ot":  # aligned same-base methods take any widths, as OT does
+        check_same_widths(plans, config.anchor, config.method)
+    in_memory = [k for k, lazy in enumerate(from_checkpoint) if not lazy]
+    check_finite([parents[k] for k in in_memory], in_memory)
+    aligns = config.method == "ot" or config.align == "ot"
+    needs_data = aligns and config.cost == "activations"
+    if (needs_data or config.method == "regmean") and data is None:
         raise EmptyAlignmentDataError(
-            "cost='activations' needs alignment data: pass data=<datasets.Dataset or DataLoader of model "
-            "inputs>, or use FusionConfig(cost='weights') for data-free alignment."
+            f"{'method=regmean' if config.method == 'regmean' else 'cost=activations'} needs alignment data: pass "
+            "data=<datasets.Dataset or DataLoader of model inputs>, or use FusionConfig(cost='weights') for "
+            "data-free alignment (method='interpolate' for a data-free same-base merge)."
         )
+    if streamed:
+        timings["plan"] = time.perf_counter() - started
+        if config.target is not None:
+            return _fuse_into_target(
+                models, parents, from_checkpoint, plans, data, config, weights, timings, progress, device, process, spec
+            )
+        return _align_and_average(
+            models, parents, from_checkpoint, plans, data, config, weights, timings, progress, device, process
+        )
+    base_model = None
+    if config.method == "task-arithmetic":  # the ancestor joins the alignment as one more model, never averaged
+        if base is None and config.base is None:
+            raise FusionError("method='task-arithmetic' needs the parents' shared ancestor: set FusionConfig.base.")
+        base_model = base_in_anchor_class(load_parent(base or config.base), parents[config.anchor])
+    models = [*parents, base_model.model] if base_model and aligns else parents
+    plans += [resolve_plan(model, spec) for model in models[len(parents) :]]
     timings["plan"] = time.perf_counter() - started
 
     anchor = config.anchor
-    params = [{name: p.detach() for name, p in parent.named_parameters()} for parent in parents]
+    params = [{name: p.detach() for name, p in model.named_parameters()} for model in models]
     result = FusionResult(model=parents[anchor], config=config, timings=timings)
-    if config.method == "ot":
-        stats = None
-        if needs_data:
-            started = time.perf_counter()
-            keys = statistics_keys(plans[anchor], per_hook_spaces(plans[anchor], config))
-            stats = collect_statistics(
-                parents, plans, data, anchor=anchor, keys=keys, tokens=config.tokens, batch_size=config.batch_size,
-                num_samples=config.num_samples, progress=progress,
-            )  # fmt: skip
-            timings["statistics"] = time.perf_counter() - started
+    if aligns:
+        result.maps, result.diagnostics = _maps_onto_anchor(
+            dict(enumerate(models)), plans, anchor, data, config, timings, progress, device, process
+        )
+
+    if config.method == "regmean":
         started = time.perf_counter()
-        for k in range(len(parents)):
-            if k != anchor:
-                result.maps[k], diagnostics = compute_maps(
-                    k, plans[k], plans[anchor], params[k], params[anchor], stats[k] if stats else None, config, progress
-                )
-                result.diagnostics.extend(diagnostics)
-        del stats  # the Gram matrices are not needed once the maps exist; free them before building the model
-        timings["maps"] = time.perf_counter() - started
+        grams = parent_grams(
+            parents, params, plans, result.maps, data, config, progress, device=device, process=process
+        )
+        timings["gram"] = time.perf_counter() - started
 
     started = time.perf_counter()
-    result.model = _build_fused_model(parents[anchor], params, plans, result.maps, weights)
+    result.model = merge_parameters(
+        parents[anchor], params[: len(parents)], plans[: len(parents)], result.maps, config, base=base_model,
+        base_maps=result.maps.get(len(parents)), grams=grams if config.method == "regmean" else None,
+    )  # fmt: skip
     timings["apply"] = time.perf_counter() - started
     return result
+
+
+def _fuse_into_target(
+    sources: list[ModelOrPath],
+    parents: list[PreTrainedModel],
+    from_checkpoint: list[bool],
+    plans: list[FusionPlan],
+    data,
+    config: FusionConfig,
+    weights: list[float],
+    timings: dict[str, float],
+    progress: bool,
+    device: torch.device | None,
+    process,
+    spec: AlignmentSpec | None,
+) -> FusionResult:
+    """Fusion into `config.target`: the anchor compressed into the target shape (`hf_otfusion.target`) becomes
+    the anchor of an ordinary fusion of every parent, the original anchor included, with weight 0 itself."""
+    started = time.perf_counter()
+    basis = target_basis(
+        load_parent(sources[config.anchor]), config.target, data, config, spec=spec, anchor_index=config.anchor,
+        progress=progress, device=device, process=process,
+    )  # fmt: skip
+    timings["target"] = time.perf_counter() - started
+    inner = replace(config, anchor=len(parents))
+    result = _align_and_average(
+        [*sources, basis.model], [*parents, basis.model], [*from_checkpoint, False],
+        [*plans, resolve_plan(basis.model, spec)], data, inner, [*weights, 0.0], timings, progress, device, process,
+    )  # fmt: skip
+    result.config, result.diagnostics = config, basis.diagnostics + result.diagnostics
+    return result
+
+
+def _align_and_average(
+    sources: list[ModelOrPath],
+    parents: list[PreTrainedModel],
+    from_checkpoint: list[bool],
+    plans: list[FusionPlan],
+    data,
+    config: FusionConfig,
+    weights: list[float],
+    timings: dict[str, float],
+    progress: bool,
+    device: torch.device | None,
+    process,
+) -> FusionResult:
+    """OT fusion (or vanilla averaging) that holds the anchor and one other checkpoint at a time.
+
+    Parents given as checkpoints are loaded when needed and freed after use: each one's statistics pass and
+    maps run against the anchor alone, and its aligned tensors are added into the fused parameters, which for
+    a checkpoint anchor are the anchor's own tensors (overwritten one by one once every map is solved). Two
+    checkpoints thus fuse in the memory of two models, and so do N (each non-anchor parent is then loaded
+    twice: for its maps, and for the average). Parents given as models are in memory anyway: they share one
+    statistics pass and one averaging step, and the anchor is copied rather than overwritten.
+    """
+    anchor = config.anchor
+    loaded: dict[int, PreTrainedModel] = {}
+
+    def obtain(k: int) -> PreTrainedModel:
+        if k not in loaded:
+            loaded[k] = load_parent(sources[k]) if from_checkpoint[k] else parents[k]
+            if from_checkpoint[k]:
+                check_finite([loaded[k]], [k])
+        return loaded[k]
+
+    def release(group: list[int]) -> None:
+        if len(groups) > 1:  # a single group stays loaded from its maps to the average
+            for k in group:
+                loaded.pop(k, None)
+            gc.collect()
+
+    others = [k for k in range(len(parents)) if k != anchor]
+    groups = [[k] for k in others] if any(from_checkpoint[k] for k in others) else [others]
+    result = FusionResult(model=obtain(anchor), config=config, timings=timings)
+    if config.method == "ot":
+        for group in groups:
+            members = {k: obtain(k) for k in [anchor, *group]}  # not kept past the call: `release` frees them
+            maps, diagnostics = _maps_onto_anchor(
+                members, plans, anchor, data, config, timings, progress, device, process
+            )
+            del members
+            result.maps.update(maps)
+            result.diagnostics.extend(diagnostics)
+            release(group)
+
+    started = time.perf_counter()
+    anchor_model = obtain(anchor)
+    fused = anchor_model if from_checkpoint[anchor] else copy.deepcopy(anchor_model)
+    for i, group in enumerate(groups):
+        params = {k: _parameters(obtain(k)) for k in ([anchor] if i == 0 else []) + group}
+        _build_fused_model(fused, params, plans, result.maps, weights, accumulate=i > 0)
+        release(group)
+    result.model = fused
+    timings["apply"] = time.perf_counter() - started
+    return result
+
+
+def _maps_onto_anchor(
+    models: dict[int, PreTrainedModel],
+    plans: list[FusionPlan],
+    anchor: int,
+    data,
+    config: FusionConfig,
+    timings: dict[str, float],
+    progress: bool,
+    device: torch.device | None,
+    process,
+) -> tuple[dict[int, dict[str, TransportMap]], list[SpaceDiagnostics]]:
+    """The transport maps of every model in `models` (keyed by parent index, anchor included) onto the anchor.
+
+    With an activation cost, one statistics pass runs them all on the data (on `device`, sharded over the
+    processes of a distributed launch). The maps are solved on the main process only and broadcast.
+    Adds the stage times to `timings`.
+    """
+    order = sorted(models)
+    stats = None
+    if config.cost == "activations":
+        started = time.perf_counter()
+        keys = statistics_keys(plans[anchor], per_hook_spaces(plans[anchor], config))
+        listed = [models[k] for k in order]
+        with models_on(listed, device):
+            stats = collect_statistics(
+                listed, [plans[k] for k in order], data, anchor=order.index(anchor), keys=keys, tokens=config.tokens,
+                tokens_per_sample=config.tokens_per_sample, batch_size=config.batch_size,
+                num_samples=config.num_samples, progress=progress, process=process,
+            )  # fmt: skip
+        stats = {order[i]: per_parent for i, per_parent in stats.items()}
+        timings["statistics"] = timings.get("statistics", 0.0) + time.perf_counter() - started
+    started = time.perf_counter()
+    maps, diagnostics = {}, []
+    if is_main_process(process):  # solved once, then broadcast
+        anchor_params = _parameters(models[anchor])
+        for k in order:
+            if k != anchor:
+                maps[k], found = compute_maps(
+                    k, plans[k], plans[anchor], _parameters(models[k]), anchor_params,
+                    stats.pop(k) if stats else None, config, progress, device=device,
+                )  # fmt: skip
+                diagnostics.extend(found)
+    del stats  # the Gram matrices are not needed once the maps exist; free them before building the model
+    maps, diagnostics = broadcast_from_main((maps, diagnostics), process)
+    timings["maps"] = timings.get("maps", 0.0) + time.perf_counter() - started
+    return maps, diagnostics
 
 
 def load_parent(model: ModelOrPath) -> PreTrainedModel:
     """A parent as a model: loaded models pass through; paths and Hub ids load as their saved class."""
     if isinstance(model, PreTrainedModel):
         return model
+    return _saved_class(model).from_pretrained(str(model), use_safetensors=True)
+
+
+def _skeleton(model: ModelOrPath) -> PreTrainedModel:
+    """A model to check and plan with: a loaded model as is, a checkpoint as its class built on the meta device
+    from its config (module names and shapes, no weights, no memory)."""
+    if isinstance(model, PreTrainedModel):
+        return model
     config = AutoConfig.from_pretrained(str(model))
+    with torch.device("meta"):
+        return _saved_class(model, config)(config)
+
+
+def _saved_class(model: str | Path, config=None) -> type[PreTrainedModel]:
+    """The transformers class a checkpoint was saved from (`architectures` in its config.json)."""
+    config = config or AutoConfig.from_pretrained(str(model))
     architecture = (config.architectures or [None])[0]
     model_class = getattr(transformers, architecture, None) if architecture else None
     if model_class is None:
@@ -161,28 +371,50 @@ def load_parent(model: ModelOrPath) -> PreTrainedModel:
             f"{model} names architecture {architecture!r} in its config.json, which transformers does not "
             "provide; load the model yourself and pass the object."
         )
-    return model_class.from_pretrained(str(model), use_safetensors=True)
+    return model_class
+
+
+def _parameters(model: PreTrainedModel) -> dict[str, torch.Tensor]:
+    return {name: p.detach() for name, p in model.named_parameters()}
 
 
 def _build_fused_model(
-    anchor_model: PreTrainedModel,
-    params: list[dict[str, torch.Tensor]],
+    fused: PreTrainedModel,
+    params: dict[int, dict[str, torch.Tensor]],
     plans: list[FusionPlan],
     maps: dict[int, dict[str, TransportMap]],
     weights: list[float],
-) -> PreTrainedModel:
-    """A copy of the anchor whose every parameter is the weighted mix of the parents' aligned tensors.
+    accumulate: bool = False,
+) -> None:
+    """Writes into `fused`, tensor by tensor, the weighted sum of the aligned tensors of the parents in `params`.
 
-    Parents are aligned one tensor at a time while mixing, so the peak memory is the parents plus the fused
-    copy, not a second aligned copy of every parent.
+    The first call gets the anchor among `params` and overwrites `fused`, which may be the anchor itself (each
+    piece is read before it is written); `accumulate=True` adds more parents to what `fused` already holds.
+    Parents are aligned one piece of one tensor at a time while mixing (`_pieces`), so no aligned copy of a
+    whole parent, nor a float64 copy of a whole large tensor, ever exists.
     """
-    fused = copy.deepcopy(anchor_model)
     with torch.no_grad():
         for name, param in fused.named_parameters():
-            mixed = torch.zeros(param.shape, dtype=torch.float64)
-            for k, weight in enumerate(weights):
-                tensor = params[k][name]
-                aligned = align_tensor(tensor, plans[k].parameters[name], maps[k]) if k in maps else tensor.double()
-                mixed += weight * aligned
-            param.copy_(mixed.to(param.dtype))
-    return fused
+            for piece in _pieces(param.shape, plans[min(params)].parameters[name]):
+                target = param[piece]  # a view: writing it writes the parameter
+                mixed = target.double() if accumulate else torch.zeros(target.shape, dtype=torch.float64)
+                for k in sorted(params):
+                    tensor = params[k][name][piece]
+                    axes = plans[k].parameters[name]
+                    mixed.add_(align_tensor(tensor, axes, maps[k]) if k in maps else tensor.double(), alpha=weights[k])
+                target.copy_(mixed.to(param.dtype))
+
+
+def _pieces(shape: torch.Size, axes: tuple) -> list[tuple[slice, ...]]:
+    """Index tuples covering a tensor in pieces of about `PIECE_ELEMENTS`, cut along an axis no map touches.
+
+    Maps act on aligned axes only, so aligning a slice along an unaligned one (the vocabulary of an embedding)
+    gives that slice of the aligned tensor. Tensors that are small or have no such axis stay whole.
+    """
+    numel = shape.numel()
+    free = [dim for dim, axis in enumerate(axes) if axis is None and shape[dim] > 1]
+    if numel <= PIECE_ELEMENTS or not free:
+        return [()]
+    dim = free[0]
+    step = max(1, PIECE_ELEMENTS * shape[dim] // numel)
+    return [(slice(None),) * dim + (slice(start, start + step),) for start in range(0, shape[dim], step)]

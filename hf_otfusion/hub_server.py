@@ -563,6 +563,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _dispatch(self, method: str) -> None:
         split = urlsplit(self.path)
         self.hub._record(method, split.path)
+        self._request_path = split.path
         self._unread = 0
         try:
             self._unread = int(self.headers.get("Content-Length") or 0)
@@ -605,6 +606,8 @@ class _Handler(BaseHTTPRequestHandler):
             if response.file is None:
                 self.wfile.write(response.body)
                 return
+            # logged before the body goes out, so a client that has read it always finds the entry
+            self.hub._record_download(self._request_path, response.length)
             with open(response.file, "rb") as f:
                 f.seek(response.start)
                 remaining = response.length
@@ -773,7 +776,15 @@ class _Handler(BaseHTTPRequestHandler):
         if not isinstance(name, str) or not isinstance(namespace, str) or not isinstance(repo_type, str):
             raise HubError(400, "create needs string 'name', 'organization' and 'type'")
         private = bool(body.get("private")) or body.get("visibility") == "private"
-        repo = self.store.create_repo(repo_type, namespace, name, private)
+        try:
+            repo = self.store.create_repo(repo_type, namespace, name, private)
+        except HubError as error:
+            if error.status != 409:
+                raise
+            # Like the Hub, a 409 names the existing repo's URL: `create_repo(exist_ok=True)` returns it.
+            prefix = _REPO_TYPES[repo_type][1]
+            url = f"{self._base_url()}/{prefix}{namespace}/{name}"
+            return _json_response({"error": error.message, "url": url}, 409, {"X-Error-Message": error.message})
         return _json_response({"url": f"{self._base_url()}/{repo.url_path}", "name": repo.repo_id})
 
     def _info(self, repo: _Repo, revision: str) -> dict[str, Any]:
@@ -997,7 +1008,9 @@ class HubServer:
             ...
 
     Test hooks: ``fail_next_commits = n`` makes the next ``n`` commit POSTs answer HTTP 500 without applying
-    anything; ``request_log`` lists every ``(method, path)`` received (path as sent, URL-quoted, no query).
+    anything; ``request_log`` lists every ``(method, path)`` received (path as sent, URL-quoted, no query);
+    ``download_log`` lists ``(path, bytes)`` for every file body served (a ``Range`` read sends only its
+    slice), which tells a header read from a download.
     """
 
     def __init__(
@@ -1015,6 +1028,7 @@ class HubServer:
         self.max_commit_bytes = max_commit_bytes
         self.fail_next_commits = 0
         self.request_log: list[tuple[str, str]] = []
+        self.download_log: list[tuple[str, int]] = []
         self._lock = threading.Lock()
         server_cls = _HTTPServer6 if ":" in bind_host else _HTTPServer
         self._httpd = server_cls((bind_host, port), self)
@@ -1075,6 +1089,12 @@ class HubServer:
             self.request_log.append((method, path))
             if len(self.request_log) > REQUEST_LOG_LIMIT:
                 del self.request_log[: len(self.request_log) - REQUEST_LOG_LIMIT]
+
+    def _record_download(self, path: str, size: int) -> None:
+        with self._lock:
+            self.download_log.append((path, size))
+            if len(self.download_log) > REQUEST_LOG_LIMIT:
+                del self.download_log[: len(self.download_log) - REQUEST_LOG_LIMIT]
 
     def _take_commit_failure(self) -> bool:
         with self._lock:

@@ -25,6 +25,7 @@ class Space:
     heads: str | None = None
     num_heads: int | None = None
     stream: bool = False
+    scaled_dot_product: bool = False
 
     @property
     def head_dim(self) -> int:
@@ -166,7 +167,9 @@ def _expand_spaces(spec: AlignmentSpec, config, num_layers: int) -> dict[str, Sp
                 raise SpecError(
                     f"Space {name} ({sizes[(space.name, layer)]} units) does not split into {num_heads} heads."
                 )
-        resolved[name] = Space(name, sizes[(space.name, layer)], heads, num_heads, space.stream)
+        resolved[name] = Space(
+            name, sizes[(space.name, layer)], heads, num_heads, space.stream, space.scaled_dot_product
+        )
     return resolved
 
 

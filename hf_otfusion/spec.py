@@ -20,7 +20,7 @@ LAYER = "{i}"
 BASE = "{base}"
 _INPUT_PREFIX = "in:"
 _TOP_KEYS = {"model_type", "architectures", "layers", "spaces", "parameters", "hooks"}
-_SPACE_KEYS = {"size", "heads", "stream"}
+_SPACE_KEYS = {"size", "heads", "stream", "scaled_dot_product"}
 
 
 @dataclass(frozen=True)
@@ -29,13 +29,16 @@ class SpaceSpec:
 
     `size` names the config key giving the number of units. `heads` names the space of attention heads this
     space is nested in (its units are `heads x d_head`, head-major). `stream` marks a residual stream: many
-    modules write to it, and the residual policy decides how their costs combine.
+    modules write to it, and the residual policy decides how their costs combine. `scaled_dot_product` marks
+    the query/key space: its units are summed in the attention logits Q·Kᵀ/√d_head, so fusing heads of
+    another size must also keep the logits' scale (see `TransportMap.output_scale`).
     """
 
     name: str
     size: str
     heads: str | None = None
     stream: bool = False
+    scaled_dot_product: bool = False
 
 
 @dataclass(frozen=True)
@@ -82,11 +85,21 @@ class AlignmentSpec:
             _reject_unknown(body, _SPACE_KEYS, f"{source}: space {name!r}")
             if "size" not in body:
                 raise SpecError(f"{source}: space {name!r} needs a `size` (a config key).")
-            spaces.append(SpaceSpec(name, body["size"], body.get("heads"), bool(body.get("stream", False))))
+            spaces.append(
+                SpaceSpec(
+                    name,
+                    body["size"],
+                    body.get("heads"),
+                    bool(body.get("stream", False)),
+                    bool(body.get("scaled_dot_product", False)),
+                )
+            )
         declared = {s.name for s in spaces}
         for space in spaces:
             if space.heads is not None and space.heads not in declared:
                 raise SpecError(f"{source}: space {space.name!r} nests in undeclared heads space {space.heads!r}.")
+            if space.scaled_dot_product and space.heads is None:
+                raise SpecError(f"{source}: space {space.name!r} is a scaled dot product, so it needs `heads`.")
 
         parameters: dict[str, tuple[AxisBinding | None, ...]] = {}
         for pattern, axes in raw["parameters"].items():

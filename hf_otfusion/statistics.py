@@ -14,14 +14,19 @@ import inspect
 import logging
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
+from .distributed import all_reduce_sum_, gather_objects, owned_batches
 from .errors import EmptyAlignmentDataError
 from .plan import FusionPlan
+
+if TYPE_CHECKING:  # pragma: no cover
+    from accelerate import PartialState
 
 logger = logging.getLogger(__name__)
 
@@ -40,28 +45,33 @@ class UnitStatistics:
     mean_b: np.ndarray
     m2_a: np.ndarray  # sum over tokens of (a - mean_a)^2, per unit
     m2_b: np.ndarray
-    comoment: np.ndarray  # sum over tokens of (a - mean_a)(b - mean_b)^T, shape (n_a, n_b)
+    comoment: np.ndarray  # sum over tokens of (a - mean_a)(b - mean_b)^T, shape (n_a, n_b); float32 tensor per batch
 
     @classmethod
-    def zeros(cls, n_a: int, n_b: int) -> UnitStatistics:
-        return cls(0, np.zeros(n_a), np.zeros(n_b), np.zeros(n_a), np.zeros(n_b), np.zeros((n_a, n_b)))
+    def zeros(cls, n_a: int, n_b: int, device: torch.device | None = None) -> UnitStatistics:
+        """Empty statistics: numpy arrays, or float64 tensors on `device` when it is a GPU (see `to_host`)."""
+        if device is None or torch.device(device).type == "cpu":
+            return cls(0, np.zeros(n_a), np.zeros(n_b), np.zeros(n_a), np.zeros(n_b), np.zeros((n_a, n_b)))
+        zeros = [torch.zeros(shape, dtype=torch.float64, device=device) for shape in (n_a, n_b, n_a, n_b, (n_a, n_b))]
+        return cls(0, *zeros)
 
     @classmethod
     def of_batch(cls, a: torch.Tensor, b: torch.Tensor) -> UnitStatistics:
         """Statistics of one batch of token activations, shapes (tokens, n_a) and (tokens, n_b).
 
         The centred cross product, the dominant cost of the pass, is one float32 matrix product (about twice
-        as fast as float64); centring first keeps its rounding relative to the covariance itself.
+        as fast as float64); centring first keeps its rounding relative to the covariance itself. The
+        product stays a float32 tensor until `merge_` adds it into float64 sums, which saves a full-size copy.
         """
         mean_a, mean_b = a.double().mean(0), b.double().mean(0)
         centred_a, centred_b = a - mean_a.float(), b - mean_b.float()
         return cls(
             a.shape[0],
-            mean_a.numpy(),
-            mean_b.numpy(),
-            (centred_a.double() ** 2).sum(0).numpy(),
-            (centred_b.double() ** 2).sum(0).numpy(),
-            (centred_a.T @ centred_b).double().numpy(),
+            _host(mean_a),
+            _host(mean_b),
+            _host((centred_a.double() ** 2).sum(0)),
+            _host((centred_b.double() ** 2).sum(0)),
+            centred_a.T @ centred_b,
         )
 
     def update(self, a: torch.Tensor, b: torch.Tensor) -> None:
@@ -70,7 +80,7 @@ class UnitStatistics:
             self.merge_(UnitStatistics.of_batch(a, b))
 
     def merge_(self, other: UnitStatistics) -> None:
-        """Adds `other`'s tokens in place (Chan's parallel formula; no full-size temporaries but one outer product)."""
+        """Adds `other`'s tokens in place (Chan's parallel formula, the co-moment updated without temporaries)."""
         if other.count == 0:
             return
         n = self.count + other.count
@@ -80,14 +90,22 @@ class UnitStatistics:
         self.mean_b += delta_b * (other.count / n)
         self.m2_a += other.m2_a + delta_a**2 * weight
         self.m2_b += other.m2_b + delta_b**2 * weight
-        self.comoment += other.comoment
-        self.comoment += np.outer(delta_a * weight, delta_b)
+        comoment = torch.as_tensor(self.comoment)  # a view: the in-place ops below write self.comoment
+        comoment.add_(torch.as_tensor(other.comoment))
+        comoment.addr_(torch.as_tensor(delta_a * weight), torch.as_tensor(delta_b))
         self.count = n
 
     def __add__(self, other: UnitStatistics) -> UnitStatistics:
         merged = copy.deepcopy(self)
         merged.merge_(other)
         return merged
+
+    def to_host(self) -> UnitStatistics:
+        """These statistics as float64 numpy arrays (GPU accumulators are copied back once, at the end)."""
+        fields = [self.mean_a, self.mean_b, self.m2_a, self.m2_b, self.comoment]
+        if all(isinstance(field, np.ndarray) for field in fields):
+            return self
+        return UnitStatistics(self.count, *(np.asarray(torch.as_tensor(f).double().cpu()) for f in fields))
 
     def cost(self, kind: str = "euclidean") -> np.ndarray:
         """Ground cost between units: mean squared difference, or 1 - Pearson correlation."""
@@ -127,9 +145,11 @@ def collect_statistics(
     anchor: int,
     keys: dict[str, str] | None = None,
     tokens: str = "all",
+    tokens_per_sample: int | None = None,
     batch_size: int = 8,
     num_samples: int | None = None,
     progress: bool = True,
+    process: PartialState | None = None,
 ) -> ActivationStatistics:
     """Runs every parent over the alignment data and accumulates per-hook statistics against the anchor.
 
@@ -142,28 +162,34 @@ def collect_statistics(
             `pixel_values`; other columns are ignored), a `torch.utils.data.DataLoader`, or any iterable of
             batch dicts.
         keys: hook module -> statistics key (see `statistics_keys`); default: one key per hook.
-        tokens: `all` non-padding tokens (padding excluded through `attention_mask`) or only the `first`.
+        tokens, tokens_per_sample: which token positions count (see `token_selection`).
+        process: the accelerate state of a multi-process launch: this process runs only its share of the
+            batches (`distributed.owned_batches`) and the statistics returned are the sums over every
+            process, identical on all of them. A collective call: every process must make it.
+
+    The batches run on the anchor's device (move the models first to use a GPU); statistics accumulate
+    there and come back to the host once, at the end.
 
     Raises:
-        EmptyAlignmentDataError: the data yielded no token.
+        EmptyAlignmentDataError: the data yielded no token (on any process).
     """
     keys = keys or statistics_keys(plans[anchor], per_hook_spaces=set(plans[anchor].hooks))
     stats: ActivationStatistics = {k: {} for k in range(len(models)) if k != anchor}
     anchor_outputs: dict[str, torch.Tensor] = {}
-    token_mask: dict[str, torch.Tensor | None] = {"mask": None}
+    selection = {"mask": None, "tokens": tokens, "tokens_per_sample": tokens_per_sample, "cache": {}}
 
     def record_anchor(name: str):
         def hook(module, inputs, output):
-            anchor_outputs[name] = _select_tokens(output, token_mask["mask"], tokens)
+            anchor_outputs[name] = _select_tokens(output, selection)
 
         return hook
 
     def record_parent(k: int, name: str):
         def hook(module, inputs, output):
-            acts = _select_tokens(output, token_mask["mask"], tokens)
+            acts = _select_tokens(output, selection)
             target, key = anchor_outputs[name], keys[name]
             if key not in stats[k]:
-                stats[k][key] = UnitStatistics.zeros(acts.shape[1], target.shape[1])
+                stats[k][key] = UnitStatistics.zeros(acts.shape[1], target.shape[1], acts.device)
             stats[k][key].update(acts, target)
 
         return hook
@@ -178,15 +204,20 @@ def collect_statistics(
             model.eval()
         order = [anchor] + [k for k in range(len(models)) if k != anchor]
         seen = 0
+        device = next(models[anchor].parameters()).device
+        shard = (process.process_index, process.num_processes) if process is not None else None
         with torch.inference_mode():
             for batch in tqdm(
-                _batches(data, models[anchor], batch_size, num_samples),
+                _batches(data, models[anchor], batch_size, num_samples, shard),
                 desc="activation statistics",
                 unit="batch",
-                total=_num_batches(data, batch_size, num_samples),
+                total=_num_batches(data, batch_size, num_samples, shard),
                 disable=not progress,
             ):
-                token_mask["mask"] = batch.get("attention_mask")
+                # the token mask stays on the host: selecting with it never waits on the GPU
+                selection["mask"], selection["cache"] = batch.get("attention_mask"), {}
+                if device.type != "cpu":
+                    batch = {key: value.to(device, non_blocking=True) for key, value in batch.items()}
                 for k in order:
                     models[k](**batch)
                 anchor_outputs.clear()
@@ -194,6 +225,9 @@ def collect_statistics(
     finally:
         for handle in handles:
             handle.remove()
+    stats = {k: {key: stat.to_host() for key, stat in per_parent.items()} for k, per_parent in stats.items()}
+    if process is not None and process.num_processes > 1:
+        seen = reduce_statistics(stats, seen, process)
     if seen == 0 or not any(stat.count for per_parent in stats.values() for stat in per_parent.values()):
         raise EmptyAlignmentDataError(
             "Activation-based alignment needs data, but the alignment data yielded no usable token. Pass a "
@@ -203,30 +237,119 @@ def collect_statistics(
     return stats
 
 
-def _select_tokens(output, mask: torch.Tensor | None, tokens: str) -> torch.Tensor:
-    """The hooked activations as (tokens, units): padding dropped, token filter applied."""
+def reduce_statistics(stats: ActivationStatistics, seen: int, process: PartialState) -> int:
+    """Sums the partial statistics of every process into those of all their tokens, in place, on every process.
+
+    Each process centred its moments on its own means, so they cannot simply be added, and adding raw sums
+    (sum a^2, sum a b^T) instead would cancel catastrophically when activation means are large. This is Chan's
+    merge written as two float64 sums over processes: the counts and count-weighted means give the global
+    means; each process then re-centres its moments on them (m2 + n (mean - global)^2, comoment + n d_a d_b^T,
+    exact) and the re-centred moments are summed.
+
+    Returns:
+        The number of samples seen by all processes together.
+    """
+    # every process needs the same keys and shapes, including one whose share of the data was empty
+    shapes = {(k, key): stat.comoment.shape for k, per_parent in stats.items() for key, stat in per_parent.items()}
+    for gathered in gather_objects(shapes, process):
+        for (k, key), (n_a, n_b) in gathered.items():
+            stats[k].setdefault(key, UnitStatistics.zeros(n_a, n_b))
+    entries = [stats[k][key] for k in sorted(stats) for key in sorted(stats[k])]
+    first = np.concatenate(
+        [[float(seen)]] + [np.concatenate([[s.count], s.count * s.mean_a, s.count * s.mean_b]) for s in entries]
+    )
+    all_reduce_sum_([first], process)
+    seen, offset = int(first[0]), 1
+    for s in entries:
+        n_a, n_b = len(s.mean_a), len(s.mean_b)
+        total = int(first[offset])
+        mean_a = first[offset + 1 : offset + 1 + n_a] / max(total, 1)
+        mean_b = first[offset + 1 + n_a : offset + 1 + n_a + n_b] / max(total, 1)
+        offset += 1 + n_a + n_b
+        if s.count:  # re-centre this process's moments on the global means
+            delta_a, delta_b = s.mean_a - mean_a, s.mean_b - mean_b
+            s.m2_a += s.count * delta_a**2
+            s.m2_b += s.count * delta_b**2
+            torch.from_numpy(s.comoment).addr_(torch.from_numpy(s.count * delta_a), torch.from_numpy(delta_b))
+        s.count, s.mean_a, s.mean_b = total, mean_a, mean_b
+    second = np.concatenate([np.concatenate([s.m2_a, s.m2_b]) for s in entries])  # one sum for all small moments
+    all_reduce_sum_([second], process)
+    offset = 0
+    for s in entries:
+        n_a, n_b = len(s.mean_a), len(s.mean_b)
+        s.m2_a, s.m2_b = second[offset : offset + n_a], second[offset + n_a : offset + n_a + n_b]
+        offset += n_a + n_b
+    all_reduce_sum_([s.comoment for s in entries], process)  # the large ones one at a time, in place
+    return seen
+
+
+def token_selection(
+    shape: tuple[int, int], attention_mask: torch.Tensor | None, tokens: str, tokens_per_sample: int | None
+) -> torch.Tensor:
+    """Boolean (batch, sequence) mask of the token positions whose activations enter the statistics.
+
+    Padding (zeros of `attention_mask`) never counts. `tokens="first"` keeps position 0; otherwise every
+    non-padding token, or, with `tokens_per_sample=k`, k of each sample's non-padding tokens evenly spaced
+    from its first to its last. The choice depends on each sample alone, so it is the same in any batching.
+    """
+    batch, length = shape
+    if attention_mask is not None and tuple(attention_mask.shape) == (batch, length):
+        valid = attention_mask.bool()
+    else:
+        valid = torch.ones(batch, length, dtype=torch.bool)
+    if tokens == "first":
+        keep = torch.zeros(batch, length, dtype=torch.bool)
+        keep[:, 0] = True
+        return keep
+    if tokens_per_sample is None:
+        return valid
+    rank = valid.long().cumsum(1) - 1  # each token's index among its sample's non-padding tokens
+    last = (valid.sum(1, keepdim=True) - 1).clamp(min=0)
+    steps = torch.arange(tokens_per_sample) / max(tokens_per_sample - 1, 1)
+    targets = torch.round(steps[None, :] * last).long()  # (batch, k) ranks; covers every rank when count <= k
+    chosen = torch.zeros(batch, length, dtype=torch.bool).scatter_(1, targets, True)
+    return valid & chosen.gather(1, rank.clamp(min=0))
+
+
+def _select_tokens(output, selection: dict) -> torch.Tensor:
+    """The hooked activations as (tokens, units), keeping the positions `token_selection` picks.
+
+    `selection` holds the batch's attention mask and token options, and caches one mask per sequence shape
+    (hooks of one batch share it).
+    """
     if isinstance(output, tuple | list):
         output = output[0]
     output = output.detach().float()
     if output.ndim == 2:  # (batch, units), e.g. a pooler
         return output
-    if tokens == "first":
-        return output[:, 0]
-    if mask is not None and mask.shape == output.shape[:2]:
-        return output[mask.bool()]
-    return output.reshape(-1, output.shape[-1])
+    shape = tuple(output.shape[:2])
+    if shape not in selection["cache"]:
+        selection["cache"][shape] = token_selection(
+            shape, selection["mask"], selection["tokens"], selection["tokens_per_sample"]
+        )
+    return output[selection["cache"][shape]]
 
 
-def _batches(data, model: PreTrainedModel, batch_size: int, num_samples: int | None) -> Iterator[dict]:
-    """Yields model-input batches, truncated to `num_samples` samples in total."""
+def _batches(
+    data, model: PreTrainedModel, batch_size: int, num_samples: int | None, shard: tuple[int, int] | None = None
+) -> Iterator[dict]:
+    """Yields model-input batches, truncated to `num_samples` samples in total.
+
+    With `shard=(process_index, num_processes)`, only this process's batches (`distributed.owned_batches`):
+    a Dataset selects their rows before loading; other iterables are read in full and the rest skipped.
+    """
     accepted = set(inspect.signature(model.forward).parameters)
     if hasattr(data, "column_names") and hasattr(data, "with_format"):  # a datasets.Dataset
         columns = [c for c in data.column_names if c in accepted]
         if num_samples is not None:
             data = data.select(range(min(num_samples, len(data))))
+        if shard is not None:
+            owned = owned_batches(-(-len(data) // batch_size), *shard)
+            data = data.select([i for b in owned for i in range(b * batch_size, min((b + 1) * batch_size, len(data)))])
+            shard = None
         data = torch.utils.data.DataLoader(data.with_format("torch", columns=columns), batch_size=batch_size)
     remaining = num_samples
-    for batch in data:
+    for index, batch in enumerate(data):
         batch = {key: value for key, value in dict(batch).items() if key in accepted and key != "labels"}
         if remaining is not None:
             if remaining <= 0:
@@ -235,18 +358,28 @@ def _batches(data, model: PreTrainedModel, batch_size: int, num_samples: int | N
             if size > remaining:
                 batch = {key: value[:remaining] for key, value in batch.items()}
             remaining -= min(size, remaining)
-        yield batch
+        if shard is None or index % shard[1] == shard[0]:
+            yield batch
 
 
-def _num_batches(data, batch_size: int, num_samples: int | None) -> int | None:
+def _num_batches(data, batch_size: int, num_samples: int | None, shard: tuple[int, int] | None = None) -> int | None:
     """How many batches `_batches` will yield, when the data knows its length (for the progress bar)."""
     if not hasattr(data, "__len__"):
         return None
     if hasattr(data, "column_names"):  # a datasets.Dataset: counted in samples
         samples = len(data) if num_samples is None else min(len(data), num_samples)
-        return -(-samples // batch_size)
-    return len(data) if num_samples is None else None
+        total = -(-samples // batch_size)
+    elif num_samples is None:
+        total = len(data)
+    else:
+        return None
+    return total if shard is None else len(owned_batches(total, *shard))
 
 
 def _batch_size(batch: dict) -> int:
     return len(next(iter(batch.values())))
+
+
+def _host(tensor: torch.Tensor) -> np.ndarray | torch.Tensor:
+    """A CPU tensor as numpy (a view, no copy); a GPU tensor stays on its device so the pass never waits on a copy."""
+    return tensor.numpy() if tensor.device.type == "cpu" else tensor

@@ -1,15 +1,29 @@
-"""`otfusion-hub fuse` on local checkpoints: flags equal FusionConfig fields, outputs are atomic and safe."""
+"""`otfusion-hub fuse` on local checkpoints: flags equal FusionConfig fields, outputs are atomic, documented, safe."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import pytest
+import torch
 import transformers as T
+import yaml
 from conftest import build, inputs_for, outputs, relative_error
+from huggingface_hub import ModelCard
+from safetensors import safe_open
 
 from hf_otfusion import permute_model
+from hf_otfusion.card import build_card_data
 from hf_otfusion.cli import main
+from hf_otfusion.provenance import Provenance
+
+PREPROCESSOR = {
+    "image_processor_type": "ViTImageProcessor",
+    "do_resize": False,
+    "image_mean": [0.5],
+    "image_std": [0.5],
+}
 
 
 @pytest.fixture
@@ -21,38 +35,69 @@ def parents(tmp_path):
     return parent, [str(p) for p in paths]
 
 
-def test_cli_fuses_saved_parents_into_a_loadable_checkpoint(parents, tmp_path, capsys):
+@pytest.fixture
+def align_data(parents, tmp_path):
+    from datasets import Dataset
+
+    parent, _ = parents
+    path = tmp_path / "align"
+    Dataset.from_dict({"pixel_values": inputs_for(parent, batch=12)["pixel_values"].numpy()}).save_to_disk(str(path))
+    return str(path)
+
+
+def sha256(path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_cli_fuses_saved_parents_into_a_loadable_documented_checkpoint(parents, tmp_path, capsys):
     parent, paths = parents
     out = tmp_path / "fused"
     assert main(["fuse", *paths, "--out", str(out), "--cost", "weights", "--solver", "exact", "-q"]) == 0
-    assert (out / "model.safetensors").is_file()
-    assert json.loads((out / "fusion_config.json").read_text())["cost"] == "weights"
+    assert sorted(p.name for p in out.iterdir()) == [
+        "README.md", "config.json", "fusion_config.yaml", "fusion_provenance.json", "model.safetensors"
+    ]  # fmt: skip
+    assert yaml.safe_load((out / "fusion_config.yaml").read_text())["cost"] == "weights"
     fused = T.AutoModelForImageClassification.from_pretrained(out).eval()
     inputs = inputs_for(parent)
     assert relative_error(outputs(fused, inputs), outputs(parent, inputs)) < 1e-4
+    provenance = Provenance.load(out)
+    for record, path in zip(provenance.parents, paths, strict=True):
+        assert record["weight_files"][0]["sha256"] == sha256(tmp_path / path / "model.safetensors")
+    assert provenance.outputs == {"model.safetensors": sha256(out / "model.safetensors")}
+    assert provenance.command.startswith("otfusion-hub fuse ") and "--cost weights" in provenance.command
+    assert {d["space"] for d in provenance.diagnostics} >= {"residual", "heads.0", "qk.1", "vo.0", "mlp.1"}
     assert "Fused model written to" in capsys.readouterr().out
 
 
-def test_cli_activation_fusion_reads_a_saved_dataset(parents, tmp_path):
-    from datasets import Dataset
-
+def test_cli_activation_fusion_reads_a_saved_dataset(parents, align_data, tmp_path):
     parent, paths = parents
-    data = tmp_path / "align"
-    Dataset.from_dict({"pixel_values": inputs_for(parent)["pixel_values"].numpy()}).save_to_disk(str(data))
     out = tmp_path / "fused"
-    assert main(["fuse", *paths, "--out", str(out), "--data", str(data), "--batch-size", "4", "-q"]) == 0
+    assert main(["fuse", *paths, "--out", str(out), "--data", align_data, "--batch-size", "4", "-q"]) == 0
     fused = T.AutoModelForImageClassification.from_pretrained(out).eval()
     inputs = inputs_for(parent, seed=3)
     assert relative_error(outputs(fused, inputs), outputs(parent, inputs)) < 1e-4
+    assert Provenance.load(out).alignment_data["num_rows"] == 12
 
 
-def test_cli_refuses_a_non_empty_out_and_keeps_it(parents, tmp_path):
+def test_fusion_config_yaml_rebuilds_the_checkpoint_byte_for_byte(parents, align_data, tmp_path):
+    _, paths = parents
+    first, second = tmp_path / "first", tmp_path / "second"
+    flags = ["--data", align_data, "--num-samples", "10", "--data-seed", "3", "-q"]
+    assert main(["fuse", *paths, "--out", str(first), "--solver", "sinkhorn", "--reg", "0.05", *flags]) == 0
+    config = str(first / "fusion_config.yaml")
+    assert main(["fuse", *paths, "--out", str(second), "--config", config, *flags]) == 0
+    assert (first / "model.safetensors").read_bytes() == (second / "model.safetensors").read_bytes()
+    assert yaml.safe_load((second / "fusion_config.yaml").read_text())["solver"] == "sinkhorn"
+    assert Provenance.load(first).alignment_data["num_rows"] == 10
+
+
+def test_cli_refuses_a_non_empty_out_and_keeps_it(parents, tmp_path, capsys):
     _, paths = parents
     out = tmp_path / "fused"
     out.mkdir()
     (out / "precious.txt").write_text("keep me")
-    with pytest.raises(SystemExit, match="exists and is not empty.*--overwrite"):
-        main(["fuse", *paths, "--out", str(out), "--cost", "weights", "-q"])
+    assert main(["fuse", *paths, "--out", str(out), "--cost", "weights", "-q"]) == 2
+    assert "exists and is not empty; choose another path or pass --overwrite" in capsys.readouterr().err
     assert (out / "precious.txt").read_text() == "keep me"
     assert main(["fuse", *paths, "--out", str(out), "--cost", "weights", "-q", "--overwrite"]) == 0
     assert not (out / "precious.txt").exists()
@@ -68,6 +113,23 @@ def test_cli_reports_incompatible_parents_and_writes_nothing(tmp_path, capsys):
     assert not out.exists() and not list(tmp_path.glob(".fused.*"))
 
 
+def test_activation_fusion_without_data_fails_before_loading(parents, tmp_path, capsys):
+    _, paths = parents
+    assert main(["fuse", *paths, "--out", str(tmp_path / "fused"), "-q"]) == 2
+    assert "needs alignment data: pass --data" in capsys.readouterr().err
+
+
+def test_dry_run_prints_the_plan_and_writes_nothing(parents, align_data, tmp_path, capsys):
+    _, paths = parents
+    out = tmp_path / "fused"
+    assert main(["fuse", *paths, "--out", str(out), "--data", align_data, "--num-samples", "5", "--dry-run"]) == 0
+    printed = capsys.readouterr().out
+    assert "[anchor] " + str(tmp_path / "a") in printed and "ViTForImageClassification" in printed
+    assert "heads 2 x 4" in printed and "mlp 2 x 48" in printed and "residual 1 x 32" in printed
+    assert "rows 5" in printed and "nothing was written" in printed
+    assert not out.exists()
+
+
 def test_cli_flags_cover_every_config_field():
     import dataclasses
 
@@ -81,12 +143,74 @@ def test_cli_flags_cover_every_config_field():
 
 def test_cli_config_file_is_overridden_by_flags(parents, tmp_path):
     _, paths = parents
-    config = tmp_path / "fusion.json"
-    config.write_text(json.dumps({"cost": "weights", "solver": "sinkhorn", "reg": 0.05}))
+    for name, text in (("fusion.json", json.dumps({"cost": "weights", "solver": "sinkhorn", "reg": 0.05})),
+                       ("fusion.yaml", "cost: weights\nsolver: sinkhorn\nreg: 0.05\n")):  # fmt: skip
+        (tmp_path / name).write_text(text)
+        out = tmp_path / f"fused-{name}"
+        assert (
+            main(["fuse", *paths, "--out", str(out), "--config", str(tmp_path / name), "--solver", "exact", "-q"]) == 0
+        )
+        saved = yaml.safe_load((out / "fusion_config.yaml").read_text())
+        assert saved["solver"] == "exact" and saved["reg"] == 0.05
+
+
+def test_large_outputs_are_sharded_and_dtype_is_applied(parents, tmp_path):
+    parent, paths = parents
     out = tmp_path / "fused"
-    assert main(["fuse", *paths, "--out", str(out), "--config", str(config), "--solver", "exact", "-q"]) == 0
-    saved = json.loads((out / "fusion_config.json").read_text())
-    assert saved["solver"] == "exact" and saved["reg"] == 0.05
+    args = ["fuse", *paths, "--out", str(out), "--cost", "weights", "--max-shard-size", "20KB", "--dtype", "bfloat16"]
+    assert main([*args, "-q"]) == 0
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 1 and all((out / shard).stat().st_size < 40_000 for shard in shards)
+    with safe_open(str(out / shards[0]), "pt") as handle:
+        assert handle.get_tensor(next(iter(handle.keys()))).dtype == torch.bfloat16
+    assert sorted(Provenance.load(out).outputs) == sorted(["model.safetensors.index.json", *shards])
+    fused = T.AutoModelForImageClassification.from_pretrained(out, dtype=torch.float32).eval()
+    inputs = inputs_for(parent)
+    assert relative_error(outputs(fused, inputs), outputs(parent, inputs)) < 1e-2  # bfloat16 rounding
+
+
+def test_anchor_processor_is_copied_and_the_card_parses_back(parents, tmp_path):
+    _, paths = parents
+    for path, license in zip(paths, ("mit", "mit"), strict=True):
+        (tmp_path / path / "README.md").write_text(f"---\nlicense: {license}\n---\n# parent\n")
+    (tmp_path / paths[0] / "preprocessor_config.json").write_text(json.dumps(PREPROCESSOR))
+    out = tmp_path / "fused"
+    assert main(["fuse", *paths, "--out", str(out), "--cost", "weights", "--solver", "sinkhorn", "-q"]) == 0
+    assert (out / "preprocessor_config.json").read_bytes() == (
+        tmp_path / paths[0] / "preprocessor_config.json"
+    ).read_bytes()
+    assert isinstance(T.AutoImageProcessor.from_pretrained(out), T.image_processing_utils.BaseImageProcessor)
+
+    provenance = Provenance.load(out)
+    card = ModelCard.load(out / "README.md")
+    assert card.data.to_dict() == build_card_data(provenance, ["mit", "mit"], "fused").to_dict()
+    metadata = card.data.to_dict()
+    assert metadata["license"] == "mit" and metadata["base_model_relation"] == "merge"
+    assert metadata["pipeline_tag"] == "image-classification" and "base_model" not in metadata  # local parents
+    assert build_card_data(provenance, ["mit", "apache-2.0"], "fused").license is None  # parents disagree
+    assert build_card_data(provenance, ["mit", None], "fused").license is None  # one unknown
+    needles = ("| `solver` | `sinkhorn` |", sha256(out.parent / "a" / "model.safetensors"), provenance.reproduce,
+               "AutoModelForImageClassification", "| parent | layer | residual | heads | qk | vo | mlp |")  # fmt: skip
+    for needle in needles:
+        assert needle in card.text
+
+
+def test_pickle_only_parent_is_refused_unless_allowed(parents, tmp_path, capsys):
+    parent, paths = parents
+    pickled = tmp_path / "pickled"
+    permute_model(parent, seed=2).config.save_pretrained(pickled)
+    torch.save(permute_model(parent, seed=2).state_dict(), pickled / "pytorch_model.bin")
+    args = ["fuse", paths[0], str(pickled), "--out", str(tmp_path / "fused"), "--cost", "weights", "-q"]
+    assert main(args) == 2
+    error = capsys.readouterr().err
+    assert "only pickle weights (pytorch_model.bin)" in error and "--allow-pickle" in error
+    assert not (tmp_path / "fused").exists()
+    assert main([*args, "--allow-pickle"]) == 0
+    fused = T.AutoModelForImageClassification.from_pretrained(tmp_path / "fused").eval()
+    inputs = inputs_for(parent)
+    assert relative_error(outputs(fused, inputs), outputs(parent, inputs)) < 1e-4
+    assert Provenance.load(tmp_path / "fused").parents[1]["weight_format"] == "pickle"
 
 
 def test_serve_hub_command_serves_the_hub_api_on_loopback(tmp_path):

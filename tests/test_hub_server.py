@@ -376,3 +376,19 @@ def test_stop_is_prompt_and_idempotent(tmp_path: Path) -> None:
     server.stop()
     with pytest.raises(OSError):
         urllib.request.urlopen(f"{server.url}/api/whoami-v2", timeout=5)
+
+
+def test_download_log_tells_header_reads_from_downloads_and_409_names_the_repo(hub: HubServer) -> None:
+    _create(hub, "ns", "r3")
+    data = bytes(range(256)) * 8
+    sha = _commit(hub, "ns/r3", {"model.safetensors": data})
+    url = f"{hub.url}/ns/r3/resolve/{sha}/model.safetensors"
+    _request(url, headers={"Range": "bytes=0-99"})
+    _request(url, "HEAD")
+    _request(url)
+    path = f"/ns/r3/resolve/{sha}/model.safetensors"
+    assert hub.download_log[-2:] == [(path, 100), (path, len(data))]  # HEAD sends no body, so it is not logged
+    # `create_repo(exist_ok=True)` reads the URL of the existing repo from the 409 answer.
+    body = json.dumps({"name": "r3", "organization": "ns", "type": "model"}).encode()
+    status, _, raw = _request(f"{hub.url}/api/repos/create", "POST", body=body)
+    assert status == 409 and json.loads(raw)["url"] == f"{hub.url}/ns/r3"

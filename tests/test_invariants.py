@@ -82,3 +82,30 @@ def test_same_inputs_give_identical_weights():
     second = fuse(parents, data=data, config=config, progress=False)
     for (name, a), (_, b) in zip(first.named_parameters(), second.named_parameters(), strict=True):
         assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize(
+    ("cost", "solver", "residual"),
+    [("weights", "exact", "shared"), ("weights", "sinkhorn", "mean"), ("activations", "exact", "mean")],
+)
+def test_concurrent_solves_give_the_maps_of_one_by_one_solves(cost, solver, residual):
+    from hf_otfusion.maps import compute_maps, per_hook_spaces
+    from hf_otfusion.statistics import collect_statistics, statistics_keys
+
+    models = [build("bert-seqcls", seed=0), build("bert-seqcls", seed=1)]
+    plans = [resolve_plan(m) for m in models]
+    config = FusionConfig(cost=cost, solver=solver, residual=residual)
+    params = [{n: p.detach() for n, p in m.named_parameters()} for m in models]
+    keys = statistics_keys(plans[0], per_hook_spaces(plans[0], config))
+    data = [inputs_for(models[0], seed=s) for s in range(2)]
+
+    def solved(workers):
+        stats = collect_statistics(models, plans, data, anchor=0, keys=keys, progress=False)[1]
+        return compute_maps(1, plans[1], plans[0], params[1], params[0], stats, config, workers=workers)
+
+    (one_by_one, diagnostics), (concurrent, concurrent_diagnostics) = solved(1), solved(4)
+    assert set(concurrent) == set(one_by_one)
+    assert [d.space for d in concurrent_diagnostics] == [d.space for d in diagnostics]
+    for space, transport in one_by_one.items():
+        assert (transport.permutation is None) == (concurrent[space].permutation is None)
+        torch.testing.assert_close(torch.from_numpy(concurrent[space].plan), torch.from_numpy(transport.plan))

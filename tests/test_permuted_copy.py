@@ -58,6 +58,15 @@ def test_permuted_copy_fuses_back_with_soft_alignment_at_small_reg(cost):
     assert max(d.softness for d in result.diagnostics) < 0.05
 
 
+def test_permuted_copy_fuses_back_from_a_token_subsample():
+    parent = build("bert-mlm")
+    permuted = permute_model(parent, seed=3)
+    inputs = inputs_for(parent, seed=5)
+    config = FusionConfig(cost="activations", tokens_per_sample=3)
+    fused = fuse([parent, permuted], data=[inputs_for(parent, seed=s) for s in range(3)], config=config, progress=False)
+    assert relative_error(outputs(fused, inputs), outputs(parent, inputs)) < 1e-4
+
+
 @pytest.mark.parametrize("residual", ["shared", "mean"])
 @pytest.mark.parametrize("heads", ["aware", "cross"])
 def test_every_residual_and_head_policy_recovers_the_parent(residual, heads):

@@ -10,7 +10,7 @@ import torch
 from conftest import build, inputs_for
 
 from hf_otfusion.plan import resolve_plan
-from hf_otfusion.statistics import UnitStatistics, collect_statistics
+from hf_otfusion.statistics import UnitStatistics, collect_statistics, token_selection
 
 
 def _collect(models, batches, **kwargs):
@@ -77,6 +77,29 @@ def test_first_token_filter_keeps_one_token_per_sample():
     anchor, parent = build("vit-cls", seed=0), build("vit-cls", seed=1)
     stats = _collect([anchor, parent], [inputs_for(anchor, batch=5)], tokens="first")[1]
     assert stats["vit.layers.0.mlp.fc1"].count == 5
+
+
+def test_token_subsampling_keeps_evenly_spaced_non_padding_tokens_from_the_first():
+    mask = torch.tensor([[1] * 9 + [0] * 3, [1] * 12, [1, 1, 1] + [0] * 9, [0, 0] + [1] * 10])
+    keep = token_selection((4, 12), mask, "all", 4)
+    assert keep[0].nonzero().flatten().tolist() == [0, 3, 5, 8]  # ranks round(j * 8 / 3)
+    assert keep[1].nonzero().flatten().tolist() == [0, 4, 7, 11]
+    assert keep[2].nonzero().flatten().tolist() == [0, 1, 2]  # shorter than 4: every token
+    assert keep[3].nonzero().flatten().tolist() == [2, 5, 8, 11]  # left padding: from the first real token
+    assert not (keep & ~mask.bool()).any()
+    assert torch.equal(token_selection((4, 12), mask, "all", None), mask.bool())
+    assert token_selection((4, 12), mask, "all", 1).sum(1).tolist() == [1, 1, 1, 1]
+
+
+def test_token_subsampling_counts_k_tokens_per_sample_whatever_the_batching():
+    anchor, parent = build("vit-cls", seed=0), build("vit-cls", seed=1)
+    whole = inputs_for(anchor, batch=6, seed=3)
+    halves = [{key: value[:3] for key, value in whole.items()}, {key: value[3:] for key, value in whole.items()}]
+    one = _collect([anchor, parent], [whole], tokens_per_sample=5)[1]
+    two = _collect([anchor, parent], halves, tokens_per_sample=5)[1]
+    assert one["vit.layers.0.mlp.fc1"].count == two["vit.layers.0.mlp.fc1"].count == 6 * 5
+    for hook, stats in one.items():
+        np.testing.assert_allclose(two[hook].comoment, stats.comoment, rtol=1e-5, atol=1e-5)
 
 
 def test_num_samples_caps_the_data():

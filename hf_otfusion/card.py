@@ -1,0 +1,235 @@
+"""The model card of a fused checkpoint, rendered from its provenance with `huggingface_hub.ModelCard`.
+
+The front matter is what the Hub indexes (`base_model` + `base_model_relation: merge` link the parents'
+pages to the fused model, `model-index` carries the evaluation); the body is what a person needs to trust and
+rebuild it: parents pinned to commits with file hashes, every hyperparameter, the alignment data, results,
+per-layer diagnostics, a usage snippet, the exact command and the package versions.
+"""
+
+from __future__ import annotations
+
+import re
+from importlib.resources import files
+from pathlib import Path
+
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+from .provenance import Provenance
+
+TEMPLATE_PATH = Path(str(files("hf_otfusion.model_cards") / "fused_model_card.md"))  # top-level model_cards/
+CARD_TAGS = ("merge", "model-fusion", "optimal-transport", "hf-otfusion")
+FUSED_ROW = "fused"
+VANILLA_ROW = "vanilla average"
+
+# architecture suffix -> (pipeline tag, the Auto class that loads it); the first matching suffix wins
+_HEADS = (
+    ("ForImageClassificationWithTeacher", "image-classification", "AutoModelForImageClassification"),
+    ("ForImageClassification", "image-classification", "AutoModelForImageClassification"),
+    ("ForSequenceClassification", "text-classification", "AutoModelForSequenceClassification"),
+    ("ForMaskedLM", "fill-mask", "AutoModelForMaskedLM"),
+)
+_IMAGE_MODEL_TYPES = ("vit", "deit")
+_SPACE_ORDER = ("residual", "heads", "qk", "vo", "mlp", "pooler")
+
+
+def pipeline_and_auto_class(architecture: str, model_type: str) -> tuple[str, str]:
+    """The Hub pipeline tag of an architecture and the `transformers` Auto class that loads it."""
+    for suffix, tag, auto_class in _HEADS:
+        if architecture.endswith(suffix):
+            return tag, auto_class
+    return ("image-feature-extraction" if model_type in _IMAGE_MODEL_TYPES else "feature-extraction"), "AutoModel"
+
+
+def build_card_data(provenance: Provenance, licenses: list[str | None], model_name: str) -> ModelCardData:
+    """The card's front matter: parents as `base_model`, relation `merge`, tags, data sets, licence, results."""
+    pipeline_tag, _ = pipeline_and_auto_class(provenance.architecture, provenance.model_type)
+    hub_parents = [p["repo_id"] for p in provenance.parents if p.get("repo_id")]
+    datasets = [d["repo_id"] for d in (provenance.alignment_data, provenance.eval_data) if d and d.get("kind") == "hub"]
+    known = {license for license in licenses}
+    data = ModelCardData(
+        model_name=model_name,
+        base_model=hub_parents or None,
+        base_model_relation="merge",
+        library_name="transformers",
+        pipeline_tag=pipeline_tag,
+        tags=[*CARD_TAGS, provenance.model_type],
+        datasets=list(dict.fromkeys(datasets)) or None,
+        license=known.pop() if len(known) == 1 and None not in known else None,  # inherited only when all agree
+        eval_results=_eval_results(provenance, pipeline_tag) or None,
+    )
+    return data
+
+
+def render_card(
+    provenance: Provenance,
+    *,
+    repo_id: str | None = None,
+    model_name: str | None = None,
+    licenses: list[str | None] | None = None,
+) -> ModelCard:
+    """The model card (`README.md`) of a fused checkpoint.
+
+    Args:
+        provenance: the fusion's record.
+        repo_id: the Hub repo (or local directory) the usage snippet loads from.
+        model_name: the card's title and `model-index` name; defaults to the last part of `repo_id`.
+        licenses: each parent's licence (`None` when unknown); the card inherits one only when all agree.
+    """
+    repo_id = repo_id or "path/to/fused-model"
+    model_name = model_name or repo_id.rstrip("/").split("/")[-1]
+    licenses = licenses if licenses is not None else [p.get("license") for p in provenance.parents]
+    card_data = build_card_data(provenance, licenses, model_name)
+    _, auto_class = pipeline_and_auto_class(provenance.architecture, provenance.model_type)
+    return ModelCard.from_template(
+        card_data,
+        template_path=str(TEMPLATE_PATH),
+        model_name=model_name,
+        architecture=provenance.architecture,
+        num_parents=len(provenance.parents),
+        method_text=_method_text(provenance),
+        parent_rows=_parent_rows(provenance),
+        base_text=_base_text(provenance),
+        config_rows=[(f"`{key}`", f"`{value}`") for key, value in provenance.config.items()],
+        data_text=_data_text(provenance),
+        results_text=results_text(provenance),
+        diagnostics_text=_diagnostics_text(provenance),
+        auto_class=auto_class,
+        repo_id=repo_id,
+        otfusion_version=provenance.versions.get("hf-otfusion", ""),
+        reproduce=provenance.reproduce,
+        command=provenance.command,
+        version_rows=sorted(provenance.versions.items()),
+    )
+
+
+def _eval_results(provenance: Provenance, pipeline_tag: str) -> list[EvalResult]:
+    """The fused model's own scores, as `model-index` entries (parents and vanilla stay in the body table)."""
+    if not provenance.evaluation or not provenance.eval_data:
+        return []
+    rows = {row["name"]: row for row in provenance.evaluation["rows"]}
+    if FUSED_ROW not in rows:
+        return []
+    data = provenance.eval_data
+    dataset = data.get("repo_id") or Path(data["source"]).name
+    common = dict(
+        task_type=pipeline_tag, dataset_type=dataset, dataset_name=dataset, dataset_split=data.get("split"),
+        dataset_revision=data.get("commit"),
+    )  # fmt: skip
+    fused = rows[FUSED_ROW]
+    return [
+        EvalResult(metric_type="accuracy", metric_name="Accuracy", metric_value=fused["accuracy"], **common),
+        EvalResult(metric_type="loss", metric_name="Cross-entropy loss", metric_value=fused["loss"], **common),
+    ]
+
+
+def _method_text(provenance: Provenance) -> str:
+    config = provenance.config
+    weights = config.get("weights") or "uniform"
+    aligned = (
+        f"the units of every parent (residual dimensions, attention heads, within-head dimensions, MLP neurons) "
+        f"were first matched to the anchor's (parent {provenance.anchor}) by optimal transport ({config['solver']} "
+        f"solver, {config['cost']}-based ground cost)"
+    )
+    texts = {
+        "ot": f"How: {aligned}, then the aligned weights were averaged (weights: {weights}).",
+        "vanilla": f"How: the parents' weights were averaged as they are, without alignment (weights: {weights}).",
+        "interpolate": f"How: the parents' weights were interpolated (weights: {weights}).",
+        "task-arithmetic": f"How: task arithmetic, base + {config.get('scale')} x the sum of the parents' task "
+        "vectors.",
+        "regmean": f"How: RegMean, every linear layer solved in closed form from the Gram matrices of its inputs "
+        f"(off-diagonal scale {config.get('regmean_alpha')}), other weights averaged.",
+    }
+    text = texts.get(config["method"], f"How: method {config['method']}.")
+    if config["method"] not in ("ot", "vanilla") and config.get("align") == "ot":
+        text += f" Before merging, {aligned}."
+    return text
+
+
+def _parent_rows(provenance: Provenance) -> list[tuple[str, ...]]:
+    rows = []
+    for k, parent in enumerate(provenance.parents):
+        role = "anchor" if k == provenance.anchor else "parent"
+        where = parent.get("repo_id") or parent.get("path")
+        revision = (parent.get("revision") or "(default branch)") if parent.get("repo_id") else "(local)"
+        commit = f"`{parent['commit']}`" if parent.get("commit") else "-"
+        for i, weight in enumerate(parent["weight_files"]):
+            first = i == 0
+            rows.append(
+                (str(k) if first else "", role if first else "", str(where) if first else "", revision if first else "",
+                 commit if first else "", weight["name"], f"`{weight['sha256']}`")
+            )  # fmt: skip
+    return rows
+
+
+def _base_text(provenance: Provenance) -> str:
+    base = provenance.base
+    if not base:
+        return ""
+    where = base.get("repo_id") or base.get("path")
+    at = f" at commit `{base['commit']}`" if base.get("commit") else ""
+    hashes = ", ".join(f"{w['name']} `{w['sha256']}`" for w in base["weight_files"])
+    return f"Task arithmetic subtracted the shared ancestor `{where}`{at} ({hashes})."
+
+
+def _data_text(provenance: Provenance) -> str:
+    data = provenance.alignment_data
+    if not data:
+        return f"None: this fusion was data-free (`method={provenance.config['method']}`, " \
+            f"`cost={provenance.config['cost']}`)."  # fmt: skip
+    commit = f"`{data['commit']}`" if data.get("commit") else "-"
+    return "\n".join(
+        [
+            "| source | requested revision | commit | split | rows used | sample seed |",
+            "|---|---|---|---|---|---|",
+            f"| {data.get('repo_id') or data['source']} | {data.get('revision') or '-'} | {commit} | {data['split']} "
+            f"| {data['num_rows']} | {data['seed']} |",
+        ]
+    )
+
+
+def results_text(provenance: Provenance) -> str:
+    """The evaluation of parents, vanilla average and fused model as a markdown table (or why there is none)."""
+    evaluation, data = provenance.evaluation, provenance.eval_data
+    if not evaluation or not data:
+        return "No evaluation was run (`otfusion-hub fuse ... --eval-data DATA` puts parents, vanilla average and " \
+            "fused model side by side here)."  # fmt: skip
+    rows = evaluation["rows"]
+    source = data.get("repo_id") or data["source"]
+    lines = [
+        f"On `{source}`, split `{evaluation['split']}` ({rows[0]['num_examples']} examples, the same for every row):",
+        "",
+        "| model | accuracy | loss |",
+        "|---|---:|---:|",
+    ]
+    lines += [f"| {row['name']} | {row['accuracy']:.4f} | {row['loss']:.4f} |" for row in rows]
+    return "\n".join(lines)
+
+
+def _diagnostics_text(provenance: Provenance) -> str:
+    """Per parent and layer, `transport cost / softness` of each space kind (heads, qk, vo, mlp, ...)."""
+    if not provenance.diagnostics:
+        return f"No transport problem was solved (`method={provenance.config['method']}` does not align)."
+    kinds = sorted({d["space"].split(".")[0] for d in provenance.diagnostics}, key=_space_rank)
+    cells: dict[tuple[int, str], dict[str, str]] = {}
+    for d in provenance.diagnostics:
+        kind = d["space"].split(".")[0]
+        layer = next((part for part in d["space"].split(".")[1:] if part.isdigit()), "-")
+        cells.setdefault((d["parent"], layer), {})[kind] = f"{d['transport_cost']:.3g} / {d['softness']:.2f}"
+    lines = [
+        "Per parent and layer, for each space: transport cost / plan softness (0 = a hard permutation, 1 = the "
+        "uniform coupling); `-` marks spaces shared by all layers.",
+        "",
+        "| parent | layer | " + " | ".join(kinds) + " |",
+        "|---|---|" + "---|" * len(kinds),
+    ]
+    for (parent, layer), row in sorted(cells.items(), key=lambda kv: (kv[0][0], _layer_rank(kv[0][1]))):
+        lines.append(f"| {parent} | {layer} | " + " | ".join(row.get(kind, "") for kind in kinds) + " |")
+    return "\n".join(lines)
+
+
+def _space_rank(kind: str) -> tuple[int, str]:
+    return (_SPACE_ORDER.index(kind) if kind in _SPACE_ORDER else len(_SPACE_ORDER), kind)
+
+
+def _layer_rank(layer: str) -> tuple[int, int]:
+    return (0, -1) if not re.fullmatch(r"\d+", layer) else (1, int(layer))

@@ -1,0 +1,405 @@
+"""Finetune a (fused) classifier with `transformers.Trainer`, and record the run in its model card.
+
+One recipe serves text classification (BERT) and image classification (ViT, DeiT): the `Trainer` does the loop,
+so the same call runs on one process or under `torchrun`/`accelerate launch` unchanged. Metrics are the offline
+`evaluate` modules shipped in `hf_otfusion/metrics`. The model card of the source checkpoint (for a fused model:
+its parents, fusion config and diagnostics) is kept, and a finetuning section with the data, steps and results is
+appended, so the card tells how the model was made from end to end.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from transformers import PreTrainedModel
+
+from .card import pipeline_and_auto_class
+from .config import strict_from_dict
+from .errors import FusionError, OutputExistsError, UnsupportedTaskError
+from .evaluation import check_classifier, check_dataset, data_collator, evaluate_model
+from .metrics import load_metric
+from .provenance import CONFIG_FILE, PROVENANCE_FILE
+
+ModelOrPath = PreTrainedModel | str | Path
+
+RUNS_FILE = "finetune_runs.json"
+# Files next to a checkpoint that describe how it was made; copied to the finetuned checkpoint unchanged.
+PROVENANCE_FILES = (PROVENANCE_FILE, CONFIG_FILE, RUNS_FILE)
+
+
+@dataclass
+class FinetuneConfig:
+    """The training recipe: the `TrainingArguments` that matter for a short finetune, with their defaults.
+
+    Args:
+        max_steps: number of optimiser steps; `-1` trains for `num_train_epochs` instead.
+        num_train_epochs: epochs when `max_steps` is -1.
+        learning_rate: peak learning rate (AdamW).
+        batch_size: examples per step and process (the global batch is this times the number of processes).
+        eval_batch_size: examples per evaluation batch and process.
+        weight_decay: AdamW weight decay.
+        warmup: linear warmup, in steps (>= 1) or as a fraction of all steps (< 1).
+        lr_scheduler_type: any `transformers` scheduler name (`linear`, `cosine`, `constant`, ...).
+        max_grad_norm: gradient clipping norm.
+        seed: seed of data order, dropout and any freshly initialised weights.
+        logging_steps: steps between two training-loss log entries.
+        evaluate_before: also evaluate before training, so the card shows what finetuning changed.
+    """
+
+    max_steps: int = 100
+    num_train_epochs: float = 1.0
+    learning_rate: float = 5e-5
+    batch_size: int = 32
+    eval_batch_size: int = 128
+    weight_decay: float = 0.0
+    warmup: float = 0.0
+    lr_scheduler_type: str = "linear"
+    max_grad_norm: float = 1.0
+    seed: int = 0
+    logging_steps: int = 10
+    evaluate_before: bool = True
+
+    def __post_init__(self) -> None:
+        if self.max_steps == 0 or self.max_steps < -1:
+            raise FusionError(f"FinetuneConfig.max_steps must be >= 1 (or -1 for epochs), got {self.max_steps}.")
+        if self.max_steps == -1 and not self.num_train_epochs > 0:
+            raise FusionError(f"FinetuneConfig.num_train_epochs must be > 0, got {self.num_train_epochs}.")
+        if not self.learning_rate > 0:
+            raise FusionError(f"FinetuneConfig.learning_rate must be > 0, got {self.learning_rate}.")
+        for name in ("batch_size", "eval_batch_size", "logging_steps"):
+            if getattr(self, name) < 1:
+                raise FusionError(f"FinetuneConfig.{name} must be >= 1, got {getattr(self, name)}.")
+        if self.warmup < 0:
+            raise FusionError(f"FinetuneConfig.warmup must be >= 0 (steps, or a fraction < 1), got {self.warmup}.")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> FinetuneConfig:
+        """Builds a config from a dict, rejecting unknown keys so that typos do not pass silently."""
+        return strict_from_dict(cls, values)
+
+    def training_arguments(self, output_dir: str | Path, progress: bool = True, **overrides):
+        """`TrainingArguments` for this recipe; `overrides` are passed through (any `TrainingArguments` field)."""
+        from transformers import TrainingArguments
+
+        has_accelerator = (
+            torch.accelerator.is_available() if hasattr(torch, "accelerator") else torch.cuda.is_available()
+        )
+        values = dict(
+            output_dir=str(output_dir),
+            max_steps=self.max_steps,
+            num_train_epochs=self.num_train_epochs,
+            learning_rate=self.learning_rate,
+            per_device_train_batch_size=self.batch_size,
+            per_device_eval_batch_size=self.eval_batch_size,
+            weight_decay=self.weight_decay,
+            warmup_steps=self.warmup,
+            lr_scheduler_type=self.lr_scheduler_type,
+            max_grad_norm=self.max_grad_norm,
+            seed=self.seed,
+            logging_steps=self.logging_steps,
+            eval_strategy="no",
+            save_strategy="no",  # the final model is saved once, by the caller's output_dir
+            report_to="none",
+            disable_tqdm=not progress,
+            log_level="warning",
+            # Without an accelerator, say so: accelerate then runs several processes (torchrun) on gloo, where it
+            # would otherwise leave each process training alone. Pinning memory only helps copies to a device.
+            use_cpu=not has_accelerator,
+            dataloader_pin_memory=has_accelerator,
+        )
+        values.update(overrides)
+        return TrainingArguments(**values)
+
+
+@dataclass
+class FinetuneResult:
+    """What `finetune` produced.
+
+    Attributes:
+        model: the finetuned model (trained in place).
+        metrics_before / metrics_after: `accuracy`, `loss`, `num_examples` on the evaluation data (None without it).
+        train_loss: mean training loss over the run.
+        steps: optimiser steps taken.
+        log_history: the `Trainer`'s log entries (training loss every `logging_steps`).
+        output_dir: where the checkpoint and card were written, if anywhere.
+    """
+
+    model: PreTrainedModel
+    config: FinetuneConfig
+    metrics_before: dict[str, float] | None
+    metrics_after: dict[str, float] | None
+    train_loss: float
+    steps: int
+    log_history: list[dict[str, float]] = field(default_factory=list)
+    output_dir: Path | None = None
+
+
+def finetune(
+    model: ModelOrPath,
+    train_data,
+    eval_data=None,
+    config: FinetuneConfig | None = None,
+    *,
+    output_dir: str | Path | None = None,
+    processor=None,
+    source: str | None = None,
+    source_dir: str | Path | None = None,
+    data_name: str = "training data",
+    eval_name: str | None = None,
+    hub_datasets: list[str] | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+    **training_args,
+) -> FinetuneResult:
+    """Finetunes a sequence or image classifier with `transformers.Trainer`.
+
+    Args:
+        model: a classifier, or a checkpoint directory / Hub id (loaded as its saved class with safetensors).
+        train_data: a `datasets.Dataset` of model inputs and integer `labels` (e.g. from `encode_dataset`).
+        eval_data: optional `datasets.Dataset` scored before and after training (accuracy and loss).
+        config: the recipe; defaults to `FinetuneConfig()`.
+        output_dir: if given, the finetuned checkpoint, its processor, the source's provenance files (fusion
+            config and record), `finetune_runs.json` and the updated `README.md` card go here. They are written to
+            a sibling directory first and moved into place, so a failed run leaves no half checkpoint.
+        processor: the tokenizer or image processor saved with the checkpoint; read from `source_dir` when None.
+            A tokenizer also pads variable-length text batches.
+        source / source_dir: how the card names the model finetuned, and the directory holding its card and
+            provenance files; both default to `model` when it is a local directory.
+        data_name / eval_name: how the card names the data (a Hub id, a path, a description).
+        hub_datasets: Hub ids of the data sets used, listed under the card's `datasets:` metadata.
+        overwrite: replace a non-empty `output_dir` (refused otherwise, before any training).
+        progress: show progress bars and training-loss logs.
+        **training_args: any `TrainingArguments` field, overriding the recipe (e.g. `use_cpu=True`).
+
+    Returns:
+        A `FinetuneResult`.
+
+    Raises:
+        OutputExistsError: `output_dir` is not empty and `overwrite` is False.
+        UnsupportedTaskError: the model has no trainable classification head.
+        TrainingDataError: the data lacks the model's inputs or labels, or has labels the head does not know.
+    """
+    from transformers import PrinterCallback, Trainer
+
+    from .data import load_processor
+    from .fusion import load_parent
+
+    config = config or FinetuneConfig()
+    if output_dir is not None:
+        check_output_dir(Path(output_dir), overwrite)
+    if isinstance(model, str | Path):
+        source = source or str(model)
+        source_dir = source_dir or (model if Path(model).is_dir() else None)
+    source_dir = Path(source_dir) if source_dir is not None else None
+    model = load_parent(model)
+    check_trainable(model)
+    check_dataset(train_data, model)
+    if eval_data is not None:
+        check_dataset(eval_data, model)
+    if processor is None and source_dir is not None:
+        processor = load_processor(source_dir)
+
+    scratch = None
+    if output_dir is None:  # the Trainer insists on a directory even when it saves nothing
+        scratch = tempfile.mkdtemp(prefix="otfusion-finetune-")
+    args = config.training_arguments(output_dir or scratch, progress, **training_args)
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=train_data,
+        eval_dataset=eval_data,
+        data_collator=data_collator(processor),
+        processing_class=processor,
+        compute_metrics=compute_accuracy,
+    )
+    if not progress:
+        trainer.remove_callback(PrinterCallback)
+    # Scores come from `evaluate_model`, not `Trainer.evaluate`: calling the latter before `train()` under DDP
+    # leaves the model unwrapped, so the processes would train apart, and its loss averages padded batches.
+    score = functools.partial(evaluate_model, dataset=eval_data, processor=processor, batch_size=config.eval_batch_size)
+    try:
+        before = score(model) if eval_data is not None and config.evaluate_before else None
+        train_output = trainer.train()
+        after = score(trainer.model) if eval_data is not None else None
+    finally:
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
+    result = FinetuneResult(
+        model=trainer.model,
+        config=config,
+        metrics_before=before,
+        metrics_after=after,
+        train_loss=float(train_output.training_loss),
+        steps=int(train_output.global_step),
+        log_history=[entry for entry in trainer.state.log_history if "loss" in entry],
+        output_dir=Path(output_dir) if output_dir is not None else None,
+    )
+    if output_dir is not None:
+        out = Path(output_dir)
+        staging = out.parent / f".{out.name}.partial"  # the same name on every process; only the main one writes
+        if trainer.is_world_process_zero():
+            shutil.rmtree(staging, ignore_errors=True)
+        trainer.save_model(str(staging))  # writes on the main process only, unwrapped from any DDP wrapper
+        if trainer.is_world_process_zero():
+            # the Trainer also pickles its arguments; the JSON run record says the same without pickle
+            (staging / "training_args.bin").unlink(missing_ok=True)
+            run = run_record(result, source, data_name, len(train_data), eval_name, eval_data, args.world_size)
+            run["hub_datasets"] = list(hub_datasets or [])
+            write_provenance(staging, source_dir, run)
+            update_model_card(source_dir / "README.md" if source_dir else None, run, model).save(
+                str(staging / "README.md")
+            )
+            if out.exists():
+                shutil.rmtree(out)
+            staging.rename(out)
+    return result
+
+
+def check_output_dir(out: Path, overwrite: bool) -> None:
+    """Raises `OutputExistsError` for an existing non-empty output directory unless `overwrite`."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise OutputExistsError(
+            f"Output directory {out} exists and is not empty; choose another path or pass overwrite=True "
+            "(--overwrite) to replace it."
+        )
+
+
+def check_trainable(model: PreTrainedModel) -> None:
+    """Raises `UnsupportedTaskError` unless the model is a classifier that computes a loss from `labels`."""
+    check_classifier(model)
+    if type(model).__name__.endswith("WithTeacher"):
+        raise UnsupportedTaskError(
+            f"{type(model).__name__} takes no labels (its distillation head is trained against a teacher). "
+            "Finetune it as DeiTForImageClassification.from_pretrained(<checkpoint>), which keeps the backbone and "
+            "the class head."
+        )
+
+
+def compute_accuracy(eval_prediction) -> dict[str, float]:
+    """`Trainer.compute_metrics`: accuracy of the argmax of the logits, through the shipped `evaluate` module."""
+    logits = eval_prediction.predictions
+    logits = logits[0] if isinstance(logits, tuple) else logits
+    return load_metric("accuracy").compute(
+        predictions=np.asarray(logits).argmax(-1), references=np.asarray(eval_prediction.label_ids)
+    )
+
+
+def run_record(
+    result: FinetuneResult, source, data_name, num_train, eval_name, eval_data, world_size: int
+) -> dict[str, Any]:
+    """The finetuning run as a JSON-safe dict: what the card shows and `finetune_runs.json` keeps."""
+    from . import __version__
+
+    return {
+        "source": source,
+        "train_data": data_name,
+        "train_examples": num_train,
+        "eval_data": (eval_name or "evaluation data") if eval_data is not None else None,
+        "eval_examples": len(eval_data) if eval_data is not None else None,
+        "steps": result.steps,
+        "global_batch_size": result.config.batch_size * world_size,
+        "processes": world_size,
+        "train_loss": result.train_loss,
+        "before": result.metrics_before,
+        "after": result.metrics_after,
+        "config": result.config.to_dict(),
+        "hf_otfusion_version": __version__,
+    }
+
+
+def write_provenance(output_dir: Path, source_dir: Path | None, run: dict[str, Any]) -> None:
+    """Copies the source's provenance files and appends this run to `finetune_runs.json`."""
+    runs: list[dict[str, Any]] = []
+    if source_dir is not None:
+        for name in PROVENANCE_FILES:
+            if (source_dir / name).is_file() and name != RUNS_FILE:
+                shutil.copyfile(source_dir / name, output_dir / name)
+        if (source_dir / RUNS_FILE).is_file():
+            runs = json.loads((source_dir / RUNS_FILE).read_text())
+    (output_dir / RUNS_FILE).write_text(json.dumps([*runs, run], indent=1) + "\n")
+
+
+def update_model_card(card_path: str | Path | None, run: dict[str, Any], model: PreTrainedModel):
+    """The model card with a finetuning section and results appended; everything already in it is kept.
+
+    Args:
+        card_path: the source checkpoint's `README.md` (for a fused model: the fusion card with its parents and
+            config), or None to start a new card.
+        run: the run record from `run_record`.
+        model: the finetuned model; fills `pipeline_tag` when the card has none.
+
+    Returns:
+        A `huggingface_hub.ModelCard`; save it with `card.save(path)`.
+    """
+    from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+    if card_path is not None and Path(card_path).is_file():
+        card = ModelCard.load(str(card_path))
+    else:
+        card = ModelCard(f"---\n{ModelCardData(library_name='transformers').to_yaml()}\n---\n")
+    data = card.data
+    data.tags = list(dict.fromkeys([*(data.tags or []), "hf-otfusion", "finetuned"]))
+    data.library_name = data.library_name or "transformers"
+    if run.get("hub_datasets"):
+        data.datasets = list(dict.fromkeys([*(data.datasets or []), *run["hub_datasets"]]))
+    data.pipeline_tag = data.pipeline_tag or pipeline_and_auto_class(type(model).__name__, model.config.model_type)[0]
+    if run["after"] is not None:
+        data.model_name = data.model_name or "finetuned-model"
+        results = list(data.eval_results or [])
+        for metric in ("accuracy", "loss"):
+            results.append(
+                EvalResult(
+                    task_type=data.pipeline_tag,
+                    dataset_type=run["eval_data"],
+                    dataset_name=run["eval_data"],
+                    metric_type=metric,
+                    metric_name=f"{metric} after finetuning",
+                    metric_value=round(float(run["after"][metric]), 6),
+                )
+            )
+        data.eval_results = results
+    previous = card.text.count("\n## Finetuning")
+    heading = "## Finetuning" if previous == 0 else f"## Finetuning (run {previous + 1})"
+    card.text = card.text.rstrip() + "\n\n" + finetuning_section(heading, run) + "\n"
+    return card
+
+
+def finetuning_section(heading: str, run: dict[str, Any]) -> str:
+    """Markdown for one finetuning run: data, steps and the before/after scores."""
+    config = run["config"]
+    lines = [
+        heading,
+        "",
+        f"Finetuned with `hf_otfusion.finetune` (transformers `Trainer`, hf_otfusion {run['hf_otfusion_version']})"
+        + (f" from `{run['source']}`." if run["source"] else "."),
+        "",
+        f"- Training data: {run['train_data']} ({run['train_examples']} examples)",
+    ]
+    if run["eval_data"] is not None:
+        lines.append(f"- Evaluation data: {run['eval_data']} ({run['eval_examples']} examples)")
+    lines += [
+        f"- Steps: {run['steps']} optimiser steps of {run['global_batch_size']} examples "
+        f"({run['processes']} process{'es' if run['processes'] > 1 else ''}), learning rate "
+        f"{config['learning_rate']:g} ({config['lr_scheduler_type']}, warmup {config['warmup']:g}), "
+        f"weight decay {config['weight_decay']:g}, seed {config['seed']}",
+        f"- Mean training loss: {run['train_loss']:.4f}",
+    ]
+    if run["after"] is not None:
+        lines += ["", "| | accuracy | loss |", "|---|---:|---:|"]
+        for label, key in (("before finetuning", "before"), ("after finetuning", "after")):
+            if run[key] is not None:
+                lines.append(f"| {label} | {100 * run[key]['accuracy']:.2f} % | {run[key]['loss']:.4f} |")
+    lines += ["", "```json", json.dumps(config, indent=1, sort_keys=True), "```"]
+    return "\n".join(lines)

@@ -1,0 +1,541 @@
+"""Parents from the Hub or disk, checked before any weight download; and pushing a finished fusion to the Hub.
+
+The order matters for users with large parents on slow links: every revision is first pinned to its commit SHA,
+then only `config.json` and the safetensors headers are read (`HfApi.get_safetensors_metadata` uses a Range
+request), and the parents are checked against the alignment spec on meta-device models built from those
+configs. Only when all of that passes are the weights downloaded, pinned to the SHAs, so the fused checkpoint can
+be rebuilt bit for bit from what the model card records.
+
+Safety: weights load from safetensors only (pickle `.bin` files run code when loaded, refused unless
+`allow_pickle`), and `trust_remote_code` is never passed unless the caller asked for it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shlex
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+from transformers import PreTrainedModel
+
+from .compatibility import check_compatible, check_same_model_type
+from .config import FusionConfig
+from .data import is_repo_id
+from .errors import (
+    CorruptCheckpointError,
+    FusionError,
+    ParentNotFoundError,
+    PushError,
+    UnknownRevisionError,
+    UnsafeCheckpointError,
+    UnsupportedArchitectureError,
+)
+from .plan import FusionPlan, resolve_plan
+from .spec import available_specs
+
+logger = logging.getLogger(__name__)
+
+SAFETENSORS_FILE, SAFETENSORS_INDEX = "model.safetensors", "model.safetensors.index.json"
+PICKLE_FILE, PICKLE_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
+#: Files that make up a tokenizer or image processor; the anchor's are copied next to the fused weights.
+PROCESSOR_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.txt",
+    "vocab.json", "merges.txt", "spiece.model", "sentencepiece.bpe.model", "tokenizer.model",
+    "preprocessor_config.json", "processor_config.json", "image_processor_config.json", "chat_template.jinja",
+)  # fmt: skip
+
+
+@dataclass
+class WeightFile:
+    """One weight file of a parent: its name in the repo, its size, and (once downloaded) its sha256."""
+
+    name: str
+    size: int
+    sha256: str | None = None
+
+
+@dataclass
+class Parent:
+    """A parent checkpoint, resolved: where it lives, the exact commit, its config and weight files.
+
+    Attributes:
+        source: the string given by the user (`user/model@rev` or a directory).
+        repo_id / revision / commit: for Hub parents: the repo, the requested revision (`None` = default
+            branch) and the commit SHA it resolved to.
+        path: for local parents: the directory.
+        config: the parsed `config.json`.
+        weight_format: `safetensors` or `pickle` (only with `allow_pickle`).
+        weight_files: the weight files to load (shards listed by an index file are listed themselves).
+        processor_files: tokenizer / image-processor files present in the checkpoint.
+        num_parameters: tensor elements counted from the safetensors headers (`None` for pickle weights).
+        license: the `license` of the parent's model card, when it has one.
+        directory: where the files are on disk: the local directory, or the download snapshot once fetched.
+    """
+
+    source: str
+    repo_id: str | None = None
+    revision: str | None = None
+    commit: str | None = None
+    path: Path | None = None
+    config: dict[str, Any] = field(default_factory=dict)
+    weight_format: str = "safetensors"
+    weight_files: list[WeightFile] = field(default_factory=list)
+    processor_files: list[str] = field(default_factory=list)
+    num_parameters: int | None = None
+    license: str | None = None
+    directory: Path | None = None
+
+    @property
+    def on_hub(self) -> bool:
+        return self.repo_id is not None
+
+    @property
+    def pinned(self) -> str:
+        """How to name exactly this checkpoint again: `repo@sha` for Hub parents, the directory otherwise."""
+        return f"{self.repo_id}@{self.commit}" if self.on_hub else str(self.path)
+
+    @property
+    def name(self) -> str:
+        return self.repo_id if self.on_hub else str(self.path)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The provenance record: identity, commit and per-file sha256 (not the config, which the card summarises)."""
+        record = asdict(self)
+        record.pop("config")
+        record.pop("directory")
+        record["path"] = str(self.path) if self.path else None
+        record["architecture"] = (self.config.get("architectures") or [None])[0]
+        record["model_type"] = self.config.get("model_type")
+        return record
+
+
+@dataclass
+class Preflight:
+    """What pre-flight learned: the parents, the anchor's resolved plan, and what fusing them will take."""
+
+    parents: list[Parent]
+    anchor: int
+    plan: FusionPlan
+    download_bytes: int
+
+    def describe(self, config: FusionConfig) -> str:
+        """The plan as text, for `--dry-run`."""
+        anchor = self.parents[self.anchor]
+        lines = ["Parents (pinned):"]
+        for k, parent in enumerate(self.parents):
+            role = "anchor" if k == self.anchor else f"parent {k}"
+            params = f"{parent.num_parameters:,} params" if parent.num_parameters is not None else "pickle weights"
+            files = ", ".join(f"{w.name} ({w.size:,} B)" for w in parent.weight_files)
+            lines.append(f"  [{role}] {parent.pinned}  {parent.config.get('architectures', ['?'])[0]}, {params}")
+            lines.append(f"           {files}")
+        groups: dict[str, list[int]] = {}
+        for space in self.plan.spaces.values():
+            groups.setdefault(space.name.split(".")[0], []).append(space.size)
+        spaces = ", ".join(
+            f"{kind} {len(sizes)} x {'/'.join(str(v) for v in sorted(set(sizes)))}" for kind, sizes in groups.items()
+        )
+        lines += [
+            f"Architecture: {self.plan.architecture} ({self.plan.model_type}, {self.plan.num_layers} layers); "
+            f"the fused model takes the anchor's config ({anchor.name}).",
+            f"Spaces to align: {spaces}",
+            f"Fusion: method={config.method} cost={config.cost} solver={config.solver} reg={config.reg} "
+            f"residual={config.residual} heads={config.heads} weights={config.normalised_weights(len(self.parents))}",
+            f"To download: {self.download_bytes:,} bytes of weights (nothing downloaded yet).",
+        ]
+        return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------- resolution
+def resolve_parent(source: str, *, allow_pickle: bool = False, trust_remote_code: bool = False) -> Parent:
+    """Pins a parent (`user/model[@revision]` or a local directory) and reads its config and weight headers.
+
+    Nothing but `config.json` and the first bytes of each safetensors file (its header) is fetched.
+
+    Raises:
+        ParentNotFoundError: no such local directory or Hub repository.
+        UnknownRevisionError: the repository has no such branch, tag or commit.
+        UnsafeCheckpointError: only pickle weights (without `allow_pickle`), or remote code (without
+            `trust_remote_code`).
+        CorruptCheckpointError: no config.json, no weights, or an unreadable / truncated safetensors header.
+    """
+    path = Path(source).expanduser()
+    if path.is_dir():
+        parent = _resolve_local(source, path, allow_pickle)
+    else:
+        repo_id, _, revision = source.partition("@")
+        if path.exists() or not is_repo_id(repo_id) or source.startswith((".", "/", "~")):
+            raise ParentNotFoundError(
+                f"Parent {source!r} is not a checkpoint directory and not a Hub model id (`user/model` or "
+                "`user/model@revision`); check the path or the id."
+            )
+        parent = _resolve_hub(source, repo_id, revision or None, allow_pickle)
+    _check_remote_code(parent, trust_remote_code)
+    return parent
+
+
+def _resolve_local(source: str, path: Path, allow_pickle: bool) -> Parent:
+    config_path = path / "config.json"
+    if not config_path.is_file():
+        raise CorruptCheckpointError(
+            f"Parent {source!r} has no config.json; point to a directory written by save_pretrained."
+        )
+    files = sorted(p.name for p in path.iterdir() if p.is_file())
+    parent = Parent(source=source, path=path.resolve(), config=_read_json(config_path, source))
+    parent.weight_format, names = _weight_names(
+        source, files, allow_pickle, lambda name: _read_json(path / name, source)
+    )
+    parent.weight_files = [WeightFile(name, (path / name).stat().st_size) for name in names]
+    parent.processor_files = [name for name in files if name in PROCESSOR_FILES]
+    if parent.weight_format == "safetensors":
+        parent.num_parameters = sum(_verify_safetensors(path / name, source) for name in names)
+    parent.directory = parent.path
+    parent.license = _card_license(path / "README.md")
+    return parent
+
+
+def _resolve_hub(source: str, repo_id: str, revision: str | None, allow_pickle: bool) -> Parent:
+    from huggingface_hub import HfApi, hf_hub_download
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        NotASafetensorsRepoError,
+        OfflineModeIsEnabled,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+        SafetensorsParsingError,
+    )
+
+    api = HfApi()
+    try:
+        info = api.model_info(repo_id, revision=revision, files_metadata=True)
+    except RevisionNotFoundError as error:
+        raise UnknownRevisionError(
+            f"Parent {repo_id} has no revision {revision!r}; give an existing branch, tag or commit SHA after '@'."
+        ) from error
+    except RepositoryNotFoundError as error:
+        raise ParentNotFoundError(
+            f"Parent {source!r}: no local directory of that name, and the Hub has no model repository {repo_id!r} "
+            "(or it is private or gated: log in with `hf auth login` or set HF_TOKEN)."
+        ) from error
+    except OfflineModeIsEnabled as error:
+        raise ParentNotFoundError(
+            f"Parent {source!r} is a Hub id but Hub access is disabled (HF_HUB_OFFLINE); unset it or use a local "
+            "directory."
+        ) from error
+    commit = info.sha
+    sizes = {s.rfilename: s.size for s in info.siblings or []}
+    parent = Parent(source=source, repo_id=repo_id, revision=revision, commit=commit)
+    try:
+        config_path = hf_hub_download(repo_id, "config.json", revision=commit)
+    except EntryNotFoundError as error:
+        raise CorruptCheckpointError(
+            f"Parent {repo_id}@{commit[:8]} has no config.json; it is not a transformers checkpoint."
+        ) from error
+    parent.config = _read_json(Path(config_path), source)
+
+    def read_index(name: str) -> dict:
+        return _read_json(Path(hf_hub_download(repo_id, name, revision=commit)), source)
+
+    parent.weight_format, names = _weight_names(source, sorted(sizes), allow_pickle, read_index)
+    parent.weight_files = [WeightFile(name, int(sizes.get(name) or 0)) for name in names]
+    parent.processor_files = [name for name in sorted(sizes) if name in PROCESSOR_FILES]
+    if "README.md" in sizes:
+        parent.license = _card_license(Path(hf_hub_download(repo_id, "README.md", revision=commit)))
+    if parent.weight_format == "safetensors":
+        try:
+            metadata = api.get_safetensors_metadata(repo_id, revision=commit)
+        except (SafetensorsParsingError, NotASafetensorsRepoError) as error:
+            raise CorruptCheckpointError(
+                f"Parent {repo_id}@{commit[:8]}: cannot read the safetensors header(s): {error}. The file is corrupt "
+                "or not safetensors; re-upload it (save_pretrained writes valid files)."
+            ) from error
+        count = 0
+        for weight in parent.weight_files:
+            if weight.name.endswith(".json"):
+                continue  # the shard index; its shards are listed themselves
+            header = metadata.files_metadata.get(weight.name)
+            if header is None:
+                raise CorruptCheckpointError(f"Parent {parent.pinned}: no safetensors header for {weight.name}.")
+            data_end = max((t.data_offsets[1] for t in header.tensors.values()), default=0)
+            if weight.size and weight.size < data_end + 8:
+                raise CorruptCheckpointError(
+                    f"Parent {parent.pinned}: {weight.name} is {weight.size} bytes but its header describes "
+                    f"{data_end} bytes of tensor data; the file is truncated, re-upload it."
+                )
+            count += sum(t.parameter_count for t in header.tensors.values())
+        parent.num_parameters = count
+    return parent
+
+
+def _weight_names(source: str, files: list[str], allow_pickle: bool, read_index) -> tuple[str, list[str]]:
+    """The weight format and the weight files to fetch (an index file plus its shards, or one file)."""
+    for fmt, single, index in (
+        ("safetensors", SAFETENSORS_FILE, SAFETENSORS_INDEX),
+        ("pickle", PICKLE_FILE, PICKLE_INDEX),
+    ):
+        if index in files:
+            names = [index, *sorted(set(read_index(index).get("weight_map", {}).values()))]
+        elif single in files:
+            names = [single]
+        else:
+            continue
+        if fmt == "pickle" and not allow_pickle:
+            raise UnsafeCheckpointError(
+                f"Parent {source!r} has only pickle weights ({names[0]}); unpickling can run arbitrary code. Convert "
+                "it to safetensors (load it and save_pretrained it), or pass --allow-pickle (allow_pickle=True) if "
+                "you trust its author."
+            )
+        missing = [name for name in names if name not in files]
+        if missing:
+            raise CorruptCheckpointError(f"Parent {source!r}: {index} lists shard(s) {missing} that are not there.")
+        return fmt, names
+    raise CorruptCheckpointError(
+        f"Parent {source!r} has no {SAFETENSORS_FILE} (nor a sharded {SAFETENSORS_INDEX}); files: {files[:20]}."
+    )
+
+
+def _verify_safetensors(path: Path, source: str) -> int:
+    """Number of tensor elements in a local safetensors file; opening it checks the header and the file length."""
+    from safetensors import SafetensorError, safe_open
+
+    if path.suffix == ".json":
+        return 0
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            total = 0
+            for name in handle.keys():
+                shape = handle.get_slice(name).get_shape()
+                total += int(torch.Size(shape).numel())
+            return total
+    except SafetensorError as error:
+        raise CorruptCheckpointError(
+            f"Parent {source!r}: {path.name} is not a valid safetensors file ({error}); it is corrupt or truncated, "
+            "write it again with save_pretrained or re-download it."
+        ) from error
+
+
+def _read_json(path: Path, source: str) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise CorruptCheckpointError(f"Parent {source!r}: cannot read {path.name}: {error}") from error
+
+
+def _card_license(readme: Path) -> str | None:
+    """The `license` in a model card's front matter (an unreadable card just means "unknown")."""
+    import yaml
+    from huggingface_hub import metadata_load
+
+    try:
+        license = (metadata_load(readme) or {}).get("license") if readme.is_file() else None
+    except (OSError, ValueError, yaml.YAMLError):
+        return None
+    return str(license) if license else None
+
+
+def _check_remote_code(parent: Parent, trust_remote_code: bool) -> None:
+    architecture = (parent.config.get("architectures") or [None])[0]
+    if parent.config.get("auto_map") and not hasattr(transformers, str(architecture)) and not trust_remote_code:
+        raise UnsafeCheckpointError(
+            f"Parent {parent.name} needs remote code ({architecture} is defined in the repository, not in "
+            "transformers); running it executes that code. Pass --trust-remote-code (trust_remote_code=True) only "
+            "if you have read it."
+        )
+
+
+# -------------------------------------------------------------------------------------------- pre-flight
+def preflight(
+    sources: list[str],
+    config: FusionConfig,
+    *,
+    allow_pickle: bool = False,
+    trust_remote_code: bool = False,
+) -> Preflight:
+    """Resolves every parent and checks they can be fused, from configs and headers only (no weights fetched).
+
+    The spec is resolved on meta-device models built from the configs, and `check_compatible` runs on those, so
+    depth, vocabulary, label set and unaligned-shape mismatches surface before any download.
+
+    Raises:
+        FusionError: any `resolve_parent` error, or an `IncompatibleModelsError` / `UnsupportedArchitectureError`
+            naming the parent and the fix.
+    """
+    if len(sources) < 2:
+        raise FusionError(f"Fusion needs at least 2 parents, got {len(sources)}.")
+    if not 0 <= config.anchor < len(sources):
+        raise FusionError(f"FusionConfig.anchor={config.anchor} is out of range for {len(sources)} parents.")
+    config.normalised_weights(len(sources))  # fails early on a wrong number of weights
+    parents = [resolve_parent(s, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code) for s in sources]
+    models = [_meta_model(parent, trust_remote_code) for parent in parents]
+    check_same_model_type(models)
+    plans = [resolve_plan(model) for model in models]
+    check_compatible(models, plans, config.anchor)
+    download = sum(w.size for p in parents if p.on_hub for w in p.weight_files)
+    return Preflight(parents=parents, anchor=config.anchor, plan=plans[config.anchor], download_bytes=download)
+
+
+def _model_class(parent: Parent, trust_remote_code: bool) -> type[PreTrainedModel]:
+    architecture = (parent.config.get("architectures") or [None])[0]
+    model_class = getattr(transformers, str(architecture), None)
+    if model_class is None and trust_remote_code:
+        from transformers.dynamic_module_utils import get_class_from_dynamic_module
+
+        auto_map = parent.config.get("auto_map") or {}
+        reference = next((v for v in auto_map.values() if str(v).endswith(f".{architecture}")), None)
+        if reference is not None:
+            model_class = get_class_from_dynamic_module(
+                reference, parent.repo_id or str(parent.path), revision=parent.commit
+            )
+    if model_class is None:
+        raise UnsupportedArchitectureError(
+            f"Parent {parent.name} names architecture {architecture!r} in its config.json, which transformers does "
+            f"not provide; fusion supports {available_specs()} model types with their transformers classes."
+        )
+    return model_class
+
+
+def _meta_model(parent: Parent, trust_remote_code: bool) -> PreTrainedModel:
+    """The parent's model with its config's shapes and no storage: enough to resolve the spec and compare shapes."""
+    model_type = parent.config.get("model_type")
+    if model_type not in available_specs():
+        raise UnsupportedArchitectureError(
+            f"Parent {parent.name} is a {model_type!r} model; fusion specs exist for {available_specs()}. Add a spec "
+            "file for this model type (see hf_otfusion/specs)."
+        )
+    model_class = _model_class(parent, trust_remote_code)
+    config = transformers.AutoConfig.for_model(**parent.config)
+    with torch.device("meta"):
+        return model_class._from_config(config)
+
+
+# ----------------------------------------------------------------------------------------- download + load
+def download_parents(parents: list[Parent], anchor: int, *, progress: bool = True) -> None:
+    """Fetches each Hub parent's config and weights (and the anchor's processor files) pinned to its commit.
+
+    Records the sha256 of every weight file, local parents included, so the card names the exact bytes fused.
+    """
+    from huggingface_hub import snapshot_download
+
+    for k, parent in enumerate(parents):
+        if parent.on_hub:
+            patterns = ["config.json", *(w.name for w in parent.weight_files)]
+            if k == anchor:
+                patterns += parent.processor_files
+            parent.directory = Path(
+                snapshot_download(parent.repo_id, revision=parent.commit, allow_patterns=patterns)
+            )  # huggingface_hub shows its own progress bars unless they are disabled
+        for weight in parent.weight_files:
+            path = parent.directory / weight.name
+            if parent.on_hub and parent.weight_format == "safetensors":
+                _verify_safetensors(path, parent.pinned)  # a file cut short on the server or in transit
+            weight.sha256 = sha256_file(path)
+            weight.size = path.stat().st_size
+
+
+def load_parent_model(parent: Parent, *, trust_remote_code: bool = False) -> PreTrainedModel:
+    """Loads a downloaded parent as its saved class, failing if any weight is missing or has the wrong shape.
+
+    transformers fills missing weights with random values and only warns; a fused model built on such a parent
+    would be silently wrong, so here it is an error.
+    """
+    from safetensors import SafetensorError
+
+    model_class = _model_class(parent, trust_remote_code)
+    try:
+        model, info = model_class.from_pretrained(
+            str(parent.directory), use_safetensors=parent.weight_format == "safetensors", output_loading_info=True,
+            trust_remote_code=trust_remote_code,
+        )  # fmt: skip
+    except (SafetensorError, OSError, RuntimeError, ValueError) as error:
+        raise CorruptCheckpointError(f"Parent {parent.pinned} could not be loaded: {error}") from error
+    problems = {key: sorted(info.get(key) or []) for key in ("missing_keys", "mismatched_keys")}
+    problems = {key: value for key, value in problems.items() if value}
+    if problems:
+        raise CorruptCheckpointError(
+            f"Parent {parent.pinned} does not hold the weights its config describes: {problems}. The checkpoint is "
+            "incomplete or was saved from another class; re-export it with save_pretrained."
+        )
+    return model.eval()
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+# -------------------------------------------------------------------------------------------------- push
+@dataclass
+class PushResult:
+    """Where an upload landed: the commit SHA and its URLs (`pr_url` for `create_pr`)."""
+
+    repo_id: str
+    revision: str
+    commit_sha: str
+    commit_url: str
+    repo_url: str
+    pr_url: str | None = None
+
+
+def push_command(folder: str | Path, repo_id: str, *, private: bool = False, revision: str | None = None,
+                 create_pr: bool = False) -> str:  # fmt: skip
+    """The `otfusion-hub push` command line that uploads `folder` again (printed when an upload failed)."""
+    words = ["otfusion-hub", "push", str(folder), repo_id]
+    words += ["--private"] * private + (["--revision", revision] if revision else []) + ["--create-pr"] * create_pr
+    return shlex.join(words)
+
+
+def push_folder(
+    folder: str | Path,
+    repo_id: str,
+    *,
+    private: bool = False,
+    revision: str | None = None,
+    create_pr: bool = False,
+    commit_message: str | None = None,
+) -> PushResult:
+    """Creates `repo_id` if needed and uploads everything in `folder` as ONE commit.
+
+    The token is whatever huggingface_hub finds (HF_TOKEN or `hf auth login`); it is never read, written or
+    logged here.
+
+    Raises:
+        PushError: the upload failed; its message holds the `otfusion-hub push` command that retries it.
+    """
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError
+
+    folder = Path(folder)
+    retry = push_command(folder, repo_id, private=private, revision=revision, create_pr=create_pr)
+    if not (folder / "config.json").is_file():
+        raise PushError(f"{folder} holds no config.json; push a directory written by `otfusion-hub fuse`.")
+    api = HfApi()
+    try:
+        repo_url = api.create_repo(repo_id, private=private, exist_ok=True)
+        if revision and revision != "main":  # a new branch, or the base of a pull request, must exist first
+            api.create_branch(repo_id, branch=revision, exist_ok=True)
+        info = api.upload_folder(
+            repo_id=repo_id, folder_path=folder, revision=revision, create_pr=create_pr,
+            commit_message=commit_message or f"Upload fused model ({folder.name}) with hf_otfusion",
+        )  # fmt: skip
+    except (HfHubHTTPError, OSError, ValueError) as error:
+        raise PushError(
+            f"Upload of {folder} to {repo_id} failed: {_short_error(error)}\nThe fused model is kept in {folder}; "
+            f"retry the upload with:\n  {retry}"
+        ) from error
+    return PushResult(
+        repo_id=repo_id, revision=revision or "main", commit_sha=info.oid, commit_url=info.commit_url,
+        repo_url=str(repo_url), pr_url=info.pr_url,
+    )  # fmt: skip
+
+
+def _short_error(error: BaseException) -> str:
+    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__

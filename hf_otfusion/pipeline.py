@@ -1,0 +1,302 @@
+"""From parent ids to a finished, documented output directory: what `otfusion-hub fuse` runs.
+
+    pre-flight (pin SHAs, read configs + headers, check compatibility, resolve data)   <- no weights yet
+    -> download pinned weights -> load -> encode data -> fuse -> evaluate (optional)
+    -> write model + processor + fusion_config.yaml + fusion_provenance.json + README.md to a temporary
+       directory, then move it into place (a failure never leaves a half checkpoint)
+
+Pushing the finished directory is a separate step (`hub.push_folder`), so a failed upload keeps the output.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from .config import FusionConfig
+from .data import DataSource, encode_dataset, load_processor
+from .errors import DataSourceError, EmptyAlignmentDataError, FusionError, OutputExistsError
+from .hub import Parent, Preflight, download_parents, load_parent_model, preflight, resolve_parent, sha256_file
+from .provenance import CONFIG_FILE, Provenance, package_versions, reproduce_command, utc_now
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class FusePlan:
+    """Pre-flight's answer: the pinned parents (and base), the resolved data sources, the anchor's plan."""
+
+    preflight: Preflight
+    base: Parent | None
+    alignment_data: DataSource | None
+    eval_data: DataSource | None
+
+    def describe(self, config: FusionConfig, out: Path, push_to_hub: str | None) -> str:
+        """Text for `--dry-run`: what would be downloaded, fused, written and pushed."""
+        lines = [self.preflight.describe(config)]
+        if self.base is not None:
+            lines.append(f"Task-arithmetic base: {self.base.pinned}")
+        for label, source in (("Alignment data", self.alignment_data), ("Evaluation data", self.eval_data)):
+            if source is not None:
+                pinned = f"{source.repo_id}@{source.commit}" if source.kind == "hub" else source.source
+                cap = source.num_samples if source.num_samples is not None else "all"
+                lines.append(f"{label}: {pinned} ({source.kind}), split {source.split or '(default)'}, rows {cap}")
+        lines.append(f"Output: {out}" + (f", then pushed to {push_to_hub}" if push_to_hub else ""))
+        return "\n".join(lines)
+
+
+@dataclass
+class FuseJob:
+    """One `otfusion-hub fuse` run; every field is a CLI option (see `otfusion-hub fuse --help`).
+
+    Attributes:
+        parents: Hub ids (`user/model[@revision]`) or local checkpoint directories, two or more.
+        out: the output directory.
+        config: the fusion's `FusionConfig`; `config.num_samples` also caps the alignment rows drawn.
+        data / split / seed: alignment data source (Hub dataset id, `save_to_disk` dir, data dir or files), its
+            split, and the seed of the row sample.
+        text_column / image_column / label_column / max_length: how raw rows become model inputs.
+        eval_data / eval_split / eval_num_samples: optional evaluation of parents, vanilla average and fused.
+        device: where the statistics pass runs (`cpu`, `cuda`, `auto`); dtype: dtype of the saved weights.
+        max_shard_size: shard `model.safetensors` (with an index) above this size, e.g. `"2GB"`.
+        overwrite, allow_pickle, trust_remote_code: explicit permissions (all off by default).
+        repo_id: where the model will be pushed (the usage snippet of the card loads from there).
+        command: the command line, recorded in the provenance and the card.
+        progress: progress bars.
+    """
+
+    parents: list[str]
+    out: Path
+    config: FusionConfig = field(default_factory=FusionConfig)
+    data: str | None = None
+    split: str | None = None
+    seed: int = 0
+    text_column: str | None = None
+    image_column: str | None = None
+    label_column: str | None = None
+    max_length: int = 128
+    eval_data: str | None = None
+    eval_split: str | None = "test"
+    eval_num_samples: int | None = None
+    device: str | None = None
+    dtype: str | None = None
+    max_shard_size: str = "5GB"
+    overwrite: bool = False
+    allow_pickle: bool = False
+    trust_remote_code: bool = False
+    repo_id: str | None = None
+    command: str = ""
+    progress: bool = True
+
+    def check_output(self) -> None:
+        """Raises `OutputExistsError` for an existing non-empty `out` without `overwrite`."""
+        out = Path(self.out)
+        if out.exists() and (not out.is_dir() or any(out.iterdir())) and not self.overwrite:
+            raise OutputExistsError(
+                f"--out {out} exists and is not empty; choose another path or pass --overwrite to replace it."
+            )
+
+    def plan(self) -> FusePlan:
+        """Pre-flight: everything that can fail before a weight download (see `hub.preflight`)."""
+        self.check_output()
+        if self.dtype is not None and self.dtype not in DTYPES:
+            raise FusionError(f"dtype {self.dtype!r} is not one of {sorted(DTYPES)}.")
+        if self.config.needs_data and self.data is None:
+            raise EmptyAlignmentDataError(
+                f"method={self.config.method} with cost={self.config.cost} needs alignment data: pass --data (a Hub "
+                "dataset id, a save_to_disk directory, a data directory or files), or use --cost weights for a "
+                "data-free fusion."
+            )
+        flags = dict(allow_pickle=self.allow_pickle, trust_remote_code=self.trust_remote_code)
+        checked = preflight(self.parents, self.config, **flags)
+        base = resolve_parent(self.config.base, **flags) if self.config.base else None
+        alignment = None
+        if self.data is not None and self.config.needs_data:
+            alignment = DataSource.resolve(self.data, self.split, self.config.num_samples, self.seed)
+        evaluation = None
+        if self.eval_data is not None:
+            from .card import pipeline_and_auto_class
+
+            task, _ = pipeline_and_auto_class(checked.plan.architecture, checked.plan.model_type)
+            if task not in ("image-classification", "text-classification"):
+                raise FusionError(
+                    f"--eval-data scores classifiers, but the parents are {checked.plan.architecture} ({task}); "
+                    "leave --eval-data out, or fuse classification checkpoints."
+                )
+            evaluation = DataSource.resolve(self.eval_data, self.eval_split, self.eval_num_samples, self.seed)
+        return FusePlan(preflight=checked, base=base, alignment_data=alignment, eval_data=evaluation)
+
+    def run(self, plan: FusePlan | None = None):
+        """Pre-flight (unless given), download, fuse, evaluate and write `out`; returns the `FusionResult`.
+
+        Under `torchrun` / `accelerate launch` every process fuses, but only the main one writes.
+        """
+        from .distributed import is_main_process, process_state
+        from .fusion import fuse_with_diagnostics
+
+        plan = plan or self.plan()
+        parents, anchor = plan.preflight.parents, plan.preflight.anchor
+        download_parents([*parents, *([plan.base] if plan.base else [])], anchor, progress=self.progress)
+        models = [load_parent_model(p, trust_remote_code=self.trust_remote_code) for p in parents]
+        base = load_parent_model(plan.base, trust_remote_code=self.trust_remote_code) if plan.base else None
+        processor = None
+        if parents[anchor].processor_files:
+            processor = load_processor(parents[anchor].directory, trust_remote_code=self.trust_remote_code)
+        label2id = getattr(models[anchor].config, "label2id", None)
+        alignment = self._encoded(plan.alignment_data, processor, label2id)
+        result = fuse_with_diagnostics(
+            models, data=alignment, config=self.config, base=base, progress=self.progress, device=self.device
+        )
+        if not is_main_process(process_state(None)):
+            return result  # under torchrun / accelerate launch, only the main process writes the output
+        evaluation = None
+        if plan.eval_data is not None:
+            evaluation = self._evaluate(plan, models, result.model, processor, label2id)
+        if self.dtype is not None:
+            result.model.to(DTYPES[self.dtype])
+        provenance = self._provenance(plan, result, evaluation)
+        self._write(result.model, parents[anchor], provenance)
+        return result
+
+    # ------------------------------------------------------------------------------------------- steps
+    def _encoded(self, source: DataSource | None, processor, label2id):
+        if source is None:
+            return None
+        try:
+            return encode_dataset(
+                source.load(), processor, text_column=self.text_column, image_column=self.image_column,
+                label_column=self.label_column, max_length=self.max_length, label2id=label2id,
+            )  # fmt: skip
+        except DataSourceError as error:
+            if processor is not None:
+                raise
+            raise DataSourceError(
+                f"{error} The anchor ({self.parents[self.config.anchor]}) ships no tokenizer or image processor "
+                "files, so give data that already holds model inputs."
+            ) from error
+
+    def _evaluate(self, plan: FusePlan, models, fused, processor, label2id) -> dict[str, Any]:
+        """Parents, vanilla average and fused model on the same evaluation rows."""
+        from .card import FUSED_ROW, VANILLA_ROW
+        from .evaluation import evaluate_models
+        from .fusion import fuse_with_diagnostics
+
+        dataset = self._encoded(plan.eval_data, processor, label2id)
+        if "labels" not in dataset.column_names:
+            raise FusionError(f"--eval-data {self.eval_data} has no label column; name it with --label-column.")
+        rows: dict[str, Any] = {}
+        for k, (parent, model) in enumerate(zip(plan.preflight.parents, models, strict=True)):
+            rows[f"parent {k}: {parent.name}"] = model
+        if self.config.method != "vanilla":
+            vanilla = FusionConfig(method="vanilla", anchor=self.config.anchor, weights=self.config.weights)
+            rows[VANILLA_ROW] = fuse_with_diagnostics(models, config=vanilla, progress=False).model
+        rows[FUSED_ROW] = fused
+        return evaluate_models(rows, dataset, split=str(plan.eval_data.split), progress=self.progress).to_dict()
+
+    def _provenance(self, plan: FusePlan, result, evaluation) -> Provenance:
+        parents = plan.preflight.parents
+        anchor_config = parents[plan.preflight.anchor].config
+        data = plan.alignment_data.to_dict() if plan.alignment_data else None
+        data_flags = {}
+        if data is not None:
+            data_flags = {"text_column": self.text_column, "image_column": self.image_column}
+            if self.text_column or _is_text(anchor_config):
+                data_flags["max_length"] = self.max_length
+        options = {"dtype": self.dtype, "max_shard_size": self.max_shard_size}
+        return Provenance(
+            parents=[p.to_dict() for p in parents],
+            anchor=plan.preflight.anchor,
+            architecture=(anchor_config.get("architectures") or ["?"])[0],
+            model_type=str(anchor_config.get("model_type")),
+            config=self.config.to_dict(),
+            base=plan.base.to_dict() if plan.base else None,
+            alignment_data=data,
+            eval_data=plan.eval_data.to_dict() if plan.eval_data else None,
+            evaluation=evaluation,
+            diagnostics=[_plain(d.to_dict()) for d in result.diagnostics],
+            timings={k: round(float(v), 3) for k, v in result.timings.items()},
+            command=self.command,
+            reproduce=reproduce_command(
+                [p.pinned for p in parents],
+                out=Path(self.out).name,
+                base=plan.base.pinned if plan.base else None,
+                data=data,
+                data_flags=data_flags,
+                options=options,
+            ),  # fmt: skip
+            options=options,
+            versions=package_versions(),
+            created=utc_now(),
+        )
+
+    def _write(self, model, anchor: Parent, provenance: Provenance) -> None:
+        """Writes everything into a temporary sibling of `out`, then renames it into place."""
+        from .card import render_card
+
+        out = Path(self.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+        try:
+            staging.chmod(0o755)  # mkdtemp makes it private; the output is an ordinary directory
+            model.save_pretrained(staging, max_shard_size=self.max_shard_size)
+            for name in anchor.processor_files:  # the anchor's tokenizer / image processor, byte for byte
+                shutil.copyfile(anchor.directory / name, staging / name)
+            (staging / CONFIG_FILE).write_text(yaml.safe_dump(self.config.to_dict(), sort_keys=False))
+            provenance.outputs = {p.name: sha256_file(p) for p in sorted(staging.iterdir()) if _is_weight_file(p.name)}
+            provenance.save(staging)
+            card = render_card(provenance, repo_id=self.repo_id or str(out))
+            card.save(staging / "README.md")
+            self.check_output()  # nothing appeared at `out` while we were fusing
+            if out.exists():
+                shutil.rmtree(out)
+            staging.rename(out)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        logger.info("fused model written to %s", out)
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """FusionConfig fields from a YAML or JSON file (JSON is YAML); unknown keys fail in `FusionConfig.from_dict`."""
+    try:
+        values = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError) as error:
+        raise FusionError(f"Cannot read the fusion config {path}: {error}") from error
+    if not isinstance(values, dict):
+        raise FusionError(f"{path} must hold a mapping of FusionConfig fields, not {type(values).__name__}.")
+    return values
+
+
+def silence_progress_bars() -> None:
+    """Turns off the progress bars of huggingface_hub, datasets and transformers (for `-q`)."""
+    import datasets
+    import huggingface_hub
+    import transformers
+
+    huggingface_hub.utils.disable_progress_bars()
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def _is_weight_file(name: str) -> bool:
+    """`model.safetensors`, its shards (`model-00001-of-00003.safetensors`) and their index."""
+    return name.startswith("model") and (name.endswith(".safetensors") or name.endswith(".safetensors.index.json"))
+
+
+def _is_text(config: dict[str, Any]) -> bool:
+    return "vocab_size" in config and "image_size" not in config
+
+
+def _plain(record: dict[str, Any]) -> dict[str, Any]:
+    """JSON-safe copy of a diagnostics record (tuples to lists, numpy scalars to floats)."""
+    return json.loads(json.dumps(record, default=float))

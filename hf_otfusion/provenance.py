@@ -1,0 +1,129 @@
+"""`fusion_provenance.json`: everything needed to rebuild a fused checkpoint exactly, and to trust it.
+
+It records the parents pinned to commit SHAs with the sha256 of every weight file, the full `FusionConfig`, the
+alignment and evaluation data (id, commit, split, rows, seed), the evaluation table, the per-space alignment
+diagnostics, the command that ran and the one that reproduces it, and the package versions. The model card is
+rendered from this record (`hf_otfusion.card`), so the two never disagree.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import shlex
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+PROVENANCE_FILE = "fusion_provenance.json"
+CONFIG_FILE = "fusion_config.yaml"
+#: Distributions whose versions shape the result (numerics, file format, loading) and are worth recording.
+VERSIONED_PACKAGES = (
+    "hf-otfusion", "torch", "transformers", "huggingface-hub", "safetensors", "pot", "numpy", "scipy", "datasets",
+    "accelerate",
+)  # fmt: skip
+
+
+@dataclass
+class Provenance:
+    """The record behind a fused checkpoint; `to_json`/`from_json` round-trip it.
+
+    Attributes:
+        parents: one `hub.Parent.to_dict()` per parent (source, repo, revision, commit, weight files + sha256).
+        anchor: index of the parent whose config and basis the fused model has.
+        architecture / model_type: of the fused model.
+        config: `FusionConfig.to_dict()`.
+        base: the pinned shared ancestor for task arithmetic, as a parent record, or `None`.
+        alignment_data / eval_data: `data.DataSource.to_dict()` or `None`.
+        evaluation: an evaluation table (`{"split", "rows": [{"name", "accuracy", "loss", ...}]}`) or `None`.
+        diagnostics: one dict per solved space and parent (`maps.SpaceDiagnostics.to_dict()`).
+        timings: seconds per stage.
+        outputs: sha256 of each weight file written.
+        command: the command line as run; reproduce: the same fusion pinned to commit SHAs.
+        options: output options that change the written bytes (`dtype`, `max_shard_size`).
+        versions: package versions; created: UTC time of writing.
+    """
+
+    parents: list[dict[str, Any]]
+    anchor: int
+    architecture: str
+    model_type: str
+    config: dict[str, Any]
+    base: dict[str, Any] | None = None
+    alignment_data: dict[str, Any] | None = None
+    eval_data: dict[str, Any] | None = None
+    evaluation: dict[str, Any] | None = None
+    diagnostics: list[dict[str, Any]] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+    outputs: dict[str, str] = field(default_factory=dict)
+    command: str = ""
+    reproduce: str = ""
+    options: dict[str, Any] = field(default_factory=dict)
+    versions: dict[str, str] = field(default_factory=dict)
+    created: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=1) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str) -> Provenance:
+        return cls(**json.loads(text))
+
+    @classmethod
+    def load(cls, directory: str | Path) -> Provenance:
+        """Reads `fusion_provenance.json` from a fused model directory."""
+        return cls.from_json((Path(directory) / PROVENANCE_FILE).read_text())
+
+    def save(self, directory: str | Path) -> None:
+        (Path(directory) / PROVENANCE_FILE).write_text(self.to_json())
+
+
+def package_versions() -> dict[str, str]:
+    """Installed versions of the packages that shape a fusion, plus Python's."""
+    versions = {"python": platform.python_version()}
+    for name in VERSIONED_PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def utc_now() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def reproduce_command(
+    parents: list[str],
+    *,
+    out: str = "fused",
+    base: str | None = None,
+    data: dict[str, Any] | None = None,
+    data_flags: dict[str, Any] | None = None,
+    options: dict[str, Any] | None = None,
+) -> str:
+    """The `otfusion-hub fuse` command that rebuilds the checkpoint from pinned inputs and its `fusion_config.yaml`.
+
+    Args:
+        parents: pinned parents (`repo@sha` or local directories).
+        out: output directory to name in the command.
+        base: pinned shared ancestor (task arithmetic), passed as `--base`.
+        data: the alignment `DataSource` record, re-pinned to its commit for Hub data.
+        data_flags: column / length flags that shaped the encoded alignment data.
+        options: output options that change the bytes (`dtype`, `max_shard_size`).
+    """
+    words = ["otfusion-hub", "fuse", *parents, "--config", CONFIG_FILE, "--out", out]
+    if base:
+        words += ["--base", base]
+    if data:
+        source = f"{data['repo_id']}@{data['commit']}" if data.get("kind") == "hub" else data["source"]
+        words += ["--data", source, "--split", str(data["split"]), "--data-seed", str(data["seed"])]
+    for flag, value in {**(data_flags or {}), **(options or {})}.items():
+        if value is not None:
+            words += [f"--{flag.replace('_', '-')}", str(value)]
+    return shlex.join(words)

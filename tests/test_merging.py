@@ -1,0 +1,233 @@
+"""Same-base merging: interpolation, task arithmetic and RegMean, alone and after OT alignment."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+import transformers as T
+import yaml
+from conftest import build, inputs_for, outputs, relative_error
+
+from hf_otfusion import FusionConfig, fuse, fuse_with_diagnostics, permute_model
+from hf_otfusion.cli import main
+from hf_otfusion.errors import EmptyAlignmentDataError, FusionError, IncompatibleModelsError
+from hf_otfusion.gram import collect_gram_statistics, mergeable_linears
+from hf_otfusion.provenance import CONFIG_FILE
+
+
+def finetune_of(base: T.PreTrainedModel, seed: int, scale: float = 0.05) -> T.PreTrainedModel:
+    """A stand-in for a fine-tune: the base with a small random update on every parameter."""
+    child = copy.deepcopy(base)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in child.parameters():
+            param.add_(scale * torch.randn(param.shape, generator=generator))
+    return child
+
+
+def bare_encoder_of(model: T.BertForSequenceClassification) -> T.BertModel:
+    """The `BertModel` inside a classifier, as its own checkpoint (the usual base of fine-tunes)."""
+    bare = T.BertModel(model.config).eval()
+    bare.load_state_dict(model.bert.state_dict())
+    return bare
+
+
+def _inputs_of_layer(model: T.PreTrainedModel, name: str, batches: list[dict]) -> torch.Tensor:
+    """The inputs a linear layer sees over `batches`, padding tokens dropped: (tokens, in_features) float64."""
+    seen = []
+    handle = model.get_submodule(name).register_forward_pre_hook(lambda m, args: seen.append(args[0].detach()))
+    with torch.no_grad():
+        for batch in batches:
+            model(**batch)
+            x = seen.pop()
+            seen.append(x if x.ndim == 2 else x[batch["attention_mask"].bool()])
+    handle.remove()
+    return torch.cat(seen).double()
+
+
+@pytest.fixture(scope="module")
+def pair():
+    return build("bert-seqcls", seed=0), build("bert-seqcls", seed=1)
+
+
+@pytest.fixture(scope="module")
+def batches(pair):
+    return [inputs_for(pair[0], seed=s) for s in range(6)]  # 48 samples: more rows than any layer has inputs
+
+
+def test_regmean_of_a_model_with_itself_returns_that_model(pair, batches):
+    parent = pair[0]
+    fused = fuse([parent, parent], data=batches, config=FusionConfig(method="regmean"), progress=False)
+    for (name, a), (_, b) in zip(parent.named_parameters(), fused.named_parameters(), strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_regmean_linear_layers_are_the_least_squares_fit_on_the_alignment_inputs(pair, batches):
+    first, second = pair
+    fused = fuse(
+        [first, second], data=batches, config=FusionConfig(method="regmean", regmean_alpha=1.0), progress=False
+    )
+    layers = mergeable_linears(first)
+    assert len(layers) == 2 * 6 + 2  # q, k, v, attention output, intermediate, output per layer; pooler; classifier
+    for name in layers:
+        xs = [_inputs_of_layer(model, name, batches) for model in pair]
+        # min_{W,b} Σ_k ||X_k Wᵀ + b − (X_k W_kᵀ + b_k)||², solved directly on the stacked inputs
+        design = torch.cat([torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], 1) for x in xs])
+        layer_of = [model.get_submodule(name) for model in pair]
+        targets = torch.cat([x @ m.weight.double().T + m.bias.double() for m, x in zip(layer_of, xs, strict=True)])
+        solution = torch.linalg.lstsq(design, targets.detach()).solution.T  # float64 throughout
+        merged = fused.get_submodule(name)
+        got = torch.cat([merged.weight.double(), merged.bias.double()[:, None]], 1)
+        # float32 Gram products on inputs with cond up to 2e4 leave ~6e-5; alpha=0.99 instead of 1 gives > 0.2
+        assert relative_error(got, solution) < 3e-4, name
+    # the non-linear parameters (embeddings, LayerNorms) are plain averages
+    for name in ("bert.embeddings.word_embeddings.weight", "bert.encoder.layer.1.output.LayerNorm.bias"):
+        expected = (first.get_parameter(name) + second.get_parameter(name)) / 2
+        torch.testing.assert_close(fused.get_parameter(name), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_regmean_alpha_zero_weights_each_input_column_by_its_energy(pair, batches):
+    fused = fuse(list(pair), data=batches, config=FusionConfig(method="regmean", regmean_alpha=0.0), progress=False)
+    name = "bert.encoder.layer.0.output.dense"
+    energy = [(_inputs_of_layer(model, name, batches) ** 2).sum(0) for model in pair]
+    weights = [model.get_submodule(name).weight.double() for model in pair]
+    expected = (weights[0] * energy[0] + weights[1] * energy[1]) / (energy[0] + energy[1])
+    torch.testing.assert_close(fused.get_submodule(name).weight.double(), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_gram_statistics_of_shards_add_up_and_skip_padding(pair, batches):
+    model = pair[0]
+    layers = ["bert.encoder.layer.1.output.dense", "bert.pooler.dense"]
+    whole = collect_gram_statistics(model, batches, layers=layers, progress=False)
+    parts = [collect_gram_statistics(model, part, layers=layers, progress=False) for part in (batches[:2], batches[2:])]
+    summed = parts[0] + parts[1]
+    for name in layers:
+        x = _inputs_of_layer(model, name, batches)
+        assert whole.layers[name].count == summed.layers[name].count == len(x)
+        torch.testing.assert_close(whole.layers[name].gram, x.T @ x, rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(summed.layers[name].gram, whole.layers[name].gram, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(summed.layers[name].total, x.sum(0), rtol=1e-5, atol=1e-5)
+    tokens = sum(int(b["attention_mask"].sum()) for b in batches)
+    assert whole.layers[layers[0]].count == tokens < sum(b["attention_mask"].numel() for b in batches)
+
+
+def test_task_arithmetic_with_zero_scale_returns_the_base():
+    base = build("bert-seqcls", seed=5)
+    parents = [finetune_of(base, seed=s) for s in (1, 2)]
+    fused = fuse(parents, config=FusionConfig(method="task-arithmetic", scale=0.0), base=base, progress=False)
+    for (name, a), (_, b) in zip(base.named_parameters(), fused.named_parameters(), strict=True):
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-7, msg=name)
+
+
+def test_task_arithmetic_adds_scaled_task_vectors_and_averages_what_the_base_lacks():
+    tuned = build("bert-seqcls", seed=5)
+    base = bare_encoder_of(tuned)  # no classifier: the parents' heads have no ancestor
+    parents = [finetune_of(tuned, seed=s) for s in (1, 2, 3)]
+    config = FusionConfig(method="task-arithmetic", scale=0.4, weights=[1.0, 0.5, 2.0])
+    fused = fuse(parents, config=config, base=base, progress=False)
+    for name in ("bert.encoder.layer.0.attention.self.query.weight", "bert.embeddings.LayerNorm.bias"):
+        start = base.get_parameter(name.removeprefix("bert.")).double()
+        vectors = [w * (p.get_parameter(name).double() - start) for w, p in zip(config.weights, parents, strict=True)]
+        torch.testing.assert_close(fused.get_parameter(name).double(), start + 0.4 * sum(vectors), rtol=1e-6, atol=1e-6)
+    alphas = np.array(config.weights) / sum(config.weights)
+    head = sum(a * p.classifier.weight.double() for a, p in zip(alphas, parents, strict=True))
+    torch.testing.assert_close(fused.classifier.weight.double(), head, rtol=1e-6, atol=1e-6)
+
+
+def test_interpolate_is_vanilla_averaging_with_the_parent_weights():
+    parents = [build("vit-cls", seed=s) for s in (0, 1, 2)]
+    interpolated = fuse(parents, config=FusionConfig(method="interpolate", weights=[1.0, 1.0, 2.0]), progress=False)
+    vanilla = fuse(parents, config=FusionConfig(method="vanilla", weights=[1.0, 1.0, 2.0]), progress=False)
+    for (name, a), (_, b) in zip(interpolated.named_parameters(), vanilla.named_parameters(), strict=True):
+        assert torch.equal(a, b), name
+    bias = sum(w * p.classifier.bias for w, p in zip([0.25, 0.25, 0.5], parents, strict=True))
+    torch.testing.assert_close(interpolated.classifier.bias, bias, rtol=1e-6, atol=1e-7)
+
+
+def test_regmean_keeps_the_mlm_decoder_tied_to_the_word_embeddings():
+    parents = [build("bert-mlm", seed=0), build("bert-mlm", seed=1)]
+    data = [inputs_for(parents[0], seed=s) for s in range(2)]
+    fused = fuse(parents, data=data, config=FusionConfig(method="regmean"), progress=False)
+    assert fused.cls.predictions.decoder.weight is fused.bert.embeddings.word_embeddings.weight
+    average = (
+        parents[0].bert.embeddings.word_embeddings.weight + parents[1].bert.embeddings.word_embeddings.weight
+    ) / 2
+    torch.testing.assert_close(fused.cls.predictions.decoder.weight, average, rtol=1e-6, atol=1e-6)
+    assert not torch.allclose(
+        fused.cls.predictions.transform.dense.weight, parents[0].cls.predictions.transform.dense.weight
+    )
+
+
+@pytest.mark.parametrize("method", ["regmean", "interpolate"])
+def test_ot_alignment_first_merges_a_permuted_copy_back_into_its_parent(pair, batches, method):
+    parent = pair[0]
+    permuted = permute_model(parent, seed=4)
+    inputs = inputs_for(parent, seed=11)
+    config = FusionConfig(method=method, align="ot", cost="weights")
+    fused = fuse([parent, permuted], data=batches, config=config, progress=False)
+    unaligned = fuse([parent, permuted], data=batches, config=FusionConfig(method=method), progress=False)
+    assert relative_error(outputs(fused, inputs), outputs(parent, inputs)) < 1e-4
+    assert relative_error(outputs(unaligned, inputs), outputs(parent, inputs)) > 0.1
+
+
+def test_aligned_regmean_merges_a_copy_of_another_width_back_into_the_anchor(batches):
+    from test_heterogeneous import widen  # a copy with every space doubled by duplicating units (Net2Net)
+
+    anchor = build("bert-seqcls")
+    wide = widen(anchor, "bert-seqcls", "heads")
+    inputs = inputs_for(anchor, seed=5)
+    fused = fuse([anchor, wide], data=batches, config=FusionConfig(method="regmean", align="ot"), progress=False)
+    assert fused.config.intermediate_size == 48
+    assert relative_error(outputs(fused, inputs), outputs(anchor, inputs)) < 1e-4
+
+
+def test_task_arithmetic_aligns_a_permuted_base_onto_the_anchor():
+    tuned = build("bert-seqcls", seed=3)
+    parents = [finetune_of(tuned, seed=1, scale=0.02), finetune_of(tuned, seed=2, scale=0.02)]
+    base = permute_model(tuned, seed=8)
+    inputs = inputs_for(tuned, seed=2)
+    config = FusionConfig(method="task-arithmetic", align="ot", cost="weights", scale=0.5)
+    result = fuse_with_diagnostics(parents, config=config, base=base, progress=False)
+    assert set(result.maps) == {1, 2}  # parent 1 and the base (index 2)
+    average = fuse(parents, config=FusionConfig(method="interpolate"), progress=False)
+    # with scale 1/2 and two parents, an aligned base cancels out: the result is the average of the parents
+    assert relative_error(outputs(result.model, inputs), outputs(average, inputs)) < 1e-4
+    unaligned = fuse(parents, config=FusionConfig(method="task-arithmetic", scale=0.6), base=base, progress=False)
+    assert relative_error(outputs(unaligned, inputs), outputs(average, inputs)) > 0.1
+
+
+def test_same_base_methods_fail_early_with_the_fix_in_the_message(pair):
+    with pytest.raises(FusionError, match="shared ancestor"):
+        fuse(list(pair), config=FusionConfig(method="task-arithmetic"), progress=False)
+    with pytest.raises(FusionError, match="only used by method='task-arithmetic'"):
+        FusionConfig(method="regmean", base="some/model")
+    with pytest.raises(FusionError, match="use method='ot'"):
+        FusionConfig(method="vanilla", align="ot")
+    with pytest.raises(FusionError, match=r"regmean_alpha must lie in \[0, 1\]"):
+        FusionConfig(method="regmean", regmean_alpha=1.5)
+    with pytest.raises(EmptyAlignmentDataError, match="method=regmean needs alignment data"):
+        fuse(list(pair), config=FusionConfig(method="regmean"), progress=False)
+    wide = build("bert-seqcls", seed=1, intermediate_size=64)
+    with pytest.raises(IncompatibleModelsError, match="needs parents of one shape"):
+        fuse([pair[0], wide], config=FusionConfig(method="interpolate"), progress=False)
+    with pytest.raises(IncompatibleModelsError, match="not fine-tuned from this base"):
+        fuse(list(pair), config=FusionConfig(method="task-arithmetic"), base=wide, progress=False)
+
+
+def test_cli_task_arithmetic_with_a_base_checkpoint(tmp_path):
+    base = build("bert-seqcls", seed=5)
+    paths = []
+    for name, model in (("base", base), ("a", finetune_of(base, 1)), ("b", finetune_of(base, 2))):
+        model.save_pretrained(tmp_path / name)
+        paths.append(str(tmp_path / name))
+    out = tmp_path / "merged"
+    args = ["fuse", *paths[1:], "--out", str(out), "--method", "task-arithmetic", "--base", paths[0], "--scale", "0"]
+    assert main([*args, "-q"]) == 0
+    saved = yaml.safe_load((out / CONFIG_FILE).read_text())
+    assert saved["method"] == "task-arithmetic" and saved["base"] == paths[0] and saved["scale"] == 0.0
+    merged = T.BertForSequenceClassification.from_pretrained(out).eval()
+    inputs = inputs_for(base)
+    assert relative_error(outputs(merged, inputs), outputs(base, inputs)) < 1e-6
