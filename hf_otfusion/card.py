@@ -93,6 +93,7 @@ def render_card(
         data_text=_data_text(provenance),
         results_text=results_text(provenance),
         diagnostics_text=_diagnostics_text(provenance),
+        readiness_text=_readiness_text(provenance),
         auto_class=auto_class,
         repo_id=repo_id,
         otfusion_version=provenance.versions.get("hf-otfusion", ""),
@@ -203,6 +204,15 @@ def results_text(provenance: Provenance) -> str:
     ]
     lines += [f"| {row['name']} | {row['accuracy']:.4f} | {row['loss']:.4f} |" for row in rows]
     return "\n".join(lines)
+
+
+def _readiness_text(provenance: Provenance) -> str:
+    """How far apart the parents were before and after alignment, and which kind of merge suits them."""
+    if provenance.readiness is None:
+        return "Not measured for this checkpoint."
+    from .readiness import ReadinessReport
+
+    return ReadinessReport.from_dict(provenance.readiness).to_markdown()
 
 
 def _diagnostics_text(provenance: Provenance) -> str:

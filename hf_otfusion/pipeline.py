@@ -162,9 +162,17 @@ class FuseJob:
         evaluation = None
         if plan.eval_data is not None:
             evaluation = self._evaluate(plan, models, result.model, processor, label2id)
+        from .readiness import readiness_report
+
+        # the fusion's own maps when it aligned; the report solves data-free ones for unaligned methods
+        own = FusionConfig(cost="weights", solver="exact", anchor=self.config.anchor)
+        readiness = readiness_report(
+            models, config=self.config if result.maps else own, maps=result.maps or None, progress=self.progress
+        )
         if self.dtype is not None:
             result.model.to(DTYPES[self.dtype])
         provenance = self._provenance(plan, result, evaluation)
+        provenance.readiness = readiness.to_dict()
         self._write(result.model, parents[anchor], provenance)
         return result
 

@@ -39,6 +39,7 @@ class Provenance:
         alignment_data / eval_data: `data.DataSource.to_dict()` or `None`.
         evaluation: an evaluation table (`{"split", "rows": [{"name", "accuracy", "loss", ...}]}`) or `None`.
         diagnostics: one dict per solved space and parent (`maps.SpaceDiagnostics.to_dict()`).
+        readiness: the merge-readiness report of the parents (`readiness.ReadinessReport.to_dict()`) or `None`.
         timings: seconds per stage.
         outputs: sha256 of each weight file written.
         command: the command line as run; reproduce: the same fusion pinned to commit SHAs.
@@ -56,6 +57,7 @@ class Provenance:
     eval_data: dict[str, Any] | None = None
     evaluation: dict[str, Any] | None = None
     diagnostics: list[dict[str, Any]] = field(default_factory=list)
+    readiness: dict[str, Any] | None = None
     timings: dict[str, float] = field(default_factory=dict)
     outputs: dict[str, str] = field(default_factory=dict)
     command: str = ""

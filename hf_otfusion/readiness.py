@@ -101,6 +101,17 @@ class ReadinessReport:
         """Plain, JSON-safe dict (the form the model card and `--json` record)."""
         return asdict(self)
 
+    @classmethod
+    def from_dict(cls, values: dict) -> ReadinessReport:
+        """The report back from `to_dict()`, also after a JSON round trip (which turns int keys into strings)."""
+        values = dict(values)
+        values["layers"] = [WeightDistance(**row) for row in values["layers"]]
+        values["overall"] = [WeightDistance(**row) for row in values["overall"]]
+        values["units"] = [UnitMatch(**{**row, "units": tuple(row["units"])}) for row in values["units"]]
+        for key in ("identity_fraction", "correlation"):
+            values[key] = {int(parent): value for parent, value in values.get(key, {}).items()}
+        return cls(**values)
+
     def to_markdown(self) -> str:
         """The report as Markdown: recommendation, overall table, per-layer table."""
         lines = [
@@ -367,7 +378,8 @@ def readiness_report(
             "after": _unit_mean([(m.correlation_after, m.units[1]) for m in correlated]),
         }
     recommendation, methods, reason = recommend(overall, identity, shapes_differ)
-    alignment = {"cost": config.cost if data is not None else "weights", "solver": config.solver}
+    reused = maps is not None and all(k in maps for k in range(len(parents)) if k != anchor)
+    alignment = {"cost": config.cost if data is not None or reused else "weights", "solver": config.solver}
     return ReadinessReport(
         anchor, alignment, layers, overall, units, recommendation, methods, reason, identity, correlation
     )

@@ -191,9 +191,12 @@ def test_anchor_processor_is_copied_and_the_card_parses_back(parents, tmp_path):
     assert build_card_data(provenance, ["mit", "apache-2.0"], "fused").license is None  # parents disagree
     assert build_card_data(provenance, ["mit", None], "fused").license is None  # one unknown
     needles = ("| `solver` | `sinkhorn` |", sha256(out.parent / "a" / "model.safetensors"), provenance.reproduce,
-               "AutoModelForImageClassification", "| parent | layer | residual | heads | qk | vo | mlp |")  # fmt: skip
+               "AutoModelForImageClassification", "| parent | layer | residual | heads | qk | vo | mlp |",
+               "## Merge readiness", "**Recommendation: `ot`**")  # fmt: skip
     for needle in needles:
         assert needle in card.text
+    readiness = provenance.readiness  # the parents are a model and its permuted copy: far apart, aligned by OT
+    assert readiness["recommendation"] == "ot" and readiness["overall"][0]["relative_l2_after"] < 1e-3
 
 
 def test_pickle_only_parent_is_refused_unless_allowed(parents, tmp_path, capsys):

@@ -10,6 +10,7 @@ from test_merging import finetune_of
 
 from hf_otfusion import FusionConfig, fuse_with_diagnostics, permute_model, readiness_report
 from hf_otfusion.cli import main
+from hf_otfusion.readiness import ReadinessReport
 
 
 @pytest.fixture(scope="module")
@@ -32,6 +33,7 @@ def test_permuted_copy_is_far_before_alignment_and_identical_after(parent):
     correlation = report.correlation[1]
     assert correlation["after"] > 1 - 1e-6 and correlation["before"] < 0.5
     assert report.recommendation == "ot" and "permuted" in report.reason
+    assert ReadinessReport.from_dict(json.loads(json.dumps(report.to_dict()))) == report  # as the card stores it
 
 
 def test_finetunes_of_one_base_get_a_same_base_method(parent):
