@@ -205,7 +205,12 @@ class FuseJob:
         rows: dict[str, Any] = {}
         for k, (parent, model) in enumerate(zip(plan.preflight.parents, models, strict=True)):
             rows[f"parent {k}: {parent.name}"] = model
-        if self.config.method != "vanilla":
+        same_shapes = all(
+            dict(model.named_parameters()).keys() == dict(models[0].named_parameters()).keys()
+            and all(p.shape == q.shape for p, q in zip(model.parameters(), models[0].parameters(), strict=True))
+            for model in models
+        )
+        if self.config.method != "vanilla" and same_shapes:  # parents of different widths have no plain average
             vanilla = FusionConfig(method="vanilla", anchor=self.config.anchor, weights=self.config.weights)
             rows[VANILLA_ROW] = fuse_with_diagnostics(models, config=vanilla, progress=False).model
         rows[FUSED_ROW] = fused

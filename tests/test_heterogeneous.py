@@ -221,3 +221,21 @@ def test_cli_target_flag_writes_the_target_config(tmp_path):
         "hidden_size": 24, "intermediate_size": 32, "num_attention_heads": 4,
     }  # fmt: skip
     assert T.AutoModelForImageClassification.from_pretrained(out).config.hidden_size == 24
+
+
+def test_cli_evaluation_of_parents_of_different_widths_has_no_vanilla_row(tmp_path):
+    from datasets import Dataset, DatasetDict
+
+    paths = [tmp_path / "a", tmp_path / "b"]
+    anchor = build("vit-cls", seed=0)
+    anchor.save_pretrained(paths[0])
+    build("vit-cls", seed=1, hidden_size=48, num_attention_heads=6).save_pretrained(paths[1])
+    inputs = inputs_for(anchor, batch=6)
+    labels = [i % anchor.config.num_labels for i in range(6)]
+    rows = Dataset.from_dict({"pixel_values": inputs["pixel_values"].numpy(), "labels": labels})
+    DatasetDict({"test": rows}).save_to_disk(str(tmp_path / "eval"))  # --eval-data reads the test split
+    out = tmp_path / "fused"
+    args = ["fuse", *map(str, paths), "--out", str(out), "--cost", "weights", "--eval-data", str(tmp_path / "eval")]
+    assert main([*args, "-q"]) == 0
+    rows = [row["name"] for row in json.loads((out / "fusion_provenance.json").read_text())["evaluation"]["rows"]]
+    assert len(rows) == 3 and rows[-1] == "fused" and not any("vanilla" in name for name in rows)
