@@ -287,7 +287,7 @@ def _add_data_options(group, default_split: str | None) -> None:
 
 
 def _add_finetune_parser(commands) -> None:
-    from .finetune import FinetuneConfig
+    from .config import FinetuneConfig  # not .finetune: building the parser must not import torch
 
     finetune = commands.add_parser(
         "finetune",

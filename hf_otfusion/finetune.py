@@ -9,7 +9,6 @@ appended, so the card tells how the model was made from end to end.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 import shutil
@@ -19,12 +18,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from transformers import PreTrainedModel
 
 from .card import pipeline_and_auto_class
-from .config import strict_from_dict
-from .errors import FusionError, OutputExistsError, UnsupportedTaskError
+from .config import FinetuneConfig  # FinetuneConfig re-exported: hf_otfusion.finetune API
+from .errors import OutputExistsError, UnsupportedTaskError
 from .evaluation import check_classifier, check_dataset, data_collator, evaluate_model
 from .metrics import load_metric
 from .provenance import CONFIG_FILE, PROVENANCE_FILE
@@ -34,93 +32,6 @@ ModelOrPath = PreTrainedModel | str | Path
 RUNS_FILE = "finetune_runs.json"
 # Files next to a checkpoint that describe how it was made; copied to the finetuned checkpoint unchanged.
 PROVENANCE_FILES = (PROVENANCE_FILE, CONFIG_FILE, RUNS_FILE)
-
-
-@dataclass
-class FinetuneConfig:
-    """The training recipe: the `TrainingArguments` that matter for a short finetune, with their defaults.
-
-    Args:
-        max_steps: number of optimiser steps; `-1` trains for `num_train_epochs` instead.
-        num_train_epochs: epochs when `max_steps` is -1.
-        learning_rate: peak learning rate (AdamW).
-        batch_size: examples per step and process (the global batch is this times the number of processes).
-        eval_batch_size: examples per evaluation batch and process.
-        weight_decay: AdamW weight decay.
-        warmup: linear warmup, in steps (>= 1) or as a fraction of all steps (< 1).
-        lr_scheduler_type: any `transformers` scheduler name (`linear`, `cosine`, `constant`, ...).
-        max_grad_norm: gradient clipping norm.
-        seed: seed of data order, dropout and any freshly initialised weights.
-        logging_steps: steps between two training-loss log entries.
-        evaluate_before: also evaluate before training, so the card shows what finetuning changed.
-    """
-
-    max_steps: int = 100
-    num_train_epochs: float = 1.0
-    learning_rate: float = 5e-5
-    batch_size: int = 32
-    eval_batch_size: int = 128
-    weight_decay: float = 0.0
-    warmup: float = 0.0
-    lr_scheduler_type: str = "linear"
-    max_grad_norm: float = 1.0
-    seed: int = 0
-    logging_steps: int = 10
-    evaluate_before: bool = True
-
-    def __post_init__(self) -> None:
-        if self.max_steps == 0 or self.max_steps < -1:
-            raise FusionError(f"FinetuneConfig.max_steps must be >= 1 (or -1 for epochs), got {self.max_steps}.")
-        if self.max_steps == -1 and not self.num_train_epochs > 0:
-            raise FusionError(f"FinetuneConfig.num_train_epochs must be > 0, got {self.num_train_epochs}.")
-        if not self.learning_rate > 0:
-            raise FusionError(f"FinetuneConfig.learning_rate must be > 0, got {self.learning_rate}.")
-        for name in ("batch_size", "eval_batch_size", "logging_steps"):
-            if getattr(self, name) < 1:
-                raise FusionError(f"FinetuneConfig.{name} must be >= 1, got {getattr(self, name)}.")
-        if self.warmup < 0:
-            raise FusionError(f"FinetuneConfig.warmup must be >= 0 (steps, or a fraction < 1), got {self.warmup}.")
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> FinetuneConfig:
-        """Builds a config from a dict, rejecting unknown keys so that typos do not pass silently."""
-        return strict_from_dict(cls, values)
-
-    def training_arguments(self, output_dir: str | Path, progress: bool = True, **overrides):
-        """`TrainingArguments` for this recipe; `overrides` are passed through (any `TrainingArguments` field)."""
-        from transformers import TrainingArguments
-
-        has_accelerator = (
-            torch.accelerator.is_available() if hasattr(torch, "accelerator") else torch.cuda.is_available()
-        )
-        values = dict(
-            output_dir=str(output_dir),
-            max_steps=self.max_steps,
-            num_train_epochs=self.num_train_epochs,
-            learning_rate=self.learning_rate,
-            per_device_train_batch_size=self.batch_size,
-            per_device_eval_batch_size=self.eval_batch_size,
-            weight_decay=self.weight_decay,
-            warmup_steps=self.warmup,
-            lr_scheduler_type=self.lr_scheduler_type,
-            max_grad_norm=self.max_grad_norm,
-            seed=self.seed,
-            logging_steps=self.logging_steps,
-            eval_strategy="no",
-            save_strategy="no",  # the final model is saved once, by the caller's output_dir
-            report_to="none",
-            disable_tqdm=not progress,
-            log_level="warning",
-            # Without an accelerator, say so: accelerate then runs several processes (torchrun) on gloo, where it
-            # would otherwise leave each process training alone. Pinning memory only helps copies to a device.
-            use_cpu=not has_accelerator,
-            dataloader_pin_memory=has_accelerator,
-        )
-        values.update(overrides)
-        return TrainingArguments(**values)
 
 
 @dataclass
