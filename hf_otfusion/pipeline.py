@@ -205,11 +205,8 @@ class FuseJob:
         rows: dict[str, Any] = {}
         for k, (parent, model) in enumerate(zip(plan.preflight.parents, models, strict=True)):
             rows[f"parent {k}: {parent.name}"] = model
-        same_shapes = all(
-            dict(model.named_parameters()).keys() == dict(models[0].named_parameters()).keys()
-            and all(p.shape == q.shape for p, q in zip(model.parameters(), models[0].parameters(), strict=True))
-            for model in models
-        )
+        shapes = [{name: p.shape for name, p in model.named_parameters()} for model in models]
+        same_shapes = all(shape == shapes[0] for shape in shapes)
         if self.config.method != "vanilla" and same_shapes:  # parents of different widths have no plain average
             vanilla = FusionConfig(method="vanilla", anchor=self.config.anchor, weights=self.config.weights)
             rows[VANILLA_ROW] = fuse_with_diagnostics(models, config=vanilla, progress=False).model
