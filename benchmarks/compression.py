@@ -154,7 +154,7 @@ def score(model, dataset, processor, with_loss: bool = False):
 def run_family(family: str, args: argparse.Namespace) -> dict:
     import hf_otfusion.finetune  # noqa: F401  (imported before the long steps: a broken install fails now)
     from hf_otfusion import FusionConfig, fuse_with_diagnostics
-    from hf_otfusion.fusion import load_parent
+    from hf_otfusion.checkpoints import load_parent
     from hf_otfusion.target import compress, target_config
 
     dirs = parent_dirs(family, args.parents)

@@ -13,6 +13,7 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "FusionConfig": "config",
+    "Checkpoint": "checkpoints",
     "FusionResult": "fusion",
     "fuse": "fusion",
     "fuse_with_diagnostics": "fusion",
@@ -87,6 +88,7 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from .card import render_card
+    from .checkpoints import Checkpoint
     from .config import FusionConfig
     from .data import DataSource, encode_dataset, load_dataset_source
     from .errors import (

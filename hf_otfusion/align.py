@@ -8,6 +8,10 @@ from .plan import FusionPlan
 from .spec import AxisBinding
 from .transport import TransportMap
 
+# the most elements aligned at once when a tensor is handled in pieces (32 MB in float64; a BERT word embedding
+# is 190 MB, and aligning, mixing or comparing it whole takes several float64 copies)
+PIECE_ELEMENTS = 1 << 22
+
 
 def align_tensor(
     tensor: torch.Tensor,
@@ -42,3 +46,18 @@ def align_parameters(
 ) -> dict[str, torch.Tensor]:
     """Every parameter of a parent, expressed in the anchor's basis (float64)."""
     return {name: align_tensor(tensor, plan.parameters[name], maps) for name, tensor in params.items()}
+
+
+def pieces(shape: torch.Size, axes: tuple) -> list[tuple[slice, ...]]:
+    """Index tuples covering a tensor in pieces of about `PIECE_ELEMENTS`, cut along an axis no map touches.
+
+    Maps act on aligned axes only, so aligning a slice along an unaligned one (the vocabulary of an embedding)
+    gives that slice of the aligned tensor. Tensors that are small or have no such axis stay whole.
+    """
+    numel = shape.numel()
+    free = [dim for dim, axis in enumerate(axes) if axis is None and shape[dim] > 1]
+    if numel <= PIECE_ELEMENTS or not free:
+        return [()]
+    dim = free[0]
+    step = max(1, PIECE_ELEMENTS * shape[dim] // numel)
+    return [(slice(None),) * dim + (slice(start, start + step),) for start in range(0, shape[dim], step)]

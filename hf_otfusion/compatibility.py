@@ -83,14 +83,27 @@ def _labels(config) -> dict[int, str]:
     return {int(key): str(value) for key, value in (config.id2label or {}).items()}
 
 
-def check_same_widths(plans: list[FusionPlan], anchor: int, method: str) -> None:
-    """Raises `IncompatibleModelsError` when a method that averages tensors as they are meets other widths."""
-    for k, plan in enumerate(plans):
+def same_widths(plans: list[FusionPlan]) -> bool:
+    """Whether every parent has the first one's number of units in every space, hence tensors of one shape.
+
+    Unaligned axes (vocabulary, labels, positions) are equal already once `check_compatible` has passed.
+    """
+    return all(plan.spaces[name].size == space.size for plan in plans for name, space in plans[0].spaces.items())
+
+
+def check_same_widths(plans: list[FusionPlan], anchor: int, method: str, among: list[int] | None = None) -> None:
+    """Raises `IncompatibleModelsError` when a method that averages tensors as they are meets other widths.
+
+    Args:
+        among: the parents that are averaged as they are (default: all); aligned ones may differ.
+    """
+    for k in range(len(plans)) if among is None else among:
         for name, space in plans[anchor].spaces.items():
-            if plan.spaces[name].size != space.size:
+            size = plans[k].spaces[name].size
+            if size != space.size:
                 raise IncompatibleModelsError(
-                    f"Parent {k} has {plan.spaces[name].size} units in space {name!r} but the anchor (parent "
-                    f"{anchor}) has {space.size}: method={method!r} averages tensors as they are, which needs "
-                    "parents of one shape. Use method='ot', which aligns parents of different widths onto the "
-                    "anchor's shape (or onto FusionConfig.target)."
+                    f"Parent {k} has {size} units in space {name!r} but the anchor (parent {anchor}) has "
+                    f"{space.size}: method={method!r} averages tensors as they are, which needs parents of one "
+                    "shape. Use method='ot' (or align='ot' for the same-base methods), which aligns parents of "
+                    "different widths onto the anchor's shape (or onto FusionConfig.target)."
                 )

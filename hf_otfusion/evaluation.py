@@ -10,7 +10,7 @@ from __future__ import annotations
 import inspect
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -19,10 +19,12 @@ import torch
 from transformers import PreTrainedModel, default_data_collator
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
+from .checkpoints import ModelOrPath, load_parent
 from .errors import TrainingDataError, UnsupportedTaskError
 from .metrics import load_metric
 
-ModelOrPath = PreTrainedModel | str | Path
+# a row's model: a model or checkpoint, or a function that builds one when the row is scored
+RowModel = ModelOrPath | Callable[[], PreTrainedModel]
 
 CLASSIFICATION_HEADS = ("ForSequenceClassification", "ForImageClassification", "ForImageClassificationWithTeacher")
 
@@ -198,7 +200,7 @@ def evaluate_model(
 
 
 def evaluate_models(
-    models: Sequence[ModelOrPath] | Mapping[str, ModelOrPath],
+    models: Sequence[RowModel] | Mapping[str, RowModel],
     dataset,
     *,
     split: str = "test",
@@ -211,7 +213,8 @@ def evaluate_models(
 
     Args:
         models: models or checkpoint paths/Hub ids (loaded as their saved class with safetensors), as a list or
-            a `{row name: model}` mapping.
+            a `{row name: model}` mapping. A checkpoint, or a zero-argument function that builds a model, is
+            loaded when its row is scored and freed after it, so that only one such model is held at a time.
         dataset: a `datasets.Dataset` of model inputs and integer `labels` (see `evaluate_model`).
         split: the split's name, shown in the table.
         processor, batch_size, metrics, progress: as in `evaluate_model`.
@@ -219,18 +222,22 @@ def evaluate_models(
     Returns:
         An `EvaluationTable`; `print(table)` gives a plain-text table, `table.to_markdown()` a markdown one.
     """
-    from .fusion import load_parent
-
     named = models.items() if isinstance(models, Mapping) else ((_row_name(m, i), m) for i, m in enumerate(models))
     rows = []
     for name, model in named:
         scores = evaluate_model(
-            load_parent(model), dataset, processor=processor, batch_size=batch_size, metrics=metrics,
+            _row_model(model), dataset, processor=processor, batch_size=batch_size, metrics=metrics,
             progress=progress, desc=name,
         )  # fmt: skip
         rows.append(ModelScore.from_scores(name, scores))
     return EvaluationTable(rows=rows, split=split)
 
 
-def _row_name(model: ModelOrPath, index: int) -> str:
+def _row_model(model: RowModel) -> PreTrainedModel:
+    if isinstance(model, PreTrainedModel) or not callable(model):  # a module is callable too: it runs forward
+        return load_parent(model)
+    return model()
+
+
+def _row_name(model: RowModel, index: int) -> str:
     return str(model) if isinstance(model, str | Path) else f"model {index}"

@@ -21,13 +21,12 @@ import numpy as np
 from transformers import PreTrainedModel
 
 from .card import pipeline_and_auto_class
+from .checkpoints import ModelOrPath, load_parent
 from .config import FinetuneConfig  # FinetuneConfig re-exported: hf_otfusion.finetune API
 from .errors import OutputExistsError, UnsupportedTaskError
 from .evaluation import check_classifier, check_dataset, data_collator, evaluate_model
 from .metrics import load_metric
 from .provenance import CONFIG_FILE, PROVENANCE_FILE
-
-ModelOrPath = PreTrainedModel | str | Path
 
 RUNS_FILE = "finetune_runs.json"
 # Files next to a checkpoint that describe how it was made; copied to the finetuned checkpoint unchanged.
@@ -105,7 +104,6 @@ def finetune(
     from transformers import PrinterCallback, Trainer
 
     from .data import load_processor
-    from .fusion import load_parent
 
     config = config or FinetuneConfig()
     if output_dir is not None:

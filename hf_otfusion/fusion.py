@@ -8,16 +8,17 @@ import logging
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import torch
-import transformers
-from transformers import AutoConfig, PreTrainedModel
+from transformers import PreTrainedModel
 
-from .align import align_tensor
+from .align import align_tensor, pieces
+from .checkpoints import ModelOrPath, load_parent, skeleton
 from .compatibility import check_compatible, check_finite, check_same_model_type, check_same_widths
 from .config import FusionConfig
 from .distributed import broadcast_from_main, is_main_process, models_on, process_state, resolve_device
-from .errors import EmptyAlignmentDataError, FusionError, UnsupportedArchitectureError
+from .errors import EmptyAlignmentDataError, FusionError
 from .maps import SpaceDiagnostics, compute_maps, per_hook_spaces
 from .merging import SAME_BASE_METHODS, base_in_anchor_class, merge_parameters, parent_grams
 from .plan import FusionPlan, resolve_plan
@@ -27,11 +28,6 @@ from .target import target_basis
 from .transport import TransportMap
 
 logger = logging.getLogger(__name__)
-
-ModelOrPath = PreTrainedModel | str | Path
-
-# the most elements `_build_fused_model` mixes at once (32 MB in float64; a BERT word embedding is 190 MB)
-PIECE_ELEMENTS = 1 << 22
 
 
 @dataclass
@@ -65,6 +61,36 @@ class FusionResult:
                 f"{d.softness:>8.3f}"
             )
         return "\n".join(lines)
+
+
+@dataclass
+class _FusionRun:
+    """One `fuse` call's inputs, checked and planned, handed from one step of the flow to the next.
+
+    Attributes:
+        sources: the parents as given (models or checkpoints).
+        parents: loaded models, or weightless skeletons of the parents given as checkpoints (`from_checkpoint`).
+        plans: each parent's resolved plan.
+        weights: each parent's normalised weight.
+        timings: wall seconds per stage, filled in as the steps run.
+    """
+
+    sources: list[ModelOrPath]
+    parents: list[PreTrainedModel]
+    from_checkpoint: list[bool]
+    plans: list[FusionPlan]
+    data: Any
+    config: FusionConfig
+    weights: list[float]
+    timings: dict[str, float]
+    progress: bool
+    device: torch.device | None
+    process: Any  # accelerate's PartialState in a multi-process launch, else None
+    spec: AlignmentSpec | None
+
+    @property
+    def anchor(self) -> int:
+        return self.config.anchor
 
 
 def fuse(
@@ -136,7 +162,7 @@ def fuse_with_diagnostics(
     # weightless skeletons first. The same-base methods need every parent at once and load them all here.
     streamed = config.method not in SAME_BASE_METHODS
     from_checkpoint = [streamed and not isinstance(model, PreTrainedModel) for model in models]
-    parents = [_skeleton(m) if lazy else load_parent(m) for m, lazy in zip(models, from_checkpoint, strict=True)]
+    parents = [skeleton(m) if lazy else load_parent(m) for m, lazy in zip(models, from_checkpoint, strict=True)]
     if len(parents) < 2:
         raise FusionError(f"Fusion needs at least 2 parents, got {len(parents)}.")
     if not 0 <= config.anchor < len(parents):
@@ -159,92 +185,75 @@ def fuse_with_diagnostics(
             "data=<datasets.Dataset or DataLoader of model inputs>, or use FusionConfig(cost='weights') for "
             "data-free alignment (method='interpolate' for a data-free same-base merge)."
         )
+    run = _FusionRun(
+        list(models), parents, from_checkpoint, plans, data, config, weights, timings, progress, device, process, spec
+    )
+    timings["plan"] = time.perf_counter() - started
     if streamed:
-        timings["plan"] = time.perf_counter() - started
-        if config.target is not None:
-            return _fuse_into_target(
-                models, parents, from_checkpoint, plans, data, config, weights, timings, progress, device, process, spec
-            )
-        return _align_and_average(
-            models, parents, from_checkpoint, plans, data, config, weights, timings, progress, device, process
-        )
+        return _fuse_into_target(run) if config.target is not None else _align_and_average(run)
+    return _merge_same_base(run, base)
+
+
+def _merge_same_base(run: _FusionRun, base: ModelOrPath | None) -> FusionResult:
+    """The same-base methods (`hf_otfusion.merging`) on every parent in memory, aligned first with `align="ot"`."""
+    config, parents, anchor, timings = run.config, run.parents, run.anchor, run.timings
+    aligns = config.align == "ot"
+    started = time.perf_counter()
     base_model = None
     if config.method == "task-arithmetic":  # the ancestor joins the alignment as one more model, never averaged
         if base is None and config.base is None:
             raise FusionError("method='task-arithmetic' needs the parents' shared ancestor: set FusionConfig.base.")
-        base_model = base_in_anchor_class(load_parent(base or config.base), parents[config.anchor])
+        base_model = base_in_anchor_class(load_parent(base or config.base), parents[anchor])
     models = [*parents, base_model.model] if base_model and aligns else parents
-    plans += [resolve_plan(model, spec) for model in models[len(parents) :]]
-    timings["plan"] = time.perf_counter() - started
+    plans = run.plans + [resolve_plan(model, run.spec) for model in models[len(parents) :]]
+    timings["plan"] += time.perf_counter() - started
 
-    anchor = config.anchor
     params = [{name: p.detach() for name, p in model.named_parameters()} for model in models]
     result = FusionResult(model=parents[anchor], config=config, timings=timings)
     if aligns:
-        result.maps, result.diagnostics = _maps_onto_anchor(
-            dict(enumerate(models)), plans, anchor, data, config, timings, progress, device, process
-        )
-
+        result.maps, result.diagnostics = _maps_onto_anchor(run, dict(enumerate(models)), plans)
+    grams = None
     if config.method == "regmean":
         started = time.perf_counter()
         grams = parent_grams(
-            parents, params, plans, result.maps, data, config, progress, device=device, process=process
-        )
+            parents, params, plans, result.maps, run.data, config, run.progress, device=run.device,
+            process=run.process,
+        )  # fmt: skip
         timings["gram"] = time.perf_counter() - started
 
     started = time.perf_counter()
     result.model = merge_parameters(
         parents[anchor], params[: len(parents)], plans[: len(parents)], result.maps, config, base=base_model,
-        base_maps=result.maps.get(len(parents)), grams=grams if config.method == "regmean" else None,
+        base_maps=result.maps.get(len(parents)), grams=grams,
     )  # fmt: skip
     timings["apply"] = time.perf_counter() - started
     return result
 
 
-def _fuse_into_target(
-    sources: list[ModelOrPath],
-    parents: list[PreTrainedModel],
-    from_checkpoint: list[bool],
-    plans: list[FusionPlan],
-    data,
-    config: FusionConfig,
-    weights: list[float],
-    timings: dict[str, float],
-    progress: bool,
-    device: torch.device | None,
-    process,
-    spec: AlignmentSpec | None,
-) -> FusionResult:
+def _fuse_into_target(run: _FusionRun) -> FusionResult:
     """Fusion into `config.target`: the anchor compressed into the target shape (`hf_otfusion.target`) becomes
     the anchor of an ordinary fusion of every parent, the original anchor included, with weight 0 itself."""
     started = time.perf_counter()
     basis = target_basis(
-        load_parent(sources[config.anchor]), config.target, data, config, spec=spec, anchor_index=config.anchor,
-        progress=progress, device=device, process=process,
+        load_parent(run.sources[run.anchor]), run.config.target, run.data, run.config, spec=run.spec,
+        anchor_index=run.anchor, progress=run.progress, device=run.device, process=run.process,
     )  # fmt: skip
-    timings["target"] = time.perf_counter() - started
-    inner = replace(config, anchor=len(parents))
-    result = _align_and_average(
-        [*sources, basis.model], [*parents, basis.model], [*from_checkpoint, False],
-        [*plans, resolve_plan(basis.model, spec)], data, inner, [*weights, 0.0], timings, progress, device, process,
-    )  # fmt: skip
-    result.config, result.diagnostics = config, basis.diagnostics + result.diagnostics
+    run.timings["target"] = time.perf_counter() - started
+    inner = replace(
+        run,
+        sources=[*run.sources, basis.model],
+        parents=[*run.parents, basis.model],
+        from_checkpoint=[*run.from_checkpoint, False],
+        plans=[*run.plans, resolve_plan(basis.model, run.spec)],
+        config=replace(run.config, anchor=len(run.parents)),
+        weights=[*run.weights, 0.0],
+    )
+    result = _align_and_average(inner)
+    result.config, result.diagnostics = run.config, basis.diagnostics + result.diagnostics
     return result
 
 
-def _align_and_average(
-    sources: list[ModelOrPath],
-    parents: list[PreTrainedModel],
-    from_checkpoint: list[bool],
-    plans: list[FusionPlan],
-    data,
-    config: FusionConfig,
-    weights: list[float],
-    timings: dict[str, float],
-    progress: bool,
-    device: torch.device | None,
-    process,
-) -> FusionResult:
+def _align_and_average(run: _FusionRun) -> FusionResult:
     """OT fusion (or vanilla averaging) that holds the anchor and one other checkpoint at a time.
 
     Parents given as checkpoints are loaded when needed and freed after use: each one's statistics pass and
@@ -254,12 +263,12 @@ def _align_and_average(
     twice: for its maps, and for the average). Parents given as models are in memory anyway: they share one
     statistics pass and one averaging step, and the anchor is copied rather than overwritten.
     """
-    anchor = config.anchor
+    anchor, from_checkpoint = run.anchor, run.from_checkpoint
     loaded: dict[int, PreTrainedModel] = {}
 
     def obtain(k: int) -> PreTrainedModel:
         if k not in loaded:
-            loaded[k] = load_parent(sources[k]) if from_checkpoint[k] else parents[k]
+            loaded[k] = load_parent(run.sources[k]) if from_checkpoint[k] else run.parents[k]
             if from_checkpoint[k]:
                 check_finite([loaded[k]], [k])
         return loaded[k]
@@ -270,15 +279,13 @@ def _align_and_average(
                 loaded.pop(k, None)
             gc.collect()
 
-    others = [k for k in range(len(parents)) if k != anchor]
+    others = [k for k in range(len(run.parents)) if k != anchor]
     groups = [[k] for k in others] if any(from_checkpoint[k] for k in others) else [others]
-    result = FusionResult(model=obtain(anchor), config=config, timings=timings)
-    if config.method == "ot":
+    result = FusionResult(model=obtain(anchor), config=run.config, timings=run.timings)
+    if run.config.method == "ot":
         for group in groups:
             members = {k: obtain(k) for k in [anchor, *group]}  # not kept past the call: `release` frees them
-            maps, diagnostics = _maps_onto_anchor(
-                members, plans, anchor, data, config, timings, progress, device, process
-            )
+            maps, diagnostics = _maps_onto_anchor(run, members, run.plans)
             del members
             result.maps.update(maps)
             result.diagnostics.extend(diagnostics)
@@ -289,89 +296,52 @@ def _align_and_average(
     fused = anchor_model if from_checkpoint[anchor] else copy.deepcopy(anchor_model)
     for i, group in enumerate(groups):
         params = {k: _parameters(obtain(k)) for k in ([anchor] if i == 0 else []) + group}
-        _build_fused_model(fused, params, plans, result.maps, weights, accumulate=i > 0)
+        _build_fused_model(fused, params, run.plans, result.maps, run.weights, accumulate=i > 0)
         release(group)
     result.model = fused
-    timings["apply"] = time.perf_counter() - started
+    run.timings["apply"] = time.perf_counter() - started
     return result
 
 
 def _maps_onto_anchor(
-    models: dict[int, PreTrainedModel],
-    plans: list[FusionPlan],
-    anchor: int,
-    data,
-    config: FusionConfig,
-    timings: dict[str, float],
-    progress: bool,
-    device: torch.device | None,
-    process,
+    run: _FusionRun, models: dict[int, PreTrainedModel], plans: list[FusionPlan]
 ) -> tuple[dict[int, dict[str, TransportMap]], list[SpaceDiagnostics]]:
-    """The transport maps of every model in `models` (keyed by parent index, anchor included) onto the anchor.
+    """The transport maps of every model in `models` (keyed by index into `plans`, anchor included) onto the anchor.
 
-    With an activation cost, one statistics pass runs them all on the data (on `device`, sharded over the
+    With an activation cost, one statistics pass runs them all on the data (on `run.device`, sharded over the
     processes of a distributed launch). The maps are solved on the main process only and broadcast.
-    Adds the stage times to `timings`.
+    Adds the stage times to `run.timings`.
     """
+    config, anchor, timings = run.config, run.anchor, run.timings
     order = sorted(models)
     stats = None
     if config.cost == "activations":
         started = time.perf_counter()
         keys = statistics_keys(plans[anchor], per_hook_spaces(plans[anchor], config))
         listed = [models[k] for k in order]
-        with models_on(listed, device):
+        with models_on(listed, run.device):
             stats = collect_statistics(
-                listed, [plans[k] for k in order], data, anchor=order.index(anchor), keys=keys, tokens=config.tokens,
-                tokens_per_sample=config.tokens_per_sample, batch_size=config.batch_size,
-                num_samples=config.num_samples, progress=progress, process=process,
+                listed, [plans[k] for k in order], run.data, anchor=order.index(anchor), keys=keys,
+                tokens=config.tokens, tokens_per_sample=config.tokens_per_sample, batch_size=config.batch_size,
+                num_samples=config.num_samples, progress=run.progress, process=run.process,
             )  # fmt: skip
         stats = {order[i]: per_parent for i, per_parent in stats.items()}
         timings["statistics"] = timings.get("statistics", 0.0) + time.perf_counter() - started
     started = time.perf_counter()
     maps, diagnostics = {}, []
-    if is_main_process(process):  # solved once, then broadcast
+    if is_main_process(run.process):  # solved once, then broadcast
         anchor_params = _parameters(models[anchor])
         for k in order:
             if k != anchor:
                 maps[k], found = compute_maps(
                     k, plans[k], plans[anchor], _parameters(models[k]), anchor_params,
-                    stats.pop(k) if stats else None, config, progress, device=device,
+                    stats.pop(k) if stats else None, config, run.progress, device=run.device,
                 )  # fmt: skip
                 diagnostics.extend(found)
     del stats  # the Gram matrices are not needed once the maps exist; free them before building the model
-    maps, diagnostics = broadcast_from_main((maps, diagnostics), process)
+    maps, diagnostics = broadcast_from_main((maps, diagnostics), run.process)
     timings["maps"] = timings.get("maps", 0.0) + time.perf_counter() - started
     return maps, diagnostics
-
-
-def load_parent(model: ModelOrPath) -> PreTrainedModel:
-    """A parent as a model: loaded models pass through; paths and Hub ids load as their saved class."""
-    if isinstance(model, PreTrainedModel):
-        return model
-    return _saved_class(model).from_pretrained(str(model), use_safetensors=True)
-
-
-def _skeleton(model: ModelOrPath) -> PreTrainedModel:
-    """A model to check and plan with: a loaded model as is, a checkpoint as its class built on the meta device
-    from its config (module names and shapes, no weights, no memory)."""
-    if isinstance(model, PreTrainedModel):
-        return model
-    config = AutoConfig.from_pretrained(str(model))
-    with torch.device("meta"):
-        return _saved_class(model, config)(config)
-
-
-def _saved_class(model: str | Path, config=None) -> type[PreTrainedModel]:
-    """The transformers class a checkpoint was saved from (`architectures` in its config.json)."""
-    config = config or AutoConfig.from_pretrained(str(model))
-    architecture = (config.architectures or [None])[0]
-    model_class = getattr(transformers, architecture, None) if architecture else None
-    if model_class is None:
-        raise UnsupportedArchitectureError(
-            f"{model} names architecture {architecture!r} in its config.json, which transformers does not "
-            "provide; load the model yourself and pass the object."
-        )
-    return model_class
 
 
 def _parameters(model: PreTrainedModel) -> dict[str, torch.Tensor]:
@@ -390,12 +360,12 @@ def _build_fused_model(
 
     The first call gets the anchor among `params` and overwrites `fused`, which may be the anchor itself (each
     piece is read before it is written); `accumulate=True` adds more parents to what `fused` already holds.
-    Parents are aligned one piece of one tensor at a time while mixing (`_pieces`), so no aligned copy of a
+    Parents are aligned one piece of one tensor at a time while mixing (`align.pieces`), so no aligned copy of a
     whole parent, nor a float64 copy of a whole large tensor, ever exists.
     """
     with torch.no_grad():
         for name, param in fused.named_parameters():
-            for piece in _pieces(param.shape, plans[min(params)].parameters[name]):
+            for piece in pieces(param.shape, plans[min(params)].parameters[name]):
                 target = param[piece]  # a view: writing it writes the parameter
                 mixed = target.double() if accumulate else torch.zeros(target.shape, dtype=torch.float64)
                 for k in sorted(params):
@@ -403,18 +373,3 @@ def _build_fused_model(
                     axes = plans[k].parameters[name]
                     mixed.add_(align_tensor(tensor, axes, maps[k]) if k in maps else tensor.double(), alpha=weights[k])
                 target.copy_(mixed.to(param.dtype))
-
-
-def _pieces(shape: torch.Size, axes: tuple) -> list[tuple[slice, ...]]:
-    """Index tuples covering a tensor in pieces of about `PIECE_ELEMENTS`, cut along an axis no map touches.
-
-    Maps act on aligned axes only, so aligning a slice along an unaligned one (the vocabulary of an embedding)
-    gives that slice of the aligned tensor. Tensors that are small or have no such axis stay whole.
-    """
-    numel = shape.numel()
-    free = [dim for dim, axis in enumerate(axes) if axis is None and shape[dim] > 1]
-    if numel <= PIECE_ELEMENTS or not free:
-        return [()]
-    dim = free[0]
-    step = max(1, PIECE_ELEMENTS * shape[dim] // numel)
-    return [(slice(None),) * dim + (slice(start, start + step),) for start in range(0, shape[dim], step)]

@@ -24,6 +24,7 @@ import torch
 import transformers
 from transformers import PreTrainedModel
 
+from .checkpoints import Checkpoint
 from .compatibility import check_compatible, check_same_model_type
 from .config import FusionConfig
 from .data import is_repo_id
@@ -117,12 +118,17 @@ class Parent:
 
 @dataclass
 class Preflight:
-    """What pre-flight learned: the parents, the anchor's resolved plan, and what fusing them will take."""
+    """What pre-flight learned: the parents, their resolved plans, and what fusing them will take."""
 
     parents: list[Parent]
     anchor: int
-    plan: FusionPlan
+    plans: list[FusionPlan]
     download_bytes: int
+
+    @property
+    def plan(self) -> FusionPlan:
+        """The anchor's plan: the fused model's shape."""
+        return self.plans[self.anchor]
 
     def describe(self, config: FusionConfig) -> str:
         """The plan as text, for `--dry-run`."""
@@ -376,7 +382,7 @@ def preflight(
     plans = [resolve_plan(model) for model in models]
     check_compatible(models, plans, config.anchor)
     download = sum(w.size for p in parents if p.on_hub for w in p.weight_files)
-    return Preflight(parents=parents, anchor=config.anchor, plan=plans[config.anchor], download_bytes=download)
+    return Preflight(parents=parents, anchor=config.anchor, plans=plans, download_bytes=download)
 
 
 def _model_class(parent: Parent, trust_remote_code: bool) -> type[PreTrainedModel]:
@@ -438,29 +444,16 @@ def download_parents(parents: list[Parent], anchor: int, *, progress: bool = Tru
 
 
 def load_parent_model(parent: Parent, *, trust_remote_code: bool = False) -> PreTrainedModel:
-    """Loads a downloaded parent as its saved class, failing if any weight is missing or has the wrong shape.
+    """Loads a downloaded parent as its saved class, failing if any weight is missing or has the wrong shape."""
+    return parent_checkpoint(parent, trust_remote_code=trust_remote_code).load()
 
-    transformers fills missing weights with random values and only warns; a fused model built on such a parent
-    would be silently wrong, so here it is an error.
-    """
-    from safetensors import SafetensorError
 
-    model_class = _model_class(parent, trust_remote_code)
-    try:
-        model, info = model_class.from_pretrained(
-            str(parent.directory), use_safetensors=parent.weight_format == "safetensors", output_loading_info=True,
-            trust_remote_code=trust_remote_code,
-        )  # fmt: skip
-    except (SafetensorError, OSError, RuntimeError, ValueError) as error:
-        raise CorruptCheckpointError(f"Parent {parent.pinned} could not be loaded: {error}") from error
-    problems = {key: sorted(info.get(key) or []) for key in ("missing_keys", "mismatched_keys")}
-    problems = {key: value for key, value in problems.items() if value}
-    if problems:
-        raise CorruptCheckpointError(
-            f"Parent {parent.pinned} does not hold the weights its config describes: {problems}. The checkpoint is "
-            "incomplete or was saved from another class; re-export it with save_pretrained."
-        )
-    return model.eval()
+def parent_checkpoint(parent: Parent, *, trust_remote_code: bool = False) -> Checkpoint:
+    """A downloaded parent as a `Checkpoint` that `fuse` loads when its turn comes (see `checkpoints`)."""
+    return Checkpoint(
+        str(parent.directory), model_class=_model_class(parent, trust_remote_code), name=parent.pinned,
+        use_safetensors=parent.weight_format == "safetensors", trust_remote_code=trust_remote_code,
+    )  # fmt: skip
 
 
 def sha256_file(path: Path) -> str:

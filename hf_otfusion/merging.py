@@ -25,6 +25,7 @@ import torch
 from transformers import PreTrainedModel
 
 from .align import align_tensor
+from .compatibility import check_same_widths
 from .config import FusionConfig
 from .distributed import models_on
 from .errors import FusionError, IncompatibleModelsError
@@ -209,17 +210,6 @@ def regmean_linear(
     return solution[:, :-1], solution[:, -1]
 
 
-def check_same_shapes(anchor: dict[str, torch.Tensor], parent: dict[str, torch.Tensor], index: int) -> None:
-    """Raises `IncompatibleModelsError` when an unaligned parent's tensor differs in shape from the anchor's."""
-    for name, tensor in anchor.items():
-        if parent[name].shape != tensor.shape:
-            raise IncompatibleModelsError(
-                f"{name} has shape {tuple(parent[name].shape)} in parent {index} but {tuple(tensor.shape)} in the "
-                "anchor. Without alignment, parents must have identical shapes; add align='ot' (--align ot) to "
-                "map them onto the anchor first."
-            )
-
-
 def merge_parameters(
     anchor_model: PreTrainedModel,
     params: list[dict[str, torch.Tensor]],
@@ -250,9 +240,7 @@ def merge_parameters(
         raise FusionError("method='task-arithmetic' needs the parents' shared ancestor: set FusionConfig.base.")
     if method == "regmean" and grams is None:
         raise FusionError("method='regmean' needs the parents' Gram statistics (see parent_grams).")
-    for k in range(count):
-        if k not in maps:
-            check_same_shapes(params[config.anchor], params[k], k)
+    check_same_widths(plans, config.anchor, method, among=[k for k in range(count) if k not in maps])
     alphas = config.normalised_weights(count)
     task_weights = config.weights or [1.0] * count
 

@@ -1,7 +1,8 @@
 """From parent ids to a finished, documented output directory: what `otfusion-hub fuse` runs.
 
     pre-flight (pin SHAs, read configs + headers, check compatibility, resolve data)   <- no weights yet
-    -> download pinned weights -> load -> encode data -> fuse -> evaluate (optional)
+    -> download pinned weights -> encode data -> fuse (two parents loaded at a time) -> evaluate (optional)
+    -> readiness report (the anchor and one parent at a time)
     -> write model + processor + fusion_config.yaml + fusion_provenance.json + README.md to a temporary
        directory, then move it into place (a failure never leaves a half checkpoint)
 
@@ -24,7 +25,16 @@ import yaml
 from .config import FusionConfig
 from .data import DataSource, encode_dataset, load_processor
 from .errors import DataSourceError, EmptyAlignmentDataError, FusionError, OutputExistsError
-from .hub import Parent, Preflight, download_parents, load_parent_model, preflight, resolve_parent, sha256_file
+from .hub import (
+    Parent,
+    Preflight,
+    download_parents,
+    load_parent_model,
+    parent_checkpoint,
+    preflight,
+    resolve_parent,
+    sha256_file,
+)
 from .provenance import CONFIG_FILE, Provenance, package_versions, reproduce_command, utc_now
 
 logger = logging.getLogger(__name__)
@@ -147,27 +157,28 @@ class FuseJob:
         plan = plan or self.plan()
         parents, anchor = plan.preflight.parents, plan.preflight.anchor
         download_parents([*parents, *([plan.base] if plan.base else [])], anchor, progress=self.progress)
-        models = [load_parent_model(p, trust_remote_code=self.trust_remote_code) for p in parents]
+        # checkpoints, not models: `fuse` loads each when its turn comes, holding two models at a time
+        sources = [parent_checkpoint(p, trust_remote_code=self.trust_remote_code) for p in parents]
         base = load_parent_model(plan.base, trust_remote_code=self.trust_remote_code) if plan.base else None
         processor = None
         if parents[anchor].processor_files:
             processor = load_processor(parents[anchor].directory, trust_remote_code=self.trust_remote_code)
-        label2id = getattr(models[anchor].config, "label2id", None)
+        label2id = sources[anchor].config().label2id
         alignment = self._encoded(plan.alignment_data, processor, label2id)
         result = fuse_with_diagnostics(
-            models, data=alignment, config=self.config, base=base, progress=self.progress, device=self.device
+            sources, data=alignment, config=self.config, base=base, progress=self.progress, device=self.device
         )
         if not is_main_process(process_state(None)):
             return result  # under torchrun / accelerate launch, only the main process writes the output
         evaluation = None
         if plan.eval_data is not None:
-            evaluation = self._evaluate(plan, models, result.model, processor, label2id)
+            evaluation = self._evaluate(plan, sources, result.model, processor, label2id)
         from .readiness import readiness_report
 
         # the fusion's own maps when it aligned; the report solves data-free ones for unaligned methods
         own = FusionConfig(cost="weights", solver="exact", anchor=self.config.anchor)
         readiness = readiness_report(
-            models, config=self.config if result.maps else own, maps=result.maps or None, progress=self.progress
+            sources, config=self.config if result.maps else own, maps=result.maps or None, progress=self.progress
         )
         if self.dtype is not None:
             result.model.to(DTYPES[self.dtype])
@@ -180,9 +191,10 @@ class FuseJob:
     def _encoded(self, source: DataSource | None, processor, label2id):
         if source is None:
             return None
+        dataset = source.load()  # a missing split or file fails here, with its own message
         try:
             return encode_dataset(
-                source.load(), processor, text_column=self.text_column, image_column=self.image_column,
+                dataset, processor, text_column=self.text_column, image_column=self.image_column,
                 label_column=self.label_column, max_length=self.max_length, label2id=label2id,
             )  # fmt: skip
         except DataSourceError as error:
@@ -193,9 +205,13 @@ class FuseJob:
                 "files, so give data that already holds model inputs."
             ) from error
 
-    def _evaluate(self, plan: FusePlan, models, fused, processor, label2id) -> dict[str, Any]:
-        """Parents, vanilla average and fused model on the same evaluation rows."""
+    def _evaluate(self, plan: FusePlan, sources, fused, processor, label2id) -> dict[str, Any]:
+        """Parents, vanilla average and fused model on the same evaluation rows.
+
+        Parents are loaded, and the vanilla average built, when their row is scored, and freed after it.
+        """
         from .card import FUSED_ROW, VANILLA_ROW
+        from .compatibility import same_widths
         from .evaluation import evaluate_models
         from .fusion import fuse_with_diagnostics
 
@@ -203,13 +219,11 @@ class FuseJob:
         if "labels" not in dataset.column_names:
             raise FusionError(f"--eval-data {self.eval_data} has no label column; name it with --label-column.")
         rows: dict[str, Any] = {}
-        for k, (parent, model) in enumerate(zip(plan.preflight.parents, models, strict=True)):
-            rows[f"parent {k}: {parent.name}"] = model
-        shapes = [{name: p.shape for name, p in model.named_parameters()} for model in models]
-        same_shapes = all(shape == shapes[0] for shape in shapes)
-        if self.config.method != "vanilla" and same_shapes:  # parents of different widths have no plain average
+        for k, (parent, source) in enumerate(zip(plan.preflight.parents, sources, strict=True)):
+            rows[f"parent {k}: {parent.name}"] = source
+        if self.config.method != "vanilla" and same_widths(plan.preflight.plans):  # other widths: no plain average
             vanilla = FusionConfig(method="vanilla", anchor=self.config.anchor, weights=self.config.weights)
-            rows[VANILLA_ROW] = fuse_with_diagnostics(models, config=vanilla, progress=False).model
+            rows[VANILLA_ROW] = lambda: fuse_with_diagnostics(sources, config=vanilla, progress=False).model
         rows[FUSED_ROW] = fused
         return evaluate_models(rows, dataset, split=str(plan.eval_data.split), progress=self.progress).to_dict()
 

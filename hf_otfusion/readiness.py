@@ -20,7 +20,8 @@ import numpy as np
 import torch
 from transformers import PreTrainedModel
 
-from .align import align_tensor
+from .align import align_tensor, pieces
+from .checkpoints import ModelOrPath, load_parent, skeleton
 from .compatibility import check_compatible, check_finite, check_same_model_type
 from .config import FusionConfig
 from .errors import FusionError
@@ -207,14 +208,16 @@ def weight_distances(
     groups: dict[str, tuple[_Accumulator, _Accumulator]] = {}
     total = (_Accumulator(), _Accumulator())
     for name, anchor_tensor in anchor_params.items():
-        b = anchor_tensor.detach().double()
-        a = parent_params[name].detach().double()
-        aligned = align_tensor(parent_params[name], plan.parameters[name], maps)
         before, after = groups.setdefault(parameter_group(name), (_Accumulator(), _Accumulator()))
-        for accumulators, tensor in (((before, total[0]), a), ((after, total[1]), aligned)):
-            if tensor.shape == b.shape:
-                for accumulator in accumulators:
-                    accumulator.add(tensor, b)
+        axes = plan.parameters[name]
+        for piece in pieces(anchor_tensor.shape, axes):  # large tensors in slices: no whole float64 copies
+            b = anchor_tensor[piece].detach().double()
+            a = parent_params[name][piece].detach().double()
+            aligned = align_tensor(parent_params[name][piece], axes, maps)
+            for accumulators, tensor in (((before, total[0]), a), ((after, total[1]), aligned)):
+                if tensor.shape == b.shape:
+                    for accumulator in accumulators:
+                        accumulator.add(tensor, b)
 
     def row(group: str, before: _Accumulator, after: _Accumulator) -> WeightDistance:
         (l2_b, cos_b, sign_b), (l2_a, cos_a, sign_a) = before.metrics(), after.metrics()
@@ -300,7 +303,7 @@ def recommend(
 
 
 def readiness_report(
-    models: list[PreTrainedModel | str | Path],
+    models: list[ModelOrPath],
     data: Iterable | None = None,
     config: FusionConfig | None = None,
     *,
@@ -311,7 +314,8 @@ def readiness_report(
     """Measures how far the parents are from the anchor before and after OT alignment, and recommends a method.
 
     Args:
-        models: two or more parents (models or checkpoints), as for `fuse`.
+        models: two or more parents (models or checkpoints), as for `fuse`; checkpoints are loaded one at a
+            time, so the report holds the anchor and one other parent.
         data: optional alignment data; with it, the maps use activation costs and the report adds the
             activation correlation of matched units.
         config: alignment options (`cost`, `solver`, `anchor`, ...); default: exact OT, on activations when
@@ -323,48 +327,50 @@ def readiness_report(
     Raises:
         FusionError: and its subclasses for parents that cannot be compared.
     """
-    from .fusion import load_parent  # the loader lives with `fuse`; imported here to keep the flow one-way
-
     if config is None:
         config = FusionConfig(cost="activations" if data is not None else "weights", solver="exact")
-    parents = [load_parent(model) for model in models]
-    if len(parents) < 2:
-        raise FusionError(f"A readiness report compares at least 2 parents, got {len(parents)}.")
+    if len(models) < 2:
+        raise FusionError(f"A readiness report compares at least 2 parents, got {len(models)}.")
     anchor = config.anchor
-    if not 0 <= anchor < len(parents):
-        raise FusionError(f"FusionConfig.anchor={anchor} is out of range for {len(parents)} parents.")
-    check_same_model_type(parents)
+    if not 0 <= anchor < len(models):
+        raise FusionError(f"FusionConfig.anchor={anchor} is out of range for {len(models)} parents.")
+    skeletons = [skeleton(model) for model in models]  # checkpoints are loaded one at a time, below
+    check_same_model_type(skeletons)
     if isinstance(spec, str | Path):
         spec = load_spec(spec)
-    plans = [resolve_plan(parent, spec) for parent in parents]
-    check_compatible(parents, plans, anchor)
-    check_finite(parents)
-    params = [{name: p.detach() for name, p in parent.named_parameters()} for parent in parents]
+    plans = [resolve_plan(model, spec) for model in skeletons]
+    check_compatible(skeletons, plans, anchor)
+    anchor_model = load_parent(models[anchor])
+    check_finite([anchor_model], [anchor])
+    anchor_params = _parameters(anchor_model)
 
     keys = statistics_keys(plans[anchor], per_hook_spaces(plans[anchor], config))
-    stats = None
-    if data is not None:
-        stats = collect_statistics(
-            parents, plans, data, anchor=anchor, keys=keys, tokens=config.tokens,
-            tokens_per_sample=config.tokens_per_sample, batch_size=config.batch_size,
-            num_samples=config.num_samples, progress=progress,
-        )  # fmt: skip
     layers, overall, units = [], [], []
     shapes_differ = False
-    for k in range(len(parents)):
+    for k in range(len(models)):
         if k == anchor:
             continue
+        parent = load_parent(models[k])  # the anchor and this parent are all that is held
+        check_finite([parent], [k])
+        params = _parameters(parent)
+        stats = None
+        if data is not None:
+            order = sorted([anchor, k])
+            stats = collect_statistics(
+                [anchor_model if i == anchor else parent for i in order], [plans[i] for i in order], data,
+                anchor=order.index(anchor), keys=keys, tokens=config.tokens, tokens_per_sample=config.tokens_per_sample,
+                batch_size=config.batch_size, num_samples=config.num_samples, progress=progress,
+            )[order.index(k)]  # fmt: skip
         if maps is not None and k in maps:
             parent_maps = maps[k]
         else:
-            parent_maps, _ = compute_maps(
-                k, plans[k], plans[anchor], params[k], params[anchor], stats[k] if stats else None, config, progress
-            )
-        rows, total = weight_distances(k, plans[k], plans[anchor], params[k], params[anchor], parent_maps)
+            parent_maps, _ = compute_maps(k, plans[k], plans[anchor], params, anchor_params, stats, config, progress)
+        rows, total = weight_distances(k, plans[k], plans[anchor], params, anchor_params, parent_maps)
         layers += rows
         overall.append(total)
-        units += unit_matches(k, plans[anchor], parent_maps, stats[k] if stats else None, keys)
-        shapes_differ |= any(params[k][name].shape != tensor.shape for name, tensor in params[anchor].items())
+        units += unit_matches(k, plans[anchor], parent_maps, stats, keys)
+        shapes_differ |= any(params[name].shape != tensor.shape for name, tensor in anchor_params.items())
+        del parent, params, stats
     identity, correlation = {}, {}
     for row in overall:
         mine = [match for match in units if match.parent == row.parent and match.space in plans[anchor].spaces]
@@ -378,11 +384,15 @@ def readiness_report(
             "after": _unit_mean([(m.correlation_after, m.units[1]) for m in correlated]),
         }
     recommendation, methods, reason = recommend(overall, identity, shapes_differ)
-    reused = maps is not None and all(k in maps for k in range(len(parents)) if k != anchor)
+    reused = maps is not None and all(k in maps for k in range(len(models)) if k != anchor)
     alignment = {"cost": config.cost if data is not None or reused else "weights", "solver": config.solver}
     return ReadinessReport(
         anchor, alignment, layers, overall, units, recommendation, methods, reason, identity, correlation
     )
+
+
+def _parameters(model: PreTrainedModel) -> dict[str, torch.Tensor]:
+    return {name: p.detach() for name, p in model.named_parameters()}
 
 
 def _unit_mean(values: list[tuple[float | None, int]]) -> float | None:

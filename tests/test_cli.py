@@ -233,3 +233,66 @@ def test_serve_hub_command_serves_the_hub_api_on_loopback(tmp_path):
         server.terminate()
         server.wait(timeout=10)
     assert server.returncode is not None
+
+
+def test_cli_holds_the_fused_model_and_at_most_two_parents(parents, align_data, tmp_path, monkeypatch):
+    """The pipeline hands checkpoints to `fuse`, so fusing two parents holds two models, not four."""
+    import gc
+    import weakref
+
+    from datasets import Dataset
+
+    from hf_otfusion import evaluation, fusion, readiness
+    from hf_otfusion.checkpoints import Checkpoint
+
+    parent, paths = parents
+    eval_path = tmp_path / "eval"
+    labels = [k % parent.config.num_labels for k in range(10)]
+    pixels = inputs_for(parent, batch=10, seed=3)["pixel_values"].numpy()
+    Dataset.from_dict({"pixel_values": pixels, "labels": labels}).save_to_disk(str(eval_path))
+
+    loaded = []  # a weak reference to every checkpoint the run loads
+    load = Checkpoint.load
+    monkeypatch.setattr(Checkpoint, "load", lambda self: loaded.append(weakref.ref(model := load(self))) or model)
+
+    def alive() -> int:
+        gc.collect()
+        return sum(ref() is not None for ref in loaded)
+
+    peaks = {}  # stage -> models held at each call
+    stages = {
+        "statistics": (fusion, "collect_statistics"), "average": (fusion, "_build_fused_model"),
+        "evaluation": (evaluation, "evaluate_model"), "readiness": (readiness, "weight_distances"),
+    }  # fmt: skip
+    for stage, (module, function) in stages.items():
+        original = getattr(module, function)
+
+        def counted(*args, _stage=stage, _original=original, **kwargs):
+            peaks.setdefault(_stage, []).append(alive())
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(module, function, counted)
+    out = tmp_path / "fused"
+    argv = ["fuse", *paths, "--out", str(out), "--data", align_data, "--eval-data", str(eval_path), "-q"]
+    assert main([*argv, "--eval-split", "train"]) == 0
+    # fusing: the anchor (overwritten into the fused model) and the other parent; then the vanilla row is built
+    # the same way next to the fused model
+    assert peaks["statistics"] == [2] and peaks["average"] == [2, 3]
+    # scoring a row: the fused model and the row's model; the report: the fused model, the anchor, one parent
+    assert peaks["evaluation"] == [2, 2, 2, 1] and peaks["readiness"] == [3]
+    assert len(loaded) == 8  # fuse 2, evaluation 2 parents + 2 for the vanilla average, report 2
+    assert alive() == 0  # nothing is held once the command returns
+    fused = T.AutoModelForImageClassification.from_pretrained(out).eval()
+    inputs = inputs_for(parent)
+    assert relative_error(outputs(fused, inputs), outputs(parent, inputs)) < 1e-4
+    rows = {row["name"]: row for row in Provenance.load(out).evaluation["rows"]}
+    assert rows["fused"]["accuracy"] == rows[next(name for name in rows if name.startswith("parent 0"))]["accuracy"]
+
+
+def test_a_missing_split_is_named_without_blaming_the_tokenizer(parents, align_data, tmp_path, capsys):
+    _, paths = parents  # saved without a processor: data must already hold model inputs
+    out = tmp_path / "fused"
+    assert main(["fuse", *paths, "--out", str(out), "--data", align_data, "--split", "validation", "-q"]) != 0
+    error = capsys.readouterr().err
+    assert "has no split 'validation'" in error and "tokenizer" not in error
+    assert not out.exists()

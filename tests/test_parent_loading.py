@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import build, inputs_for
 
-from hf_otfusion import FusionConfig, NonFiniteWeightsError, fuse, fuse_with_diagnostics, permute_model
+from hf_otfusion import FusionConfig, NonFiniteWeightsError, align, fuse, fuse_with_diagnostics, permute_model
 from hf_otfusion import fusion as fusion_module
 
 
@@ -85,10 +85,23 @@ def test_tensors_mixed_in_pieces_equal_tensors_mixed_whole(monkeypatch):
     parents = [build("bert-mlm", seed=0), build("bert-mlm", seed=1)]
     config = FusionConfig(cost="weights", solver="sinkhorn", reg=0.1)  # dense maps: a matrix product per piece
     whole = fuse(parents, config=config, progress=False)
-    monkeypatch.setattr(fusion_module, "PIECE_ELEMENTS", 100)  # the embeddings (60 x 32) go in 3-row pieces
-    pieces = fusion_module._pieces(torch.Size([60, 32]), (None, object()))
+    monkeypatch.setattr(align, "PIECE_ELEMENTS", 100)  # the embeddings (60 x 32) go in 3-row pieces
+    pieces = align.pieces(torch.Size([60, 32]), (None, object()))
     assert len(pieces) == 20 and pieces[-1] == (slice(57, 60),)
     pieced = fuse(parents, config=config, progress=False)
     for (name, a), (_, b) in zip(whole.named_parameters(), pieced.named_parameters(), strict=True):
         torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7, msg=name)
     assert pieced.cls.predictions.decoder.weight is pieced.bert.embeddings.word_embeddings.weight
+
+
+def test_a_checkpoint_missing_a_weight_is_refused_not_randomly_filled(checkpoints, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from hf_otfusion import CorruptCheckpointError
+
+    _, paths = checkpoints
+    weights = load_file(f"{paths[1]}/model.safetensors")
+    del weights[next(name for name in sorted(weights) if name.endswith("bias") and ".0." in name)]
+    save_file(weights, f"{paths[1]}/model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CorruptCheckpointError, match=r"Parent .*1 does not hold the weights.*missing_keys"):
+        fuse(paths[:2], config=FusionConfig(cost="weights"), progress=False)

@@ -1,0 +1,107 @@
+"""Parents given as checkpoints: loaded only when needed, every weight checked, or built weightless to plan with.
+
+`fuse` takes parents as loaded models or as checkpoints. A checkpoint costs no memory until its turn comes, so
+two checkpoints fuse in the memory of two models (see `fusion._align_and_average`); checks and plans run on its
+skeleton, the model built on the meta device from its config.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import transformers
+from transformers import AutoConfig, PreTrainedModel
+
+from .errors import CorruptCheckpointError, UnsupportedArchitectureError
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A saved model to load when it is needed.
+
+    Attributes:
+        location: a local checkpoint directory or a Hub model id.
+        model_class: the class to load it as; default: the one its config.json's `architectures` names.
+        name: how messages name it (default: `location`).
+        use_safetensors: `False` only for pickle weights a user explicitly allowed.
+        trust_remote_code: passed to transformers for a parent whose class is custom code.
+    """
+
+    location: str
+    model_class: type[PreTrainedModel] | None = None
+    name: str | None = None
+    use_safetensors: bool = True
+    trust_remote_code: bool = False
+
+    def config(self):
+        return AutoConfig.from_pretrained(self.location, trust_remote_code=self.trust_remote_code)
+
+    def saved_class(self, config=None) -> type[PreTrainedModel]:
+        """`model_class`, or the transformers class the checkpoint was saved from."""
+        if self.model_class is not None:
+            return self.model_class
+        config = config or self.config()
+        architecture = (config.architectures or [None])[0]
+        model_class = getattr(transformers, architecture, None) if architecture else None
+        if model_class is None:
+            raise UnsupportedArchitectureError(
+                f"{self.name or self.location} names architecture {architecture!r} in its config.json, which "
+                "transformers does not provide; load the model yourself and pass the object."
+            )
+        return model_class
+
+    def load(self) -> PreTrainedModel:
+        """The model, in eval mode; a missing or misshapen weight is an error, not a random initialisation.
+
+        transformers fills missing weights with random values and only warns; a fused model built on such a
+        parent would be silently wrong.
+        """
+        from safetensors import SafetensorError
+
+        name = self.name or self.location
+        try:
+            model, info = self.saved_class().from_pretrained(
+                self.location, use_safetensors=self.use_safetensors, output_loading_info=True,
+                trust_remote_code=self.trust_remote_code,
+            )  # fmt: skip
+        except (SafetensorError, OSError, RuntimeError, ValueError) as error:
+            raise CorruptCheckpointError(f"Parent {name} could not be loaded: {error}") from error
+        problems = {key: sorted(info.get(key) or []) for key in ("missing_keys", "mismatched_keys")}
+        problems = {key: value for key, value in problems.items() if value}
+        if problems:
+            raise CorruptCheckpointError(
+                f"Parent {name} does not hold the weights its config describes: {problems}. The checkpoint is "
+                "incomplete or was saved from another class; re-export it with save_pretrained."
+            )
+        return model.eval()
+
+    def skeleton(self) -> PreTrainedModel:
+        """The model built from its config on the meta device: names and shapes, no weights, no memory."""
+        config = self.config()
+        model_class = self.saved_class(config)
+        with torch.device("meta"):
+            return model_class(config)
+
+
+ModelOrPath = PreTrainedModel | Checkpoint | str | Path
+
+
+def as_checkpoint(model: ModelOrPath) -> PreTrainedModel | Checkpoint:
+    """A loaded model as is; a path or Hub id as a `Checkpoint` of its saved class."""
+    if isinstance(model, PreTrainedModel | Checkpoint):
+        return model
+    return Checkpoint(str(model))
+
+
+def load_parent(model: ModelOrPath) -> PreTrainedModel:
+    """A parent as a model: loaded models pass through; checkpoints, paths and Hub ids are loaded (safetensors)."""
+    model = as_checkpoint(model)
+    return model if isinstance(model, PreTrainedModel) else model.load()
+
+
+def skeleton(model: ModelOrPath) -> PreTrainedModel:
+    """A model to check and plan with: a loaded model as is, a checkpoint as its weightless skeleton."""
+    model = as_checkpoint(model)
+    return model if isinstance(model, PreTrainedModel) else model.skeleton()
