@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> None:
         "total_s": round(time.perf_counter() - started, 1),
         "total_cpu_s": round(time.process_time(), 1),
         "load_average": os.getloadavg(),
-        "machine": f"{os.cpu_count()} CPU cores ({platform.machine()}), {platform.python_version()}",
+        "machine": f"{os.cpu_count()} CPU cores ({platform.machine()}), Python {platform.python_version()}",
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "hf_otfusion": getattr(hf_otfusion, "__version__", "unknown"),

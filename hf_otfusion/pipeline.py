@@ -1,10 +1,11 @@
 """From parent ids to a finished, documented output directory: what `otfusion-hub fuse` runs.
 
     pre-flight (pin SHAs, read configs + headers, check compatibility, resolve data)   <- no weights yet
-    -> download pinned weights -> encode data -> fuse (two parents loaded at a time) -> evaluate (optional)
-    -> readiness report (the anchor and one parent at a time)
-    -> write model + processor + fusion_config.yaml + fusion_provenance.json + README.md to a temporary
-       directory, then move it into place (a failure never leaves a half checkpoint)
+    -> download pinned weights -> encode data -> fuse (two parents loaded at a time)
+    -> write the weights into a temporary sibling of `out` and free the fused model
+    -> evaluate (optional) and the readiness report, loading models as they are needed (two at most)
+    -> add processor + fusion_config.yaml + fusion_provenance.json + README.md, then rename the temporary
+       directory into place (a failure never leaves a half checkpoint)
 
 Pushing the finished directory is a separate step (`hub.push_folder`), so a failed upload keeps the output.
 """
@@ -22,6 +23,7 @@ from typing import Any
 import torch
 import yaml
 
+from .checkpoints import Checkpoint
 from .config import FusionConfig
 from .data import DataSource, encode_dataset, load_processor
 from .errors import DataSourceError, EmptyAlignmentDataError, FusionError, OutputExistsError
@@ -149,6 +151,8 @@ class FuseJob:
     def run(self, plan: FusePlan | None = None):
         """Pre-flight (unless given), download, fuse, evaluate and write `out`; returns the `FusionResult`.
 
+        Everything is written into a temporary sibling of `out`, renamed into place at the end, so a failure
+        never leaves a half-written output. The result's model is the one written, loaded back from `out`.
         Under `torchrun` / `accelerate launch` every process fuses, but only the main one writes.
         """
         from .distributed import is_main_process, process_state
@@ -170,21 +174,36 @@ class FuseJob:
         )
         if not is_main_process(process_state(None)):
             return result  # under torchrun / accelerate launch, only the main process writes the output
-        evaluation = None
-        if plan.eval_data is not None:
-            evaluation = self._evaluate(plan, sources, result.model, processor, label2id)
-        from .readiness import readiness_report
+        out = Path(self.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))  # renamed into place at the end
+        try:
+            staging.chmod(0o755)  # mkdtemp makes it private; the output is an ordinary directory
+            if self.dtype is not None:
+                result.model.to(DTYPES[self.dtype])
+            result.model.save_pretrained(staging, max_shard_size=self.max_shard_size)
+            # the fused model is freed here: the steps below load it, and the parents, when they need them, so
+            # that no step holds more than two models
+            result.model = None
+            fused = Checkpoint(str(staging), name="the fused model")
+            evaluation = None
+            if plan.eval_data is not None:
+                evaluation = self._evaluate(plan, sources, fused, processor, label2id)
+            from .readiness import readiness_report
 
-        # the fusion's own maps when it aligned; the report solves data-free ones for unaligned methods
-        own = FusionConfig(cost="weights", solver="exact", anchor=self.config.anchor)
-        readiness = readiness_report(
-            sources, config=self.config if result.maps else own, maps=result.maps or None, progress=self.progress
-        )
-        if self.dtype is not None:
-            result.model.to(DTYPES[self.dtype])
-        provenance = self._provenance(plan, result, evaluation)
-        provenance.readiness = readiness.to_dict()
-        self._write(result.model, parents[anchor], provenance)
+            # the fusion's own maps when it aligned; the report solves data-free ones for unaligned methods
+            own = FusionConfig(cost="weights", solver="exact", anchor=self.config.anchor)
+            readiness = readiness_report(
+                sources, config=self.config if result.maps else own, maps=result.maps or None, progress=self.progress
+            )
+            provenance = self._provenance(plan, result, evaluation)
+            provenance.readiness = readiness.to_dict()
+            self._finish(staging, parents[anchor], provenance)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        logger.info("fused model written to %s", out)
+        result.model = Checkpoint(str(out)).load()  # the weights as written (in `dtype`)
         return result
 
     # ------------------------------------------------------------------------------------------- steps
@@ -208,7 +227,8 @@ class FuseJob:
     def _evaluate(self, plan: FusePlan, sources, fused, processor, label2id) -> dict[str, Any]:
         """Parents, vanilla average and fused model on the same evaluation rows.
 
-        Parents are loaded, and the vanilla average built, when their row is scored, and freed after it.
+        Every row's model is loaded (the fused one from the staged weights), or the vanilla average built, when
+        the row is scored, and freed after it.
         """
         from .card import FUSED_ROW, VANILLA_ROW
         from .compatibility import same_widths
@@ -263,31 +283,23 @@ class FuseJob:
             created=utc_now(),
         )
 
-    def _write(self, model, anchor: Parent, provenance: Provenance) -> None:
-        """Writes everything into a temporary sibling of `out`, then renames it into place."""
+    def _finish(self, staging: Path, anchor: Parent, provenance: Provenance) -> None:
+        """Completes `staging` (which holds the weights) with processor, config, provenance and card, then renames
+        it into `out`; the caller removes it on failure."""
         from .card import render_card
 
         out = Path(self.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-        try:
-            staging.chmod(0o755)  # mkdtemp makes it private; the output is an ordinary directory
-            model.save_pretrained(staging, max_shard_size=self.max_shard_size)
-            for name in anchor.processor_files:  # the anchor's tokenizer / image processor, byte for byte
-                shutil.copyfile(anchor.directory / name, staging / name)
-            (staging / CONFIG_FILE).write_text(yaml.safe_dump(self.config.to_dict(), sort_keys=False))
-            provenance.outputs = {p.name: sha256_file(p) for p in sorted(staging.iterdir()) if _is_weight_file(p.name)}
-            provenance.save(staging)
-            card = render_card(provenance, repo_id=self.repo_id or str(out))
-            card.save(staging / "README.md")
-            self.check_output()  # nothing appeared at `out` while we were fusing
-            if out.exists():
-                shutil.rmtree(out)
-            staging.rename(out)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
-        logger.info("fused model written to %s", out)
+        for name in anchor.processor_files:  # the anchor's tokenizer / image processor, byte for byte
+            shutil.copyfile(anchor.directory / name, staging / name)
+        (staging / CONFIG_FILE).write_text(yaml.safe_dump(self.config.to_dict(), sort_keys=False))
+        provenance.outputs = {p.name: sha256_file(p) for p in sorted(staging.iterdir()) if _is_weight_file(p.name)}
+        provenance.save(staging)
+        card = render_card(provenance, repo_id=self.repo_id or str(out))
+        card.save(staging / "README.md")
+        self.check_output()  # nothing appeared at `out` while we were fusing
+        if out.exists():
+            shutil.rmtree(out)
+        staging.rename(out)
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:

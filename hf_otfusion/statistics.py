@@ -112,14 +112,22 @@ class UnitStatistics:
         if self.count == 0:
             raise EmptyAlignmentDataError("No token reached this hook; check the alignment data and token filter.")
         n = float(self.count)
-        cov = self.comoment / n
         var_a, var_b = self.m2_a / n, self.m2_b / n
+        # built in place, two arrays the size of the cost at most: large spaces are costed several at once
         if kind == "euclidean":  # E[(a - b)^2] = var_a + var_b - 2 cov + (mean_a - mean_b)^2
+            cost = self.comoment * (-2.0 / n)
+            cost += var_a[:, None]
+            cost += var_b[None, :]
             gap = self.mean_a[:, None] - self.mean_b[None, :]
-            return np.maximum(var_a[:, None] + var_b[None, :] - 2.0 * cov + gap**2, 0.0)
+            gap **= 2
+            cost += gap
+            return np.maximum(cost, 0.0, out=cost)
         if kind == "correlation":
             std = np.outer(np.sqrt(np.maximum(var_a, 0.0)), np.sqrt(np.maximum(var_b, 0.0)))
-            return 1.0 - cov / (std + 1e-12)
+            std += 1e-12
+            cost = self.comoment / n
+            cost /= std
+            return np.subtract(1.0, cost, out=cost)
         raise ValueError(f"Unknown activation cost {kind!r}; use 'euclidean' or 'correlation'.")
 
 

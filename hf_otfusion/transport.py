@@ -21,6 +21,7 @@ import ot
 import ot.batch
 import torch
 from scipy.optimize import linear_sum_assignment
+from scipy.special import entr
 
 logger = logging.getLogger(__name__)
 
@@ -172,7 +173,7 @@ def solve_transport(
     else:
         raise ValueError(f"Unknown solver {solver!r}; use 'exact' or 'sinkhorn'.")
     entropy = plan_entropy(plan)
-    info = SolveInfo(solver, used_reg, float((plan * cost).sum()), entropy, softness(entropy, n_a, n_b))
+    info = SolveInfo(solver, used_reg, float(np.vdot(plan, cost)), entropy, softness(entropy, n_a, n_b))
     return TransportMap(plan, mu, nu), info
 
 
@@ -227,7 +228,8 @@ def reduced_cost(cost: np.ndarray) -> np.ndarray:
     row and the fast (non-log) Sinkhorn iterations stay finite even at small reg.
     """
     reduced = cost - cost.min(axis=1, keepdims=True)
-    return reduced - reduced.min(axis=0, keepdims=True)
+    reduced -= reduced.min(axis=0, keepdims=True)  # in place: large spaces are solved several at once
+    return reduced
 
 
 def _sinkhorn(
@@ -288,8 +290,7 @@ def cost_scale(cost: np.ndarray) -> float:
 
 def plan_entropy(plan: np.ndarray) -> float:
     """Shannon entropy (nats) of a coupling."""
-    p = plan[plan > 0]
-    return float(-(p * np.log(p)).sum())
+    return float(entr(plan).sum())  # entr(p) = -p log p, and 0 at p = 0: one temporary the size of the plan
 
 
 def softness(entropy: float, n_a: int, n_b: int) -> float:
@@ -304,4 +305,5 @@ def _project_marginals(plan: np.ndarray, mu: np.ndarray, nu: np.ndarray) -> np.n
     """Sinkhorn stops at a tolerance; rescale columns so the anchor-side marginal is exact (no unit dropped)."""
     column_mass = plan.sum(axis=0)
     column_mass[column_mass <= 0] = 1.0
-    return plan * (nu / column_mass)[None, :]
+    plan *= (nu / column_mass)[None, :]  # in place: the plans given here are the solver's own arrays
+    return plan

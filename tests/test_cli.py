@@ -235,7 +235,7 @@ def test_serve_hub_command_serves_the_hub_api_on_loopback(tmp_path):
     assert server.returncode is not None
 
 
-def test_cli_holds_the_fused_model_and_at_most_two_parents(parents, align_data, tmp_path, monkeypatch):
+def test_cli_holds_at_most_two_models_at_any_step(parents, align_data, tmp_path, monkeypatch):
     """The pipeline hands checkpoints to `fuse`, so fusing two parents holds two models, not four."""
     import gc
     import weakref
@@ -275,12 +275,13 @@ def test_cli_holds_the_fused_model_and_at_most_two_parents(parents, align_data, 
     out = tmp_path / "fused"
     argv = ["fuse", *paths, "--out", str(out), "--data", align_data, "--eval-data", str(eval_path), "-q"]
     assert main([*argv, "--eval-split", "train"]) == 0
-    # fusing: the anchor (overwritten into the fused model) and the other parent; then the vanilla row is built
-    # the same way next to the fused model
-    assert peaks["statistics"] == [2] and peaks["average"] == [2, 3]
-    # scoring a row: the fused model and the row's model; the report: the fused model, the anchor, one parent
-    assert peaks["evaluation"] == [2, 2, 2, 1] and peaks["readiness"] == [3]
-    assert len(loaded) == 8  # fuse 2, evaluation 2 parents + 2 for the vanilla average, report 2
+    # fusing, and building the vanilla row the same way: the anchor (overwritten into the result) and the other
+    # parent; the fused model is written and freed before the evaluation and the readiness report
+    assert peaks["statistics"] == [2] and peaks["average"] == [2, 2]
+    # scoring a row holds that row's model alone; the report holds the anchor and one parent
+    assert peaks["evaluation"] == [1, 1, 1, 1] and peaks["readiness"] == [2]
+    # fuse 2; evaluation 2 parents, 2 for the vanilla average, the fused model; report 2; the result loaded back
+    assert len(loaded) == 10
     assert alive() == 0  # nothing is held once the command returns
     fused = T.AutoModelForImageClassification.from_pretrained(out).eval()
     inputs = inputs_for(parent)
