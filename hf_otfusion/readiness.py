@@ -364,7 +364,8 @@ def readiness_report(
         if maps is not None and k in maps:
             parent_maps = maps[k]
         else:
-            parent_maps, _ = compute_maps(k, plans[k], plans[anchor], params, anchor_params, stats, config, progress)
+            given = dict(stats) if stats else None  # a copy: compute_maps consumes it, unit_matches needs it
+            parent_maps, _ = compute_maps(k, plans[k], plans[anchor], params, anchor_params, given, config, progress)
         rows, total = weight_distances(k, plans[k], plans[anchor], params, anchor_params, parent_maps)
         layers += rows
         overall.append(total)
