@@ -153,6 +153,13 @@ class FusionConfig:
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
+    def statistics_options(self) -> dict[str, Any]:
+        """The `collect_statistics` keyword arguments this config sets: which tokens, batching, sample cap."""
+        return {
+            "tokens": self.tokens, "tokens_per_sample": self.tokens_per_sample, "batch_size": self.batch_size,
+            "num_samples": self.num_samples,
+        }  # fmt: skip
+
     def normalised_weights(self, num_parents: int) -> list[float]:
         """The averaging weight of each parent, summing to 1."""
         if self.weights is None:

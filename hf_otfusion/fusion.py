@@ -21,7 +21,7 @@ from .distributed import broadcast_from_main, is_main_process, models_on, proces
 from .errors import EmptyAlignmentDataError, FusionError
 from .maps import SpaceDiagnostics, compute_maps, per_hook_spaces
 from .merging import SAME_BASE_METHODS, base_in_anchor_class, merge_parameters, parent_grams
-from .plan import FusionPlan, resolve_plan
+from .plan import FusionPlan, named_tensors, resolve_plan
 from .spec import AlignmentSpec, load_spec
 from .statistics import collect_statistics, statistics_keys
 from .target import target_basis
@@ -69,7 +69,8 @@ class _FusionRun:
 
     Attributes:
         sources: the parents as given (models or checkpoints).
-        parents: loaded models, or weightless skeletons of the parents given as checkpoints (`from_checkpoint`).
+        parents: loaded models, or, on the OT and vanilla path, weightless skeletons of the parents given as
+            checkpoints (`from_checkpoint`), loaded when their turn comes.
         plans: each parent's resolved plan.
         weights: each parent's normalised weight.
         timings: wall seconds per stage, filled in as the steps run.
@@ -77,7 +78,6 @@ class _FusionRun:
 
     sources: list[ModelOrPath]
     parents: list[PreTrainedModel]
-    from_checkpoint: list[bool]
     plans: list[FusionPlan]
     data: Any
     config: FusionConfig
@@ -91,6 +91,11 @@ class _FusionRun:
     @property
     def anchor(self) -> int:
         return self.config.anchor
+
+    @property
+    def from_checkpoint(self) -> list[bool]:
+        """Which parents were given as checkpoints rather than loaded models."""
+        return [not isinstance(source, PreTrainedModel) for source in self.sources]
 
 
 def fuse(
@@ -185,9 +190,7 @@ def fuse_with_diagnostics(
             "data=<datasets.Dataset or DataLoader of model inputs>, or use FusionConfig(cost='weights') for "
             "data-free alignment (method='interpolate' for a data-free same-base merge)."
         )
-    run = _FusionRun(
-        list(models), parents, from_checkpoint, plans, data, config, weights, timings, progress, device, process, spec
-    )
+    run = _FusionRun(list(models), parents, plans, data, config, weights, timings, progress, device, process, spec)
     timings["plan"] = time.perf_counter() - started
     if streamed:
         return _fuse_into_target(run) if config.target is not None else _align_and_average(run)
@@ -208,7 +211,7 @@ def _merge_same_base(run: _FusionRun, base: ModelOrPath | None) -> FusionResult:
     plans = run.plans + [resolve_plan(model, run.spec) for model in models[len(parents) :]]
     timings["plan"] += time.perf_counter() - started
 
-    params = [{name: p.detach() for name, p in model.named_parameters()} for model in models]
+    params = [named_tensors(model) for model in models]
     result = FusionResult(model=parents[anchor], config=config, timings=timings)
     if aligns:
         result.maps, result.diagnostics = _maps_onto_anchor(run, dict(enumerate(models)), plans)
@@ -243,7 +246,6 @@ def _fuse_into_target(run: _FusionRun) -> FusionResult:
         run,
         sources=[*run.sources, basis.model],
         parents=[*run.parents, basis.model],
-        from_checkpoint=[*run.from_checkpoint, False],
         plans=[*run.plans, resolve_plan(basis.model, run.spec)],
         config=replace(run.config, anchor=len(run.parents)),
         weights=[*run.weights, 0.0],
@@ -295,7 +297,7 @@ def _align_and_average(run: _FusionRun) -> FusionResult:
     anchor_model = obtain(anchor)
     fused = anchor_model if from_checkpoint[anchor] else copy.deepcopy(anchor_model)
     for i, group in enumerate(groups):
-        params = {k: _parameters(obtain(k)) for k in ([anchor] if i == 0 else []) + group}
+        params = {k: named_tensors(obtain(k)) for k in ([anchor] if i == 0 else []) + group}
         _build_fused_model(fused, params, run.plans, result.maps, run.weights, accumulate=i > 0)
         release(group)
     result.model = fused
@@ -322,19 +324,18 @@ def _maps_onto_anchor(
         with models_on(listed, run.device):
             stats = collect_statistics(
                 listed, [plans[k] for k in order], run.data, anchor=order.index(anchor), keys=keys,
-                tokens=config.tokens, tokens_per_sample=config.tokens_per_sample, batch_size=config.batch_size,
-                num_samples=config.num_samples, progress=run.progress, process=run.process,
+                progress=run.progress, process=run.process, **config.statistics_options(),
             )  # fmt: skip
         stats = {order[i]: per_parent for i, per_parent in stats.items()}
         timings["statistics"] = timings.get("statistics", 0.0) + time.perf_counter() - started
     started = time.perf_counter()
     maps, diagnostics = {}, []
     if is_main_process(run.process):  # solved once, then broadcast
-        anchor_params = _parameters(models[anchor])
+        anchor_params = named_tensors(models[anchor])
         for k in order:
             if k != anchor:
                 maps[k], found = compute_maps(
-                    k, plans[k], plans[anchor], _parameters(models[k]), anchor_params,
+                    k, plans[k], plans[anchor], named_tensors(models[k]), anchor_params,
                     stats.pop(k) if stats else None, config, run.progress, device=run.device,
                 )  # fmt: skip
                 diagnostics.extend(found)
@@ -342,10 +343,6 @@ def _maps_onto_anchor(
     maps, diagnostics = broadcast_from_main((maps, diagnostics), run.process)
     timings["maps"] = timings.get("maps", 0.0) + time.perf_counter() - started
     return maps, diagnostics
-
-
-def _parameters(model: PreTrainedModel) -> dict[str, torch.Tensor]:
-    return {name: p.detach() for name, p in model.named_parameters()}
 
 
 def _build_fused_model(

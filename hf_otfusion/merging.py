@@ -139,18 +139,16 @@ def parent_grams(
     grams = []
     for k, parent in enumerate(parents):
         model = aligned_model(anchor_model, params[k], plans[k], maps[k]) if k in maps else parent
-        options = dict(tokens=config.tokens, tokens_per_sample=config.tokens_per_sample, batch_size=config.batch_size)
         with models_on([model], device):
             grams.append(
                 collect_gram_statistics(
                     model,
                     data,
                     layers=layers,
-                    num_samples=config.num_samples,
                     progress=progress,
                     description=f"Gram statistics, parent {k}",
                     process=process,
-                    **options,
+                    **config.statistics_options(),
                 )
             )
         del model

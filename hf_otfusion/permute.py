@@ -14,7 +14,7 @@ import torch
 from transformers import PreTrainedModel
 
 from .align import align_parameters
-from .plan import resolve_plan
+from .plan import named_tensors, resolve_plan
 from .spec import AlignmentSpec
 from .transport import TransportMap
 
@@ -46,7 +46,7 @@ def permute_model(model: PreTrainedModel, seed: int = 0, spec: AlignmentSpec | N
         space: TransportMap.from_permutation(permutation)
         for space, permutation in random_permutations(model, seed, spec).items()
     }
-    params = {name: param.detach() for name, param in model.named_parameters()}
+    params = named_tensors(model)
     permuted = align_parameters(params, plan, maps)
     result = copy.deepcopy(model)
     with torch.no_grad():

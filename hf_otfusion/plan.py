@@ -57,6 +57,11 @@ class FusionPlan:
         return [space for space in self.spaces.values() if space.heads == heads_space]
 
 
+def named_tensors(model: PreTrainedModel) -> dict[str, torch.Tensor]:
+    """A model's parameters by name, detached: the tensors whose axes a plan binds to spaces."""
+    return {name: param.detach() for name, param in model.named_parameters()}
+
+
 def base_prefix(model: PreTrainedModel) -> str:
     """`"bert."` inside head models such as BertForSequenceClassification, `""` for the bare BertModel."""
     prefix = getattr(model, "base_model_prefix", "")

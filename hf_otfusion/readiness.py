@@ -18,7 +18,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import PreTrainedModel
 
 from .align import align_tensor, pieces
 from .checkpoints import ModelOrPath, load_parent, skeleton
@@ -26,7 +25,7 @@ from .compatibility import check_compatible, check_finite, check_same_model_type
 from .config import FusionConfig
 from .errors import FusionError
 from .maps import compute_maps, per_hook_spaces
-from .plan import FusionPlan, resolve_plan
+from .plan import FusionPlan, named_tensors, resolve_plan
 from .spec import AlignmentSpec, load_spec
 from .statistics import UnitStatistics, collect_statistics, statistics_keys
 from .transport import TransportMap
@@ -342,7 +341,7 @@ def readiness_report(
     check_compatible(skeletons, plans, anchor)
     anchor_model = load_parent(models[anchor])
     check_finite([anchor_model], [anchor])
-    anchor_params = _parameters(anchor_model)
+    anchor_params = named_tensors(anchor_model)
 
     keys = statistics_keys(plans[anchor], per_hook_spaces(plans[anchor], config))
     layers, overall, units = [], [], []
@@ -352,15 +351,18 @@ def readiness_report(
             continue
         parent = load_parent(models[k])  # the anchor and this parent are all that is held
         check_finite([parent], [k])
-        params = _parameters(parent)
+        params = named_tensors(parent)
         stats = None
         if data is not None:
-            order = sorted([anchor, k])
             stats = collect_statistics(
-                [anchor_model if i == anchor else parent for i in order], [plans[i] for i in order], data,
-                anchor=order.index(anchor), keys=keys, tokens=config.tokens, tokens_per_sample=config.tokens_per_sample,
-                batch_size=config.batch_size, num_samples=config.num_samples, progress=progress,
-            )[order.index(k)]  # fmt: skip
+                [anchor_model, parent],
+                [plans[anchor], plans[k]],
+                data,
+                anchor=0,
+                keys=keys,
+                progress=progress,
+                **config.statistics_options(),
+            )[1]
         if maps is not None and k in maps:
             parent_maps = maps[k]
         else:
@@ -390,10 +392,6 @@ def readiness_report(
     return ReadinessReport(
         anchor, alignment, layers, overall, units, recommendation, methods, reason, identity, correlation
     )
-
-
-def _parameters(model: PreTrainedModel) -> dict[str, torch.Tensor]:
-    return {name: p.detach() for name, p in model.named_parameters()}
 
 
 def _unit_mean(values: list[tuple[float | None, int]]) -> float | None:

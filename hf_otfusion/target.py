@@ -46,7 +46,7 @@ from .config import FusionConfig
 from .distributed import models_on, resolve_device
 from .errors import EmptyAlignmentDataError, SpecError, TargetShapeError
 from .maps import SpaceDiagnostics, feature_parameters, head_pair_costs, logit_scale, mean_squares, solve_heads
-from .plan import FusionPlan, Space, resolve_plan
+from .plan import FusionPlan, Space, named_tensors, resolve_plan
 from .spec import AlignmentSpec, load_spec
 from .statistics import collect_statistics, statistics_keys
 from .transport import TransportMap, importance_marginal, solve_transport
@@ -152,11 +152,10 @@ def target_basis(
         with models_on([anchor, twin], device):
             stats = collect_statistics(
                 [anchor, twin], [anchor_plan, anchor_plan], data, anchor=0, keys=statistics_keys(anchor_plan),
-                tokens=config.tokens, tokens_per_sample=config.tokens_per_sample, batch_size=config.batch_size,
-                num_samples=config.num_samples, progress=progress, process=process,
+                progress=progress, process=process, **config.statistics_options(),
             )[1]  # fmt: skip
         del twin
-    params = {name: p.detach() for name, p in anchor.named_parameters()}
+    params = named_tensors(anchor)
     costs = _SelfCosts(anchor_plan, params, stats, config)
     exact = dataclasses.replace(config, solver="exact", target=None)
     result = CompressionResult(basis)
