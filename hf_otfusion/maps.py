@@ -9,10 +9,8 @@ within-head maps of the matched pairs are assembled into one coupling over (head
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
@@ -39,12 +37,6 @@ from .transport import (
 )
 
 logger = logging.getLogger(__name__)
-
-# Cost entries from which a Sinkhorn space is solved alone (2048 x 2048 and up): building the cost and its
-# dense plan takes about eight full-size float64 arrays (0.6 GB for a 3072-unit MLP space), and two of those at
-# once set the peak memory of a BERT-base fusion. Exact solves keep running concurrently: they are slower and
-# keep a permutation, not a dense plan.
-LARGE_SOFT_SOLVE = 1 << 22
 
 # Head pairs whose head-plan mass is below this fraction of the largest entry keep their exact within-head plan.
 SIGNIFICANT_HEAD_MASS = 1e-3
@@ -193,8 +185,7 @@ def compute_maps(
 
     A space's cost needs only the maps of the spaces upstream of it (none for activation costs), so spaces
     whose inputs are ready are solved concurrently on `workers` threads (default: one per CPU core; the
-    linear-assignment and POT solvers release the GIL), except that large Sinkhorn spaces take turns
-    (`LARGE_SOFT_SOLVE`) to bound memory. The result is the same as solving one by one.
+    linear-assignment and POT solvers release the GIL). The result is the same as solving one by one.
     `stats` is consumed: each space's statistics are removed from it once its cost is built, so that the
     co-moment matrices do not outlive their use (a copy made here would not free them: the caller's reference
     to the dict keeps every entry alive until this returns). Pass a copy to keep them. Sinkhorn solves run on `device`
@@ -210,7 +201,6 @@ def compute_maps(
     tasks = _solve_order(anchor_plan, config)
     producer = {name: i for i, task in enumerate(tasks) for name in _produced(task, anchor_plan)}
     maps: dict[str, TransportMap] = {}
-    one_large_solve = threading.Lock()
 
     def solve(index: int, waits_for: list[Future]) -> list[tuple[str, TransportMap, SolveInfo, str, float]]:
         for future in waits_for:
@@ -238,18 +228,14 @@ def compute_maps(
                 started = time.perf_counter()  # the heads entry carries the time of the joint solve
         else:
             mean_policy = space.name in per_hook
-            large = config.solver == "sinkhorn" and space.size * parent_plan.spaces[space.name].size >= LARGE_SOFT_SOLVE
-            with one_large_solve if large else contextlib.nullcontext():
-                marginals = (None, None)
-                if importance:
-                    importances = sources.importance(space.name, upstream)
-                    marginals = tuple(importance_marginal(side) for side in importances)
-                costs = sources.costs(space.name, upstream, pooled=not mean_policy)
-                if mean_policy:
-                    transport, info = _solve_mean(costs, config, *marginals, device=device)
-                else:
-                    transport, info = _solve(costs[0], config, *marginals, device=device)
-                del costs
+            marginals = (None, None)
+            if importance:
+                marginals = tuple(importance_marginal(side) for side in sources.importance(space.name, upstream))
+            costs = sources.costs(space.name, upstream, pooled=not mean_policy)
+            if mean_policy:
+                transport, info = _solve_mean(costs, config, *marginals, device=device)
+            else:
+                transport, info = _solve(costs[0], config, *marginals, device=device)
             solved = [(space.name, transport, info, sources.kind(space.name), time.perf_counter() - started)]
         for name, transport, *_ in solved:
             transport.output_scale = logit_scale(parent_plan.spaces[name], anchor_plan.spaces[name])
