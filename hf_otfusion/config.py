@@ -16,11 +16,12 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "cost": ("activations", "weights"),
     "solver": ("exact", "sinkhorn"),
     "reg_mode": ("relative", "absolute"),
-    "residual": ("shared", "mean"),
+    "residual": ("shared", "mean", "orthogonal"),
     "heads": ("aware", "cross"),
     "activation_cost": ("euclidean", "correlation"),
     "tokens": ("all", "first"),
     "marginals": ("uniform", "importance"),
+    "repair": ("none", "residual", "all"),
 }
 
 
@@ -58,7 +59,11 @@ class FusionConfig:
             best-vs-second-best gap, so the same value gives similar softness on any cost scale.
         reg_mode: `relative` (default) or `absolute` (`reg` used as is, on the raw cost).
         residual: `shared` solves one residual map from all residual-stream sources pooled; `mean` solves one
-            map per source and averages them (the paper's averaging of incoming maps).
+            map per source and averages them (the paper's averaging of incoming maps); `orthogonal` (pre-LN
+            architectures: ViT, DeiT) folds every parent's LayerNorms into their readers and centres the writers
+            of the residual stream, an exact rewrite after which the stream can be rotated, then aligns it with
+            one rotation per parent from the stream's activation statistics (see `hf_otfusion.reparameterise`).
+            The fused model's LayerNorms then hold weight 1 and bias 0. Needs `cost="activations"`.
         heads: `aware` matches whole heads first, then dimensions within matched heads (Q and K share a map,
             V and O share a map); `cross` aligns all H*d_head dimensions as one space, as the reference does.
         activation_cost: ground cost between unit activations: `euclidean` (mean squared difference) or
@@ -78,6 +83,12 @@ class FusionConfig:
         marginals: mass of each unit in the OT problems between spaces of different widths: `uniform`, or
             `importance` (mean squared activation, or squared weight norm without data), so that heavy units
             keep their own partners and light ones are merged first.
+        repair: after averaging, move each fused unit's activation mean and standard deviation on the
+            alignment data to the weighted average of its aligned parent units' (REPAIR, Jordan et al. 2023):
+            averaging imperfectly correlated units shrinks their variance. `residual` repairs the modules that
+            write into the residual stream (embeddings, attention output, FFN output), `all` also the FFN
+            pre-activations (every site the spec's `repair` section lists); the correction is folded into each
+            module's weight and bias, site by site in flow order. Needs alignment data; `none` turns it off.
         weights: one averaging weight per parent (normalised to sum to 1); `None` means uniform.
         batch_size: batch size of the activation pass.
         num_samples: cap on the number of alignment samples used (`None` = all).
@@ -101,6 +112,7 @@ class FusionConfig:
     anchor: int = 0
     target: dict[str, int] | None = None
     marginals: str = "uniform"
+    repair: str = "none"
     weights: list[float] | None = None
     batch_size: int = 8
     num_samples: int | None = None
@@ -120,6 +132,15 @@ class FusionConfig:
             raise FusionError(f"base={self.base!r} is only used by method='task-arithmetic', not {self.method!r}.")
         if self.align == "ot" and self.method == "vanilla":
             raise FusionError("align='ot' contradicts method='vanilla' (no alignment); use method='ot' instead.")
+        if self.residual == "orthogonal" and self.cost != "activations":
+            raise FusionError(
+                "residual='orthogonal' solves the rotation from activation statistics: use cost='activations' (with "
+                "alignment data), or residual='shared' for a data-free fusion."
+            )
+        if self.residual == "orthogonal" and (self.target is not None or self.method != "ot"):
+            raise FusionError("residual='orthogonal' is available for method='ot' without a target shape only.")
+        if self.repair != "none" and self.method not in ("ot", "vanilla"):
+            raise FusionError(f"repair={self.repair!r} follows OT or vanilla averaging, not method={self.method!r}.")
         if self.batch_size < 1:
             raise FusionError(f"FusionConfig.batch_size must be >= 1, got {self.batch_size}.")
         if self.num_samples is not None and self.num_samples < 1:
@@ -139,7 +160,7 @@ class FusionConfig:
     def needs_data(self) -> bool:
         """Whether this fusion reads alignment data (activation costs, or RegMean's input Gram matrices)."""
         aligns = self.method == "ot" or self.align == "ot"
-        return (aligns and self.cost == "activations") or self.method == "regmean"
+        return (aligns and self.cost == "activations") or self.method == "regmean" or self.repair != "none"
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict of every field (JSON/YAML-safe), the form written next to the checkpoint."""

@@ -22,6 +22,8 @@ from .errors import EmptyAlignmentDataError, FusionError
 from .maps import SpaceDiagnostics, compute_maps, per_hook_spaces
 from .merging import SAME_BASE_METHODS, base_in_anchor_class, merge_parameters, parent_grams
 from .plan import FusionPlan, named_tensors, resolve_plan
+from .repair import SiteRepair, repair_model
+from .reparameterise import check_rotatable, reparameterise
 from .spec import AlignmentSpec, load_spec
 from .statistics import collect_statistics, statistics_keys
 from .target import target_basis
@@ -42,7 +44,8 @@ class FusionResult:
             holds the base model's maps.
         diagnostics: one entry per solved space and parent (cost, entropy, softness, time).
         timings: wall seconds per stage (`plan`, `statistics`, `maps`, `gram` for RegMean, `apply` = align
-            and merge).
+            and merge, `repair`).
+        repair: one entry per repaired site (`config.repair`), in flow order.
     """
 
     model: PreTrainedModel
@@ -50,15 +53,20 @@ class FusionResult:
     maps: dict[int, dict[str, TransportMap]] = field(default_factory=dict)
     diagnostics: list[SpaceDiagnostics] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
+    repair: list[SiteRepair] = field(default_factory=list)
 
     def summary(self) -> str:
         """A plain-text table of the per-space diagnostics."""
-        lines = [f"{'parent':>6} {'space':<12} {'units':>11} {'source':<11} {'cost':>10} {'softness':>8}"]
+        lines = [f"{'parent':>6} {'space':<12} {'units':>11} {'map':<11} {'source':<11} {'cost':>10} {'softness':>8}"]
         for d in self.diagnostics:
             units = f"{d.units[0]}x{d.units[1]}"
             lines.append(
-                f"{d.parent:>6} {d.space:<12} {units:>11} {d.cost_source:<11} {d.transport_cost:>10.4g} "
+                f"{d.parent:>6} {d.space:<12} {units:>11} {d.kind:<11} {d.cost_source:<11} {d.transport_cost:>10.4g} "
                 f"{d.softness:>8.3f}"
+            )
+        for site in self.repair:
+            lines.append(
+                f"repair {site.site}: fused std {site.std_ratio_before:.3f} of target, scale {site.mean_scale:.3f}"
             )
         return "\n".join(lines)
 
@@ -178,15 +186,19 @@ def fuse_with_diagnostics(
         spec = load_spec(spec)
     plans = [resolve_plan(parent, spec) for parent in parents]
     check_compatible(parents, plans, config.anchor)
+    if config.residual == "orthogonal":
+        for plan in plans:
+            check_rotatable(plan)
     if config.method != "ot" and config.align != "ot":  # aligned same-base methods take any widths, as OT does
         check_same_widths(plans, config.anchor, config.method)
     in_memory = [k for k, lazy in enumerate(from_checkpoint) if not lazy]
     check_finite([parents[k] for k in in_memory], in_memory)
     aligns = config.method == "ot" or config.align == "ot"
     needs_data = aligns and config.cost == "activations"
-    if (needs_data or config.method == "regmean") and data is None:
+    if config.needs_data and data is None:
+        reason = "method=regmean" if config.method == "regmean" else "cost=activations" if needs_data else "repair"
         raise EmptyAlignmentDataError(
-            f"{'method=regmean' if config.method == 'regmean' else 'cost=activations'} needs alignment data: pass "
+            f"{reason} needs alignment data: pass "
             "data=<datasets.Dataset or DataLoader of model inputs>, or use FusionConfig(cost='weights') for "
             "data-free alignment (method='interpolate' for a data-free same-base merge)."
         )
@@ -297,12 +309,55 @@ def _align_and_average(run: _FusionRun) -> FusionResult:
     anchor_model = obtain(anchor)
     fused = anchor_model if from_checkpoint[anchor] else copy.deepcopy(anchor_model)
     for i, group in enumerate(groups):
-        params = {k: named_tensors(obtain(k)) for k in ([anchor] if i == 0 else []) + group}
+        members = ([anchor] if i == 0 else []) + group
+        params = {k: _fusion_parameters(obtain(k), run.plans[k], run.config) for k in members}
         _build_fused_model(fused, params, run.plans, result.maps, run.weights, accumulate=i > 0)
+        del params
         release(group)
     result.model = fused
     run.timings["apply"] = time.perf_counter() - started
+    if run.config.repair != "none":
+        started = time.perf_counter()
+        loaded.clear()  # a checkpoint anchor was overwritten by the average: its original is loaded again
+
+        def aligned_parents():
+            for k, weight in enumerate(run.weights):
+                if weight > 0:
+                    parent = load_parent(run.sources[k]) if from_checkpoint[k] else run.parents[k]
+                    yield _aligned_copy(fused, parent, run.plans[k], result.maps.get(k), run.config), weight
+                    del parent
+
+        result.repair = repair_model(
+            fused, run.plans[anchor], aligned_parents(), run.data, run.config.repair,
+            run.config.statistics_options(), progress=run.progress, device=run.device,
+        )  # fmt: skip
+        run.timings["repair"] = time.perf_counter() - started
     return result
+
+
+def _fusion_parameters(model: PreTrainedModel, plan: FusionPlan, config: FusionConfig) -> dict[str, torch.Tensor]:
+    """The tensors of a parent that enter the average: its own, or reparameterised for a rotatable residual."""
+    params = named_tensors(model)
+    if config.method == "ot" and config.residual == "orthogonal":
+        return reparameterise(params, plan)
+    return params
+
+
+def _aligned_copy(
+    fused: PreTrainedModel,
+    parent: PreTrainedModel,
+    plan: FusionPlan,
+    maps: dict[str, TransportMap] | None,
+    config: FusionConfig,
+) -> PreTrainedModel:
+    """A model of the fused model's class holding `parent` moved into the anchor's basis (the anchor itself: as is)."""
+    aligned = copy.deepcopy(fused)
+    params = _fusion_parameters(parent, plan, config)
+    with torch.no_grad():
+        for name, param in aligned.named_parameters():
+            tensor = align_tensor(params[name], plan.parameters[name], maps) if maps else params[name]
+            param.copy_(tensor.to(param.dtype))
+    return aligned
 
 
 def _maps_onto_anchor(

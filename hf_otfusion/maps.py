@@ -31,6 +31,7 @@ from .transport import (
     importance_marginal,
     plan_entropy,
     softness,
+    solve_orthogonal,
     solve_transport,
     solve_transport_batch,
     uniform,
@@ -49,6 +50,7 @@ class SpaceDiagnostics:
     parent: int
     space: str
     units: tuple[int, int]
+    kind: str  # the map's kind: permutation, coupling or orthogonal (`TransportMap.kind`)
     cost_source: str
     solver: str
     reg: float | None
@@ -165,8 +167,10 @@ def feature_parameters(plan: FusionPlan, space: str, maps: dict[str, TransportMa
 
 
 def per_hook_spaces(plan: FusionPlan, config: FusionConfig) -> set[str]:
-    """Spaces whose hooks need statistics of their own: residual streams under the `mean` policy."""
-    return {name for name, space in plan.spaces.items() if space.stream and config.residual == "mean"}
+    """Spaces whose hooks need statistics of their own: residual streams under the `mean` and `orthogonal` policies
+    (the orthogonal map weighs every site of the stream equally, see `orthogonal_residual_map`)."""
+    per_hook = config.residual in ("mean", "orthogonal")
+    return {name for name, space in plan.spaces.items() if space.stream and per_hook}
 
 
 def compute_maps(
@@ -226,6 +230,15 @@ def compute_maps(
             for name, transport, info in heads_solved:
                 solved.append((name, transport, info, sources.kind(nested[0].name), time.perf_counter() - started))
                 started = time.perf_counter()  # the heads entry carries the time of the joint solve
+        elif space.stream and config.residual == "orthogonal":
+            keys = dict.fromkeys(sources.keys[hook] for hook in anchor_plan.hooks.get(space.name, []))
+            if sources.kind(space.name) != "activations" or not keys:
+                raise SpecError(
+                    "residual='orthogonal' solves the residual rotation from activation statistics of the residual "
+                    f"stream, which space {space.name} has none of: use cost='activations' with alignment data."
+                )
+            transport, info = orthogonal_residual_map([stats.pop(key) for key in keys])
+            solved = [(space.name, transport, info, "activations", time.perf_counter() - started)]
         else:
             mean_policy = space.name in per_hook
             marginals = (None, None)
@@ -258,7 +271,7 @@ def compute_maps(
         for name, transport, info, source, seconds in solved:
             diagnostics.append(
                 SpaceDiagnostics(
-                    parent_index, name, transport.shape, source, info.solver, info.reg,
+                    parent_index, name, transport.shape, transport.kind, source, info.solver, info.reg,
                     info.transport_cost, info.entropy, info.softness, seconds,
                 )
             )  # fmt: skip
@@ -297,6 +310,28 @@ def mean_squares(moments: UnitStatistics) -> tuple[np.ndarray, np.ndarray]:
     """Each unit's mean squared activation in the parent and in the anchor: the unit importance of a space."""
     count = float(max(moments.count, 1))
     return moments.m2_a / count + moments.mean_a**2, moments.m2_b / count + moments.mean_b**2
+
+
+def orthogonal_residual_map(sites: list[UnitStatistics]) -> tuple[TransportMap, SolveInfo]:
+    """One rotation of the residual stream (fixing the all-ones direction) from its statistics at every site.
+
+    Each site's raw cross moment E[x_a x_bᵀ] is divided by its Frobenius norm before they are summed, so that
+    the late sites, whose activations are larger, do not decide the rotation alone. The reported transport cost
+    is E‖Oᵀx_a − x_b‖² per unit, averaged over the sites: the euclidean cost of the rotated parent's units.
+    Only exact for a reparameterised parent (`hf_otfusion.reparameterise`), whose stream lies in the complement
+    of the ones vector; the statistics may come from the original parent since Qᵀ C Q is the same.
+    """
+    cross = [site.cross_moment() for site in sites]
+    total = sum(c / max(np.linalg.norm(c), np.finfo(np.float64).tiny) for c in cross)
+    transport = solve_orthogonal(total, fixed=np.ones(total.shape[0]))
+    rotation = transport.output_matrix()
+    costs = []
+    for site, c in zip(sites, cross, strict=True):
+        squares_a, squares_b = mean_squares(site)
+        costs.append((squares_a.sum() + squares_b.sum() - 2.0 * float(np.vdot(rotation, c))) / len(squares_b))
+    entropy = plan_entropy(transport.plan)
+    info = SolveInfo("procrustes", None, float(np.mean(costs)), entropy, softness(entropy, *transport.shape))
+    return transport, info
 
 
 def _solve(

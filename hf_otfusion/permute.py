@@ -1,8 +1,10 @@
-"""Function-preserving random permutations of a model's units: the ground truth that fusion must undo.
+"""Function-preserving random permutations and rotations of a model's units: the ground truth fusion must undo.
 
 Permuting the residual dimensions, the heads, the dimensions within each head (Q/K and V/O separately) and
-the FFN units consistently in every tensor leaves the network's function unchanged. Fusing a model with such
-a copy of itself must give the model back, which is the strongest end-to-end check of the engine.
+the FFN units consistently in every tensor leaves the network's function unchanged. So does rotating the
+residual stream of a reparameterised pre-LN model (`hf_otfusion.reparameterise`) by an orthogonal matrix
+that fixes the all-ones vector. Fusing a model with such a copy of itself must give the model back, which is
+the strongest end-to-end check of the engine.
 """
 
 from __future__ import annotations
@@ -15,8 +17,9 @@ from transformers import PreTrainedModel
 
 from .align import align_parameters
 from .plan import named_tensors, resolve_plan
+from .reparameterise import reparameterise
 from .spec import AlignmentSpec
-from .transport import TransportMap
+from .transport import TransportMap, complement_basis
 
 
 def random_permutations(
@@ -52,4 +55,30 @@ def permute_model(model: PreTrainedModel, seed: int = 0, spec: AlignmentSpec | N
     with torch.no_grad():
         for name, param in result.named_parameters():
             param.copy_(permuted[name].to(param.dtype))
+    return result
+
+
+def random_rotation_fixing_ones(size: int, rng: np.random.Generator) -> np.ndarray:
+    """A random orthogonal matrix O (size x size) with O·1 = 1: a rotation of the complement of the ones vector."""
+    basis = complement_basis(np.full(size, 1.0 / np.sqrt(size)))
+    rotation, _ = np.linalg.qr(rng.standard_normal((size - 1, size - 1)))
+    return basis @ rotation @ basis.T + np.full((size, size), 1.0 / size)
+
+
+def rotate_model(model: PreTrainedModel, seed: int = 0, spec: AlignmentSpec | None = None) -> PreTrainedModel:
+    """A reparameterised copy of a pre-LN `model` with its residual stream randomly rotated and every other space
+    randomly permuted; it computes the same function as the reparameterised model (and so, with a task head,
+    as `model`)."""
+    plan = resolve_plan(model, spec)
+    rng = np.random.default_rng(seed)
+    maps = {
+        space: TransportMap.from_permutation(permutation)
+        for space, permutation in random_permutations(model, seed, spec).items()
+    }
+    maps[plan.stream] = TransportMap.from_orthogonal(random_rotation_fixing_ones(plan.spaces[plan.stream].size, rng))
+    rotated = align_parameters(reparameterise(named_tensors(model), plan), plan, maps)
+    result = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, param in result.named_parameters():
+            param.copy_(rotated[name].to(param.dtype))
     return result

@@ -43,6 +43,13 @@ class FusionPlan:
     spaces: dict[str, Space]
     parameters: dict[str, tuple[AxisBinding | None, ...]]
     hooks: dict[str, list[str]] = field(default_factory=dict)
+    residual_norms: dict[str, list[str]] = field(default_factory=dict)  # norm module -> modules reading it
+    repair_sites: dict[str, str] = field(default_factory=dict)  # module -> the parameter taking the shift
+
+    @property
+    def stream(self) -> str | None:
+        """The residual-stream space, if the spec declares one."""
+        return next((name for name, space in self.spaces.items() if space.stream), None)
 
     def parameters_of(self, space: str) -> list[str]:
         """Names of the parameters with at least one axis in `space`, in model order."""
@@ -131,7 +138,31 @@ def resolve_plan(model: PreTrainedModel, spec: AlignmentSpec | None = None) -> F
                         names.append(name)
             if names:
                 hooks[space] = names
-    return FusionPlan(spec.model_type, architecture, num_layers, spaces, parameters, hooks)
+    residual_norms = {
+        norm: [reader for template in readers for reader in _present(template, base, layer, modules)]
+        for norm_template, readers in spec.residual_norms.items()
+        for layer in _layers_of(norm_template, num_layers)
+        for norm in _present(norm_template, base, layer, modules)
+    }
+    listed = {
+        module: _fill(shift, base, layer)
+        for template, shift in spec.repair.items()
+        for layer in _layers_of(template, num_layers)
+        for module in _present(template, base, layer, modules)
+    }
+    repair_sites = {name: listed[name] for name in modules if name in listed}  # flow order: the model's own
+    for module, shift in repair_sites.items():
+        if shift not in parameters:
+            raise SpecError(f"Repair site {module} shifts {shift}, which is not a parameter of {architecture}.")
+    return FusionPlan(
+        spec.model_type, architecture, num_layers, spaces, parameters, hooks, residual_norms, repair_sites
+    )
+
+
+def _present(template: str, base: str, layer: int | None, modules: dict) -> list[str]:
+    """The module `template` names for `layer`, if this model has it (a pooler or a second head may be absent)."""
+    name = _fill(template, base, layer)
+    return [name] if name in modules else []
 
 
 def _expand_parameters(spec: AlignmentSpec, base: str, num_layers: int) -> dict[str, tuple]:

@@ -7,7 +7,7 @@ with a `SpecError` naming the entry. Adding an architecture means adding a spec 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -20,6 +20,7 @@ LAYER = "{i}"
 BASE = "{base}"
 _INPUT_PREFIX = "in:"
 _TOP_KEYS = {"model_type", "architectures", "layers", "spaces", "parameters", "hooks"}
+_OPTIONAL_KEYS = {"residual_norms", "repair"}
 _SPACE_KEYS = {"size", "heads", "stream", "scaled_dot_product"}
 
 
@@ -60,7 +61,15 @@ class AxisBinding:
 
 @dataclass(frozen=True)
 class AlignmentSpec:
-    """The validated content of one spec file."""
+    """The validated content of one spec file.
+
+    Two optional sections describe what the quality options need to know of an architecture:
+    `residual_norms` maps each normalisation that reads the residual stream to the modules that read its
+    output (present only for pre-LN architectures, whose residual stream can then be rotated: see
+    `hf_otfusion.reparameterise`); `repair` maps each module whose output statistics are restored after
+    averaging to the parameter that takes the shift (its bias, or the position embeddings for an embedding
+    module: see `hf_otfusion.repair`).
+    """
 
     model_type: str
     architectures: tuple[str, ...]
@@ -68,13 +77,15 @@ class AlignmentSpec:
     spaces: tuple[SpaceSpec, ...]
     parameters: dict[str, tuple[AxisBinding | None, ...]]
     hooks: dict[str, tuple[str, ...]]
+    residual_norms: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    repair: dict[str, str] = field(default_factory=dict)
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], source: str = "<dict>") -> AlignmentSpec:
         """Validates a parsed spec file; every problem names the offending entry."""
         if not isinstance(raw, dict):
             raise SpecError(f"{source}: a spec must be a mapping, got {type(raw).__name__}.")
-        _reject_unknown(raw, _TOP_KEYS, source)
+        _reject_unknown(raw, _TOP_KEYS | _OPTIONAL_KEYS, source)
         missing = sorted(_TOP_KEYS - set(raw))
         if missing:
             raise SpecError(f"{source}: missing key(s) {missing}.")
@@ -120,6 +131,20 @@ class AlignmentSpec:
                 raise SpecError(f"{source}: hooks given for undeclared space {space_name!r}.")
             hooks[space_name] = tuple(modules)
 
+        residual_norms: dict[str, tuple[str, ...]] = {}
+        for norm, readers in (raw.get("residual_norms") or {}).items():
+            if not isinstance(readers, list) or not readers:
+                raise SpecError(f"{source}: residual norm {norm!r} needs a non-empty list of the modules that read it.")
+            residual_norms[str(norm)] = tuple(str(reader) for reader in readers)
+        repair: dict[str, str] = {}
+        for module, shift in (raw.get("repair") or {}).items():
+            if not isinstance(shift, str) or not shift.startswith(str(module) + "."):
+                raise SpecError(
+                    f"{source}: repair site {module!r} needs the name of one of its own parameters that takes the "
+                    f"shift (e.g. {str(module) + '.bias'!r}), got {shift!r}."
+                )
+            repair[str(module)] = shift
+
         return cls(
             model_type=str(raw["model_type"]),
             architectures=tuple(raw["architectures"]),
@@ -127,6 +152,8 @@ class AlignmentSpec:
             spaces=tuple(spaces),
             parameters=parameters,
             hooks=hooks,
+            residual_norms=residual_norms,
+            repair=repair,
         )
 
 

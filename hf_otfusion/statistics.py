@@ -107,6 +107,12 @@ class UnitStatistics:
             return self
         return UnitStatistics(self.count, *(np.asarray(torch.as_tensor(f).double().cpu()) for f in fields))
 
+    def cross_moment(self) -> np.ndarray:
+        """E[a bᵀ], the raw (uncentred) cross moment of the parent's and the anchor's units, shape (n_a, n_b)."""
+        if self.count == 0:
+            raise EmptyAlignmentDataError("No token reached this hook; check the alignment data and token filter.")
+        return self.comoment / float(self.count) + np.outer(self.mean_a, self.mean_b)
+
     def cost(self, kind: str = "euclidean") -> np.ndarray:
         """Ground cost between units: mean squared difference, or 1 - Pearson correlation."""
         if self.count == 0:

@@ -174,7 +174,7 @@ def target_basis(
             result.maps[name] = transport
             result.diagnostics.append(
                 SpaceDiagnostics(
-                    anchor_index, f"target:{name}", transport.shape, kind, info.solver, None,
+                    anchor_index, f"target:{name}", transport.shape, transport.kind, kind, info.solver, None,
                     info.transport_cost, info.entropy, info.softness, time.perf_counter() - started,
                 )
             )  # fmt: skip

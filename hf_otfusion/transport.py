@@ -31,7 +31,12 @@ SINKHORN_TOL = 1e-6
 
 
 class TransportMap:
-    """A coupling between parent units (rows) and anchor units (columns), with its marginals.
+    """A change of basis from a parent's units (rows) to the anchor's (columns): a coupling or an orthogonal matrix.
+
+    `kind` says which: `permutation` (a hard one-to-one matching), `coupling` (a soft or uneven OT plan, with
+    its two normalisations) or `orthogonal` (a rotation of the units, `from_orthogonal`: both sides use the
+    matrix itself, since its inverse is its transpose). Every kind moves tensors through `output_matrix` and
+    `input_matrix`, so aligning and averaging are one code path for all of them.
 
     A hard one-to-one matching with uniform marginals is stored as its permutation alone (n integers instead
     of n^2 floats: 12 exact FFN maps of BERT-base take 300 KB instead of 900 MB), and `plan` is built on demand.
@@ -54,6 +59,7 @@ class TransportMap:
             raise ValueError("Give a TransportMap either a dense plan or a permutation.")
         self._plan = plan
         self._permutation = permutation
+        self._orthogonal: np.ndarray | None = None
         self.mu, self.nu = mu, nu
         self.output_scale = output_scale
 
@@ -62,6 +68,26 @@ class TransportMap:
         """The map sending parent unit `permutation[j]` to anchor unit `j`."""
         n = len(permutation)
         return cls(None, uniform(n), uniform(n), permutation=np.asarray(permutation, dtype=np.int64))
+
+    @classmethod
+    def from_orthogonal(cls, matrix: np.ndarray) -> TransportMap:
+        """The map sending a parent vector x to Oᵀx (O square and orthogonal): rows and readers both use O.
+
+        Its `plan` is the coupling O∘O / n (the squared entries: rows and columns sum to one since O is
+        orthogonal), so entropy, softness and the share of units left in place read as for a coupling.
+        """
+        matrix = np.asarray(matrix, dtype=np.float64)
+        n = matrix.shape[0]
+        transport = cls(matrix**2 / n, uniform(n), uniform(n))
+        transport._orthogonal = matrix
+        return transport
+
+    @property
+    def kind(self) -> str:
+        """`permutation`, `coupling` or `orthogonal`: what sort of basis change this map is."""
+        if self._orthogonal is not None:
+            return "orthogonal"
+        return "permutation" if self.permutation is not None else "coupling"
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -85,6 +111,8 @@ class TransportMap:
         """
         if self._permutation is not None:
             return self._permutation
+        if self._orthogonal is not None:
+            return None
         n_a, n_b = self.shape
         if n_a != n_b:
             return None
@@ -95,11 +123,13 @@ class TransportMap:
 
     def output_matrix(self) -> np.ndarray:
         """M with X'_b = sum_a M[a, b] X_a for axes that hold the unit (P diag(1/nu), times `output_scale`)."""
-        matrix = self.plan / self.nu[None, :]
+        matrix = self._orthogonal if self._orthogonal is not None else self.plan / self.nu[None, :]
         return matrix * self.output_scale if self.output_scale != 1.0 else matrix
 
     def input_matrix(self) -> np.ndarray:
         """M with W'_{:, b} = sum_a W_{:, a} M[a, b] for axes that read the unit (diag(1/mu) P)."""
+        if self._orthogonal is not None:
+            return self._orthogonal
         return self.plan / self.mu[:, None]
 
 
@@ -218,6 +248,34 @@ def solve_transport_batch(
         info = SolveInfo("sinkhorn", float(used_reg), float((plan * cost).sum()), entropy, softness(entropy, n_a, n_b))
         solved.append((TransportMap(plan, mu, nu), info))
     return solved
+
+
+def solve_orthogonal(cross_moment: np.ndarray, fixed: np.ndarray | None = None) -> TransportMap:
+    """The orthogonal O maximising tr(Oᵀ C) for C = E[x_a x_bᵀ] (orthogonal Procrustes), so that Oᵀx_a ≈ x_b.
+
+    With `fixed` (a vector, e.g. all ones), O is restricted to the rotations that map it to itself: the
+    Procrustes problem is solved on an orthonormal basis Q of its orthogonal complement, O = Q U Vᵀ Qᵀ + ffᵀ
+    with Qᵀ C Q = U S Vᵀ. Written here because POT has no Procrustes solver; it is one SVD.
+    """
+    cross = np.asarray(cross_moment, dtype=np.float64)
+    n_a, n_b = cross.shape
+    if n_a != n_b:
+        raise ValueError(f"An orthogonal map needs equal widths, got {n_a} and {n_b} units.")
+    if fixed is None:
+        u, _, vt = np.linalg.svd(cross)
+        return TransportMap.from_orthogonal(u @ vt)
+    f = np.asarray(fixed, dtype=np.float64) / np.linalg.norm(fixed)
+    basis = complement_basis(f)
+    u, _, vt = np.linalg.svd(basis.T @ cross @ basis)
+    return TransportMap.from_orthogonal(basis @ (u @ vt) @ basis.T + np.outer(f, f))
+
+
+def complement_basis(direction: np.ndarray) -> np.ndarray:
+    """An orthonormal basis (n x n-1) of the vectors orthogonal to the unit vector `direction`."""
+    n = len(direction)
+    # QR of [direction, I]: the first column spans the direction, the next n-1 its complement
+    q, _ = np.linalg.qr(np.concatenate([direction[:, None], np.eye(n)], axis=1)[:, :n])
+    return q[:, 1:]
 
 
 def reduced_cost(cost: np.ndarray) -> np.ndarray:

@@ -1,0 +1,202 @@
+"""Repair: give each fused unit back the activation mean and standard deviation of its aligned parent units.
+
+Averaging two matched units that are not perfectly correlated shrinks the variance of the result by about
+(1 + ρ)/2, and the shrinkage compounds layer after layer (REPAIR, Jordan et al., ICLR 2023). After averaging,
+each repair site (a module the spec's `repair` section lists: the embeddings and the modules writing into the
+residual stream, and the FFN pre-activations) gets, per output unit, the target mean μ* = Σ_k α_k μ_k and
+standard deviation σ* = Σ_k α_k σ_k of the aligned parents' same unit. The fused unit's own μ̂, σ̂ are
+measured on the alignment data, and the affine correction y ← s (y − μ̂) + μ* with s = σ*/σ̂ is folded into
+the module's parameters: every parameter of the module that holds the unit is scaled by s, and the spec's
+shift parameter (a bias, or the position embeddings of an embedding module) takes μ* − s μ̂.
+
+Sites are repaired one at a time in flow order, each measured with the sites before it already corrected,
+so every correction sees the inputs it will get; a pass stops at the site it measures. The targets come from
+one pass of each aligned parent (exact for hard and orthogonal maps, whose aligned parents compute their
+parents' functions). Written here because no library does this for transformers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel
+
+from .distributed import models_on
+from .plan import FusionPlan
+from .statistics import _batches, _select_tokens
+
+# a unit whose fused standard deviation is below this keeps its scale (nothing to restore from a dead unit)
+DEAD_UNIT_STD = 1e-8
+
+
+@dataclass
+class UnitMoments:
+    """Token count, per-unit mean and centred sum of squares of one module's outputs, merged with Chan's formula."""
+
+    count: int
+    mean: np.ndarray
+    m2: np.ndarray
+
+    def update(self, values: torch.Tensor) -> None:
+        """Folds one batch of (tokens, units) activations in."""
+        if values.shape[0] == 0:
+            return
+        values = values.double()
+        n, mean = values.shape[0], values.mean(0)
+        m2 = ((values - mean) ** 2).sum(0)
+        mean, m2 = mean.cpu().numpy(), m2.cpu().numpy()
+        if self.count == 0:
+            self.count, self.mean, self.m2 = n, mean, m2
+            return
+        total = self.count + n
+        delta = mean - self.mean
+        self.mean = self.mean + delta * (n / total)
+        self.m2 = self.m2 + m2 + delta**2 * (self.count * n / total)
+        self.count = total
+
+    @property
+    def std(self) -> np.ndarray:
+        return np.sqrt(self.m2 / max(self.count, 1))
+
+
+@dataclass
+class SiteRepair:
+    """What repair did at one site: the mean scale applied and how far the fused std was below its target."""
+
+    site: str
+    units: int
+    mean_scale: float
+    std_ratio_before: float  # mean over units of σ̂ / σ*
+
+    def to_dict(self) -> dict:
+        return {
+            "site": self.site, "units": self.units, "mean_scale": self.mean_scale,
+            "std_ratio_before": self.std_ratio_before,
+        }  # fmt: skip
+
+
+def repair_sites(plan: FusionPlan, scope: str) -> list[str]:
+    """The sites to repair, in flow order: those writing into the residual stream (`residual`) or every one (`all`)."""
+    return [site for site in plan.repair_sites if scope == "all" or _site_space(plan, site) == plan.stream]
+
+
+def repair_model(
+    fused: PreTrainedModel,
+    plan: FusionPlan,
+    aligned_parents: Iterable[tuple[PreTrainedModel, float]],
+    data,
+    scope: str,
+    statistics_options: dict,
+    progress: bool = True,
+    device: torch.device | None = None,
+) -> list[SiteRepair]:
+    """Repairs `fused` in place on `data` and returns one `SiteRepair` per site.
+
+    Args:
+        fused: the averaged model, in the anchor's basis.
+        plan: its plan (the anchor's), which lists the repair sites.
+        aligned_parents: (model in the anchor's basis, averaging weight) pairs, consumed one at a time so that
+            only one aligned parent needs to exist at once.
+        scope: `residual` or `all` (see `repair_sites`).
+        statistics_options: the token selection, batching and sample cap of the statistics pass
+            (`FusionConfig.statistics_options`), so repair measures the same tokens the maps were solved on.
+    """
+    sites = repair_sites(plan, scope)
+    if not sites:
+        return []
+    target_mean = {site: 0.0 for site in sites}
+    target_std = {site: 0.0 for site in sites}
+    for model, weight in aligned_parents:
+        moments = site_moments(model, sites, data, statistics_options, device=device)
+        for site in sites:
+            target_mean[site] = target_mean[site] + weight * moments[site].mean
+            target_std[site] = target_std[site] + weight * moments[site].std
+    reports = []
+    for site in tqdm(sites, desc="repair", unit="site", disable=not progress):
+        measured = site_moments(fused, [site], data, statistics_options, device=device, stop_after=site)[site]
+        std = measured.std
+        alive = std > DEAD_UNIT_STD
+        scale = np.where(alive, target_std[site] / np.where(alive, std, 1.0), 1.0)
+        shift = target_mean[site] - scale * measured.mean
+        _fold(fused, plan, site, scale, shift)
+        ratio = float(np.mean(std[alive] / np.maximum(target_std[site][alive], DEAD_UNIT_STD))) if alive.any() else 1.0
+        reports.append(SiteRepair(site, len(std), float(scale.mean()), ratio))
+    return reports
+
+
+class _StopForward(Exception):
+    """Raised by a hook once the last measured site has run: the rest of the forward pass is not needed."""
+
+
+def site_moments(
+    model: PreTrainedModel,
+    sites: list[str],
+    data,
+    statistics_options: dict,
+    device: torch.device | None = None,
+    stop_after: str | None = None,
+) -> dict[str, UnitMoments]:
+    """Per-unit moments of each site's outputs over the data (padding excluded, the statistics' token selection)."""
+    moments = {site: UnitMoments(0, np.zeros(0), np.zeros(0)) for site in sites}
+    selection = {
+        "mask": None, "tokens": statistics_options.get("tokens", "all"),
+        "tokens_per_sample": statistics_options.get("tokens_per_sample"), "cache": {},
+    }  # fmt: skip
+
+    def record(site: str):
+        def hook(module, inputs, output):
+            moments[site].update(_select_tokens(output, selection))
+            if site == stop_after:
+                raise _StopForward
+
+        return hook
+
+    modules = dict(model.named_modules())
+    handles = [modules[site].register_forward_hook(record(site)) for site in sites]
+    model.eval()
+    try:
+        with models_on([model], device), torch.inference_mode():
+            target = next(model.parameters()).device
+            batch_size, num_samples = statistics_options.get("batch_size", 8), statistics_options.get("num_samples")
+            for batch in _batches(data, model, batch_size, num_samples):
+                selection["mask"], selection["cache"] = batch.get("attention_mask"), {}
+                if target.type != "cpu":
+                    batch = {key: value.to(target) for key, value in batch.items()}
+                try:
+                    model(**batch)
+                except _StopForward:
+                    pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    return moments
+
+
+def _site_space(plan: FusionPlan, site: str) -> str | None:
+    """The space of the units a site outputs: the output-side axis of its shift parameter."""
+    axes = plan.parameters[plan.repair_sites[site]]
+    return next((axis.space for axis in axes if axis is not None and not axis.reads), None)
+
+
+def _fold(model: PreTrainedModel, plan: FusionPlan, site: str, scale: np.ndarray, shift: np.ndarray) -> None:
+    """Folds y ← scale ⊙ y + shift into the site's parameters (scale on every tensor holding its units)."""
+    space = _site_space(plan, site)
+    shift_name = plan.repair_sites[site]
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, param in params.items():
+            if not name.startswith(site + "."):
+                continue
+            for dim, axis in enumerate(plan.parameters[name]):
+                if axis is not None and axis.space == space and not axis.reads:
+                    shape = [1] * param.ndim
+                    shape[dim] = -1
+                    factor = torch.from_numpy(scale).reshape(shape)
+                    updated = param.double() * factor
+                    if name == shift_name:
+                        updated = updated + torch.from_numpy(shift).reshape(shape)
+                    param.copy_(updated.to(param.dtype))

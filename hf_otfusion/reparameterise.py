@@ -1,0 +1,103 @@
+"""Exact rewrites of a pre-LN transformer that make its residual stream rotatable.
+
+Permutations are not the only symmetry of a transformer's residual stream: once its normalisations commute
+with rotations, any orthogonal change of basis of the stream (applied to every writer and reader) leaves the
+function unchanged, and two independently trained models differ by such a rotation far more than by a
+permutation (see `shared/QUALITY.md`). A LayerNorm `γ ⊙ (x − mean(x)) / std(x) + β` does not commute with
+rotations, but two rewrites that keep the function exactly make it do so:
+
+- **fold** each norm's γ and β into the linear layers that read its output (`W ← W diag(γ)`, `b ← b + W β`)
+  and set γ = 1, β = 0;
+- **centre** every writer of the stream (embeddings, attention output, FFN output) by subtracting, on its
+  residual axis, the mean over the residual units: every token's residual vector then has zero mean, the norm's
+  centring does nothing, and the norm acts as `x / rms(x)`, which commutes with every orthogonal O that maps
+  the all-ones vector to itself.
+
+The result is still the anchor's plain class (its norms hold weight 1 and bias 0): `from_pretrained` loads it.
+Which norms read the stream, and which modules read each norm, is spec data (`residual_norms`); a spec without
+it (post-LN BERT, whose norms sit on the stream itself) cannot be rotated.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from transformers import PreTrainedModel
+
+from .errors import SpecError
+from .plan import FusionPlan, named_tensors
+
+
+def check_rotatable(plan: FusionPlan) -> None:
+    """Raises `SpecError` unless every reader of the residual stream reads it through a norm the spec lists."""
+    stream = plan.stream
+    if stream is None or not plan.residual_norms:
+        raise SpecError(
+            f"residual='orthogonal' needs a pre-LN architecture whose spec lists its `residual_norms`; the "
+            f"{plan.model_type!r} spec has none (post-LN models such as BERT keep their norms on the residual stream "
+            "itself, so the stream cannot be rotated without changing the architecture). Use residual='shared'."
+        )
+    readers = {f"{reader}.weight" for modules in plan.residual_norms.values() for reader in modules}
+    norms = {f"{norm}.{suffix}" for norm in plan.residual_norms for suffix in ("weight", "bias")}
+    reads_stream = [
+        name
+        for name, axes in plan.parameters.items()
+        if any(axis is not None and axis.reads and axis.space == stream for axis in axes)
+    ]
+    unread = [name for name in reads_stream if name not in readers and name not in norms]
+    if unread:
+        raise SpecError(
+            f"Parameter(s) {unread[:3]} read the residual stream without a norm the {plan.model_type!r} spec lists "
+            "in `residual_norms`, so the stream cannot be rotated; add their norm to the spec or use residual='shared'."
+        )
+
+
+def reparameterise(params: dict[str, torch.Tensor], plan: FusionPlan) -> dict[str, torch.Tensor]:
+    """The parameters with every residual norm folded into its readers and every stream writer centred (float64).
+
+    The input is not modified. Applying it to parameters that are already reparameterised changes nothing.
+    """
+    check_rotatable(plan)
+    stream = plan.stream
+    result = {name: tensor.detach().to(torch.float64).clone() for name, tensor in params.items()}
+    norm_parameters = set()
+    for norm, readers in plan.residual_norms.items():
+        gamma, beta = result[f"{norm}.weight"], result[f"{norm}.bias"]
+        for reader in readers:
+            weight_name, bias_name = f"{reader}.weight", f"{reader}.bias"
+            dim = _reading_axis(plan, weight_name, stream)
+            weight = result[weight_name].movedim(dim, -1)
+            if bias_name in result:
+                result[bias_name] = result[bias_name] + weight @ beta
+            elif bool(beta.abs().max() > 0):
+                raise SpecError(f"{reader} reads {norm} but has no bias to take the norm's bias; it cannot be folded.")
+            result[weight_name] = (weight * gamma).movedim(-1, dim).contiguous()
+        result[f"{norm}.weight"] = torch.ones_like(gamma)
+        result[f"{norm}.bias"] = torch.zeros_like(beta)
+        norm_parameters |= {f"{norm}.weight", f"{norm}.bias"}
+    for name, axes in plan.parameters.items():
+        if name in norm_parameters:
+            continue
+        for dim, axis in enumerate(axes):
+            if axis is not None and axis.space == stream and not axis.reads:
+                result[name] = result[name] - result[name].mean(dim, keepdim=True)
+    return result
+
+
+def reparameterised_copy(model: PreTrainedModel, plan: FusionPlan) -> PreTrainedModel:
+    """A copy of `model` with its residual norms folded and its writers centred; it computes the same function."""
+    folded = reparameterise(named_tensors(model), plan)
+    result = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, param in result.named_parameters():
+            param.copy_(folded[name].to(param.dtype))
+    return result
+
+
+def _reading_axis(plan: FusionPlan, name: str, stream: str) -> int:
+    axes = plan.parameters[name]
+    found = [dim for dim, axis in enumerate(axes) if axis is not None and axis.reads and axis.space == stream]
+    if len(found) != 1:
+        raise SpecError(f"{name} is listed as a reader of a residual norm but no single axis of it reads {stream!r}.")
+    return found[0]

@@ -1,0 +1,157 @@
+"""Orthogonal residual alignment of pre-LN models and repair: exact rewrites, rotated copies, restored statistics."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import build, inputs_for, outputs, relative_error
+from datasets import Dataset
+
+from hf_otfusion import FusionConfig, fuse, fuse_with_diagnostics
+from hf_otfusion.errors import FusionError, SpecError
+from hf_otfusion.permute import permute_model, random_rotation_fixing_ones, rotate_model
+from hf_otfusion.plan import named_tensors, resolve_plan
+from hf_otfusion.repair import repair_sites, site_moments
+from hf_otfusion.reparameterise import reparameterise, reparameterised_copy
+from hf_otfusion.transport import solve_orthogonal
+
+PRE_LN_HEADS = ["vit-cls", "deit-cls", "deit-teacher"]
+
+
+def alignment_data(model, samples: int = 64) -> Dataset:
+    return Dataset.from_dict({k: v.numpy() for k, v in inputs_for(model, batch=samples, seed=1).items()})
+
+
+@pytest.mark.parametrize("family", PRE_LN_HEADS)
+def test_reparameterisation_keeps_the_logits(family):
+    model = build(family)
+    inputs = inputs_for(model)
+    folded = reparameterised_copy(model, resolve_plan(model))
+    assert relative_error(outputs(folded, inputs), outputs(model, inputs)) < 1e-5
+    for name, param in folded.named_parameters():  # the norms are plain now: weight 1, bias 0
+        if "layernorm" in name:
+            assert torch.equal(param, torch.ones_like(param) if name.endswith("weight") else torch.zeros_like(param))
+
+
+def test_reparameterisation_keeps_the_pooler_output_of_a_bare_encoder():
+    model = build("vit-base")
+    inputs = inputs_for(model)
+    folded = reparameterised_copy(model, resolve_plan(model))
+    with torch.no_grad():
+        expected, actual = model(**inputs).pooler_output, folded(**inputs).pooler_output
+    assert relative_error(actual, expected) < 1e-5
+
+
+def test_reparameterisation_is_idempotent():
+    model = build("vit-cls")
+    plan = resolve_plan(model)
+    once = reparameterise(named_tensors(model), plan)
+    twice = reparameterise(once, plan)
+    assert max((once[name] - twice[name]).abs().max().item() for name in once) < 1e-12
+
+
+@pytest.mark.parametrize("family", PRE_LN_HEADS)
+def test_rotated_copy_fuses_back_only_with_the_orthogonal_residual(family):
+    model = build(family)
+    rotated = rotate_model(model, seed=3)
+    inputs, data = inputs_for(model), alignment_data(model)
+    assert relative_error(outputs(rotated, inputs), outputs(model, inputs)) < 1e-5  # same function
+    result = fuse_with_diagnostics(
+        [model, rotated], data=data, config=FusionConfig(residual="orthogonal"), progress=False
+    )
+    assert relative_error(outputs(result.model, inputs), outputs(model, inputs)) < 1e-4
+    assert {d.kind for d in result.diagnostics if d.space == "residual"} == {"orthogonal"}
+    permutation_only = fuse([model, rotated], data=data, config=FusionConfig(residual="shared"), progress=False)
+    assert relative_error(outputs(permutation_only, inputs), outputs(model, inputs)) > 0.1
+
+
+def test_permuted_copy_fuses_back_with_the_orthogonal_residual_and_repair():
+    model = build("vit-cls")
+    inputs = inputs_for(model)
+    fused = fuse(
+        [model, permute_model(model, seed=5)], data=alignment_data(model),
+        config=FusionConfig(residual="orthogonal", repair="all"), progress=False,
+    )  # fmt: skip
+    assert relative_error(outputs(fused, inputs), outputs(model, inputs)) < 1e-4
+
+
+def test_orthogonal_fusion_reloads_as_the_plain_class(tmp_path):
+    model = build("deit-teacher")
+    other = build("deit-teacher", seed=1)
+    fused = fuse([model, other], data=alignment_data(model), config=FusionConfig(residual="orthogonal"), progress=False)
+    fused.save_pretrained(tmp_path)
+    reloaded = type(model).from_pretrained(tmp_path)
+    inputs = inputs_for(model)
+    assert torch.equal(outputs(reloaded, inputs), outputs(fused, inputs))
+
+
+@pytest.mark.parametrize("family", ["vit-cls", "bert-seqcls"])
+def test_repair_of_a_model_fused_with_itself_changes_nothing(family):
+    model = build(family)
+    inputs = inputs_for(model)
+    fused = fuse([model, model], data=alignment_data(model), config=FusionConfig(repair="all"), progress=False)
+    assert relative_error(outputs(fused, inputs), outputs(model, inputs)) < 1e-5
+
+
+@pytest.mark.parametrize("family", ["vit-cls", "bert-seqcls"])
+def test_repair_gives_each_site_the_weighted_parent_statistics(family):
+    """After repair of a vanilla average, every site's std is the weighted parents' std, measured in order."""
+    parents = [build(family), build(family, seed=1)]
+    data = alignment_data(parents[0])
+    config = FusionConfig(method="vanilla", repair="all", weights=[0.25, 0.75])
+    result = fuse_with_diagnostics(parents, data=data, config=config, progress=False)
+    plan = resolve_plan(parents[0])
+    sites = repair_sites(plan, "all")
+    assert len(result.repair) == len(sites) > 0
+    options = config.statistics_options()
+    targets = [site_moments(p, sites, data, options) for p in parents]
+    fused = site_moments(result.model, sites, data, options)
+    for site in sites:
+        target_std = 0.25 * targets[0][site].std + 0.75 * targets[1][site].std
+        target_mean = 0.25 * targets[0][site].mean + 0.75 * targets[1][site].mean
+        np.testing.assert_allclose(fused[site].std, target_std, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(fused[site].mean, target_mean, rtol=1e-4, atol=1e-5)
+    unrepaired = fuse(parents, config=FusionConfig(method="vanilla", weights=[0.25, 0.75]), progress=False)
+    before = site_moments(unrepaired, sites[:1], data, options)[sites[0]]
+    assert np.abs(before.std - fused[sites[0]].std).max() > 1e-2  # repair did change something
+
+
+def test_residual_repair_touches_only_the_writers_of_the_stream():
+    plan = resolve_plan(build("vit-cls"))
+    residual, every = repair_sites(plan, "residual"), repair_sites(plan, "all")
+    assert all(not site.endswith("fc1") for site in residual)
+    assert set(residual) < set(every) and any(site.endswith("fc1") for site in every)
+
+
+def test_post_ln_bert_refuses_the_orthogonal_residual_and_says_why():
+    model = build("bert-seqcls")
+    with pytest.raises(SpecError, match="post-LN"):
+        fuse([model, model], data=alignment_data(model), config=FusionConfig(residual="orthogonal"), progress=False)
+
+
+def test_orthogonal_residual_needs_activation_costs():
+    with pytest.raises(FusionError, match="cost='activations'"):
+        FusionConfig(residual="orthogonal", cost="weights")
+    with pytest.raises(FusionError, match="method='ot'"):
+        FusionConfig(residual="orthogonal", method="vanilla")
+
+
+def test_repair_needs_alignment_data():
+    model = build("vit-cls")
+    with pytest.raises(FusionError, match="repair needs alignment data"):
+        fuse([model, model], config=FusionConfig(cost="weights", repair="residual"), progress=False)
+
+
+def test_procrustes_recovers_a_rotation_that_fixes_the_ones_vector():
+    rng = np.random.default_rng(0)
+    size = 12
+    rotation = random_rotation_fixing_ones(size, rng)
+    np.testing.assert_allclose(rotation @ np.ones(size), np.ones(size), atol=1e-12)
+    anchor = rng.standard_normal((500, size))
+    anchor -= anchor.mean(1, keepdims=True)
+    parent = anchor @ rotation.T  # x_a = O x_b
+    solved = solve_orthogonal(parent.T @ anchor / len(anchor), fixed=np.ones(size))
+    assert solved.kind == "orthogonal"
+    np.testing.assert_allclose(solved.output_matrix(), rotation, atol=1e-10)
+    np.testing.assert_allclose(solved.plan.sum(0), np.full(size, 1 / size), atol=1e-12)  # a coupling for diagnostics
