@@ -22,6 +22,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "tokens": ("all", "first"),
     "marginals": ("uniform", "importance"),
     "repair": ("none", "residual", "all"),
+    "within_heads": ("permutation", "orthogonal"),
 }
 
 
@@ -83,6 +84,17 @@ class FusionConfig:
         marginals: mass of each unit in the OT problems between spaces of different widths: `uniform`, or
             `importance` (mean squared activation, or squared weight norm without data), so that heavy units
             keep their own partners and light ones are merged first.
+        within_heads: after whole heads are matched, align the dims inside each matched pair of heads by a
+            `permutation` (an exact assignment) or an `orthogonal` rotation (Procrustes on the within-head cross
+            moments: one rotation shared by Q and K, another by V and O, which leave the function unchanged);
+            with `orthogonal`, heads are matched on the cost of their best rotation. Needs
+            `cost="activations"`, `heads="aware"`, `solver="exact"` and equal head sizes.
+        refine_steps: after the closed-form maps, this many Adam steps on the alignment data that rotate every
+            orthogonal map further (residual and within-head rotations; permutations stay) so that the average of
+            the aligned parents matches the parents' ensemble (KL divergence of the output distributions, no
+            labels); every fifth batch is held back and the best maps on it are kept (see
+            `hf_otfusion.refine`). 0 (default) turns it off. Needs a model with logits and orthogonal maps.
+        refine_lr: Adam's learning rate for `refine_steps`.
         repair: after averaging, move each fused unit's activation mean and standard deviation on the
             alignment data to the weighted average of its aligned parent units' (REPAIR, Jordan et al. 2023):
             averaging imperfectly correlated units shrinks their variance. `residual` repairs the modules that
@@ -113,6 +125,9 @@ class FusionConfig:
     target: dict[str, int] | None = None
     marginals: str = "uniform"
     repair: str = "none"
+    within_heads: str = "permutation"
+    refine_steps: int = 0
+    refine_lr: float = 0.01
     weights: list[float] | None = None
     batch_size: int = 8
     num_samples: int | None = None
@@ -139,6 +154,21 @@ class FusionConfig:
             )
         if self.residual == "orthogonal" and (self.target is not None or self.method != "ot"):
             raise FusionError("residual='orthogonal' is available for method='ot' without a target shape only.")
+        if self.within_heads == "orthogonal" and (
+            self.cost != "activations" or self.heads != "aware" or self.solver != "exact" or self.marginals != "uniform"
+        ):
+            raise FusionError(
+                "within_heads='orthogonal' rotates dims inside matched heads from activation statistics: it needs "
+                "cost='activations', heads='aware', solver='exact' and marginals='uniform'."
+            )
+        if self.refine_steps < 0 or not self.refine_lr > 0:
+            raise FusionError(
+                f"FusionConfig.refine_steps must be >= 0 and refine_lr > 0, got {self.refine_steps}, {self.refine_lr}."
+            )
+        if self.refine_steps and (self.method != "ot" or self.cost != "activations"):
+            raise FusionError(
+                "refine_steps refines OT maps from activations: it needs method='ot', cost='activations'."
+            )
         if self.repair != "none" and self.method not in ("ot", "vanilla"):
             raise FusionError(f"repair={self.repair!r} follows OT or vanilla averaging, not method={self.method!r}.")
         if self.batch_size < 1:

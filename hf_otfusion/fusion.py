@@ -22,6 +22,7 @@ from .errors import EmptyAlignmentDataError, FusionError
 from .maps import SpaceDiagnostics, compute_maps, per_hook_spaces
 from .merging import SAME_BASE_METHODS, base_in_anchor_class, merge_parameters, parent_grams
 from .plan import FusionPlan, named_tensors, resolve_plan
+from .refine import RefineReport, refine_maps
 from .repair import SiteRepair, repair_model
 from .reparameterise import check_rotatable, reparameterise
 from .spec import AlignmentSpec, load_spec
@@ -46,6 +47,7 @@ class FusionResult:
         timings: wall seconds per stage (`plan`, `statistics`, `maps`, `gram` for RegMean, `apply` = align
             and merge, `repair`).
         repair: one entry per repaired site (`config.repair`), in flow order.
+        refine: what learned refinement of the orthogonal maps did (`config.refine_steps`), else None.
     """
 
     model: PreTrainedModel
@@ -54,6 +56,7 @@ class FusionResult:
     diagnostics: list[SpaceDiagnostics] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
     repair: list[SiteRepair] = field(default_factory=list)
+    refine: RefineReport | None = None
 
     def summary(self) -> str:
         """A plain-text table of the per-space diagnostics."""
@@ -304,6 +307,16 @@ def _align_and_average(run: _FusionRun) -> FusionResult:
             result.maps.update(maps)
             result.diagnostics.extend(diagnostics)
             release(group)
+    if run.config.refine_steps:
+        started = time.perf_counter()
+        members = [k for k, weight in enumerate(run.weights) if weight > 0 or k == anchor]
+        tensors = {k: _fusion_parameters(obtain(k), run.plans[k], run.config) for k in members}
+        result.refine = refine_maps(
+            obtain(anchor), run.plans[anchor], tensors,
+            result.maps, run.weights, run.data, steps=run.config.refine_steps, learning_rate=run.config.refine_lr,
+            statistics_options=run.config.statistics_options(), progress=run.progress,
+        )  # fmt: skip
+        run.timings["refine"] = time.perf_counter() - started
 
     started = time.perf_counter()
     anchor_model = obtain(anchor)

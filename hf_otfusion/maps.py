@@ -13,7 +13,7 @@ import logging
 import os
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import ot
@@ -113,10 +113,7 @@ class _CostSources:
         Activation statistics are released once read: each belongs to exactly one space.
         """
         if self.kind(space) == "activations":
-            keys = dict.fromkeys(self.keys[hook] for hook in self.anchor_plan.hooks[space])
-            moments = [self.stats.pop(key) for key in keys]
-            if pooled and len(moments) > 1:
-                moments = [sum(moments[1:], start=moments[0])]
+            moments = [self.pooled_moments(space)] if pooled else self._release(space)
             return [s.cost(self.config.activation_cost) for s in moments]
         features = self._weight_features(space, maps)
         if not features:
@@ -127,6 +124,15 @@ class _CostSources:
         if pooled:
             features = [(np.concatenate([a for a, _ in features], 1), np.concatenate([b for _, b in features], 1))]
         return [ot.dist(a, b, metric="sqeuclidean") for a, b in features]
+
+    def pooled_moments(self, space: str) -> UnitStatistics:
+        """The activation statistics of all of a space's hooks together, released from `stats`."""
+        moments = self._release(space)
+        return sum(moments[1:], start=moments[0]) if len(moments) > 1 else moments[0]
+
+    def _release(self, space: str) -> list[UnitStatistics]:
+        keys = dict.fromkeys(self.keys[hook] for hook in self.anchor_plan.hooks[space])
+        return [self.stats.pop(key) for key in keys]
 
     def _weight_features(self, space: str, maps: dict[str, TransportMap]) -> list[tuple[np.ndarray, np.ndarray]]:
         """Per parameter: the units' weight vectors in both models, other axes already in the anchor basis.
@@ -225,8 +231,12 @@ def compute_maps(
                     importance_marginal(sum(unit[side].reshape(sizes[side], -1).sum(1) for unit in units))
                     for side in (0, 1)
                 )
-            unit_costs = [sources.costs(space.name, upstream, pooled=True)[0] for space in nested]
-            heads_solved = solve_heads(space, nested, unit_costs, parent_plan, config, head_marginals, device)
+            if config.within_heads == "orthogonal":
+                moments = [sources.pooled_moments(inner.name) for inner in nested]
+                heads_solved = solve_heads_orthogonal(space, nested, moments, parent_plan, config)
+            else:
+                unit_costs = [sources.costs(inner.name, upstream, pooled=True)[0] for inner in nested]
+                heads_solved = solve_heads(space, nested, unit_costs, parent_plan, config, head_marginals, device)
             for name, transport, info in heads_solved:
                 solved.append((name, transport, info, sources.kind(nested[0].name), time.perf_counter() - started))
                 started = time.perf_counter()  # the heads entry carries the time of the joint solve
@@ -442,4 +452,54 @@ def solve_heads(
         info = SolveInfo(config.solver, head_info.reg, float((plan * cost).sum()), entropy, softness(entropy, n_a, n_b))
         mu, nu = (plan.sum(1), plan.sum(0)) if head_marginals else (uniform(n_a), uniform(n_b))
         results.append((space.name, TransportMap(plan, mu, nu), info))
+    return results
+
+
+def solve_heads_orthogonal(
+    heads: Space, nested: list[Space], moments: list[UnitStatistics], parent_plan: FusionPlan, config: FusionConfig
+) -> list[tuple[str, TransportMap, SolveInfo]]:
+    """Heads matched on the cost of their best within-head rotation, then each matched pair's dims rotated.
+
+    Inside a head, Q and K can be rotated by one shared orthogonal R (Q·Kᵀ is unchanged) and V and O by another
+    (O reads what V writes): a larger symmetry than permutations of dims. For every (parent head, anchor head)
+    pair and nested space, the Procrustes rotation R = U Vᵀ of the within-head cross moment C = U S Vᵀ (Q and
+    K pooled) leaves the residual E‖Rᵀx_a − x_b‖² = E‖x_a‖² + E‖x_b‖² − 2 tr S, the pair's cost; an exact
+    assignment on the summed costs matches the heads, and each nested map is the block matrix of the matched
+    pairs' rotations (orthogonal as a whole).
+    """
+    if parent_plan.spaces[heads.name].size != heads.size or any(
+        parent_plan.spaces[space.name].size != space.size for space in nested
+    ):
+        raise SpecError(f"within_heads='orthogonal' needs the same heads and head size in every parent ({heads.name}).")
+    count = heads.size
+    pair_costs = np.zeros((len(nested), count, count))
+    rotations: list[dict[tuple[int, int], np.ndarray]] = []
+    for index, (space, stats) in enumerate(zip(nested, moments, strict=True)):
+        dim, cross = space.head_dim, stats.cross_moment()
+        squares_a, squares_b = mean_squares(stats)
+        found = {}
+        for a in range(count):
+            for b in range(count):
+                u, singular, vt = np.linalg.svd(cross[a * dim : (a + 1) * dim, b * dim : (b + 1) * dim])
+                found[(a, b)] = u @ vt
+                pair_costs[index, a, b] = (
+                    squares_a[a * dim : (a + 1) * dim].sum()
+                    + squares_b[b * dim : (b + 1) * dim].sum()
+                    - 2 * singular.sum()
+                )
+        rotations.append(found)
+    head_map, head_info = _solve(pair_costs.sum(0), replace(config, solver="exact"))
+    sources = head_map.permutation  # sources[b]: the parent head matched to anchor head b
+    results = [(heads.name, head_map, head_info)]
+    for index, space in enumerate(nested):
+        dim = space.head_dim
+        matrix = np.zeros((space.size, space.size))
+        for b, a in enumerate(sources):
+            matrix[a * dim : (a + 1) * dim, b * dim : (b + 1) * dim] = rotations[index][(a, int(b))]
+        transport = TransportMap.from_orthogonal(matrix)
+        cost = float(sum(pair_costs[index, a, b] for b, a in enumerate(sources)) / space.size)
+        entropy = plan_entropy(transport.plan)
+        results.append(
+            (space.name, transport, SolveInfo("procrustes", None, cost, entropy, softness(entropy, *transport.shape)))
+        )
     return results

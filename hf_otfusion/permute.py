@@ -65,18 +65,39 @@ def random_rotation_fixing_ones(size: int, rng: np.random.Generator) -> np.ndarr
     return basis @ rotation @ basis.T + np.full((size, size), 1.0 / size)
 
 
-def rotate_model(model: PreTrainedModel, seed: int = 0, spec: AlignmentSpec | None = None) -> PreTrainedModel:
-    """A reparameterised copy of a pre-LN `model` with its residual stream randomly rotated and every other space
-    randomly permuted; it computes the same function as the reparameterised model (and so, with a task head,
-    as `model`)."""
+def rotate_model(
+    model: PreTrainedModel,
+    seed: int = 0,
+    spec: AlignmentSpec | None = None,
+    residual: bool = True,
+    within_heads: bool = False,
+) -> PreTrainedModel:
+    """A copy of `model` with every space randomly permuted, and rotated where the function allows it.
+
+    `residual=True` (pre-LN models) reparameterises the copy and rotates its residual stream by a random
+    orthogonal matrix fixing the ones vector: the copy computes the same function as the reparameterised
+    model (and so, with a task head, as `model`). `within_heads=True` rotates the dims inside each head (one
+    random rotation per head and nested space: Q/K share theirs, V/O theirs), after permuting the heads.
+    """
     plan = resolve_plan(model, spec)
     rng = np.random.default_rng(seed)
-    maps = {
-        space: TransportMap.from_permutation(permutation)
-        for space, permutation in random_permutations(model, seed, spec).items()
-    }
-    maps[plan.stream] = TransportMap.from_orthogonal(random_rotation_fixing_ones(plan.spaces[plan.stream].size, rng))
-    rotated = align_parameters(reparameterise(named_tensors(model), plan), plan, maps)
+    permutations = random_permutations(model, seed, spec)
+    maps = {space: TransportMap.from_permutation(permutation) for space, permutation in permutations.items()}
+    if within_heads:
+        for space in plan.spaces.values():
+            if space.heads is not None:
+                dim, matrix = space.head_dim, np.zeros((space.size, space.size))
+                for target, source in enumerate(permutations[space.heads]):
+                    rotation, _ = np.linalg.qr(rng.standard_normal((dim, dim)))
+                    matrix[source * dim : (source + 1) * dim, target * dim : (target + 1) * dim] = rotation
+                maps[space.name] = TransportMap.from_orthogonal(matrix)
+    params = named_tensors(model)
+    if residual:
+        params = reparameterise(params, plan)
+        maps[plan.stream] = TransportMap.from_orthogonal(
+            random_rotation_fixing_ones(plan.spaces[plan.stream].size, rng)
+        )
+    rotated = align_parameters(params, plan, maps)
     result = copy.deepcopy(model)
     with torch.no_grad():
         for name, param in result.named_parameters():

@@ -155,3 +155,31 @@ def test_procrustes_recovers_a_rotation_that_fixes_the_ones_vector():
     assert solved.kind == "orthogonal"
     np.testing.assert_allclose(solved.output_matrix(), rotation, atol=1e-10)
     np.testing.assert_allclose(solved.plan.sum(0), np.full(size, 1 / size), atol=1e-12)  # a coupling for diagnostics
+
+
+@pytest.mark.parametrize("family", ["vit-cls", "bert-seqcls"])
+def test_copy_rotated_within_heads_fuses_back_only_with_within_head_rotations(family):
+    model = build(family)
+    rotated = rotate_model(model, seed=4, residual=False, within_heads=True)
+    inputs, data = inputs_for(model), alignment_data(model)
+    assert relative_error(outputs(rotated, inputs), outputs(model, inputs)) < 1e-5  # same function
+    config = FusionConfig(within_heads="orthogonal")
+    result = fuse_with_diagnostics([model, rotated], data=data, config=config, progress=False)
+    assert relative_error(outputs(result.model, inputs), outputs(model, inputs)) < 1e-4
+    assert {d.kind for d in result.diagnostics if d.space.startswith(("qk", "vo"))} == {"orthogonal"}
+    permutations_only = fuse([model, rotated], data=data, config=FusionConfig(), progress=False)
+    assert relative_error(outputs(permutations_only, inputs), outputs(model, inputs)) > 0.05
+
+
+def test_copy_rotated_everywhere_fuses_back_with_every_rotation():
+    model = build("deit-teacher")
+    rotated = rotate_model(model, seed=6, within_heads=True)
+    inputs = inputs_for(model)
+    config = FusionConfig(residual="orthogonal", within_heads="orthogonal", repair="all")
+    fused = fuse([model, rotated], data=alignment_data(model), config=config, progress=False)
+    assert relative_error(outputs(fused, inputs), outputs(model, inputs)) < 1e-4
+
+
+def test_within_head_rotations_need_exact_activation_matching():
+    with pytest.raises(FusionError, match="within_heads='orthogonal'"):
+        FusionConfig(within_heads="orthogonal", solver="sinkhorn")
