@@ -386,7 +386,8 @@ def _describe(source) -> str:
 
 def run_finetune(args: argparse.Namespace) -> int:
     from .distributed import is_main_process, process_state
-    from .finetune import FinetuneConfig, check_output_dir, finetune
+    from .finetune import FinetuneConfig, finetune
+    from .output_dir import check_output_dir
     from .pipeline import load_config_file, silence_progress_bars
 
     values = load_config_file(args.config) if args.config else {}
@@ -394,7 +395,8 @@ def run_finetune(args: argparse.Namespace) -> int:
         if getattr(args, field.name) is not None:
             values[field.name] = getattr(args, field.name)
     config = FinetuneConfig.from_dict(values)
-    check_output_dir(args.out, args.overwrite)  # before any download or training
+    inputs = [args.model, args.data, *([args.eval_data] if args.eval_data else [])]
+    check_output_dir(args.out, overwrite=args.overwrite, inputs=inputs)  # before any download or training
     if args.quiet:
         silence_progress_bars()
     parent, model, processor = _load_classifier(args.model, progress=not args.quiet)
