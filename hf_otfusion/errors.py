@@ -100,7 +100,15 @@ class UnsafeOutputError(OutputExistsError):
 
 
 class PushError(FusionError):
-    """Uploading a finished output directory to the Hub failed; the local output is kept."""
+    """Uploading a finished output directory to the Hub failed; the local output is kept.
+
+    Attributes:
+        retry: the `otfusion-hub push` command line that uploads the directory again.
+    """
+
+    def __init__(self, message: str, *, retry: str | None = None) -> None:
+        super().__init__(message)
+        self.retry = retry
 
 
 class TrainingDataError(FusionError):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +25,7 @@ import yaml
 
 from .checkpoints import Checkpoint
 from .compatibility import first_non_finite
-from .config import FusionConfig
+from .config import FusionConfig, NumberRule, check_numbers
 from .data import DataSource, encode_dataset, load_processor
 from .errors import DataSourceError, EmptyAlignmentDataError, FusionError, NonFiniteWeightsError
 from .hub import (
@@ -116,11 +117,21 @@ class FuseJob:
         inputs = [*self.parents, *(p for p in (self.config.base, self.data, self.eval_data) if p)]
         return check_output_dir(self.out, overwrite=self.overwrite, inputs=inputs)
 
-    def plan(self) -> FusePlan:
-        """Pre-flight: everything that can fail before a weight download (see `hub.preflight`)."""
-        self.check_output()
+    def check_options(self) -> None:
+        """Raises `FusionError` (`DeviceUnavailableError` for the device) for a job option out of range or of the
+        wrong type, so that it fails before any download rather than after the fusion."""
+        from .distributed import resolve_device
+
+        check_numbers(self, _JOB_NUMBERS)
         if self.dtype is not None and self.dtype not in DTYPES:
             raise FusionError(f"dtype {self.dtype!r} is not one of {sorted(DTYPES)}.")
+        parse_shard_size(self.max_shard_size)
+        resolve_device(self.device)
+
+    def plan(self) -> FusePlan:
+        """Pre-flight: everything that can fail before a weight download (see `hub.preflight`)."""
+        self.check_options()
+        self.check_output()
         if self.config.needs_data and self.data is None:
             raise EmptyAlignmentDataError(
                 f"method={self.config.method} with cost={self.config.cost} needs alignment data: pass --data (a Hub "
@@ -291,6 +302,36 @@ class FuseJob:
         card = render_card(provenance, repo_id=self.repo_id or str(out))
         card.save(staging / "README.md")
         stage.publish()
+
+
+# the numeric job options that are not FusionConfig fields
+_JOB_NUMBERS = {
+    "seed": NumberRule(int, 0, 2**32 - 1),
+    "max_length": NumberRule(int, 1),
+    "eval_num_samples": NumberRule(int, 1, optional=True),
+}
+_SIZE_UNITS = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
+
+
+def parse_shard_size(size: str | int) -> int:
+    """Bytes in a `max_shard_size` (`5GB`, `500MB`, or an int), the forms `save_pretrained` accepts.
+
+    Raises:
+        FusionError: anything else, or a size that is not positive.
+    """
+    if isinstance(size, int) and not isinstance(size, bool) and size > 0:
+        return size
+    text = size.strip() if isinstance(size, str) else ""
+    try:
+        value = float(text[:-2]) * _SIZE_UNITS[text[-2:].upper()]
+    except (KeyError, ValueError):
+        value = math.nan
+    if not value > 0 or not math.isfinite(value):
+        raise FusionError(
+            f"max_shard_size (--max-shard-size) {size!r} is not a size; write a positive number with a unit: 5GB, "
+            "500MB, 200KB or 1TB."
+        )
+    return int(value)
 
 
 def check_fused_finite(model, dtype: str | None = None) -> None:

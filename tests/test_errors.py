@@ -82,6 +82,11 @@ def test_activation_cost_with_all_padding():
         ({"solver": "hungarian"}, r"solver='hungarian' is not one of \['exact', 'sinkhorn'\]"),
         ({"reg": 0.0}, "reg must be > 0"),
         ({"weights": [1.0, -1.0]}, "non-negative"),
+        ({"weights": [float("nan"), 1.0]}, r"FusionConfig.weights\[0\] must be finite, got nan"),
+        ({"reg": "abc"}, r"FusionConfig.reg must be a number, got 'abc' \(str\)"),
+        ({"sinkhorn_max_iter": -5}, "FusionConfig.sinkhorn_max_iter must be >= 1, got -5"),
+        ({"batch_size": 2.5}, r"FusionConfig.batch_size must be an integer, got 2.5 \(float\)"),
+        ({"num_samples": True}, "FusionConfig.num_samples must be an integer or None, got True"),
     ],
 )
 def test_bad_config_values(kwargs, message):
