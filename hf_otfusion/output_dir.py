@@ -52,8 +52,8 @@ def check_output_dir(
         flag: how messages name the option (`--out`, `output_dir`).
 
     Raises:
-        UnsafeOutputError: `out` is a symlink, a file, the working or home directory or an ancestor of one, or
-            overlaps an input.
+        UnsafeOutputError: `out` is a symlink, a file, the working or home directory or an ancestor of one,
+            overlaps an input, or lies in a directory that is not writable.
         OutputExistsError: `out` is a non-empty directory and `overwrite` is False.
     """
     given = Path(out).expanduser()
@@ -90,6 +90,13 @@ def check_output_dir(
                 "the command reads. Choose a path outside it.",
                 path=target,
             )
+    writable = next(p for p in target.parents if p.exists())  # where the staging directory will be created
+    if not os.access(writable, os.W_OK | os.X_OK):
+        raise UnsafeOutputError(
+            f"{flag} {out}: {writable} is not writable, so the output cannot be created there. Choose a directory "
+            "you can write to.",
+            path=target,
+        )
     recover_interrupted(target)
     if target.is_dir() and any(target.iterdir()) and not overwrite:
         raise OutputExistsError(

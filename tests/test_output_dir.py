@@ -78,6 +78,16 @@ def test_fuse_refuses_an_out_that_is_a_file_or_a_symlink(workdir, capsys):
     assert (workdir / "notes.txt").read_text() == "sentinel" and (workdir / "data" / "rows.csv").is_file()
 
 
+def test_fuse_refuses_an_out_in_a_read_only_directory_before_any_work(workdir, capsys, monkeypatch):
+    (workdir / "locked").mkdir()
+    real_access = os.access
+    monkeypatch.setattr("hf_otfusion.output_dir.os.access", lambda p, mode: real_access(p, mode) and p.name != "locked")
+    monkeypatch.setattr("hf_otfusion.pipeline.preflight", lambda *a, **k: pytest.fail("pre-flight ran"))
+    assert main([*FUSE, "--out", "locked/new/fused"]) == 2
+    assert capsys.readouterr().err.startswith(f"error: --out locked/new/fused: {workdir / 'locked'} is not writable")
+    assert list((workdir / "locked").iterdir()) == []
+
+
 def test_overwrite_keeps_the_old_output_when_the_new_one_cannot_be_written(workdir, capsys, monkeypatch):
     old = workdir / "fused"
     old.mkdir()
