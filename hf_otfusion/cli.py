@@ -279,18 +279,29 @@ def _push(folder: Path, repo_id: str, args: argparse.Namespace, commit_message: 
 
 def run_inspect(args: argparse.Namespace) -> int:
     from .config import FusionConfig
+    from .errors import DataSourceError
+    from .hub import download_parents, parent_checkpoint, resolve_parent
     from .readiness import readiness_report
 
     data = None
     if args.data is not None:
         from datasets import load_from_disk
 
-        data = load_from_disk(str(args.data))
+        try:
+            data = load_from_disk(str(args.data))
+        except (FileNotFoundError, ValueError) as error:
+            raise DataSourceError(
+                f"--data {args.data} is not a datasets.Dataset saved with save_to_disk ({error})."
+            ) from error
     cost = args.cost or ("activations" if data is not None else "weights")
     config = FusionConfig(
         cost=cost, solver=args.solver, anchor=args.anchor, batch_size=args.batch_size, num_samples=args.num_samples
     )
-    report = readiness_report(args.parents, data=data, config=config, progress=not args.quiet)
+    # resolved as `fuse` resolves them: a missing parent or revision fails with its own error, weights are pinned
+    parents = [resolve_parent(source) for source in args.parents]
+    download_parents([p for p in parents if p.on_hub], anchor=-1, progress=not args.quiet)  # no processor needed
+    sources = [parent_checkpoint(parent) for parent in parents]
+    report = readiness_report(sources, data=data, config=config, progress=not args.quiet)
     if args.json is not None:
         args.json.write_text(json.dumps(report.to_dict(), indent=1) + "\n")
     print(report.to_markdown())
@@ -546,7 +557,8 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(error, OSError) and error.errno is not None:  # the system, not the input: disk, permissions
             print(f"error: {error}", file=sys.stderr)
         else:
-            print(f"error: internal error: {type(error).__name__}: {error}. This is a bug in hf_otfusion; please "
+            print(f"error: internal error: {type(error).__name__}: {str(error).rstrip('.')}. This is a bug in "
+                  "hf_otfusion; please "
                   "report it with the command line (rerun with --debug for the traceback).",
                   file=sys.stderr)  # fmt: skip
         return 1

@@ -101,6 +101,8 @@ CASES = [
     (["finetune", "a", "--data", "nope", "--out", "a/ft"], 2, "--out a/ft lies inside the input a"),
     (["eval", "a", "--data", "nope", "--batch-size", "0"], 2, "argument --batch-size: must be >= 1, got 0"),
     (["inspect", "a", "b", "--num-samples", "-1"], 2, "argument --num-samples: must be >= 1, got -1"),
+    (["inspect", "a", "./nope", "-q"], 2, "Parent './nope' is not a checkpoint directory and not a Hub model id"),
+    (["inspect", "a", "b", "--data", "nope", "-q"], 2, "--data nope is not a datasets.Dataset saved with"),
     (["serve-hub", "--root", "hub", "--port", "70000"], 2, "argument --port: must be in [0, 65535], got 70000"),
     (["push", "empty-dir", "ns/model"], 3, "empty-dir holds no config.json"),
     ([], 2, "the following arguments are required: command"),
