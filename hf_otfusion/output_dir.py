@@ -90,7 +90,7 @@ def check_output_dir(
                 "the command reads. Choose a path outside it.",
                 path=target,
             )
-    writable = next(p for p in target.parents if p.exists())  # where the staging directory will be created
+    writable = next((p for p in target.parents if p.exists()), target)  # where the staging directory goes
     if not os.access(writable, os.W_OK | os.X_OK):
         raise UnsafeOutputError(
             f"{flag} {out}: {writable} is not writable, so the output cannot be created there. Choose a directory "
@@ -166,7 +166,9 @@ class StagedOutput:
         self.close()
 
     def close(self) -> None:
-        self._lock = _unlock(self._lock)
+        """Releases the flock on the staging directory (called by `publish` and `discard`)."""
+        _unlock(self._lock)
+        self._lock = None
 
 
 @contextmanager
@@ -185,8 +187,7 @@ def stage_output(target: Path, *, overwrite: bool, name: str | None = None) -> I
         OutputExistsError: another live run is staging the same `name`.
     """
     recover_interrupted(target)
-    suffix = name if name is not None else f"{os.getpid()}-{secrets.token_hex(4)}"
-    path = target.parent / f".{target.name}.{STAGING}-{suffix}"
+    path = staging_path(target, name if name is not None else f"{os.getpid()}-{secrets.token_hex(4)}")
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         path.mkdir()
@@ -210,7 +211,7 @@ def stage_output(target: Path, *, overwrite: bool, name: str | None = None) -> I
 
 
 def staging_path(target: Path, name: str) -> Path:
-    """Where `stage_output(target, name=name)` stages: what other processes of the same run write to."""
+    """Where `stage_output(target, name=name)` stages; other processes of the same run pass it to collectives."""
     return target.parent / f".{target.name}.{STAGING}-{name}"
 
 
