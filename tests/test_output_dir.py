@@ -198,3 +198,43 @@ def test_finetune_refuses_its_source_directory_and_swaps_an_old_output(workdir):
     finetune("model", bars(16, 0), config=config, output_dir="ft", overwrite=True, progress=False)
     assert "model.safetensors" in {p.name for p in old.iterdir()} and not (old / "old.txt").exists()
     assert [p.name for p in workdir.iterdir() if p.name.startswith(".")] == []
+
+
+KILLED_RUN = """
+import os, signal, sys
+from pathlib import Path
+from hf_otfusion import output_dir
+
+target, when = Path(sys.argv[1]), sys.argv[2]
+real_rename = os.rename
+
+def rename(src, dst):
+    real_rename(src, dst)
+    if when == "mid-swap" and Path(dst).name.startswith(".out.otfusion-old-"):
+        os.kill(os.getpid(), signal.SIGKILL)  # the old output is aside, the new one not yet in
+
+output_dir.os.rename = rename
+with output_dir.stage_output(output_dir.check_output_dir(target, overwrite=True), overwrite=True) as stage:
+    (stage.path / "new.txt").write_text("new output")
+    if when == "while-writing":
+        os.kill(os.getpid(), signal.SIGKILL)
+    stage.publish()
+"""
+
+
+@pytest.mark.parametrize("when", ["while-writing", "mid-swap"])
+def test_a_run_killed_while_writing_or_swapping_loses_nothing_and_the_next_run_cleans_up(tmp_path, when):
+    import subprocess
+    import sys
+
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "old.txt").write_text("old output")
+    killed = subprocess.run([sys.executable, "-c", KILLED_RUN, str(target), when], capture_output=True, text=True)
+    assert killed.returncode == -9, killed.stderr
+    leftovers = sorted(p.name.split("-")[1] for p in tmp_path.iterdir() if p.name != "out")
+    assert leftovers == (["old", "staging"] if when == "mid-swap" else ["staging"])
+    assert (target / "old.txt").is_file() != (when == "mid-swap")  # mid-swap: --out is missing for now
+    check_output_dir(target, overwrite=True)  # the next run
+    assert snapshot(target) == {"old.txt": b"old output"}
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
