@@ -549,7 +549,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("error: interrupted; nothing was written to the output directory", file=sys.stderr)
+        print("error: interrupted (an --out being written was left unchanged)", file=sys.stderr)
         return 130
     except Exception as error:
         if args.debug:

@@ -161,6 +161,16 @@ def test_an_internal_error_says_it_is_a_bug_and_debug_shows_the_traceback(workdi
     assert not (workdir / "fused").exists()
 
 
+def test_serve_hub_on_a_busy_port_says_so(tmp_path, capsys):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert run(["serve-hub", "--root", str(tmp_path / "hub"), "--port", str(port)]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith(f"error: cannot serve on 127.0.0.1:{port}: Address already in use; choose another --port")
+
+
 def closed_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
