@@ -60,14 +60,18 @@ class Parser(argparse.ArgumentParser):
 def count(low: int, high: int | None = None):
     """An argparse `type` for an integer flag in `[low, high]`, so a bad value fails as the flag's usage error."""
 
+    from .config import NumberRule
+
+    rule = NumberRule(int, low, high)
+
     def parse(text: str) -> int:
         try:
             value = int(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
-        if value < low or (high is not None and value > high):
-            bounds = f">= {low}" if high is None else f"in [{low}, {high}]"
-            raise argparse.ArgumentTypeError(f"must be {bounds}, got {value}")
+        problem = rule.problem(value)
+        if problem is not None:
+            raise argparse.ArgumentTypeError(problem)
         return value
 
     parse.__name__ = "integer"  # what argparse calls the type in its messages

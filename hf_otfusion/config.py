@@ -41,20 +41,25 @@ class NumberRule:
 
     def check(self, field: str, value: Any) -> Any:
         """Returns `value` as `kind`; raises `FusionError` naming `field`, what it accepts and what it got."""
+        problem = self.problem(value)
+        if problem is not None:
+            raise FusionError(f"{field} {problem}.")
+        return None if value is None else self.kind(value)
+
+    def problem(self, value: Any) -> str | None:
+        """What is wrong with `value` (`"must be >= 1, got -5"`), or None when it is accepted."""
         if value is None and self.optional:
             return None
         accepted = numbers.Integral if self.kind is int else numbers.Real  # numpy scalars too
         if isinstance(value, bool) or not isinstance(value, accepted):
             kind = "an integer" if self.kind is int else "a number"
-            raise FusionError(
-                f"{field} must be {kind}{' or None' if self.optional else ''}, got {value!r} ({type(value).__name__})."
-            )
+            return f"must be {kind}{' or None' if self.optional else ''}, got {value!r} ({type(value).__name__})"
         if not isinstance(value, numbers.Integral) and not math.isfinite(value):
-            raise FusionError(f"{field} must be finite, got {value!r}.")
+            return f"must be finite, got {value!r}"
         low_ok = self.low is None or (value > self.low if self.low_open else value >= self.low)
         if not low_ok or (self.high is not None and value > self.high):
-            raise FusionError(f"{field} must {self.describe()}, got {value!r}.")
-        return self.kind(value)
+            return f"must {self.describe()}, got {value!r}"
+        return None
 
     def describe(self) -> str:
         def text(bound: float) -> str:

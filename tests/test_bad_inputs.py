@@ -73,7 +73,7 @@ CASES = [
     ([*FUSE, "--out", "fused", "--device", "tpu9"], 2, "device='tpu9' is not a torch device"),
     pytest.param([*FUSE, "--out", "fused", "--device", "cuda"], 2, "device='cuda' was asked for", marks=NO_GPU),
     ([*FUSE, "--out", "fused", "--max-length", "0"], 2, "argument --max-length: must be >= 1, got 0"),
-    ([*FUSE, "--out", "fused", "--data-seed", "-1"], 2, "argument --data-seed: must be in [0, 4294967295], got -1"),
+    ([*FUSE, "--out", "fused", "--data-seed", "-1"], 2, "argument --data-seed: must lie in [0, 4294967295], got -1"),
     ([*FUSE, "--out", "fused", "--eval-num-samples", "x"], 2, "argument --eval-num-samples: must be an integer"),
     ([*FUSE, "--out", "fused", "--target", "hidden_size=abc"], 2, "FusionConfig.target['hidden_size']='abc' is not"),
     ([*FUSE, "--out", "fused", "--target", "hidden_size=16", "--method", "vanilla"], 2, "target={'hidden_size': 16}"),
@@ -103,7 +103,7 @@ CASES = [
     (["inspect", "a", "b", "--num-samples", "-1"], 2, "argument --num-samples: must be >= 1, got -1"),
     (["inspect", "a", "./nope", "-q"], 2, "Parent './nope' is not a checkpoint directory and not a Hub model id"),
     (["inspect", "a", "b", "--data", "nope", "-q"], 2, "--data nope is not a datasets.Dataset saved with"),
-    (["serve-hub", "--root", "hub", "--port", "70000"], 2, "argument --port: must be in [0, 65535], got 70000"),
+    (["serve-hub", "--root", "hub", "--port", "70000"], 2, "argument --port: must lie in [0, 65535], got 70000"),
     (["push", "empty-dir", "ns/model"], 3, "empty-dir holds no config.json"),
     ([], 2, "the following arguments are required: command"),
 ]  # fmt: skip
