@@ -42,15 +42,55 @@ EXAMPLES = """examples:
 """
 
 
+EXIT_CODES = """exit codes:
+  0  success
+  1  internal error (a bug, or the system failed: disk full, permissions); rerun with --debug for the traceback
+  2  bad input: the message says what to change (nothing was written)
+  3  the upload failed; the output directory was kept and the message holds the command that retries it
+"""
+
+
+class Parser(argparse.ArgumentParser):
+    """An `ArgumentParser` whose usage errors end, like every other error, in one `error: ...` line (exit 2)."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
+def count(low: int, high: int | None = None):
+    """An argparse `type` for an integer flag in `[low, high]`, so a bad value fails as the flag's usage error."""
+
+    from .config import NumberRule
+
+    rule = NumberRule(int, low, high)
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+        problem = rule.problem(value)
+        if problem is not None:
+            raise argparse.ArgumentTypeError(problem)
+        return value
+
+    parse.__name__ = "integer"  # what argparse calls the type in its messages
+    return parse
+
+
+SEED = count(0, 2**32 - 1)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .config import _CHOICES, FusionConfig
 
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="otfusion-hub",
         description="Fuse Hugging Face transformers (BERT, ViT, DeiT) with optimal-transport alignment.",
-        epilog=EXAMPLES,
+        epilog=EXAMPLES + "\n" + EXIT_CODES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--debug", action="store_true", help="print the traceback of an error")
     commands = parser.add_subparsers(dest="command", required=True)
 
     fuse = commands.add_parser(
@@ -87,12 +127,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     inspect.add_argument("parents", nargs="+", help="local checkpoint directories or Hub model ids (two or more)")
     inspect.add_argument("--data", type=Path, help="alignment data (a datasets.Dataset saved with save_to_disk)")
-    inspect.add_argument("--anchor", type=int, default=0, help="the parent the others are compared with")
+    inspect.add_argument("--anchor", type=count(0), default=0, help="the parent the others are compared with")
     inspect.add_argument("--cost", choices=_CHOICES["cost"], default=None,
                          help="alignment cost (default: activations with --data, else weights)")  # fmt: skip
     inspect.add_argument("--solver", choices=_CHOICES["solver"], default="exact")
-    inspect.add_argument("--batch-size", type=int, default=8)
-    inspect.add_argument("--num-samples", type=int, default=None)
+    inspect.add_argument("--batch-size", type=count(1), default=8)
+    inspect.add_argument("--num-samples", type=count(1), default=None)
     inspect.add_argument("--json", type=Path, help="also write the report as JSON to this file")
     inspect.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
 
@@ -112,8 +152,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval_parser(commands)
 
     serve = commands.add_parser("serve-hub", help="serve a local Hub-compatible API on 127.0.0.1")
-    serve.add_argument("--port", type=int, default=8765)
+    serve.add_argument("--port", type=count(0, 65535), default=8765)
     serve.add_argument("--root", type=Path, required=True, help="directory holding the repositories")
+    for command in commands.choices.values():  # `--debug` after the command too; SUPPRESS keeps one given before
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return parser
 
 
@@ -133,14 +175,14 @@ def _add_fuse_io_arguments(fuse: argparse.ArgumentParser) -> None:
     data.add_argument("--data", help="alignment data (for --cost activations): a Hub dataset id[@revision], a "
                       "save_to_disk directory, a data directory (imagefolder, csv, ...) or data files")  # fmt: skip
     data.add_argument("--split", help="split of --data (default: the only split, or train)")
-    data.add_argument("--data-seed", type=int, default=0, help="seed of the row sample drawn with --num-samples")
+    data.add_argument("--data-seed", type=SEED, default=0, help="seed of the row sample drawn with --num-samples")
     data.add_argument("--text-column", help="column holding the text (default: detected)")
     data.add_argument("--image-column", help="column holding the images (default: detected)")
     data.add_argument("--label-column", help="column holding the labels (default: label/labels)")
-    data.add_argument("--max-length", type=int, default=128, help="tokenizer truncation/padding length")
+    data.add_argument("--max-length", type=count(1), default=128, help="tokenizer truncation/padding length")
     data.add_argument("--eval-data", help="evaluate parents, vanilla average and fused model on this data")
     data.add_argument("--eval-split", default="test", help="split of --eval-data (default: test)")
-    data.add_argument("--eval-num-samples", type=int, help="evaluate on this many rows (seeded by --data-seed)")
+    data.add_argument("--eval-num-samples", type=count(1), help="evaluate on this many rows (seeded by --data-seed)")
     output = fuse.add_argument_group("compute and output")
     output.add_argument("--device", help="where the statistics pass runs: cpu, cuda, auto (default: cpu)")
     output.add_argument("--dtype", choices=("float32", "float16", "bfloat16"),
@@ -241,18 +283,29 @@ def _push(folder: Path, repo_id: str, args: argparse.Namespace, commit_message: 
 
 def run_inspect(args: argparse.Namespace) -> int:
     from .config import FusionConfig
+    from .errors import DataSourceError
+    from .hub import download_parents, parent_checkpoint, resolve_parent
     from .readiness import readiness_report
 
     data = None
     if args.data is not None:
         from datasets import load_from_disk
 
-        data = load_from_disk(str(args.data))
+        try:
+            data = load_from_disk(str(args.data))
+        except (FileNotFoundError, ValueError) as error:
+            raise DataSourceError(
+                f"--data {args.data} is not a datasets.Dataset saved with save_to_disk ({error})."
+            ) from error
     cost = args.cost or ("activations" if data is not None else "weights")
     config = FusionConfig(
         cost=cost, solver=args.solver, anchor=args.anchor, batch_size=args.batch_size, num_samples=args.num_samples
     )
-    report = readiness_report(args.parents, data=data, config=config, progress=not args.quiet)
+    # resolved as `fuse` resolves them: a missing parent or revision fails with its own error, weights are pinned
+    parents = [resolve_parent(source) for source in args.parents]
+    download_parents([p for p in parents if p.on_hub], anchor=-1, progress=not args.quiet)  # no processor needed
+    sources = [parent_checkpoint(parent) for parent in parents]
+    report = readiness_report(sources, data=data, config=config, progress=not args.quiet)
     if args.json is not None:
         args.json.write_text(json.dumps(report.to_dict(), indent=1) + "\n")
     print(report.to_markdown())
@@ -278,12 +331,12 @@ def _add_data_options(group, default_split: str | None) -> None:
                        "data directory (imagefolder, csv, ...) or data files")  # fmt: skip
     shown = default_split or "the only split, or train"
     group.add_argument("--split", default=default_split, help=f"split of --data (default: {shown})")
-    group.add_argument("--num-samples", type=int, help="use this many rows of the split (seeded by --data-seed)")
-    group.add_argument("--data-seed", type=int, default=0, help="seed of the row sample drawn with --num-samples")
+    group.add_argument("--num-samples", type=count(1), help="use this many rows of the split (seeded by --data-seed)")
+    group.add_argument("--data-seed", type=SEED, default=0, help="seed of the row sample drawn with --num-samples")
     group.add_argument("--text-column", help="column holding the text (default: detected)")
     group.add_argument("--image-column", help="column holding the images (default: detected)")
     group.add_argument("--label-column", help="column holding the labels (default: label/labels)")
-    group.add_argument("--max-length", type=int, default=128, help="tokenizer truncation/padding length")
+    group.add_argument("--max-length", type=count(1), default=128, help="tokenizer truncation/padding length")
 
 
 def _add_finetune_parser(commands) -> None:
@@ -308,7 +361,7 @@ def _add_finetune_parser(commands) -> None:
     _add_data_options(data, default_split=None)
     data.add_argument("--eval-data", help="evaluation data source (default: --data, when --eval-split is given)")
     data.add_argument("--eval-split", help="split scored before and after training (default with --eval-data: test)")
-    data.add_argument("--eval-num-samples", type=int, help="score on this many rows (seeded by --data-seed)")
+    data.add_argument("--eval-num-samples", type=count(1), help="score on this many rows (seeded by --data-seed)")
     recipe = finetune.add_argument_group("training recipe (FinetuneConfig fields)")
     defaults = FinetuneConfig()
     for field in dataclasses.fields(FinetuneConfig):
@@ -337,7 +390,7 @@ def _add_eval_parser(commands) -> None:
     )
     evaluate.add_argument("models", nargs="+", help="checkpoint directories or Hub model ids[@revision]")
     _add_data_options(evaluate.add_argument_group("data"), default_split="test")
-    evaluate.add_argument("--batch-size", type=int, default=64)
+    evaluate.add_argument("--batch-size", type=count(1), default=64)
     extra = [m for m in available_metrics() if m != "accuracy"]
     evaluate.add_argument("--metrics", nargs="+", default=[], choices=extra, help="extra metrics (f1: macro-averaged)")
     evaluate.add_argument("--markdown", action="store_true", help="print a markdown table")
@@ -386,7 +439,8 @@ def _describe(source) -> str:
 
 def run_finetune(args: argparse.Namespace) -> int:
     from .distributed import is_main_process, process_state
-    from .finetune import FinetuneConfig, check_output_dir, finetune
+    from .finetune import FinetuneConfig, finetune
+    from .output_dir import check_output_dir
     from .pipeline import load_config_file, silence_progress_bars
 
     values = load_config_file(args.config) if args.config else {}
@@ -394,7 +448,8 @@ def run_finetune(args: argparse.Namespace) -> int:
         if getattr(args, field.name) is not None:
             values[field.name] = getattr(args, field.name)
     config = FinetuneConfig.from_dict(values)
-    check_output_dir(args.out, args.overwrite)  # before any download or training
+    inputs = [args.model, args.data, *([args.eval_data] if args.eval_data else [])]
+    check_output_dir(args.out, overwrite=args.overwrite, inputs=inputs)  # before any download or training
     if args.quiet:
         silence_progress_bars()
     parent, model, processor = _load_classifier(args.model, progress=not args.quiet)
@@ -463,27 +518,54 @@ def _processor_key(processor) -> str:
     return type(processor).__name__ + processor.to_json_string()
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    args = build_parser().parse_args(argv)
-    if args.command == "serve-hub":
-        from .hub_server import serve
-
-        serve(args.root, args.port)
-        return 0
-    logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    logging.getLogger("hf_otfusion").setLevel(logging.WARNING if args.quiet else logging.INFO)
-    from .errors import FusionError
+def run_serve_hub(args: argparse.Namespace) -> int:
+    from .hub_server import serve
 
     try:
-        if args.command == "push":
-            return run_push(args)
-        if args.command in ("finetune", "eval"):
-            return run_finetune(args) if args.command == "finetune" else run_eval(args)
-        return run_inspect(args) if args.command == "inspect" else run_fuse(args, argv)
+        serve(args.root, args.port)
+    except OSError as error:
+        if error.errno is None:
+            raise
+        print(f"error: cannot serve on 127.0.0.1:{args.port}: {error.strerror}; choose another --port",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Runs one `otfusion-hub` command; returns its exit code (see `EXIT_CODES`).
+
+    Every error ends in one `error: ...` line on stderr; tracebacks only with `--debug`.
+    """
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    logging.getLogger("hf_otfusion").setLevel(logging.WARNING if getattr(args, "quiet", False) else logging.INFO)
+    from .errors import FusionError
+
+    commands = {"push": run_push, "finetune": run_finetune, "eval": run_eval, "inspect": run_inspect,
+                "serve-hub": run_serve_hub, "fuse": lambda args: run_fuse(args, argv)}  # fmt: skip
+    try:
+        return commands[args.command](args)
     except FusionError as error:
+        if args.debug:
+            raise
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("error: interrupted (an --out being written was left unchanged)", file=sys.stderr)
+        return 130
+    except Exception as error:
+        if args.debug:
+            raise
+        if isinstance(error, OSError) and error.errno is not None:  # the system, not the input: disk, permissions
+            print(f"error: {error}", file=sys.stderr)
+        else:
+            print(f"error: internal error: {type(error).__name__}: {str(error).rstrip('.')}. This is a bug in "
+                  "hf_otfusion; please "
+                  "report it with the command line (rerun with --debug for the traceback).",
+                  file=sys.stderr)  # fmt: skip
+        return 1
 
 
 if __name__ == "__main__":

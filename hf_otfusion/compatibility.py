@@ -71,12 +71,21 @@ def check_compatible(models: list[PreTrainedModel], plans: list[FusionPlan], anc
 def check_finite(models: list[PreTrainedModel], indices: list[int] | None = None) -> None:
     """Raises `NonFiniteWeightsError` naming the first parameter with NaN or inf (parents numbered by `indices`)."""
     for k, model in zip(range(len(models)) if indices is None else indices, models, strict=True):
-        for name, param in model.named_parameters():
-            if not torch.isfinite(param).all():
-                raise NonFiniteWeightsError(
-                    f"Parent {k} has NaN or infinite values in {name}. The checkpoint is corrupt or its "
-                    "training diverged; re-export it or leave it out of the fusion."
-                )
+        name = first_non_finite(model.named_parameters())
+        if name is not None:
+            raise NonFiniteWeightsError(
+                f"Parent {k} has NaN or infinite values in {name}. The checkpoint is corrupt or its "
+                "training diverged; re-export it or leave it out of the fusion.",
+                tensor=name,
+            )
+
+
+def first_non_finite(named_tensors) -> str | None:
+    """The name of the first floating-point tensor of `(name, tensor)` pairs holding NaN or inf, else None."""
+    for name, tensor in named_tensors:
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            return name
+    return None
 
 
 def _labels(config) -> dict[int, str]:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import numbers
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +26,56 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "repair": ("none", "residual", "all"),
     "within_heads": ("permutation", "orthogonal"),
 }
+
+
+@dataclass(frozen=True)
+class NumberRule:
+    """What a numeric config field accepts: its type, finite values within bounds, and None if `optional`.
+
+    One table of rules per config class, checked in one loop by `check_numbers`, so a new field is one new row.
+    """
+
+    kind: type  # int or float; an integer is accepted where a float is asked for, a bool never
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False  # `> low` instead of `>= low`
+    optional: bool = False
+
+    def check(self, field: str, value: Any) -> Any:
+        """Returns `value` as `kind`; raises `FusionError` naming `field`, what it accepts and what it got."""
+        problem = self.problem(value)
+        if problem is not None:
+            raise FusionError(f"{field} {problem}.")
+        return None if value is None else self.kind(value)
+
+    def problem(self, value: Any) -> str | None:
+        """What is wrong with `value` (`"must be >= 1, got -5"`), or None when it is accepted."""
+        if value is None and self.optional:
+            return None
+        accepted = numbers.Integral if self.kind is int else numbers.Real  # numpy scalars too
+        if isinstance(value, bool) or not isinstance(value, accepted):
+            kind = "an integer" if self.kind is int else "a number"
+            return f"must be {kind}{' or None' if self.optional else ''}, got {value!r} ({type(value).__name__})"
+        if not isinstance(value, numbers.Integral) and not math.isfinite(value):
+            return f"must be finite, got {value!r}"
+        low_ok = self.low is None or (value > self.low if self.low_open else value >= self.low)
+        if not low_ok or (self.high is not None and value > self.high):
+            return f"must {self.describe()}, got {value!r}"
+        return None
+
+    def describe(self) -> str:
+        def text(bound: float) -> str:
+            return str(int(bound)) if float(bound).is_integer() else f"{bound:g}"
+
+        if self.high is not None:
+            return f"lie in {'(' if self.low_open else '['}{text(self.low)}, {text(self.high)}]"
+        return f"be {'>' if self.low_open else '>='} {text(self.low)}"
+
+
+def check_numbers(config: Any, rules: dict[str, NumberRule]) -> None:
+    """Checks (and normalises to their type) the numeric fields of `config` listed in `rules`."""
+    for name, rule in rules.items():
+        setattr(config, name, rule.check(f"{type(config).__name__}.{name}", getattr(config, name)))
 
 
 def strict_from_dict(cls, values: dict[str, Any]):
@@ -139,10 +191,9 @@ class FusionConfig:
             value = getattr(self, name)
             if value not in allowed:
                 raise FusionError(f"FusionConfig.{name}={value!r} is not one of {list(allowed)}.")
-        if not self.reg > 0:
-            raise FusionError(f"FusionConfig.reg must be > 0, got {self.reg}.")
-        if not 0.0 <= self.regmean_alpha <= 1.0:
-            raise FusionError(f"FusionConfig.regmean_alpha must lie in [0, 1], got {self.regmean_alpha}.")
+        check_numbers(self, _FUSION_NUMBERS)
+        if self.base is not None and not isinstance(self.base, str):
+            raise FusionError(f"FusionConfig.base must be a checkpoint path or Hub id, got {self.base!r}.")
         if self.base and self.method != "task-arithmetic":
             raise FusionError(f"base={self.base!r} is only used by method='task-arithmetic', not {self.method!r}.")
         if self.align == "ot" and self.method == "vanilla":
@@ -161,28 +212,23 @@ class FusionConfig:
                 "within_heads='orthogonal' rotates dims inside matched heads from activation statistics: it needs "
                 "cost='activations', heads='aware', solver='exact' and marginals='uniform'."
             )
-        if self.refine_steps < 0 or not self.refine_lr > 0:
-            raise FusionError(
-                f"FusionConfig.refine_steps must be >= 0 and refine_lr > 0, got {self.refine_steps}, {self.refine_lr}."
-            )
         if self.refine_steps and (self.method != "ot" or self.cost != "activations"):
             raise FusionError(
                 "refine_steps refines OT maps from activations: it needs method='ot', cost='activations'."
             )
         if self.repair != "none" and self.method not in ("ot", "vanilla"):
             raise FusionError(f"repair={self.repair!r} follows OT or vanilla averaging, not method={self.method!r}.")
-        if self.batch_size < 1:
-            raise FusionError(f"FusionConfig.batch_size must be >= 1, got {self.batch_size}.")
-        if self.num_samples is not None and self.num_samples < 1:
-            raise FusionError(f"FusionConfig.num_samples must be >= 1 or None, got {self.num_samples}.")
-        if self.tokens_per_sample is not None and self.tokens_per_sample < 1:
-            raise FusionError(f"FusionConfig.tokens_per_sample must be >= 1 or None, got {self.tokens_per_sample}.")
         if self.target is not None:
             self.target = _parse_target(self.target)
             if self.method != "ot":
                 raise FusionError(f"target={self.target} needs method='ot' (widths change); got {self.method!r}.")
         if self.weights is not None:
-            self.weights = [float(w) for w in self.weights]
+            if not isinstance(self.weights, list | tuple):
+                raise FusionError(
+                    f"FusionConfig.weights must be a list of numbers, one per parent, got {self.weights!r}."
+                )
+            weight = NumberRule(float)
+            self.weights = [weight.check(f"FusionConfig.weights[{k}]", w) for k, w in enumerate(self.weights)]
             if any(w < 0 for w in self.weights) or sum(self.weights) <= 0:
                 raise FusionError(f"FusionConfig.weights must be non-negative with a positive sum: {self.weights}.")
 
@@ -222,6 +268,22 @@ class FusionConfig:
             )
         total = sum(self.weights)
         return [w / total for w in self.weights]
+
+
+# numeric FusionConfig fields: type and range (a new field is a new row)
+_FUSION_NUMBERS = {
+    "scale": NumberRule(float),
+    "regmean_alpha": NumberRule(float, 0, 1),
+    "reg": NumberRule(float, 0, low_open=True),
+    "tokens_per_sample": NumberRule(int, 1, optional=True),
+    "anchor": NumberRule(int, 0),
+    "batch_size": NumberRule(int, 1),
+    "num_samples": NumberRule(int, 1, optional=True),
+    "sinkhorn_max_iter": NumberRule(int, 1),
+    "emd_max_iter": NumberRule(int, 1),
+    "refine_steps": NumberRule(int, 0),
+    "refine_lr": NumberRule(float, 0, low_open=True),
+}
 
 
 def _parse_target(value: dict[str, int] | str) -> dict[str, int]:
@@ -280,17 +342,15 @@ class FinetuneConfig:
     evaluate_before: bool = True
 
     def __post_init__(self) -> None:
+        check_numbers(self, _FINETUNE_NUMBERS)
         if self.max_steps == 0 or self.max_steps < -1:
             raise FusionError(f"FinetuneConfig.max_steps must be >= 1 (or -1 for epochs), got {self.max_steps}.")
-        if self.max_steps == -1 and not self.num_train_epochs > 0:
-            raise FusionError(f"FinetuneConfig.num_train_epochs must be > 0, got {self.num_train_epochs}.")
-        if not self.learning_rate > 0:
-            raise FusionError(f"FinetuneConfig.learning_rate must be > 0, got {self.learning_rate}.")
-        for name in ("batch_size", "eval_batch_size", "logging_steps"):
-            if getattr(self, name) < 1:
-                raise FusionError(f"FinetuneConfig.{name} must be >= 1, got {getattr(self, name)}.")
-        if self.warmup < 0:
-            raise FusionError(f"FinetuneConfig.warmup must be >= 0 (steps, or a fraction < 1), got {self.warmup}.")
+        if not isinstance(self.lr_scheduler_type, str):
+            raise FusionError(
+                f"FinetuneConfig.lr_scheduler_type must be a scheduler name, got {self.lr_scheduler_type!r}."
+            )
+        if not isinstance(self.evaluate_before, bool):
+            raise FusionError(f"FinetuneConfig.evaluate_before must be true or false, got {self.evaluate_before!r}.")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -333,3 +393,18 @@ class FinetuneConfig:
         )
         values.update(overrides)
         return TrainingArguments(**values)
+
+
+# numeric FinetuneConfig fields (warmup: steps, or a fraction of all steps when < 1; the seed feeds numpy)
+_FINETUNE_NUMBERS = {
+    "max_steps": NumberRule(int),
+    "num_train_epochs": NumberRule(float, 0, low_open=True),
+    "learning_rate": NumberRule(float, 0, low_open=True),
+    "batch_size": NumberRule(int, 1),
+    "eval_batch_size": NumberRule(int, 1),
+    "weight_decay": NumberRule(float, 0),
+    "warmup": NumberRule(float, 0),
+    "max_grad_norm": NumberRule(float, 0),
+    "seed": NumberRule(int, 0, 2**32 - 1),
+    "logging_steps": NumberRule(int, 1),
+}

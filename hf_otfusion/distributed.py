@@ -29,13 +29,18 @@ def resolve_device(device: str | torch.device | None) -> torch.device | None:
     `"auto"` is CUDA when a GPU is visible, else CPU.
 
     Raises:
-        DeviceUnavailableError: a CUDA device was asked for but torch sees no GPU.
+        DeviceUnavailableError: `device` names no torch device, or a CUDA device was asked for but torch sees no GPU.
     """
     if device is None:
         return None
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    resolved = torch.device(device)
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise DeviceUnavailableError(
+            f"device={str(device)!r} is not a torch device; use cpu, cuda, cuda:N or auto."
+        ) from None
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise DeviceUnavailableError(
             f"device={str(device)!r} was asked for, but torch sees no CUDA GPU (torch {torch.__version__}). "

@@ -46,8 +46,16 @@ class TargetShapeError(FusionError):
     """A `target` shape is not a compression of the anchor: unknown config key, a wider space, bad head split."""
 
 
-class NonFiniteWeightsError(FusionError):
-    """A parent has NaN or infinite weights."""
+class NonFiniteWeightsError(FusionError, ArithmeticError):
+    """A parent, or the fused result, has NaN or infinite weights; nothing is written or pushed.
+
+    Attributes:
+        tensor: the name of the first tensor found with NaN or inf.
+    """
+
+    def __init__(self, message: str, *, tensor: str | None = None) -> None:
+        super().__init__(message)
+        self.tensor = tensor
 
 
 class EmptyAlignmentDataError(FusionError):
@@ -74,12 +82,33 @@ class UnsafeCheckpointError(FusionError):
     """Loading a checkpoint would run code: pickle weights or remote code, refused unless explicitly allowed."""
 
 
-class OutputExistsError(FusionError):
-    """The output directory exists and is not empty."""
+class OutputExistsError(FusionError, FileExistsError):
+    """The output directory exists and is not empty (and `overwrite` was not given).
+
+    Attributes:
+        path: the output path, resolved.
+    """
+
+    def __init__(self, message: str, *, path=None) -> None:
+        super().__init__(message)
+        self.path = path
+
+
+class UnsafeOutputError(OutputExistsError):
+    """Writing the output there could destroy files: the working or home directory or an ancestor, an input's
+    directory (or one inside or around it), a file, a symbolic link, or a place that cannot be written."""
 
 
 class PushError(FusionError):
-    """Uploading a finished output directory to the Hub failed; the local output is kept."""
+    """Uploading a finished output directory to the Hub failed; the local output is kept.
+
+    Attributes:
+        retry: the `otfusion-hub push` command line that uploads the directory again.
+    """
+
+    def __init__(self, message: str, *, retry: str | None = None) -> None:
+        super().__init__(message)
+        self.retry = retry
 
 
 class TrainingDataError(FusionError):

@@ -23,9 +23,10 @@ from transformers import PreTrainedModel
 from .card import pipeline_and_auto_class
 from .checkpoints import ModelOrPath, load_parent
 from .config import FinetuneConfig  # FinetuneConfig re-exported: hf_otfusion.finetune API
-from .errors import OutputExistsError, UnsupportedTaskError
+from .errors import UnsupportedTaskError
 from .evaluation import check_classifier, check_dataset, data_collator, evaluate_model
 from .metrics import load_metric
+from .output_dir import check_output_dir, stage_output, staging_path
 from .provenance import CONFIG_FILE, PROVENANCE_FILE
 
 RUNS_FILE = "finetune_runs.json"
@@ -82,7 +83,8 @@ def finetune(
         config: the recipe; defaults to `FinetuneConfig()`.
         output_dir: if given, the finetuned checkpoint, its processor, the source's provenance files (fusion
             config and record), `finetune_runs.json` and the updated `README.md` card go here. They are written to
-            a sibling directory first and moved into place, so a failed run leaves no half checkpoint.
+            a sibling directory first and swapped into place (see `hf_otfusion.output_dir`), so a failed run
+            leaves no half checkpoint and an interrupted `overwrite` keeps the old one.
         processor: the tokenizer or image processor saved with the checkpoint; read from `source_dir` when None.
             A tokenizer also pads variable-length text batches.
         source / source_dir: how the card names the model finetuned, and the directory holding its card and
@@ -98,6 +100,8 @@ def finetune(
 
     Raises:
         OutputExistsError: `output_dir` is not empty and `overwrite` is False.
+        UnsafeOutputError: `output_dir` is the working or home directory (or an ancestor), the source checkpoint's
+            directory (or overlaps it), a file or a symbolic link.
         UnsupportedTaskError: the model has no trainable classification head.
         TrainingDataError: the data lacks the model's inputs or labels, or has labels the head does not know.
     """
@@ -106,12 +110,14 @@ def finetune(
     from .data import load_processor
 
     config = config or FinetuneConfig()
-    if output_dir is not None:
-        check_output_dir(Path(output_dir), overwrite)
     if isinstance(model, str | Path):
         source = source or str(model)
         source_dir = source_dir or (model if Path(model).is_dir() else None)
     source_dir = Path(source_dir) if source_dir is not None else None
+    out = None
+    if output_dir is not None:
+        inputs = [source_dir] if source_dir is not None else []
+        out = check_output_dir(output_dir, overwrite=overwrite, inputs=inputs, flag="output_dir")
     model = load_parent(model)
     check_trainable(model)
     check_dataset(train_data, model)
@@ -120,10 +126,9 @@ def finetune(
     if processor is None and source_dir is not None:
         processor = load_processor(source_dir)
 
-    scratch = None
-    if output_dir is None:  # the Trainer insists on a directory even when it saves nothing
-        scratch = tempfile.mkdtemp(prefix="otfusion-finetune-")
-    args = config.training_arguments(output_dir or scratch, progress, **training_args)
+    # the Trainer insists on a directory even though it saves nothing there (the model is saved below, staged)
+    scratch = tempfile.mkdtemp(prefix="otfusion-finetune-")
+    args = config.training_arguments(scratch, progress, **training_args)
     trainer = Trainer(
         model=model,
         args=args,
@@ -143,8 +148,7 @@ def finetune(
         train_output = trainer.train()
         after = score(trainer.model) if eval_data is not None else None
     finally:
-        if scratch is not None:
-            shutil.rmtree(scratch, ignore_errors=True)
+        shutil.rmtree(scratch, ignore_errors=True)
     result = FinetuneResult(
         model=trainer.model,
         config=config,
@@ -153,36 +157,26 @@ def finetune(
         train_loss=float(train_output.training_loss),
         steps=int(train_output.global_step),
         log_history=[entry for entry in trainer.state.log_history if "loss" in entry],
-        output_dir=Path(output_dir) if output_dir is not None else None,
+        output_dir=out,
     )
-    if output_dir is not None:
-        out = Path(output_dir)
-        staging = out.parent / f".{out.name}.partial"  # the same name on every process; only the main one writes
-        if trainer.is_world_process_zero():
-            shutil.rmtree(staging, ignore_errors=True)
-        trainer.save_model(str(staging))  # writes on the main process only, unwrapped from any DDP wrapper
-        if trainer.is_world_process_zero():
-            # the Trainer also pickles its arguments; the JSON run record says the same without pickle
-            (staging / "training_args.bin").unlink(missing_ok=True)
-            run = run_record(result, source, data_name, len(train_data), eval_name, eval_data, args.world_size)
-            run["hub_datasets"] = list(hub_datasets or [])
-            write_provenance(staging, source_dir, run)
-            update_model_card(source_dir / "README.md" if source_dir else None, run, model).save(
-                str(staging / "README.md")
-            )
-            if out.exists():
-                shutil.rmtree(out)
-            staging.rename(out)
-    return result
-
-
-def check_output_dir(out: Path, overwrite: bool) -> None:
-    """Raises `OutputExistsError` for an existing non-empty output directory unless `overwrite`."""
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise OutputExistsError(
-            f"Output directory {out} exists and is not empty; choose another path or pass overwrite=True "
-            "(--overwrite) to replace it."
+    if out is None:
+        return result
+    if not trainer.is_world_process_zero():
+        # every process calls save_model with the same path (sharded setups gather there); only the main one writes
+        trainer.save_model(str(staging_path(out, "finetune")))
+        return result
+    with stage_output(out, overwrite=overwrite, name="finetune") as stage:
+        trainer.save_model(str(stage.path))  # unwrapped from any DDP wrapper
+        # the Trainer also pickles its arguments; the JSON run record says the same without pickle
+        (stage.path / "training_args.bin").unlink(missing_ok=True)
+        run = run_record(result, source, data_name, len(train_data), eval_name, eval_data, args.world_size)
+        run["hub_datasets"] = list(hub_datasets or [])
+        write_provenance(stage.path, source_dir, run)
+        update_model_card(source_dir / "README.md" if source_dir else None, run, model).save(
+            str(stage.path / "README.md")
         )
+        stage.publish()
+    return result
 
 
 def check_trainable(model: PreTrainedModel) -> None:

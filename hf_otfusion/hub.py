@@ -501,7 +501,8 @@ def push_folder(
     logged here.
 
     Raises:
-        PushError: the upload failed; its message holds the `otfusion-hub push` command that retries it.
+        PushError: the upload failed (an HTTP error, or the connection: refused, reset, timed out, cut); its
+            message holds the `otfusion-hub push` command that retries it.
     """
     from huggingface_hub import HfApi
     from huggingface_hub.errors import HfHubHTTPError
@@ -519,10 +520,13 @@ def push_folder(
             repo_id=repo_id, folder_path=folder, revision=revision, create_pr=create_pr,
             commit_message=commit_message or f"Upload fused model ({folder.name}) with hf_otfusion",
         )  # fmt: skip
-    except (HfHubHTTPError, OSError, ValueError) as error:
+    # HfHubHTTPError's bases are the HTTP client's own error class (httpx's: connection refused or reset, timeouts and
+    # server disconnects all derive from it) and OSError (what requests, and the file reads, raise)
+    except (*HfHubHTTPError.__bases__, ValueError) as error:
         raise PushError(
             f"Upload of {folder} to {repo_id} failed: {_short_error(error)}\nThe fused model is kept in {folder}; "
-            f"retry the upload with:\n  {retry}"
+            f"retry the upload with:\n  {retry}",
+            retry=retry,
         ) from error
     return PushResult(
         repo_id=repo_id, revision=revision or "main", commit_sha=info.oid, commit_url=info.commit_url,

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,9 +24,10 @@ import torch
 import yaml
 
 from .checkpoints import Checkpoint
-from .config import FusionConfig
+from .compatibility import first_non_finite
+from .config import FusionConfig, NumberRule, check_numbers
 from .data import DataSource, encode_dataset, load_processor
-from .errors import DataSourceError, EmptyAlignmentDataError, FusionError, OutputExistsError
+from .errors import DataSourceError, EmptyAlignmentDataError, FusionError, NonFiniteWeightsError
 from .hub import (
     Parent,
     Preflight,
@@ -37,6 +38,7 @@ from .hub import (
     resolve_parent,
     sha256_file,
 )
+from .output_dir import StagedOutput, check_output_dir, stage_output
 from .provenance import CONFIG_FILE, Provenance, package_versions, reproduce_command, utc_now
 
 logger = logging.getLogger(__name__)
@@ -110,19 +112,26 @@ class FuseJob:
     command: str = ""
     progress: bool = True
 
-    def check_output(self) -> None:
-        """Raises `OutputExistsError` for an existing non-empty `out` without `overwrite`."""
-        out = Path(self.out)
-        if out.exists() and (not out.is_dir() or any(out.iterdir())) and not self.overwrite:
-            raise OutputExistsError(
-                f"--out {out} exists and is not empty; choose another path or pass --overwrite to replace it."
-            )
+    def check_output(self) -> Path:
+        """The resolved `out`, once writing there destroys nothing (see `output_dir.check_output_dir`)."""
+        inputs = [*self.parents, *(p for p in (self.config.base, self.data, self.eval_data) if p)]
+        return check_output_dir(self.out, overwrite=self.overwrite, inputs=inputs)
+
+    def check_options(self) -> None:
+        """Raises `FusionError` (`DeviceUnavailableError` for the device) for a job option out of range or of the
+        wrong type, so that it fails before any download rather than after the fusion."""
+        from .distributed import resolve_device
+
+        check_numbers(self, _JOB_NUMBERS)
+        if self.dtype is not None and self.dtype not in DTYPES:
+            raise FusionError(f"dtype {self.dtype!r} is not one of {sorted(DTYPES)}.")
+        parse_shard_size(self.max_shard_size)
+        resolve_device(self.device)
 
     def plan(self) -> FusePlan:
         """Pre-flight: everything that can fail before a weight download (see `hub.preflight`)."""
+        self.check_options()
         self.check_output()
-        if self.dtype is not None and self.dtype not in DTYPES:
-            raise FusionError(f"dtype {self.dtype!r} is not one of {sorted(DTYPES)}.")
         if self.config.needs_data and self.data is None:
             raise EmptyAlignmentDataError(
                 f"method={self.config.method} with cost={self.config.cost} needs alignment data: pass --data (a Hub "
@@ -174,13 +183,12 @@ class FuseJob:
         )
         if not is_main_process(process_state(None)):
             return result  # under torchrun / accelerate launch, only the main process writes the output
-        out = Path(self.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))  # renamed into place at the end
-        try:
-            staging.chmod(0o755)  # mkdtemp makes it private; the output is an ordinary directory
+        out = self.check_output()  # again: the fusion took a while
+        with stage_output(out, overwrite=self.overwrite) as stage:  # swapped into place by `_finish`
+            staging = stage.path
             if self.dtype is not None:
                 result.model.to(DTYPES[self.dtype])
+            check_fused_finite(result.model, self.dtype)  # a NaN model is never written, hence never pushed
             result.model.save_pretrained(staging, max_shard_size=self.max_shard_size)
             # the fused model is freed here: the steps below load it, and the parents, when they need them, so
             # that no step holds more than two models
@@ -198,10 +206,7 @@ class FuseJob:
             )
             provenance = self._provenance(plan, result, evaluation)
             provenance.readiness = readiness.to_dict()
-            self._finish(staging, parents[anchor], provenance)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
+            self._finish(stage, parents[anchor], provenance)
         logger.info("fused model written to %s", out)
         result.model = Checkpoint(str(out)).load()  # the weights as written (in `dtype`)
         return result
@@ -283,12 +288,12 @@ class FuseJob:
             created=utc_now(),
         )
 
-    def _finish(self, staging: Path, anchor: Parent, provenance: Provenance) -> None:
-        """Completes `staging` (which holds the weights) with processor, config, provenance and card, then renames
-        it into `out`; the caller removes it on failure."""
+    def _finish(self, stage: StagedOutput, anchor: Parent, provenance: Provenance) -> None:
+        """Completes the staging directory (which holds the weights) with processor, config, provenance and card,
+        then swaps it into `out`; `stage_output` removes it on failure."""
         from .card import render_card
 
-        out = Path(self.out)
+        out, staging = Path(self.out), stage.path
         for name in anchor.processor_files:  # the anchor's tokenizer / image processor, byte for byte
             shutil.copyfile(anchor.directory / name, staging / name)
         (staging / CONFIG_FILE).write_text(yaml.safe_dump(self.config.to_dict(), sort_keys=False))
@@ -296,10 +301,49 @@ class FuseJob:
         provenance.save(staging)
         card = render_card(provenance, repo_id=self.repo_id or str(out))
         card.save(staging / "README.md")
-        self.check_output()  # nothing appeared at `out` while we were fusing
-        if out.exists():
-            shutil.rmtree(out)
-        staging.rename(out)
+        stage.publish()
+
+
+# the numeric job options that are not FusionConfig fields
+_JOB_NUMBERS = {
+    "seed": NumberRule(int, 0, 2**32 - 1),
+    "max_length": NumberRule(int, 1),
+    "eval_num_samples": NumberRule(int, 1, optional=True),
+}
+_SIZE_UNITS = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
+
+
+def parse_shard_size(size: str | int) -> int:
+    """Bytes in a `max_shard_size` (`5GB`, `500MB`, or an int), the forms `save_pretrained` accepts.
+
+    Raises:
+        FusionError: anything else, or a size that is not positive.
+    """
+    if isinstance(size, int) and not isinstance(size, bool) and size > 0:
+        return size
+    text = size.strip() if isinstance(size, str) else ""
+    try:
+        value = float(text[:-2]) * _SIZE_UNITS[text[-2:].upper()]
+    except (KeyError, ValueError):
+        value = math.nan
+    if not value > 0 or not math.isfinite(value):
+        raise FusionError(
+            f"max_shard_size (--max-shard-size) {size!r} is not a size; write a positive number with a unit: 5GB, "
+            "500MB, 200KB or 1TB."
+        )
+    return int(value)
+
+
+def check_fused_finite(model, dtype: str | None = None) -> None:
+    """Raises `NonFiniteWeightsError` naming the first fused tensor with NaN or inf (so nothing is written)."""
+    name = first_non_finite(model.state_dict().items())
+    if name is not None:
+        cast = f" after the cast to {dtype}" if dtype else ""
+        raise NonFiniteWeightsError(
+            f"The fused model has NaN or infinite values in {name}{cast}; nothing was written. Check the parents, "
+            "--weights and --scale" + (", or save in a wider --dtype." if dtype else "."),
+            tensor=name,
+        )
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:

@@ -82,6 +82,11 @@ def test_activation_cost_with_all_padding():
         ({"solver": "hungarian"}, r"solver='hungarian' is not one of \['exact', 'sinkhorn'\]"),
         ({"reg": 0.0}, "reg must be > 0"),
         ({"weights": [1.0, -1.0]}, "non-negative"),
+        ({"weights": [float("nan"), 1.0]}, r"FusionConfig.weights\[0\] must be finite, got nan"),
+        ({"reg": "abc"}, r"FusionConfig.reg must be a number, got 'abc' \(str\)"),
+        ({"sinkhorn_max_iter": -5}, "FusionConfig.sinkhorn_max_iter must be >= 1, got -5"),
+        ({"batch_size": 2.5}, r"FusionConfig.batch_size must be an integer, got 2.5 \(float\)"),
+        ({"num_samples": True}, "FusionConfig.num_samples must be an integer or None, got True"),
     ],
 )
 def test_bad_config_values(kwargs, message):
@@ -107,3 +112,19 @@ def test_weights_must_match_the_number_of_parents():
 def test_single_parent():
     with pytest.raises(FusionError, match="at least 2 parents"):
         fuse([build("vit-cls")], config=FusionConfig(cost="weights"))
+
+
+def test_the_readme_error_table_lists_every_fusion_error_with_its_exit_code():
+    import inspect
+    from pathlib import Path
+
+    import hf_otfusion
+    from hf_otfusion import errors
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    for name, cls in inspect.getmembers(errors, inspect.isclass):
+        if issubclass(cls, FusionError):
+            row = next((line for line in readme.splitlines() if line.startswith(f"| `{name}`")), None)
+            assert row is not None, f"README error table has no row for {name}"
+            assert row.split(" | ")[-2] in ("2", "3"), row  # the exit column
+            assert getattr(hf_otfusion, name) is cls  # and it is public
