@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -183,3 +185,41 @@ def test_copy_rotated_everywhere_fuses_back_with_every_rotation():
 def test_within_head_rotations_need_exact_activation_matching():
     with pytest.raises(FusionError, match="within_heads='orthogonal'"):
         FusionConfig(within_heads="orthogonal", solver="sinkhorn")
+
+
+def test_refinement_never_raises_the_held_back_loss_and_keeps_the_maps_orthogonal():
+    parents = [build("vit-cls"), build("vit-cls", seed=1)]
+    data = alignment_data(parents[0], samples=80)
+    config = FusionConfig(residual="orthogonal", within_heads="orthogonal", refine_steps=30, batch_size=8)
+    result = fuse_with_diagnostics(parents, data=data, config=config, progress=False)
+    report = result.refine
+    assert report is not None and report.steps == 30
+    assert report.held_back_loss_after <= report.held_back_loss_before
+    assert report.held_back_loss_after < 0.9 * report.held_back_loss_before  # it did learn something
+    for transport in result.maps[1].values():
+        if transport.kind == "orthogonal":
+            matrix = transport.output_matrix()
+            np.testing.assert_allclose(matrix.T @ matrix, np.eye(len(matrix)), atol=1e-5)
+    residual = result.maps[1]["residual"].output_matrix()
+    np.testing.assert_allclose(residual @ np.ones(len(residual)), np.ones(len(residual)), atol=1e-5)
+    closed_form = fuse_with_diagnostics(parents, data=data, config=replace(config, refine_steps=0), progress=False)
+    assert not np.allclose(closed_form.maps[1]["residual"].output_matrix(), residual)
+
+
+def test_refinement_of_a_rotated_copy_stays_exact():
+    model = build("vit-cls")
+    rotated = rotate_model(model, seed=3, within_heads=True)
+    inputs = inputs_for(model)
+    config = FusionConfig(residual="orthogonal", within_heads="orthogonal", refine_steps=20, batch_size=8)
+    fused = fuse([model, rotated], data=alignment_data(model), config=config, progress=False)
+    assert relative_error(outputs(fused, inputs), outputs(model, inputs)) < 1e-4
+
+
+def test_refinement_needs_orthogonal_maps_and_logits():
+    model = build("vit-cls")
+    with pytest.raises(FusionError, match="orthogonal maps"):
+        fuse([model, model], data=alignment_data(model), config=FusionConfig(refine_steps=5), progress=False)
+    bare = build("vit-base")
+    config = FusionConfig(residual="orthogonal", refine_steps=5, batch_size=8)
+    with pytest.raises(FusionError, match="logits"):
+        fuse([bare, bare], data=alignment_data(bare), config=config, progress=False)
