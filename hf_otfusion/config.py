@@ -18,13 +18,13 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "cost": ("activations", "weights"),
     "solver": ("exact", "sinkhorn"),
     "reg_mode": ("relative", "absolute"),
-    "residual": ("shared", "mean", "orthogonal"),
+    "residual": ("auto", "shared", "mean", "orthogonal"),
     "heads": ("aware", "cross"),
     "activation_cost": ("euclidean", "correlation"),
     "tokens": ("all", "first"),
     "marginals": ("uniform", "importance"),
     "repair": ("none", "residual", "all"),
-    "within_heads": ("permutation", "orthogonal"),
+    "within_heads": ("auto", "permutation", "orthogonal"),
 }
 
 
@@ -116,7 +116,9 @@ class FusionConfig:
             architectures: ViT, DeiT) folds every parent's LayerNorms into their readers and centres the writers
             of the residual stream, an exact rewrite after which the stream can be rotated, then aligns it with
             one rotation per parent from the stream's activation statistics (see `hf_otfusion.reparameterise`).
-            The fused model's LayerNorms then hold weight 1 and bias 0. Needs `cost="activations"`.
+            The fused model's LayerNorms then hold weight 1 and bias 0. Needs `cost="activations"`. `auto`
+            (default) is `orthogonal` wherever it applies (a pre-LN spec, activation costs, `method="ot"`, no
+            `target`, equal hidden sizes) and `shared` elsewhere; `fuse` records what it resolved to.
         heads: `aware` matches whole heads first, then dimensions within matched heads (Q and K share a map,
             V and O share a map); `cross` aligns all H*d_head dimensions as one space, as the reference does.
         activation_cost: ground cost between unit activations: `euclidean` (mean squared difference) or
@@ -140,7 +142,8 @@ class FusionConfig:
             `permutation` (an exact assignment) or an `orthogonal` rotation (Procrustes on the within-head cross
             moments: one rotation shared by Q and K, another by V and O, which leave the function unchanged);
             with `orthogonal`, heads are matched on the cost of their best rotation. Needs
-            `cost="activations"`, `heads="aware"`, `solver="exact"` and equal head sizes.
+            `cost="activations"`, `heads="aware"`, `solver="exact"`, uniform marginals and equal head sizes;
+            `auto` (default) is `orthogonal` wherever it applies and `permutation` elsewhere.
         refine_steps: after the closed-form maps, this many Adam steps on the alignment data that rotate every
             orthogonal map further (residual and within-head rotations; permutations stay) so that the average of
             the aligned parents matches the parents' ensemble (KL divergence of the output distributions, no
@@ -168,7 +171,7 @@ class FusionConfig:
     solver: str = "exact"
     reg: float = 0.1
     reg_mode: str = "relative"
-    residual: str = "shared"
+    residual: str = "auto"
     heads: str = "aware"
     activation_cost: str = "euclidean"
     tokens: str = "all"
@@ -177,7 +180,7 @@ class FusionConfig:
     target: dict[str, int] | None = None
     marginals: str = "uniform"
     repair: str = "none"
-    within_heads: str = "permutation"
+    within_heads: str = "auto"
     refine_steps: int = 0
     refine_lr: float = 0.01
     weights: list[float] | None = None
@@ -231,6 +234,18 @@ class FusionConfig:
             self.weights = [weight.check(f"FusionConfig.weights[{k}]", w) for k, w in enumerate(self.weights)]
             if any(w < 0 for w in self.weights) or sum(self.weights) <= 0:
                 raise FusionError(f"FusionConfig.weights must be non-negative with a positive sum: {self.weights}.")
+
+    def resolved(self, rotatable: bool, equal_widths: bool) -> FusionConfig:
+        """This config with `residual="auto"` and `within_heads="auto"` decided for parents whose spec is (or is not)
+        `rotatable` (pre-LN, `residual_norms` listed) and whose widths are (or are not) equal to the anchor's."""
+        aligns = self.method == "ot" and self.cost == "activations" and self.target is None and equal_widths
+        residual, within_heads = self.residual, self.within_heads
+        if residual == "auto":
+            residual = "orthogonal" if aligns and rotatable else "shared"
+        if within_heads == "auto":
+            exact = self.heads == "aware" and self.solver == "exact" and self.marginals == "uniform"
+            within_heads = "orthogonal" if aligns and exact else "permutation"
+        return dataclasses.replace(self, residual=residual, within_heads=within_heads)
 
     @property
     def needs_data(self) -> bool:

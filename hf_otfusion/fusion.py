@@ -24,7 +24,7 @@ from .merging import SAME_BASE_METHODS, base_in_anchor_class, merge_parameters, 
 from .plan import FusionPlan, named_tensors, resolve_plan
 from .refine import RefineReport, refine_maps
 from .repair import SiteRepair, repair_model
-from .reparameterise import check_rotatable, reparameterise
+from .reparameterise import check_rotatable, reparameterise, restore_output_norm
 from .spec import AlignmentSpec, load_spec
 from .statistics import collect_statistics, statistics_keys
 from .target import target_basis
@@ -189,6 +189,7 @@ def fuse_with_diagnostics(
         spec = load_spec(spec)
     plans = [resolve_plan(parent, spec) for parent in parents]
     check_compatible(parents, plans, config.anchor)
+    config = config.resolved(all(plan.residual_norms for plan in plans), _equal_widths(plans, config.anchor))
     if config.residual == "orthogonal":
         for plan in plans:
             check_rotatable(plan)
@@ -210,6 +211,12 @@ def fuse_with_diagnostics(
     if streamed:
         return _fuse_into_target(run) if config.target is not None else _align_and_average(run)
     return _merge_same_base(run, base)
+
+
+def _equal_widths(plans: list[FusionPlan], anchor: int) -> bool:
+    """Whether every space of every parent has the anchor's size (rotations need square maps)."""
+    sizes = {name: space.size for name, space in plans[anchor].spaces.items()}
+    return all({name: space.size for name, space in plan.spaces.items()} == sizes for plan in plans)
 
 
 def _merge_same_base(run: _FusionRun, base: ModelOrPath | None) -> FusionResult:
@@ -320,6 +327,12 @@ def _align_and_average(run: _FusionRun) -> FusionResult:
 
     started = time.perf_counter()
     anchor_model = obtain(anchor)
+    rotates = run.config.method == "ot" and run.config.residual == "orthogonal"
+    output_norm = run.plans[anchor].output_norm
+    anchor_norm = None
+    if rotates and output_norm:  # the fused output norm gets these back (`restore_output_norm`)
+        own = named_tensors(anchor_model)
+        anchor_norm = (own[f"{output_norm}.weight"].clone(), own[f"{output_norm}.bias"].clone())
     fused = anchor_model if from_checkpoint[anchor] else copy.deepcopy(anchor_model)
     for i, group in enumerate(groups):
         members = ([anchor] if i == 0 else []) + group
@@ -345,6 +358,8 @@ def _align_and_average(run: _FusionRun) -> FusionResult:
             run.config.statistics_options(), progress=run.progress, device=run.device,
         )  # fmt: skip
         run.timings["repair"] = time.perf_counter() - started
+    if anchor_norm is not None:
+        restore_output_norm(fused, run.plans[anchor], *anchor_norm)
     return result
 
 

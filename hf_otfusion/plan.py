@@ -44,6 +44,7 @@ class FusionPlan:
     parameters: dict[str, tuple[AxisBinding | None, ...]]
     hooks: dict[str, list[str]] = field(default_factory=dict)
     residual_norms: dict[str, list[str]] = field(default_factory=dict)  # norm module -> modules reading it
+    output_norm: str | None = None  # the residual norm whose output is the encoder's output
     repair_sites: dict[str, str] = field(default_factory=dict)  # module -> the parameter taking the shift
 
     @property
@@ -154,9 +155,11 @@ def resolve_plan(model: PreTrainedModel, spec: AlignmentSpec | None = None) -> F
     for module, shift in repair_sites.items():
         if shift not in parameters:
             raise SpecError(f"Repair site {module} shifts {shift}, which is not a parameter of {architecture}.")
+    output_norm = _fill(spec.output_norm, base, None) if spec.output_norm else None
     return FusionPlan(
-        spec.model_type, architecture, num_layers, spaces, parameters, hooks, residual_norms, repair_sites
-    )
+        spec.model_type, architecture, num_layers, spaces, parameters, hooks, residual_norms,
+        output_norm if output_norm in residual_norms else None, repair_sites,
+    )  # fmt: skip
 
 
 def _present(template: str, base: str, layer: int | None, modules: dict) -> list[str]:

@@ -95,6 +95,33 @@ def reparameterised_copy(model: PreTrainedModel, plan: FusionPlan) -> PreTrained
     return result
 
 
+def restore_output_norm(model: PreTrainedModel, plan: FusionPlan, weight: torch.Tensor, bias: torch.Tensor) -> bool:
+    """Gives a reparameterised model's output norm the weight and bias of the anchor's (exact; in place).
+
+    The readers of the norm compensate (`W ← W diag(1/γ)`, `b ← b − W β`, the fold undone), so logits stay as they
+    are while `last_hidden_state` is again on the anchor's scale. Skipped, returning False, when the spec names
+    no output norm or a weight is too close to 0 to divide by.
+    """
+    norm = plan.output_norm
+    params = dict(model.named_parameters())
+    readers = plan.residual_norms.get(norm, []) if norm else []
+    lacks_bias = any(f"{reader}.bias" not in params for reader in readers) and bool(bias.abs().max() > 0)
+    if norm is None or lacks_bias or bool(weight.abs().min() < 1e-6):
+        return False
+    gamma, beta = weight.detach().to(torch.float64), bias.detach().to(torch.float64)
+    with torch.no_grad():
+        for reader in plan.residual_norms[norm]:
+            dim = _reading_axis(plan, f"{reader}.weight", plan.stream)
+            reading = params[f"{reader}.weight"].double().movedim(dim, -1) / gamma
+            if f"{reader}.bias" in params:
+                reader_bias = params[f"{reader}.bias"]
+                reader_bias.copy_((reader_bias.double() - reading @ beta).to(reader_bias.dtype))
+            params[f"{reader}.weight"].copy_(reading.movedim(-1, dim).to(params[f"{reader}.weight"].dtype))
+        params[f"{norm}.weight"].copy_(gamma.to(params[f"{norm}.weight"].dtype))
+        params[f"{norm}.bias"].copy_(beta.to(params[f"{norm}.bias"].dtype))
+    return True
+
+
 def _reading_axis(plan: FusionPlan, name: str, stream: str) -> int:
     axes = plan.parameters[name]
     found = [dim for dim, axis in enumerate(axes) if axis is not None and axis.reads and axis.space == stream]

@@ -20,7 +20,7 @@ LAYER = "{i}"
 BASE = "{base}"
 _INPUT_PREFIX = "in:"
 _TOP_KEYS = {"model_type", "architectures", "layers", "spaces", "parameters", "hooks"}
-_OPTIONAL_KEYS = {"residual_norms", "repair"}
+_OPTIONAL_KEYS = {"residual_norms", "output_norm", "repair"}
 _SPACE_KEYS = {"size", "heads", "stream", "scaled_dot_product"}
 
 
@@ -63,12 +63,13 @@ class AxisBinding:
 class AlignmentSpec:
     """The validated content of one spec file.
 
-    Two optional sections describe what the quality options need to know of an architecture:
+    Optional sections describe what the quality options need to know of an architecture:
     `residual_norms` maps each normalisation that reads the residual stream to the modules that read its
     output (present only for pre-LN architectures, whose residual stream can then be rotated: see
-    `hf_otfusion.reparameterise`); `repair` maps each module whose output statistics are restored after
-    averaging to the parameter that takes the shift (its bias, or the position embeddings for an embedding
-    module: see `hf_otfusion.repair`).
+    `hf_otfusion.reparameterise`); `output_norm` names the one whose output is the encoder's output
+    (`last_hidden_state`), which gets the anchor's own weight and bias back after fusion; `repair` maps each
+    module whose output statistics are restored after averaging to the parameter that takes the shift (its
+    bias, or the position embeddings of an embedding module: see `hf_otfusion.repair`).
     """
 
     model_type: str
@@ -78,6 +79,7 @@ class AlignmentSpec:
     parameters: dict[str, tuple[AxisBinding | None, ...]]
     hooks: dict[str, tuple[str, ...]]
     residual_norms: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    output_norm: str | None = None
     repair: dict[str, str] = field(default_factory=dict)
 
     @classmethod
@@ -153,6 +155,7 @@ class AlignmentSpec:
             parameters=parameters,
             hooks=hooks,
             residual_norms=residual_norms,
+            output_norm=_output_norm(raw.get("output_norm"), residual_norms, source),
             repair=repair,
         )
 
@@ -197,3 +200,11 @@ def _reject_unknown(mapping: dict[str, Any], allowed: set[str], where: str) -> N
     unknown = sorted(set(mapping) - allowed)
     if unknown:
         raise SpecError(f"{where}: unknown key(s) {unknown}; allowed keys are {sorted(allowed)}.")
+
+
+def _output_norm(value: Any, residual_norms: dict[str, tuple[str, ...]], source: str) -> str | None:
+    if value is None:
+        return None
+    if str(value) not in residual_norms:
+        raise SpecError(f"{source}: output_norm {value!r} must be one of the residual_norms {sorted(residual_norms)}.")
+    return str(value)

@@ -169,7 +169,8 @@ def test_copy_rotated_within_heads_fuses_back_only_with_within_head_rotations(fa
     result = fuse_with_diagnostics([model, rotated], data=data, config=config, progress=False)
     assert relative_error(outputs(result.model, inputs), outputs(model, inputs)) < 1e-4
     assert {d.kind for d in result.diagnostics if d.space.startswith(("qk", "vo"))} == {"orthogonal"}
-    permutations_only = fuse([model, rotated], data=data, config=FusionConfig(), progress=False)
+    config = FusionConfig(within_heads="permutation", residual="shared")
+    permutations_only = fuse([model, rotated], data=data, config=config, progress=False)
     assert relative_error(outputs(permutations_only, inputs), outputs(model, inputs)) > 0.05
 
 
@@ -217,9 +218,30 @@ def test_refinement_of_a_rotated_copy_stays_exact():
 
 def test_refinement_needs_orthogonal_maps_and_logits():
     model = build("vit-cls")
+    permutations = FusionConfig(refine_steps=5, residual="shared", within_heads="permutation")
     with pytest.raises(FusionError, match="orthogonal maps"):
-        fuse([model, model], data=alignment_data(model), config=FusionConfig(refine_steps=5), progress=False)
+        fuse([model, model], data=alignment_data(model), config=permutations, progress=False)
     bare = build("vit-base")
     config = FusionConfig(residual="orthogonal", refine_steps=5, batch_size=8)
     with pytest.raises(FusionError, match="logits"):
         fuse([bare, bare], data=alignment_data(bare), config=config, progress=False)
+
+
+def test_auto_rotates_pre_ln_models_and_keeps_a_bare_encoders_output_scale():
+    model = build("vit-base")
+    rotated = rotate_model(model, seed=2, within_heads=True)
+    inputs = inputs_for(model)
+    result = fuse_with_diagnostics([model, rotated], data=alignment_data(model), progress=False)
+    assert (result.config.residual, result.config.within_heads) == ("orthogonal", "orthogonal")
+    with torch.no_grad():
+        fused, original = result.model(**inputs), model(**inputs)
+    assert relative_error(fused.last_hidden_state, original.last_hidden_state) < 1e-4  # the anchor's final norm
+    assert relative_error(fused.pooler_output, original.pooler_output) < 1e-4
+
+
+def test_auto_keeps_permutations_where_rotations_do_not_apply():
+    model = build("bert-seqcls")
+    result = fuse_with_diagnostics([model, permute_model(model)], data=alignment_data(model), progress=False)
+    assert (result.config.residual, result.config.within_heads) == ("shared", "orthogonal")
+    weights = fuse_with_diagnostics([model, model], config=FusionConfig(cost="weights"), progress=False)
+    assert (weights.config.residual, weights.config.within_heads) == ("shared", "permutation")
