@@ -218,7 +218,7 @@ def run_fuse(args: argparse.Namespace, argv: list[str]) -> int:
         flag_value = getattr(args, field.name)
         if flag_value is not None:
             values[field.name] = flag_value
-    config = FusionConfig.from_dict(values)
+    config = fuse_config(values, has_data=args.data is not None)
     if args.quiet:
         silence_progress_bars()
     job = FuseJob(
@@ -252,6 +252,31 @@ def run_fuse(args: argparse.Namespace, argv: list[str]) -> int:
         message = f"Fuse {', '.join(args.parents)} with hf_otfusion"
         return _push(args.out, args.push_to_hub, args, commit_message=message)
     return 0
+
+
+def fuse_config(values: dict, has_data: bool):
+    """The run's `FusionConfig`; without `--data` and without a cost chosen, the data-free weight cost.
+
+    The activation cost is the better default when there is data, but the simplest command
+    (`otfusion-hub fuse a b --out fused`) has none and should still fuse. A cost given by flag or config file is
+    kept, and an option that only works on data (`--repair`, `--method regmean`, ...) is left for the pre-flight
+    to refuse with its own message.
+    """
+    from .config import FusionConfig
+    from .errors import FusionError
+
+    if not has_data and "cost" not in values:
+        try:
+            data_free = FusionConfig.from_dict({**values, "cost": "weights"})
+        except FusionError:
+            data_free = None  # an option tied to activations: FusionConfig(values) fails or asks for data below
+        if data_free is not None and not data_free.needs_data:
+            logging.getLogger("hf_otfusion").info(
+                "No --data: fusing data-free (cost=weights, units matched by their weights); pass --data for an "
+                "activation-based fusion."
+            )
+            return data_free
+    return FusionConfig.from_dict(values)
 
 
 def run_push(args: argparse.Namespace) -> int:

@@ -134,9 +134,9 @@ class FuseJob:
         self.check_output()
         if self.config.needs_data and self.data is None:
             raise EmptyAlignmentDataError(
-                f"method={self.config.method} with cost={self.config.cost} needs alignment data: pass --data (a Hub "
-                "dataset id, a save_to_disk directory, a data directory or files), or use --cost weights for a "
-                "data-free fusion."
+                f"This fusion ({', '.join(data_options(self.config))}) needs alignment data: pass --data (a Hub "
+                "dataset id, a save_to_disk directory, a data directory or files), or drop those options and use "
+                "--cost weights for a data-free fusion."
             )
         flags = dict(allow_pickle=self.allow_pickle, trust_remote_code=self.trust_remote_code)
         checked = preflight(self.parents, self.config, **flags)
@@ -332,6 +332,20 @@ def parse_shard_size(size: str | int) -> int:
             "500MB, 200KB or 1TB."
         )
     return int(value)
+
+
+def data_options(config: FusionConfig) -> list[str]:
+    """The options of `config` that read alignment data, as `name=value` (`["cost=activations", "repair=all"]`)."""
+    defaults = FusionConfig()
+    needs = {
+        "cost": config.cost == "activations" and (config.method == "ot" or config.align == "ot"),
+        "method": config.method == "regmean",
+        "repair": config.repair != defaults.repair,
+        "residual": config.residual == "orthogonal",
+        "within_heads": config.within_heads == "orthogonal",
+        "refine_steps": config.refine_steps != defaults.refine_steps,
+    }
+    return [f"{name}={getattr(config, name)}" for name, needed in needs.items() if needed]
 
 
 def check_fused_finite(model, dtype: str | None = None) -> None:

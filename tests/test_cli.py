@@ -115,8 +115,23 @@ def test_cli_reports_incompatible_parents_and_writes_nothing(tmp_path, capsys):
 
 def test_activation_fusion_without_data_fails_before_loading(parents, tmp_path, capsys):
     _, paths = parents
-    assert main(["fuse", *paths, "--out", str(tmp_path / "fused"), "-q"]) == 2
-    assert "needs alignment data: pass --data" in capsys.readouterr().err
+    assert main(["fuse", *paths, "--out", str(tmp_path / "fused"), "--cost", "activations", "-q"]) == 2
+    assert "This fusion (cost=activations) needs alignment data: pass --data" in capsys.readouterr().err
+    assert not (tmp_path / "fused").exists()
+
+
+def test_fuse_without_data_runs_data_free_and_says_how_to_use_data(parents, tmp_path, caplog):
+    parent, paths = parents
+    out = tmp_path / "fused"
+    with caplog.at_level("INFO", logger="hf_otfusion"):
+        assert main(["fuse", *paths, "--out", str(out)]) == 0
+    notes = [r.getMessage() for r in caplog.records if "No --data" in r.getMessage()]
+    assert len(notes) == 1 and "pass --data for an activation-based fusion" in notes[0]
+    assert yaml.safe_load((out / "fusion_config.yaml").read_text())["cost"] == "weights"
+    assert "data-free" in (out / "README.md").read_text()
+    fused = T.AutoModelForImageClassification.from_pretrained(out).eval()
+    inputs = inputs_for(parent)
+    assert relative_error(outputs(fused, inputs), outputs(parent, inputs)) < 1e-4
 
 
 def test_dry_run_prints_the_plan_and_writes_nothing(parents, align_data, tmp_path, capsys):

@@ -269,3 +269,13 @@ def test_bad_inputs_fail_clearly_and_leave_nothing_behind(hub, tmp_path):
     # Only the pushed output and the user's own directory exist: no failed run left a file or a staging dir.
     assert [name for name in results["leftovers"] if name.startswith(("o-", ".o-"))] == ["o-existing", "o-push"]
     assert (tmp_path / "o-existing" / "keep.txt").read_text() == "mine"
+
+
+def test_the_simplest_fuse_command_runs_data_free_from_the_hub(hub, tmp_path):
+    proc = run_cli(["fuse", "ns/a", "ns/b", "--out", "fused"], client_env(hub.url, tmp_path / "home"), tmp_path)
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    assert proc.stderr.count("No --data: fusing data-free") == 1
+    assert proc.stdout.count("written to") == 1
+    card = (tmp_path / "fused" / "README.md").read_text()
+    assert "data-free" in card and "`cost=weights`" in card
+    assert ModelCard.load(tmp_path / "fused" / "README.md").data.base_model == ["ns/a", "ns/b"]
