@@ -1,7 +1,8 @@
 """`otfusion-hub`: fuse checkpoints from the command line, and serve a local Hub for offline work.
 
-Every `fuse` option that shapes the fusion is a `FusionConfig` field of the same name, so a command line and
-the `fusion_config.yaml` written next to the fused weights describe the same thing.
+Every `fuse` option that shapes the fusion is a `FusionConfig` field of the same name (and every `finetune`
+recipe option a `FinetuneConfig` field), with the field's documentation as its help, so a command line, `--help`
+and the `fusion_config.yaml` written next to the fused weights describe the same thing.
 """
 
 from __future__ import annotations
@@ -14,8 +15,8 @@ import sys
 from pathlib import Path
 
 EXAMPLES = """examples:
-  # data-free fusion of two local checkpoints (weight-based cost, exact OT)
-  otfusion-hub fuse ./model-a ./model-b --out fused --cost weights
+  # data-free fusion of two Hub or local checkpoints (without --data: weight-based cost, exact OT)
+  otfusion-hub fuse user/vit-a user/vit-b --out fused
 
   # Hub parents pinned to revisions, soft alignment on 500 rows of a Hub data set, evaluated, then pushed
   otfusion-hub fuse user/vit-a user/vit-b@v1.0 --out fused --data user/images --num-samples 500 \\
@@ -102,21 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _add_fuse_io_arguments(fuse)
-    defaults = FusionConfig()
-    for field in dataclasses.fields(FusionConfig):
-        flag = "--" + field.name.replace("_", "-")
-        default = getattr(defaults, field.name)
-        help_text = f"FusionConfig.{field.name} (default: {default})"
-        if field.name in _CHOICES:
-            fuse.add_argument(flag, choices=_CHOICES[field.name], default=None, help=help_text)
-        elif field.name == "weights":
-            fuse.add_argument(flag, type=float, nargs="+", default=None, help=help_text + "; one per parent")
-        elif field.name == "target":
-            fuse.add_argument(flag, metavar="KEY=INT,...", default=None, help=help_text + "; a narrower shape to "
-                              "fuse into, e.g. hidden_size=48,intermediate_size=96,num_attention_heads=4")  # fmt: skip
-        else:
-            kind = float if isinstance(default, float) else str if "str" in str(field.type) else int
-            fuse.add_argument(flag, type=kind, default=None, help=help_text)
+    add_config_flags(fuse.add_argument_group("fusion (FusionConfig fields)"), FusionConfig,
+                     shown_defaults={"cost": "activations with --data, else weights"})  # fmt: skip
 
     inspect = commands.add_parser(
         "inspect",
@@ -127,12 +115,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     inspect.add_argument("parents", nargs="+", help="local checkpoint directories or Hub model ids (two or more)")
     inspect.add_argument("--data", type=Path, help="alignment data (a datasets.Dataset saved with save_to_disk)")
-    inspect.add_argument("--anchor", type=count(0), default=0, help="the parent the others are compared with")
+    inspect.add_argument("--anchor", type=count(0), default=0, help=config_help(FusionConfig, "anchor"))
     inspect.add_argument("--cost", choices=_CHOICES["cost"], default=None,
-                         help="alignment cost (default: activations with --data, else weights)")  # fmt: skip
-    inspect.add_argument("--solver", choices=_CHOICES["solver"], default="exact")
-    inspect.add_argument("--batch-size", type=count(1), default=8)
-    inspect.add_argument("--num-samples", type=count(1), default=None)
+                         help=config_help(FusionConfig, "cost", "activations with --data, else weights"))  # fmt: skip
+    inspect.add_argument("--solver", choices=_CHOICES["solver"], default="exact",
+                         help=config_help(FusionConfig, "solver"))  # fmt: skip
+    inspect.add_argument("--batch-size", type=count(1), default=8, help=config_help(FusionConfig, "batch_size"))
+    inspect.add_argument("--num-samples", type=count(1), default=None, help=config_help(FusionConfig, "num_samples"))
     inspect.add_argument("--json", type=Path, help="also write the report as JSON to this file")
     inspect.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
 
@@ -152,11 +141,53 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval_parser(commands)
 
     serve = commands.add_parser("serve-hub", help="serve a local Hub-compatible API on 127.0.0.1")
-    serve.add_argument("--port", type=count(0, 65535), default=8765)
+    serve.add_argument("--port", type=count(0, 65535), default=8765, help="TCP port on 127.0.0.1; point clients "
+                       "at it with HF_ENDPOINT=http://127.0.0.1:PORT (default: 8765; 0 picks a free port)")  # fmt: skip
     serve.add_argument("--root", type=Path, required=True, help="directory holding the repositories")
     for command in commands.choices.values():  # `--debug` after the command too; SUPPRESS keeps one given before
         command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return parser
+
+
+def config_help(cls: type, name: str, shown_default: str | None = None) -> str:
+    """The help of the flag for field `name` of config class `cls`: its docstring entry, default and range.
+
+    The text comes from the class's `Args:` section (see `hf_otfusion.docstrings`), so the CLI says what the
+    API documentation says.
+    """
+    from .config import FIELD_RULES
+    from .docstrings import field_docs
+
+    text = field_docs(cls)[name]
+    default = shown_default if shown_default is not None else getattr(cls(), name)
+    rule = FIELD_RULES[cls].get(name)
+    bounds = f"; must {rule.describe()}" if rule is not None and rule.low is not None else ""
+    return f"{text} (default: {default}{bounds})".replace("%", "%%")  # argparse formats help with %
+
+
+def add_config_flags(group, cls: type, shown_defaults: dict[str, str] | None = None) -> None:
+    """One flag per field of the config dataclass `cls` (`--reg` for `reg`), with `config_help` text.
+
+    Every flag defaults to None, so that only the flags given override a `--config` file.
+    """
+    from .config import _CHOICES
+
+    defaults = cls()
+    for field in dataclasses.fields(cls):
+        flag = "--" + field.name.replace("_", "-")
+        default = getattr(defaults, field.name)
+        help_text = config_help(cls, field.name, (shown_defaults or {}).get(field.name))
+        if field.name in _CHOICES:
+            group.add_argument(flag, choices=_CHOICES[field.name], default=None, help=help_text)
+        elif isinstance(default, bool):
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        elif field.name == "weights":
+            group.add_argument(flag, type=float, nargs="+", default=None, metavar="W", help=help_text)
+        elif field.name == "target":
+            group.add_argument(flag, metavar="KEY=INT,...", default=None, help=help_text)
+        else:
+            kind = float if isinstance(default, float) else str if "str" in str(field.type) else int
+            group.add_argument(flag, type=kind, default=None, help=help_text)
 
 
 def _add_fuse_io_arguments(fuse: argparse.ArgumentParser) -> None:
@@ -387,16 +418,7 @@ def _add_finetune_parser(commands) -> None:
     data.add_argument("--eval-data", help="evaluation data source (default: --data, when --eval-split is given)")
     data.add_argument("--eval-split", help="split scored before and after training (default with --eval-data: test)")
     data.add_argument("--eval-num-samples", type=count(1), help="score on this many rows (seeded by --data-seed)")
-    recipe = finetune.add_argument_group("training recipe (FinetuneConfig fields)")
-    defaults = FinetuneConfig()
-    for field in dataclasses.fields(FinetuneConfig):
-        flag = "--" + field.name.replace("_", "-")
-        default = getattr(defaults, field.name)
-        help_text = f"FinetuneConfig.{field.name} (default: {default})"
-        if isinstance(default, bool):
-            recipe.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
-        else:
-            recipe.add_argument(flag, type=type(default), default=None, help=help_text)
+    add_config_flags(finetune.add_argument_group("training recipe (FinetuneConfig fields)"), FinetuneConfig)
     hub = finetune.add_argument_group("Hub")
     hub.add_argument("--push-to-hub", metavar="REPO", help="after training, upload --out to this model repository "
                      "in one commit")  # fmt: skip
@@ -415,7 +437,7 @@ def _add_eval_parser(commands) -> None:
     )
     evaluate.add_argument("models", nargs="+", help="checkpoint directories or Hub model ids[@revision]")
     _add_data_options(evaluate.add_argument_group("data"), default_split="test")
-    evaluate.add_argument("--batch-size", type=count(1), default=64)
+    evaluate.add_argument("--batch-size", type=count(1), default=64, help="examples per forward pass (default: 64)")
     extra = [m for m in available_metrics() if m != "accuracy"]
     evaluate.add_argument("--metrics", nargs="+", default=[], choices=extra, help="extra metrics (f1: macro-averaged)")
     evaluate.add_argument("--markdown", action="store_true", help="print a markdown table")
