@@ -279,3 +279,17 @@ def test_the_simplest_fuse_command_runs_data_free_from_the_hub(hub, tmp_path):
     card = (tmp_path / "fused" / "README.md").read_text()
     assert "data-free" in card and "`cost=weights`" in card
     assert ModelCard.load(tmp_path / "fused" / "README.md").data.base_model == ["ns/a", "ns/b"]
+
+
+def test_readme_hub_blocks_run_against_the_local_hub(hub, tmp_path):
+    from test_readme import BLOCKS, readme_block
+
+    stand_ins = {"user/vit-a": "ns/a", "user/vit-b": "ns/b", "user/images": "ns/align", "num_samples=500":
+                 "num_samples=16", "user/vit-fused": "ns/readme-fused"}  # fmt: skip
+    blocks = [readme_block(block, stand_ins) for block in BLOCKS if "user/" in block]
+    assert blocks and not any("user/" in block for block in blocks)
+    script = "from huggingface_hub import HfApi\nHfApi().create_tag('ns/b', tag='v1.0')\n" + "\n".join(blocks)
+    proc = run_python(script, client_env(hub.url, tmp_path / "home"), tmp_path)
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    assert re.search(r"^[0-9a-f]{40}$", proc.stdout, re.M)  # the pushed commit
+    assert (tmp_path / "fused" / "model.safetensors").is_file()
