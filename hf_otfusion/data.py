@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import DataSourceError, LabelSetMismatchError, UnknownRevisionError
+from .errors import DataSourceError, LabelSetMismatchError, MissingDependencyError, UnknownRevisionError
 
 logger = logging.getLogger(__name__)
 
@@ -230,8 +230,25 @@ def load_processor(model_dir: str | Path, trust_remote_code: bool = False):
     try:
         return AutoProcessor.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError) as error:
+        # transformers reports a missing Pillow as "unrecognized processing class": say what is really missing
+        if (Path(model_dir) / "preprocessor_config.json").is_file() and not _installed("PIL"):
+            raise MissingDependencyError(
+                f"{model_dir} has an image processor, which needs Pillow: pip install pillow (a dependency of "
+                "hf-otfusion; this environment lacks it).",
+                package="pillow",
+            ) from error
         logger.info("no processor in %s: %s", model_dir, error)
         return None
+
+
+def _installed(module: str) -> bool:
+    import importlib
+
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        return False
+    return True
 
 
 # ------------------------------------------------------------------------------------------------- sources

@@ -119,3 +119,26 @@ def test_missing_local_path_that_is_no_repo_id_is_a_clear_error(tmp_path):
     with pytest.raises(DataSourceError, match=r"Cannot tell how to read"):
         (tmp_path / "notes.xyz").write_text("x")
         load_dataset_source(str(tmp_path / "notes.xyz"))
+
+
+def test_an_image_processor_without_pillow_names_the_missing_package():
+    import subprocess
+    import sys
+    import textwrap
+
+    from hub_utils import REPO_ROOT
+
+    script = f"""
+        import sys
+        sys.modules["PIL"] = None  # as if Pillow were not installed
+        from hf_otfusion.data import load_processor
+        from hf_otfusion.errors import MissingDependencyError
+        try:
+            load_processor({str(REPO_ROOT / "examples" / "digits-vit-seed0")!r})
+        except MissingDependencyError as error:
+            print(error.package, "|", error)
+        """
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.startswith("pillow | ") and "needs Pillow: pip install pillow" in proc.stdout
+    assert "tokenizer" not in proc.stdout
