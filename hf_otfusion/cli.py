@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -586,8 +587,18 @@ def main(argv: list[str] | None = None) -> int:
     """
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    # Under torchrun / accelerate launch every process runs this: only the main one (RANK 0) shows progress and
+    # says what happens, the others report errors only.
+    secondary = os.environ.get("RANK", "0") != "0"
+    if secondary and hasattr(args, "quiet"):
+        args.quiet = True
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    logging.getLogger("hf_otfusion").setLevel(logging.WARNING if getattr(args, "quiet", False) else logging.INFO)
+    level = logging.ERROR if secondary else logging.WARNING if getattr(args, "quiet", False) else logging.INFO
+    logging.getLogger("hf_otfusion").setLevel(level)
+    if args.command in ("fuse", "inspect", "finetune", "eval"):  # the commands that load models
+        from .pipeline import hide_weight_loading_bars
+
+        hide_weight_loading_bars()
     from .errors import FusionError
 
     commands = {"push": run_push, "finetune": run_finetune, "eval": run_eval, "inspect": run_inspect,

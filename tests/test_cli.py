@@ -120,6 +120,22 @@ def test_activation_fusion_without_data_fails_before_loading(parents, tmp_path, 
     assert not (tmp_path / "fused").exists()
 
 
+def test_a_cli_run_draws_one_bar_per_stage_and_says_written_to_once(parents, tmp_path, capsys):
+    from transformers.utils import logging as transformers_logging
+
+    _, paths = parents
+    transformers_logging.enable_progress_bar()
+    previous = transformers_logging.set_tqdm_hook(None)
+    try:
+        assert main(["fuse", *paths, "--out", str(tmp_path / "fused"), "--cost", "weights"]) == 0
+    finally:
+        transformers_logging.set_tqdm_hook(previous)
+    captured = capsys.readouterr()
+    assert "transport maps, parent 1" in captured.err  # the stages keep their bars
+    assert "Loading weights" not in captured.err
+    assert (captured.out + captured.err).lower().count("written to") == 1
+
+
 def test_fuse_without_data_runs_data_free_and_says_how_to_use_data(parents, tmp_path, caplog):
     parent, paths = parents
     out = tmp_path / "fused"
