@@ -213,7 +213,7 @@ def _add_fuse_io_arguments(fuse: argparse.ArgumentParser) -> None:
     data.add_argument("--label-column", help="column holding the labels (default: label/labels)")
     data.add_argument("--max-length", type=count(1), default=128, help="tokenizer truncation/padding length")
     data.add_argument("--eval-data", help="evaluate parents, vanilla average and fused model on this data")
-    data.add_argument("--eval-split", default="test", help="split of --eval-data (default: test)")
+    data.add_argument("--eval-split", help="split of --eval-data (default: the only split, or test)")
     data.add_argument("--eval-num-samples", type=count(1), help="evaluate on this many rows (seeded by --data-seed)")
     output = fuse.add_argument_group("compute and output")
     output.add_argument("--device", help="where the statistics pass runs: cpu, cuda, auto (default: cpu)")
@@ -382,12 +382,11 @@ FINETUNE_EXAMPLES = """examples:
 """
 
 
-def _add_data_options(group, default_split: str | None) -> None:
+def _add_data_options(group, default_split: str) -> None:
     """Where the rows come from and how raw rows become model inputs (shared by `finetune` and `eval`)."""
     group.add_argument("--data", required=True, help="a Hub dataset id[@revision], a save_to_disk directory, a "
                        "data directory (imagefolder, csv, ...) or data files")  # fmt: skip
-    shown = default_split or "the only split, or train"
-    group.add_argument("--split", default=default_split, help=f"split of --data (default: {shown})")
+    group.add_argument("--split", help=f"split of --data (default: the only split, or {default_split})")
     group.add_argument("--num-samples", type=count(1), help="use this many rows of the split (seeded by --data-seed)")
     group.add_argument("--data-seed", type=SEED, default=0, help="seed of the row sample drawn with --num-samples")
     group.add_argument("--text-column", help="column holding the text (default: detected)")
@@ -415,9 +414,10 @@ def _add_finetune_parser(commands) -> None:
     finetune.add_argument("--config", type=Path, help="a YAML or JSON file of FinetuneConfig fields; flags override it")
     finetune.add_argument("-q", "--quiet", action="store_true", help="no progress bars or loss logs")
     data = finetune.add_argument_group("training and evaluation data")
-    _add_data_options(data, default_split=None)
+    _add_data_options(data, default_split="train")
     data.add_argument("--eval-data", help="evaluation data source (default: --data, when --eval-split is given)")
-    data.add_argument("--eval-split", help="split scored before and after training (default with --eval-data: test)")
+    data.add_argument("--eval-split", help="split scored before and after training (default with --eval-data: the "
+                      "only split, or test)")  # fmt: skip
     data.add_argument("--eval-num-samples", type=count(1), help="score on this many rows (seeded by --data-seed)")
     add_config_flags(finetune.add_argument_group("training recipe (FinetuneConfig fields)"), FinetuneConfig)
     hub = finetune.add_argument_group("Hub")
@@ -468,11 +468,15 @@ def _load_classifier(source: str, progress: bool):
     return parent, load_parent_model(parent), processor
 
 
-def _encoded_split(args, source: str, split: str | None, num_samples: int | None, model, processor):
-    """Rows of one split as model inputs and labels, and the `DataSource` that says where they came from."""
+def _encoded_split(args, source: str, split: str | None, num_samples: int | None, model, processor,
+                   default_split: str = "train"):  # fmt: skip
+    """Rows of one split as model inputs and labels, and the `DataSource` that says where they came from.
+
+    `split=None` takes the source's only split, or `default_split` when it has several.
+    """
     from .data import DataSource, encode_dataset
 
-    data_source = DataSource.resolve(source, split, num_samples, args.data_seed)
+    data_source = DataSource.resolve(source, split, num_samples, args.data_seed, default_split=default_split)
     dataset = encode_dataset(
         data_source.load(), processor, text_column=args.text_column, image_column=args.image_column,
         label_column=args.label_column, max_length=args.max_length, label2id=getattr(model.config, "label2id", None),
@@ -505,7 +509,7 @@ def run_finetune(args: argparse.Namespace) -> int:
     evaluation, eval_source = None, None
     if args.eval_data or args.eval_split:
         evaluation, eval_source = _encoded_split(
-            args, args.eval_data or args.data, args.eval_split or "test", args.eval_num_samples, model, processor
+            args, args.eval_data or args.data, args.eval_split, args.eval_num_samples, model, processor, "test"
         )
     result = finetune(
         model, train, evaluation, config, output_dir=args.out, processor=processor, source=parent.pinned,
@@ -542,7 +546,9 @@ def run_eval(args: argparse.Namespace) -> int:
         key = (_processor_key(processor), sorted((getattr(model.config, "label2id", None) or {}).items()))
         dataset = next((d for k, d in encodings if k == key), None)
         if dataset is None:
-            dataset, data_source = _encoded_split(args, args.data, args.split, args.num_samples, model, processor)
+            dataset, data_source = _encoded_split(
+                args, args.data, args.split, args.num_samples, model, processor, default_split="test"
+            )
             encodings.append((key, dataset))
             split = data_source.split
         scores = evaluate_model(

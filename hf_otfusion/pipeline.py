@@ -64,7 +64,8 @@ class FusePlan:
             if source is not None:
                 pinned = f"{source.repo_id}@{source.commit}" if source.kind == "hub" else source.source
                 cap = source.num_samples if source.num_samples is not None else "all"
-                lines.append(f"{label}: {pinned} ({source.kind}), split {source.split or '(default)'}, rows {cap}")
+                split = source.split or "none (a single saved Dataset)"
+                lines.append(f"{label}: {pinned} ({source.kind}), split {split}, rows {cap}")
         lines.append(f"Output: {out}" + (f", then pushed to {push_to_hub}" if push_to_hub else ""))
         return "\n".join(lines)
 
@@ -80,7 +81,8 @@ class FuseJob:
         data / split / seed: alignment data source (Hub dataset id, `save_to_disk` dir, data dir or files), its
             split, and the seed of the row sample.
         text_column / image_column / label_column / max_length: how raw rows become model inputs.
-        eval_data / eval_split / eval_num_samples: optional evaluation of parents, vanilla average and fused.
+        eval_data / eval_split / eval_num_samples: optional evaluation of parents, vanilla average and fused
+            (`eval_split=None`: the only split, else `test`).
         device: where the statistics pass runs (`cpu`, `cuda`, `auto`); dtype: dtype of the saved weights.
         max_shard_size: shard `model.safetensors` (with an index) above this size, e.g. `"2GB"`.
         overwrite, allow_pickle, trust_remote_code: explicit permissions (all off by default).
@@ -100,7 +102,7 @@ class FuseJob:
     label_column: str | None = None
     max_length: int = 128
     eval_data: str | None = None
-    eval_split: str | None = "test"
+    eval_split: str | None = None
     eval_num_samples: int | None = None
     device: str | None = None
     dtype: str | None = None
@@ -144,6 +146,7 @@ class FuseJob:
         alignment = None
         if self.data is not None and self.config.needs_data:
             alignment = DataSource.resolve(self.data, self.split, self.config.num_samples, self.seed)
+            alignment.choose_split()  # a missing split fails now, and --dry-run shows the one used
         evaluation = None
         if self.eval_data is not None:
             from .card import pipeline_and_auto_class
@@ -154,7 +157,10 @@ class FuseJob:
                     f"--eval-data scores classifiers, but the parents are {checked.plan.architecture} ({task}); "
                     "leave --eval-data out, or fuse classification checkpoints."
                 )
-            evaluation = DataSource.resolve(self.eval_data, self.eval_split, self.eval_num_samples, self.seed)
+            evaluation = DataSource.resolve(
+                self.eval_data, self.eval_split, self.eval_num_samples, self.seed, default_split="test"
+            )
+            evaluation.choose_split()
         return FusePlan(preflight=checked, base=base, alignment_data=alignment, eval_data=evaluation)
 
     def run(self, plan: FusePlan | None = None):

@@ -161,6 +161,21 @@ def test_dry_run_prints_the_plan_and_writes_nothing(parents, align_data, tmp_pat
     assert not out.exists()
 
 
+def test_dry_run_names_the_splits_it_will_use(parents, tmp_path, capsys):
+    from datasets import Dataset, DatasetDict
+
+    parent, paths = parents
+    rows = {"pixel_values": inputs_for(parent, batch=4)["pixel_values"].numpy(), "label": [0, 1, 0, 1]}
+    DatasetDict({"train": Dataset.from_dict(rows), "test": Dataset.from_dict(rows)}).save_to_disk(tmp_path / "dd")
+    data = str(tmp_path / "dd")
+    assert main(["fuse", *paths, "--out", str(tmp_path / "f"), "--data", data, "--eval-data", data, "--dry-run"]) == 0
+    printed = capsys.readouterr().out
+    assert f"Alignment data: {data} (disk), split train, rows all" in printed
+    assert f"Evaluation data: {data} (disk), split test, rows all" in printed
+    assert main(["fuse", *paths, "--out", str(tmp_path / "f"), "--data", data, "--split", "dev", "--dry-run"]) == 2
+    assert "has no split 'dev'; available splits: ['train', 'test']" in capsys.readouterr().err
+
+
 def test_cli_flags_cover_every_config_field():
     import dataclasses
 

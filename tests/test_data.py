@@ -142,3 +142,16 @@ def test_an_image_processor_without_pillow_names_the_missing_package():
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.startswith("pillow | ") and "needs Pillow: pip install pillow" in proc.stdout
     assert "tokenizer" not in proc.stdout
+
+
+def test_a_source_with_one_split_gives_it_whatever_the_default(tmp_path):
+    path = tmp_path / "one.csv"
+    path.write_text("text,label\\nhello,0\\nworld,1\\n".replace("\\n", "\n"))
+    assert DataSource.resolve(str(path), default_split="test").choose_split() == "train"  # csv names it train
+    splits = DatasetDict({name: Dataset.from_dict({"x": [1, 2]}) for name in ("train", "test", "validation")})
+    splits.save_to_disk(str(tmp_path / "three"))
+    assert DataSource.resolve(str(tmp_path / "three"), default_split="test").choose_split() == "test"
+    assert DataSource.resolve(str(tmp_path / "three")).choose_split() == "train"
+    with pytest.raises(DataSourceError, match=r"has splits \['validation', 'extra'\] and none is 'test'"):
+        DatasetDict({name: splits["train"] for name in ("validation", "extra")}).save_to_disk(str(tmp_path / "two"))
+        DataSource.resolve(str(tmp_path / "two"), default_split="test").choose_split()

@@ -262,7 +262,7 @@ def test_bad_inputs_fail_clearly_and_leave_nothing_behind(hub, tmp_path):
     assert "corrupt or not safetensors" in results["corrupt"]["err"]
     dry = results["dry-run"]
     assert dry["code"] == 0 and f"ns/b@{commits['ns/b']}" in dry["out"]
-    assert re.search(r"Alignment data: ns/align@[0-9a-f]{40} \(hub\), split \(default\), rows all", dry["out"])
+    assert re.search(r"Alignment data: ns/align@[0-9a-f]{40} \(hub\), split train, rows all", dry["out"])
     params = f"{hub.uploaded['params']:,} params"
     assert re.search(rf"\[anchor\] ns/a@{commits['ns/a']} +ViTForImageClassification, {params}", dry["out"])
     assert "nothing was written" in dry["out"]
