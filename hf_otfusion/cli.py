@@ -115,7 +115,11 @@ def build_parser() -> argparse.ArgumentParser:
         "the activation correlation of matched units. Recommends `ot` or a same-base method and says why.",
     )
     inspect.add_argument("parents", nargs="+", help="local checkpoint directories or Hub model ids (two or more)")
-    inspect.add_argument("--data", type=Path, help="alignment data (a datasets.Dataset saved with save_to_disk)")
+    data = inspect.add_argument_group("alignment data")
+    data.add_argument("--data", help="alignment data, as for `fuse --data`: a Hub dataset id[@revision], a "
+                      "save_to_disk directory, a data directory (imagefolder, csv, ...) or data files")  # fmt: skip
+    data.add_argument("--split", help="split of --data (default: the only split, or train)")
+    _add_encoding_options(data)
     inspect.add_argument("--anchor", type=count(0), default=0, help=config_help(FusionConfig, "anchor"))
     inspect.add_argument("--cost", choices=_CHOICES["cost"], default=None,
                          help=config_help(FusionConfig, "cost", "activations with --data, else weights"))  # fmt: skip
@@ -208,10 +212,7 @@ def _add_fuse_io_arguments(fuse: argparse.ArgumentParser) -> None:
                       "save_to_disk directory, a data directory (imagefolder, csv, ...) or data files")  # fmt: skip
     data.add_argument("--split", help="split of --data (default: the only split, or train)")
     data.add_argument("--data-seed", type=SEED, default=0, help="seed of the row sample drawn with --num-samples")
-    data.add_argument("--text-column", help="column holding the text (default: detected)")
-    data.add_argument("--image-column", help="column holding the images (default: detected)")
-    data.add_argument("--label-column", help="column holding the labels (default: label/labels)")
-    data.add_argument("--max-length", type=count(1), default=128, help="tokenizer truncation/padding length")
+    _add_encoding_options(data)
     data.add_argument("--eval-data", help="evaluate parents, vanilla average and fused model on this data")
     data.add_argument("--eval-split", help="split of --eval-data (default: the only split, or test)")
     data.add_argument("--eval-num-samples", type=count(1), help="evaluate on this many rows (seeded by --data-seed)")
@@ -340,28 +341,25 @@ def _push(folder: Path, repo_id: str, args: argparse.Namespace, commit_message: 
 
 def run_inspect(args: argparse.Namespace) -> int:
     from .config import FusionConfig
-    from .errors import DataSourceError
+    from .data import DataSource, load_processor
     from .hub import download_parents, parent_checkpoint, resolve_parent
     from .readiness import readiness_report
 
-    data = None
-    if args.data is not None:
-        from datasets import load_from_disk
-
-        try:
-            data = load_from_disk(str(args.data))
-        except (FileNotFoundError, ValueError) as error:
-            raise DataSourceError(
-                f"--data {args.data} is not a datasets.Dataset saved with save_to_disk ({error})."
-            ) from error
-    cost = args.cost or ("activations" if data is not None else "weights")
+    # read and encoded as `fuse --data` is; resolved first, so that a missing data set fails before any download
+    data_source = DataSource.resolve(args.data, args.split) if args.data is not None else None
+    cost = args.cost or ("activations" if args.data is not None else "weights")
     config = FusionConfig(
         cost=cost, solver=args.solver, anchor=args.anchor, batch_size=args.batch_size, num_samples=args.num_samples
     )
     # resolved as `fuse` resolves them: a missing parent or revision fails with its own error, weights are pinned
     parents = [resolve_parent(source) for source in args.parents]
-    download_parents([p for p in parents if p.on_hub], anchor=-1, progress=not args.quiet)  # no processor needed
+    anchor = args.anchor if args.anchor < len(parents) else -1  # out of range: the report says so below
+    download_parents(parents, anchor=anchor, progress=not args.quiet)  # the anchor's processor encodes --data
     sources = [parent_checkpoint(parent) for parent in parents]
+    data = None
+    if data_source is not None:
+        processor = load_processor(parents[anchor].directory) if parents[anchor].processor_files else None
+        data = _encoded(args, data_source, sources[anchor].config().label2id, processor)
     report = readiness_report(sources, data=data, config=config, progress=not args.quiet)
     if args.json is not None:
         args.json.write_text(json.dumps(report.to_dict(), indent=1) + "\n")
@@ -389,6 +387,11 @@ def _add_data_options(group, default_split: str) -> None:
     group.add_argument("--split", help=f"split of --data (default: the only split, or {default_split})")
     group.add_argument("--num-samples", type=count(1), help="use this many rows of the split (seeded by --data-seed)")
     group.add_argument("--data-seed", type=SEED, default=0, help="seed of the row sample drawn with --num-samples")
+    _add_encoding_options(group)
+
+
+def _add_encoding_options(group) -> None:
+    """How raw rows become model inputs with the model's tokenizer or image processor (every `--data`)."""
     group.add_argument("--text-column", help="column holding the text (default: detected)")
     group.add_argument("--image-column", help="column holding the images (default: detected)")
     group.add_argument("--label-column", help="column holding the labels (default: label/labels)")
@@ -468,20 +471,27 @@ def _load_classifier(source: str, progress: bool):
     return parent, load_parent_model(parent), processor
 
 
-def _encoded_split(args, source: str, split: str | None, num_samples: int | None, model, processor,
+def _encoded_split(args, source: str, split: str | None, num_samples: int | None, label2id, processor,
                    default_split: str = "train"):  # fmt: skip
     """Rows of one split as model inputs and labels, and the `DataSource` that says where they came from.
 
-    `split=None` takes the source's only split, or `default_split` when it has several.
+    `split=None` takes the source's only split, or `default_split` when it has several; `label2id` is the
+    model's, to which class names in the data are mapped.
     """
-    from .data import DataSource, encode_dataset
+    from .data import DataSource
 
     data_source = DataSource.resolve(source, split, num_samples, args.data_seed, default_split=default_split)
-    dataset = encode_dataset(
+    return _encoded(args, data_source, label2id, processor), data_source
+
+
+def _encoded(args, data_source, label2id, processor):
+    """The rows of a resolved `DataSource` as model inputs, encoded with the `--text-column`... options."""
+    from .data import encode_dataset
+
+    return encode_dataset(
         data_source.load(), processor, text_column=args.text_column, image_column=args.image_column,
-        label_column=args.label_column, max_length=args.max_length, label2id=getattr(model.config, "label2id", None),
+        label_column=args.label_column, max_length=args.max_length, label2id=label2id,
     )  # fmt: skip
-    return dataset, data_source
 
 
 def _describe(source) -> str:
@@ -505,11 +515,12 @@ def run_finetune(args: argparse.Namespace) -> int:
     if args.quiet:
         silence_progress_bars()
     parent, model, processor = _load_classifier(args.model, progress=not args.quiet)
-    train, train_source = _encoded_split(args, args.data, args.split, args.num_samples, model, processor)
+    label2id = getattr(model.config, "label2id", None)
+    train, train_source = _encoded_split(args, args.data, args.split, args.num_samples, label2id, processor)
     evaluation, eval_source = None, None
     if args.eval_data or args.eval_split:
         evaluation, eval_source = _encoded_split(
-            args, args.eval_data or args.data, args.eval_split, args.eval_num_samples, model, processor, "test"
+            args, args.eval_data or args.data, args.eval_split, args.eval_num_samples, label2id, processor, "test"
         )
     result = finetune(
         model, train, evaluation, config, output_dir=args.out, processor=processor, source=parent.pinned,
@@ -546,8 +557,9 @@ def run_eval(args: argparse.Namespace) -> int:
         key = (_processor_key(processor), sorted((getattr(model.config, "label2id", None) or {}).items()))
         dataset = next((d for k, d in encodings if k == key), None)
         if dataset is None:
+            label2id = getattr(model.config, "label2id", None)
             dataset, data_source = _encoded_split(
-                args, args.data, args.split, args.num_samples, model, processor, default_split="test"
+                args, args.data, args.split, args.num_samples, label2id, processor, default_split="test"
             )
             encodings.append((key, dataset))
             split = data_source.split

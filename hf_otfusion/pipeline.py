@@ -350,7 +350,8 @@ def data_options(config: FusionConfig) -> list[str]:
         "within_heads": config.within_heads == "orthogonal",
         "refine_steps": config.refine_steps != defaults.refine_steps,
     }
-    return [f"{name}={getattr(config, name)}" for name, needed in needs.items() if needed]
+    named = [f"{name}={getattr(config, name)}" for name, needed in needs.items() if needed]
+    return named or [f"method={config.method}"]  # an option this table does not know yet: at least the method
 
 
 def check_fused_finite(model, dtype: str | None = None) -> None:

@@ -113,7 +113,7 @@ CASES = [
     (["eval", "a", "--data", "nope", "--batch-size", "0"], 2, "argument --batch-size: must be >= 1, got 0"),
     (["inspect", "a", "b", "--num-samples", "-1"], 2, "argument --num-samples: must be >= 1, got -1"),
     (["inspect", "a", "./nope", "-q"], 2, "Parent './nope' is not a checkpoint directory and not a Hub model id"),
-    (["inspect", "a", "b", "--data", "nope", "-q"], 2, "--data nope is not a datasets.Dataset saved with"),
+    (["inspect", "a", "b", "--data", "nope", "-q"], 2, "Data source 'nope' is a Hub id but Hub access is disabled"),
     (["serve-hub", "--root", "hub", "--port", "70000"], 2, "argument --port: must lie in [0, 65535], got 70000"),
     (["push", "empty-dir", "ns/model"], 3, "empty-dir holds no config.json"),
     ([], 2, "the following arguments are required: command"),
