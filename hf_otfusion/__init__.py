@@ -7,6 +7,8 @@ start without importing torch and transformers.
 from __future__ import annotations
 
 import importlib
+import sys
+import types
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
@@ -61,6 +63,7 @@ _EXPORTS = {
     "DeviceUnavailableError": "errors",
     "TargetShapeError": "errors",
     "DataSourceError": "errors",
+    "MissingDependencyError": "errors",
     "ParentNotFoundError": "errors",
     "UnknownRevisionError": "errors",
     "CorruptCheckpointError": "errors",
@@ -87,6 +90,24 @@ def __dir__() -> list[str]:
     return sorted([*globals(), *_EXPORTS])
 
 
+class _Package(types.ModuleType):
+    """The `hf_otfusion` module, which keeps a public function bound when its namesake submodule is imported.
+
+    Importing `hf_otfusion.finetune` (which `from hf_otfusion import FinetuneConfig` does first) makes Python set
+    the package attribute `finetune` to that submodule, shadowing the exported function of the same name, so
+    `from hf_otfusion import FinetuneConfig, finetune` would bind a module. Here, that attribute is the
+    function instead; `from hf_otfusion.finetune import ...` still reads the submodule from `sys.modules`.
+    """
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if isinstance(value, types.ModuleType) and _EXPORTS.get(name) == name and hasattr(value, name):
+            value = getattr(value, name)
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
+
+
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from .card import render_card
     from .checkpoints import Checkpoint
@@ -101,6 +122,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
         FusionError,
         IncompatibleModelsError,
         LabelSetMismatchError,
+        MissingDependencyError,
         ModelTypeMismatchError,
         NonFiniteWeightsError,
         OutputExistsError,

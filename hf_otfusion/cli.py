@@ -1,7 +1,8 @@
 """`otfusion-hub`: fuse checkpoints from the command line, and serve a local Hub for offline work.
 
-Every `fuse` option that shapes the fusion is a `FusionConfig` field of the same name, so a command line and
-the `fusion_config.yaml` written next to the fused weights describe the same thing.
+Every `fuse` option that shapes the fusion is a `FusionConfig` field of the same name (and every `finetune`
+recipe option a `FinetuneConfig` field), with the field's documentation as its help, so a command line, `--help`
+and the `fusion_config.yaml` written next to the fused weights describe the same thing.
 """
 
 from __future__ import annotations
@@ -10,12 +11,13 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
 EXAMPLES = """examples:
-  # data-free fusion of two local checkpoints (weight-based cost, exact OT)
-  otfusion-hub fuse ./model-a ./model-b --out fused --cost weights
+  # data-free fusion of two Hub or local checkpoints (without --data: weight-based cost, exact OT)
+  otfusion-hub fuse user/vit-a user/vit-b --out fused
 
   # Hub parents pinned to revisions, soft alignment on 500 rows of a Hub data set, evaluated, then pushed
   otfusion-hub fuse user/vit-a user/vit-b@v1.0 --out fused --data user/images --num-samples 500 \\
@@ -102,21 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _add_fuse_io_arguments(fuse)
-    defaults = FusionConfig()
-    for field in dataclasses.fields(FusionConfig):
-        flag = "--" + field.name.replace("_", "-")
-        default = getattr(defaults, field.name)
-        help_text = f"FusionConfig.{field.name} (default: {default})"
-        if field.name in _CHOICES:
-            fuse.add_argument(flag, choices=_CHOICES[field.name], default=None, help=help_text)
-        elif field.name == "weights":
-            fuse.add_argument(flag, type=float, nargs="+", default=None, help=help_text + "; one per parent")
-        elif field.name == "target":
-            fuse.add_argument(flag, metavar="KEY=INT,...", default=None, help=help_text + "; a narrower shape to "
-                              "fuse into, e.g. hidden_size=48,intermediate_size=96,num_attention_heads=4")  # fmt: skip
-        else:
-            kind = float if isinstance(default, float) else str if "str" in str(field.type) else int
-            fuse.add_argument(flag, type=kind, default=None, help=help_text)
+    add_config_flags(fuse.add_argument_group("fusion (FusionConfig fields)"), FusionConfig,
+                     shown_defaults={"cost": "activations with --data, else weights"})  # fmt: skip
 
     inspect = commands.add_parser(
         "inspect",
@@ -126,13 +115,18 @@ def build_parser() -> argparse.ArgumentParser:
         "the activation correlation of matched units. Recommends `ot` or a same-base method and says why.",
     )
     inspect.add_argument("parents", nargs="+", help="local checkpoint directories or Hub model ids (two or more)")
-    inspect.add_argument("--data", type=Path, help="alignment data (a datasets.Dataset saved with save_to_disk)")
-    inspect.add_argument("--anchor", type=count(0), default=0, help="the parent the others are compared with")
+    data = inspect.add_argument_group("alignment data")
+    data.add_argument("--data", help="alignment data, as for `fuse --data`: a Hub dataset id[@revision], a "
+                      "save_to_disk directory, a data directory (imagefolder, csv, ...) or data files")  # fmt: skip
+    data.add_argument("--split", help="split of --data (default: the only split, or train)")
+    _add_encoding_options(data)
+    inspect.add_argument("--anchor", type=count(0), default=0, help=config_help(FusionConfig, "anchor"))
     inspect.add_argument("--cost", choices=_CHOICES["cost"], default=None,
-                         help="alignment cost (default: activations with --data, else weights)")  # fmt: skip
-    inspect.add_argument("--solver", choices=_CHOICES["solver"], default="exact")
-    inspect.add_argument("--batch-size", type=count(1), default=8)
-    inspect.add_argument("--num-samples", type=count(1), default=None)
+                         help=config_help(FusionConfig, "cost", "activations with --data, else weights"))  # fmt: skip
+    inspect.add_argument("--solver", choices=_CHOICES["solver"], default="exact",
+                         help=config_help(FusionConfig, "solver"))  # fmt: skip
+    inspect.add_argument("--batch-size", type=count(1), default=8, help=config_help(FusionConfig, "batch_size"))
+    inspect.add_argument("--num-samples", type=count(1), default=None, help=config_help(FusionConfig, "num_samples"))
     inspect.add_argument("--json", type=Path, help="also write the report as JSON to this file")
     inspect.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
 
@@ -152,11 +146,53 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval_parser(commands)
 
     serve = commands.add_parser("serve-hub", help="serve a local Hub-compatible API on 127.0.0.1")
-    serve.add_argument("--port", type=count(0, 65535), default=8765)
+    serve.add_argument("--port", type=count(0, 65535), default=8765, help="TCP port on 127.0.0.1; point clients "
+                       "at it with HF_ENDPOINT=http://127.0.0.1:PORT (default: 8765; 0 picks a free port)")  # fmt: skip
     serve.add_argument("--root", type=Path, required=True, help="directory holding the repositories")
     for command in commands.choices.values():  # `--debug` after the command too; SUPPRESS keeps one given before
         command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return parser
+
+
+def config_help(cls: type, name: str, shown_default: str | None = None) -> str:
+    """The help of the flag for field `name` of config class `cls`: its docstring entry, default and range.
+
+    The text comes from the class's `Args:` section (see `hf_otfusion.docstrings`), so the CLI says what the
+    API documentation says.
+    """
+    from .config import FIELD_RULES
+    from .docstrings import field_docs
+
+    text = field_docs(cls)[name]
+    default = shown_default if shown_default is not None else getattr(cls(), name)
+    rule = FIELD_RULES[cls].get(name)
+    bounds = f"; must {rule.describe()}" if rule is not None and rule.low is not None else ""
+    return f"{text} (default: {default}{bounds})".replace("%", "%%")  # argparse formats help with %
+
+
+def add_config_flags(group, cls: type, shown_defaults: dict[str, str] | None = None) -> None:
+    """One flag per field of the config dataclass `cls` (`--reg` for `reg`), with `config_help` text.
+
+    Every flag defaults to None, so that only the flags given override a `--config` file.
+    """
+    from .config import _CHOICES
+
+    defaults = cls()
+    for field in dataclasses.fields(cls):
+        flag = "--" + field.name.replace("_", "-")
+        default = getattr(defaults, field.name)
+        help_text = config_help(cls, field.name, (shown_defaults or {}).get(field.name))
+        if field.name in _CHOICES:
+            group.add_argument(flag, choices=_CHOICES[field.name], default=None, help=help_text)
+        elif isinstance(default, bool):
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        elif field.name == "weights":
+            group.add_argument(flag, type=float, nargs="+", default=None, metavar="W", help=help_text)
+        elif field.name == "target":
+            group.add_argument(flag, metavar="KEY=INT,...", default=None, help=help_text)
+        else:
+            kind = float if isinstance(default, float) else str if "str" in str(field.type) else int
+            group.add_argument(flag, type=kind, default=None, help=help_text)
 
 
 def _add_fuse_io_arguments(fuse: argparse.ArgumentParser) -> None:
@@ -176,12 +212,9 @@ def _add_fuse_io_arguments(fuse: argparse.ArgumentParser) -> None:
                       "save_to_disk directory, a data directory (imagefolder, csv, ...) or data files")  # fmt: skip
     data.add_argument("--split", help="split of --data (default: the only split, or train)")
     data.add_argument("--data-seed", type=SEED, default=0, help="seed of the row sample drawn with --num-samples")
-    data.add_argument("--text-column", help="column holding the text (default: detected)")
-    data.add_argument("--image-column", help="column holding the images (default: detected)")
-    data.add_argument("--label-column", help="column holding the labels (default: label/labels)")
-    data.add_argument("--max-length", type=count(1), default=128, help="tokenizer truncation/padding length")
+    _add_encoding_options(data)
     data.add_argument("--eval-data", help="evaluate parents, vanilla average and fused model on this data")
-    data.add_argument("--eval-split", default="test", help="split of --eval-data (default: test)")
+    data.add_argument("--eval-split", help="split of --eval-data (default: the only split, or test)")
     data.add_argument("--eval-num-samples", type=count(1), help="evaluate on this many rows (seeded by --data-seed)")
     output = fuse.add_argument_group("compute and output")
     output.add_argument("--device", help="where the statistics pass runs: cpu, cuda, auto (default: cpu)")
@@ -218,7 +251,7 @@ def run_fuse(args: argparse.Namespace, argv: list[str]) -> int:
         flag_value = getattr(args, field.name)
         if flag_value is not None:
             values[field.name] = flag_value
-    config = FusionConfig.from_dict(values)
+    config = fuse_config(values, has_data=args.data is not None)
     if args.quiet:
         silence_progress_bars()
     job = FuseJob(
@@ -254,6 +287,31 @@ def run_fuse(args: argparse.Namespace, argv: list[str]) -> int:
     return 0
 
 
+def fuse_config(values: dict, has_data: bool):
+    """The run's `FusionConfig`; without `--data` and without a cost chosen, the data-free weight cost.
+
+    The activation cost is the better default when there is data, but the simplest command
+    (`otfusion-hub fuse a b --out fused`) has none and should still fuse. A cost given by flag or config file is
+    kept, and an option that only works on data (`--repair`, `--method regmean`, ...) is left for the pre-flight
+    to refuse with its own message.
+    """
+    from .config import FusionConfig
+    from .errors import FusionError
+
+    if not has_data and "cost" not in values:
+        try:
+            data_free = FusionConfig.from_dict({**values, "cost": "weights"})
+        except FusionError:
+            data_free = None  # an option tied to activations: FusionConfig(values) fails or asks for data below
+        if data_free is not None and not data_free.needs_data:
+            logging.getLogger("hf_otfusion").info(
+                "No --data: fusing data-free (cost=weights, units matched by their weights); pass --data for an "
+                "activation-based fusion."
+            )
+            return data_free
+    return FusionConfig.from_dict(values)
+
+
 def run_push(args: argparse.Namespace) -> int:
     if args.quiet:
         from .pipeline import silence_progress_bars
@@ -283,28 +341,25 @@ def _push(folder: Path, repo_id: str, args: argparse.Namespace, commit_message: 
 
 def run_inspect(args: argparse.Namespace) -> int:
     from .config import FusionConfig
-    from .errors import DataSourceError
+    from .data import DataSource, load_processor
     from .hub import download_parents, parent_checkpoint, resolve_parent
     from .readiness import readiness_report
 
-    data = None
-    if args.data is not None:
-        from datasets import load_from_disk
-
-        try:
-            data = load_from_disk(str(args.data))
-        except (FileNotFoundError, ValueError) as error:
-            raise DataSourceError(
-                f"--data {args.data} is not a datasets.Dataset saved with save_to_disk ({error})."
-            ) from error
-    cost = args.cost or ("activations" if data is not None else "weights")
+    # read and encoded as `fuse --data` is; resolved first, so that a missing data set fails before any download
+    data_source = DataSource.resolve(args.data, args.split) if args.data is not None else None
+    cost = args.cost or ("activations" if args.data is not None else "weights")
     config = FusionConfig(
         cost=cost, solver=args.solver, anchor=args.anchor, batch_size=args.batch_size, num_samples=args.num_samples
     )
     # resolved as `fuse` resolves them: a missing parent or revision fails with its own error, weights are pinned
     parents = [resolve_parent(source) for source in args.parents]
-    download_parents([p for p in parents if p.on_hub], anchor=-1, progress=not args.quiet)  # no processor needed
+    anchor = args.anchor if args.anchor < len(parents) else -1  # out of range: the report says so below
+    download_parents(parents, anchor=anchor, progress=not args.quiet)  # the anchor's processor encodes --data
     sources = [parent_checkpoint(parent) for parent in parents]
+    data = None
+    if data_source is not None:
+        processor = load_processor(parents[anchor].directory) if parents[anchor].processor_files else None
+        data = _encoded(args, data_source, sources[anchor].config().label2id, processor)
     report = readiness_report(sources, data=data, config=config, progress=not args.quiet)
     if args.json is not None:
         args.json.write_text(json.dumps(report.to_dict(), indent=1) + "\n")
@@ -325,14 +380,18 @@ FINETUNE_EXAMPLES = """examples:
 """
 
 
-def _add_data_options(group, default_split: str | None) -> None:
+def _add_data_options(group, default_split: str) -> None:
     """Where the rows come from and how raw rows become model inputs (shared by `finetune` and `eval`)."""
     group.add_argument("--data", required=True, help="a Hub dataset id[@revision], a save_to_disk directory, a "
                        "data directory (imagefolder, csv, ...) or data files")  # fmt: skip
-    shown = default_split or "the only split, or train"
-    group.add_argument("--split", default=default_split, help=f"split of --data (default: {shown})")
+    group.add_argument("--split", help=f"split of --data (default: the only split, or {default_split})")
     group.add_argument("--num-samples", type=count(1), help="use this many rows of the split (seeded by --data-seed)")
     group.add_argument("--data-seed", type=SEED, default=0, help="seed of the row sample drawn with --num-samples")
+    _add_encoding_options(group)
+
+
+def _add_encoding_options(group) -> None:
+    """How raw rows become model inputs with the model's tokenizer or image processor (every `--data`)."""
     group.add_argument("--text-column", help="column holding the text (default: detected)")
     group.add_argument("--image-column", help="column holding the images (default: detected)")
     group.add_argument("--label-column", help="column holding the labels (default: label/labels)")
@@ -358,20 +417,12 @@ def _add_finetune_parser(commands) -> None:
     finetune.add_argument("--config", type=Path, help="a YAML or JSON file of FinetuneConfig fields; flags override it")
     finetune.add_argument("-q", "--quiet", action="store_true", help="no progress bars or loss logs")
     data = finetune.add_argument_group("training and evaluation data")
-    _add_data_options(data, default_split=None)
+    _add_data_options(data, default_split="train")
     data.add_argument("--eval-data", help="evaluation data source (default: --data, when --eval-split is given)")
-    data.add_argument("--eval-split", help="split scored before and after training (default with --eval-data: test)")
+    data.add_argument("--eval-split", help="split scored before and after training (default with --eval-data: the "
+                      "only split, or test)")  # fmt: skip
     data.add_argument("--eval-num-samples", type=count(1), help="score on this many rows (seeded by --data-seed)")
-    recipe = finetune.add_argument_group("training recipe (FinetuneConfig fields)")
-    defaults = FinetuneConfig()
-    for field in dataclasses.fields(FinetuneConfig):
-        flag = "--" + field.name.replace("_", "-")
-        default = getattr(defaults, field.name)
-        help_text = f"FinetuneConfig.{field.name} (default: {default})"
-        if isinstance(default, bool):
-            recipe.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
-        else:
-            recipe.add_argument(flag, type=type(default), default=None, help=help_text)
+    add_config_flags(finetune.add_argument_group("training recipe (FinetuneConfig fields)"), FinetuneConfig)
     hub = finetune.add_argument_group("Hub")
     hub.add_argument("--push-to-hub", metavar="REPO", help="after training, upload --out to this model repository "
                      "in one commit")  # fmt: skip
@@ -390,7 +441,7 @@ def _add_eval_parser(commands) -> None:
     )
     evaluate.add_argument("models", nargs="+", help="checkpoint directories or Hub model ids[@revision]")
     _add_data_options(evaluate.add_argument_group("data"), default_split="test")
-    evaluate.add_argument("--batch-size", type=count(1), default=64)
+    evaluate.add_argument("--batch-size", type=count(1), default=64, help="examples per forward pass (default: 64)")
     extra = [m for m in available_metrics() if m != "accuracy"]
     evaluate.add_argument("--metrics", nargs="+", default=[], choices=extra, help="extra metrics (f1: macro-averaged)")
     evaluate.add_argument("--markdown", action="store_true", help="print a markdown table")
@@ -420,16 +471,27 @@ def _load_classifier(source: str, progress: bool):
     return parent, load_parent_model(parent), processor
 
 
-def _encoded_split(args, source: str, split: str | None, num_samples: int | None, model, processor):
-    """Rows of one split as model inputs and labels, and the `DataSource` that says where they came from."""
-    from .data import DataSource, encode_dataset
+def _encoded_split(args, source: str, split: str | None, num_samples: int | None, label2id, processor,
+                   default_split: str = "train"):  # fmt: skip
+    """Rows of one split as model inputs and labels, and the `DataSource` that says where they came from.
 
-    data_source = DataSource.resolve(source, split, num_samples, args.data_seed)
-    dataset = encode_dataset(
+    `split=None` takes the source's only split, or `default_split` when it has several; `label2id` is the
+    model's, to which class names in the data are mapped.
+    """
+    from .data import DataSource
+
+    data_source = DataSource.resolve(source, split, num_samples, args.data_seed, default_split=default_split)
+    return _encoded(args, data_source, label2id, processor), data_source
+
+
+def _encoded(args, data_source, label2id, processor):
+    """The rows of a resolved `DataSource` as model inputs, encoded with the `--text-column`... options."""
+    from .data import encode_dataset
+
+    return encode_dataset(
         data_source.load(), processor, text_column=args.text_column, image_column=args.image_column,
-        label_column=args.label_column, max_length=args.max_length, label2id=getattr(model.config, "label2id", None),
+        label_column=args.label_column, max_length=args.max_length, label2id=label2id,
     )  # fmt: skip
-    return dataset, data_source
 
 
 def _describe(source) -> str:
@@ -453,11 +515,12 @@ def run_finetune(args: argparse.Namespace) -> int:
     if args.quiet:
         silence_progress_bars()
     parent, model, processor = _load_classifier(args.model, progress=not args.quiet)
-    train, train_source = _encoded_split(args, args.data, args.split, args.num_samples, model, processor)
+    label2id = getattr(model.config, "label2id", None)
+    train, train_source = _encoded_split(args, args.data, args.split, args.num_samples, label2id, processor)
     evaluation, eval_source = None, None
     if args.eval_data or args.eval_split:
         evaluation, eval_source = _encoded_split(
-            args, args.eval_data or args.data, args.eval_split or "test", args.eval_num_samples, model, processor
+            args, args.eval_data or args.data, args.eval_split, args.eval_num_samples, label2id, processor, "test"
         )
     result = finetune(
         model, train, evaluation, config, output_dir=args.out, processor=processor, source=parent.pinned,
@@ -494,7 +557,10 @@ def run_eval(args: argparse.Namespace) -> int:
         key = (_processor_key(processor), sorted((getattr(model.config, "label2id", None) or {}).items()))
         dataset = next((d for k, d in encodings if k == key), None)
         if dataset is None:
-            dataset, data_source = _encoded_split(args, args.data, args.split, args.num_samples, model, processor)
+            label2id = getattr(model.config, "label2id", None)
+            dataset, data_source = _encoded_split(
+                args, args.data, args.split, args.num_samples, label2id, processor, default_split="test"
+            )
             encodings.append((key, dataset))
             split = data_source.split
         scores = evaluate_model(
@@ -539,8 +605,18 @@ def main(argv: list[str] | None = None) -> int:
     """
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    # Under torchrun / accelerate launch every process runs this: only the main one (RANK 0) shows progress and
+    # says what happens, the others report errors only.
+    secondary = os.environ.get("RANK", "0") != "0"
+    if secondary and hasattr(args, "quiet"):
+        args.quiet = True
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    logging.getLogger("hf_otfusion").setLevel(logging.WARNING if getattr(args, "quiet", False) else logging.INFO)
+    level = logging.ERROR if secondary else logging.WARNING if getattr(args, "quiet", False) else logging.INFO
+    logging.getLogger("hf_otfusion").setLevel(level)
+    if args.command in ("fuse", "inspect", "finetune", "eval"):  # the commands that load models
+        from .pipeline import hide_weight_loading_bars
+
+        hide_weight_loading_bars()
     from .errors import FusionError
 
     commands = {"push": run_push, "finetune": run_finetune, "eval": run_eval, "inspect": run_inspect,

@@ -330,7 +330,8 @@ class FinetuneConfig:
 
     Args:
         max_steps: number of optimiser steps; `-1` trains for `num_train_epochs` instead.
-        num_train_epochs: epochs when `max_steps` is -1.
+        num_train_epochs: number of epochs; only used with `max_steps=-1` (`--max-steps -1`), which it replaces
+            as the length of training.
         learning_rate: peak learning rate (AdamW).
         batch_size: examples per step and process (the global batch is this times the number of processes).
         eval_batch_size: examples per evaluation batch and process.
@@ -423,3 +424,6 @@ _FINETUNE_NUMBERS = {
     "seed": NumberRule(int, 0, 2**32 - 1),
     "logging_steps": NumberRule(int, 1),
 }
+
+# the numeric rules of each config class, for the CLI's help (which states each field's range)
+FIELD_RULES: dict[type, dict[str, NumberRule]] = {FusionConfig: _FUSION_NUMBERS, FinetuneConfig: _FINETUNE_NUMBERS}

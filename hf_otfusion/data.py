@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import glob
 import logging
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import DataSourceError, LabelSetMismatchError, UnknownRevisionError
+from .errors import DataSourceError, LabelSetMismatchError, MissingDependencyError, UnknownRevisionError
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +47,10 @@ class DataSource:
         kind: `hub` (a Hub dataset repo), `disk` (a `save_to_disk` directory) or `local` (data files or a data
             directory read by a `datasets` builder such as imagefolder or csv).
         repo_id / revision / commit: for `hub`: the repository, the requested revision and its commit SHA.
-        split: the split used; filled in by `load()` when none was asked for.
+        split: the split used; filled in by `choose_split()` (or `load()`) when none was asked for.
+        default_split: the split taken when none was asked for and the source has several (`train` for
+            alignment and training data, `test` for evaluation); a source with one split always gives that one.
+            Not recorded by `to_dict`: `split` holds the one used.
         num_samples: the requested cap on rows (`None` = all); `seed` shuffles before the cap is applied.
         num_rows: rows actually used, filled in by `load()`.
         fingerprint: the `datasets` fingerprint of the rows used, filled in by `load()`.
@@ -62,10 +66,16 @@ class DataSource:
     seed: int = 0
     num_rows: int | None = None
     fingerprint: str | None = None
+    default_split: str = "train"
 
     @classmethod
     def resolve(
-        cls, source: str, split: str | None = None, num_samples: int | None = None, seed: int = 0
+        cls,
+        source: str,
+        split: str | None = None,
+        num_samples: int | None = None,
+        seed: int = 0,
+        default_split: str = "train",
     ) -> DataSource:
         """Finds `source` locally or on the Hub and pins a Hub revision to its commit SHA (no data is downloaded).
 
@@ -76,7 +86,7 @@ class DataSource:
         if num_samples is not None and num_samples < 1:
             raise DataSourceError(f"num_samples must be >= 1 or None, got {num_samples}.")
         path = Path(source).expanduser()
-        common = dict(split=split, num_samples=num_samples, seed=seed)
+        common = dict(split=split, num_samples=num_samples, seed=seed, default_split=default_split)
         if path.is_dir():
             kind = "disk" if _is_saved_dataset(path) else "local"
             return cls(source=str(path), kind=kind, **common)
@@ -96,14 +106,8 @@ class DataSource:
 
         Fills in `split`, `num_rows` and `fingerprint` on this record.
         """
-        import datasets
-
-        try:
+        with self._read_errors() as datasets:
             dataset = self._load_split(datasets)
-        except DataSourceError:
-            raise
-        except (FileNotFoundError, ValueError, datasets.exceptions.DatasetNotFoundError) as error:
-            raise DataSourceError(f"Could not read data from {self.source!r}: {error}") from error
         if self.num_samples is not None and self.num_samples < len(dataset):
             dataset = dataset.shuffle(seed=self.seed).select(range(self.num_samples))
         if len(dataset) == 0:
@@ -114,8 +118,42 @@ class DataSource:
         return dataset
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain dict of every field, for provenance files."""
-        return asdict(self)
+        """Plain dict of every field but `default_split` (the `split` used says it all), for provenance files."""
+        record = asdict(self)
+        del record["default_split"]
+        return record
+
+    def choose_split(self) -> str | None:
+        """The split `load()` will use (`None` for a saved single Dataset), from the split names alone: no rows
+        are read. Fills in `split`."""
+        with self._read_errors() as datasets:
+            if self.kind == "disk":
+                loaded = datasets.load_from_disk(self.source)
+                if isinstance(loaded, datasets.DatasetDict):
+                    self.split = _choose_split(list(loaded), self.split, self.source, self.default_split)
+            elif self.split is None:
+                path, kwargs = self._builder()
+                names = datasets.get_dataset_split_names(path, **kwargs)
+                self.split = _choose_split(names, None, self.source, self.default_split)
+        return self.split
+
+    @contextmanager
+    def _read_errors(self):
+        """Yields the `datasets` module; what it raises on a missing file, split or repo becomes `DataSourceError`."""
+        import datasets
+
+        try:
+            yield datasets
+        except DataSourceError:
+            raise
+        except (FileNotFoundError, ValueError, datasets.exceptions.DatasetNotFoundError) as error:
+            raise DataSourceError(f"Could not read data from {self.source!r}: {error}") from error
+
+    def _builder(self) -> tuple[str, dict[str, Any]]:
+        """What `datasets.load_dataset` is called with: a Hub repo at its commit, or a local builder and files."""
+        if self.kind == "hub":
+            return self.repo_id, {"revision": self.commit}
+        return _local_builder(self.source)
 
     @property
     def hub_id(self) -> str | None:
@@ -126,7 +164,7 @@ class DataSource:
         if self.kind == "disk":
             loaded = datasets.load_from_disk(self.source)
             if isinstance(loaded, datasets.DatasetDict):
-                self.split = _choose_split(list(loaded), self.split, self.source)
+                self.split = _choose_split(list(loaded), self.split, self.source, self.default_split)
                 return loaded[self.split]
             if self.split not in (None, "train"):
                 raise DataSourceError(
@@ -134,13 +172,8 @@ class DataSource:
                     "leave the split out."
                 )
             return loaded
-        if self.kind == "hub":
-            path, kwargs = self.repo_id, {"revision": self.commit}
-        else:
-            path, kwargs = _local_builder(self.source)
-        if self.split is None:
-            names = datasets.get_dataset_split_names(path, **kwargs)
-            self.split = _choose_split(names, None, self.source)
+        path, kwargs = self._builder()
+        self.choose_split()
         try:
             return datasets.load_dataset(path, split=self.split, **kwargs)
         except ValueError as error:
@@ -230,8 +263,25 @@ def load_processor(model_dir: str | Path, trust_remote_code: bool = False):
     try:
         return AutoProcessor.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError) as error:
+        # transformers reports a missing Pillow as "unrecognized processing class": say what is really missing
+        if (Path(model_dir) / "preprocessor_config.json").is_file() and not _installed("PIL"):
+            raise MissingDependencyError(
+                f"{model_dir} has an image processor, which needs Pillow: pip install pillow (a dependency of "
+                "hf-otfusion; this environment lacks it).",
+                package="pillow",
+            ) from error
         logger.info("no processor in %s: %s", model_dir, error)
         return None
+
+
+def _installed(module: str) -> bool:
+    import importlib
+
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        return False
+    return True
 
 
 # ------------------------------------------------------------------------------------------------- sources
@@ -293,16 +343,17 @@ def _local_builder(source: str) -> tuple[str, dict[str, Any]]:
     return builder, kwargs
 
 
-def _choose_split(available: list[str], requested: str | None, source: str) -> str:
+def _choose_split(available: list[str], requested: str | None, source: str, default: str = "train") -> str:
+    """`requested` if the source has it; else its only split, else `default` if present."""
     if requested is not None:
         if requested not in available:
             raise DataSourceError(f"{source} has no split {requested!r}; available splits: {available}.")
         return requested
     if len(available) == 1:
         return available[0]
-    if "train" in available:
-        return "train"
-    raise DataSourceError(f"{source} has splits {available}; choose one with --split.")
+    if default in available:
+        return default
+    raise DataSourceError(f"{source} has splits {available} and none is {default!r}; choose one with --split.")
 
 
 # ------------------------------------------------------------------------------------------------ encoding

@@ -66,6 +66,14 @@ class DataSourceError(FusionError):
     """Alignment or evaluation data cannot be found, read, or turned into model inputs."""
 
 
+class MissingDependencyError(DataSourceError, ImportError):
+    """A package the data path needs is not installed (Pillow for image processors); `package` names it."""
+
+    def __init__(self, message: str, package: str):
+        super().__init__(message)
+        self.package = package
+
+
 class ParentNotFoundError(FusionError):
     """A parent is neither an existing local checkpoint directory nor a repository on the Hub."""
 

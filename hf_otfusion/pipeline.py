@@ -64,7 +64,8 @@ class FusePlan:
             if source is not None:
                 pinned = f"{source.repo_id}@{source.commit}" if source.kind == "hub" else source.source
                 cap = source.num_samples if source.num_samples is not None else "all"
-                lines.append(f"{label}: {pinned} ({source.kind}), split {source.split or '(default)'}, rows {cap}")
+                split = source.split or "none (a single saved Dataset)"
+                lines.append(f"{label}: {pinned} ({source.kind}), split {split}, rows {cap}")
         lines.append(f"Output: {out}" + (f", then pushed to {push_to_hub}" if push_to_hub else ""))
         return "\n".join(lines)
 
@@ -80,7 +81,8 @@ class FuseJob:
         data / split / seed: alignment data source (Hub dataset id, `save_to_disk` dir, data dir or files), its
             split, and the seed of the row sample.
         text_column / image_column / label_column / max_length: how raw rows become model inputs.
-        eval_data / eval_split / eval_num_samples: optional evaluation of parents, vanilla average and fused.
+        eval_data / eval_split / eval_num_samples: optional evaluation of parents, vanilla average and fused
+            (`eval_split=None`: the only split, else `test`).
         device: where the statistics pass runs (`cpu`, `cuda`, `auto`); dtype: dtype of the saved weights.
         max_shard_size: shard `model.safetensors` (with an index) above this size, e.g. `"2GB"`.
         overwrite, allow_pickle, trust_remote_code: explicit permissions (all off by default).
@@ -100,7 +102,7 @@ class FuseJob:
     label_column: str | None = None
     max_length: int = 128
     eval_data: str | None = None
-    eval_split: str | None = "test"
+    eval_split: str | None = None
     eval_num_samples: int | None = None
     device: str | None = None
     dtype: str | None = None
@@ -134,9 +136,9 @@ class FuseJob:
         self.check_output()
         if self.config.needs_data and self.data is None:
             raise EmptyAlignmentDataError(
-                f"method={self.config.method} with cost={self.config.cost} needs alignment data: pass --data (a Hub "
-                "dataset id, a save_to_disk directory, a data directory or files), or use --cost weights for a "
-                "data-free fusion."
+                f"This fusion ({', '.join(data_options(self.config))}) needs alignment data: pass --data (a Hub "
+                "dataset id, a save_to_disk directory, a data directory or files), or drop those options and use "
+                "--cost weights for a data-free fusion."
             )
         flags = dict(allow_pickle=self.allow_pickle, trust_remote_code=self.trust_remote_code)
         checked = preflight(self.parents, self.config, **flags)
@@ -144,6 +146,7 @@ class FuseJob:
         alignment = None
         if self.data is not None and self.config.needs_data:
             alignment = DataSource.resolve(self.data, self.split, self.config.num_samples, self.seed)
+            alignment.choose_split()  # a missing split fails now, and --dry-run shows the one used
         evaluation = None
         if self.eval_data is not None:
             from .card import pipeline_and_auto_class
@@ -154,7 +157,10 @@ class FuseJob:
                     f"--eval-data scores classifiers, but the parents are {checked.plan.architecture} ({task}); "
                     "leave --eval-data out, or fuse classification checkpoints."
                 )
-            evaluation = DataSource.resolve(self.eval_data, self.eval_split, self.eval_num_samples, self.seed)
+            evaluation = DataSource.resolve(
+                self.eval_data, self.eval_split, self.eval_num_samples, self.seed, default_split="test"
+            )
+            evaluation.choose_split()
         return FusePlan(preflight=checked, base=base, alignment_data=alignment, eval_data=evaluation)
 
     def run(self, plan: FusePlan | None = None):
@@ -207,7 +213,6 @@ class FuseJob:
             provenance = self._provenance(plan, result, evaluation)
             provenance.readiness = readiness.to_dict()
             self._finish(stage, parents[anchor], provenance)
-        logger.info("fused model written to %s", out)
         result.model = Checkpoint(str(out)).load()  # the weights as written (in `dtype`)
         return result
 
@@ -334,6 +339,21 @@ def parse_shard_size(size: str | int) -> int:
     return int(value)
 
 
+def data_options(config: FusionConfig) -> list[str]:
+    """The options of `config` that read alignment data, as `name=value` (`["cost=activations", "repair=all"]`)."""
+    defaults = FusionConfig()
+    needs = {
+        "cost": config.cost == "activations" and (config.method == "ot" or config.align == "ot"),
+        "method": config.method == "regmean",
+        "repair": config.repair != defaults.repair,
+        "residual": config.residual == "orthogonal",
+        "within_heads": config.within_heads == "orthogonal",
+        "refine_steps": config.refine_steps != defaults.refine_steps,
+    }
+    named = [f"{name}={getattr(config, name)}" for name, needed in needs.items() if needed]
+    return named or [f"method={config.method}"]  # an option this table does not know yet: at least the method
+
+
 def check_fused_finite(model, dtype: str | None = None) -> None:
     """Raises `NonFiniteWeightsError` naming the first fused tensor with NaN or inf (so nothing is written)."""
     name = first_non_finite(model.state_dict().items())
@@ -366,6 +386,25 @@ def silence_progress_bars() -> None:
     huggingface_hub.utils.disable_progress_bars()
     datasets.disable_progress_bars()
     transformers.utils.logging.disable_progress_bar()
+
+
+def hide_weight_loading_bars() -> None:
+    """Hides transformers' "Loading weights" bar, which every `from_pretrained` draws, keeping all other bars.
+
+    A CLI run loads each parent several times (compatibility, fusion, evaluation, report): a bar per load buries
+    the bars of the stages that take time. Downloads keep theirs, and `-q` still silences everything.
+    """
+    from transformers.utils import logging as transformers_logging
+
+    if not hasattr(transformers_logging, "set_tqdm_hook"):  # older transformers: nothing to hook into
+        return
+
+    def hook(factory, args, kwargs):
+        if kwargs.get("desc") == "Loading weights":
+            kwargs = {**kwargs, "disable": True}
+        return factory(*args, **kwargs)
+
+    transformers_logging.set_tqdm_hook(hook)
 
 
 def _is_weight_file(name: str) -> bool:

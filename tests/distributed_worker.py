@@ -62,7 +62,7 @@ def run(workdir: Path) -> None:
     phase = "cli"
     code = cli_main(
         ["fuse", str(workdir / "a"), str(workdir / "b"), "--out", str(workdir / "fused"), "--data",
-         str(workdir / "align"), "--batch-size", str(BATCH_SIZE), "--push-to-hub", "ns/fused", "-q"]
+         str(workdir / "align"), "--batch-size", str(BATCH_SIZE), "--push-to-hub", "ns/fused"]
     )  # fmt: skip
     record = dict(
         num_processes=state.num_processes,

@@ -115,8 +115,39 @@ def test_cli_reports_incompatible_parents_and_writes_nothing(tmp_path, capsys):
 
 def test_activation_fusion_without_data_fails_before_loading(parents, tmp_path, capsys):
     _, paths = parents
-    assert main(["fuse", *paths, "--out", str(tmp_path / "fused"), "-q"]) == 2
-    assert "needs alignment data: pass --data" in capsys.readouterr().err
+    assert main(["fuse", *paths, "--out", str(tmp_path / "fused"), "--cost", "activations", "-q"]) == 2
+    assert "This fusion (cost=activations) needs alignment data: pass --data" in capsys.readouterr().err
+    assert not (tmp_path / "fused").exists()
+
+
+def test_a_cli_run_draws_one_bar_per_stage_and_says_written_to_once(parents, tmp_path, capsys):
+    from transformers.utils import logging as transformers_logging
+
+    _, paths = parents
+    transformers_logging.enable_progress_bar()
+    previous = transformers_logging.set_tqdm_hook(None)
+    try:
+        assert main(["fuse", *paths, "--out", str(tmp_path / "fused"), "--cost", "weights"]) == 0
+    finally:
+        transformers_logging.set_tqdm_hook(previous)
+    captured = capsys.readouterr()
+    assert "transport maps, parent 1" in captured.err  # the stages keep their bars
+    assert "Loading weights" not in captured.err
+    assert (captured.out + captured.err).lower().count("written to") == 1
+
+
+def test_fuse_without_data_runs_data_free_and_says_how_to_use_data(parents, tmp_path, caplog):
+    parent, paths = parents
+    out = tmp_path / "fused"
+    with caplog.at_level("INFO", logger="hf_otfusion"):
+        assert main(["fuse", *paths, "--out", str(out)]) == 0
+    notes = [r.getMessage() for r in caplog.records if "No --data" in r.getMessage()]
+    assert len(notes) == 1 and "pass --data for an activation-based fusion" in notes[0]
+    assert yaml.safe_load((out / "fusion_config.yaml").read_text())["cost"] == "weights"
+    assert "data-free" in (out / "README.md").read_text()
+    fused = T.AutoModelForImageClassification.from_pretrained(out).eval()
+    inputs = inputs_for(parent)
+    assert relative_error(outputs(fused, inputs), outputs(parent, inputs)) < 1e-4
 
 
 def test_dry_run_prints_the_plan_and_writes_nothing(parents, align_data, tmp_path, capsys):
@@ -128,6 +159,21 @@ def test_dry_run_prints_the_plan_and_writes_nothing(parents, align_data, tmp_pat
     assert "heads 2 x 4" in printed and "mlp 2 x 48" in printed and "residual 1 x 32" in printed
     assert "rows 5" in printed and "nothing was written" in printed
     assert not out.exists()
+
+
+def test_dry_run_names_the_splits_it_will_use(parents, tmp_path, capsys):
+    from datasets import Dataset, DatasetDict
+
+    parent, paths = parents
+    rows = {"pixel_values": inputs_for(parent, batch=4)["pixel_values"].numpy(), "label": [0, 1, 0, 1]}
+    DatasetDict({"train": Dataset.from_dict(rows), "test": Dataset.from_dict(rows)}).save_to_disk(tmp_path / "dd")
+    data = str(tmp_path / "dd")
+    assert main(["fuse", *paths, "--out", str(tmp_path / "f"), "--data", data, "--eval-data", data, "--dry-run"]) == 0
+    printed = capsys.readouterr().out
+    assert f"Alignment data: {data} (disk), split train, rows all" in printed
+    assert f"Evaluation data: {data} (disk), split test, rows all" in printed
+    assert main(["fuse", *paths, "--out", str(tmp_path / "f"), "--data", data, "--split", "dev", "--dry-run"]) == 2
+    assert "has no split 'dev'; available splits: ['train', 'test']" in capsys.readouterr().err
 
 
 def test_cli_flags_cover_every_config_field():

@@ -119,3 +119,39 @@ def test_missing_local_path_that_is_no_repo_id_is_a_clear_error(tmp_path):
     with pytest.raises(DataSourceError, match=r"Cannot tell how to read"):
         (tmp_path / "notes.xyz").write_text("x")
         load_dataset_source(str(tmp_path / "notes.xyz"))
+
+
+def test_an_image_processor_without_pillow_names_the_missing_package():
+    import subprocess
+    import sys
+    import textwrap
+
+    from hub_utils import REPO_ROOT
+
+    script = f"""
+        import sys
+        sys.modules["PIL"] = None  # as if Pillow were not installed
+        from hf_otfusion.data import load_processor
+        from hf_otfusion.errors import MissingDependencyError
+        try:
+            load_processor({str(REPO_ROOT / "examples" / "digits-vit-seed0")!r})
+        except MissingDependencyError as error:
+            print(error.package, "|", error)
+        """
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.startswith("pillow | ") and "needs Pillow: pip install pillow" in proc.stdout
+    assert "tokenizer" not in proc.stdout
+
+
+def test_a_source_with_one_split_gives_it_whatever_the_default(tmp_path):
+    path = tmp_path / "one.csv"
+    path.write_text("text,label\\nhello,0\\nworld,1\\n".replace("\\n", "\n"))
+    assert DataSource.resolve(str(path), default_split="test").choose_split() == "train"  # csv names it train
+    splits = DatasetDict({name: Dataset.from_dict({"x": [1, 2]}) for name in ("train", "test", "validation")})
+    splits.save_to_disk(str(tmp_path / "three"))
+    assert DataSource.resolve(str(tmp_path / "three"), default_split="test").choose_split() == "test"
+    assert DataSource.resolve(str(tmp_path / "three")).choose_split() == "train"
+    with pytest.raises(DataSourceError, match=r"has splits \['validation', 'extra'\] and none is 'test'"):
+        DatasetDict({name: splits["train"] for name in ("validation", "extra")}).save_to_disk(str(tmp_path / "two"))
+        DataSource.resolve(str(tmp_path / "two"), default_split="test").choose_split()

@@ -96,3 +96,17 @@ def test_models_without_a_classification_head_are_refused():
     with pytest.raises(UnsupportedTaskError, match="BertModel has no classification head"):
         evaluate_model(encoder, labelled(encoder))
     assert isinstance(encoder, T.BertModel)
+
+
+def test_eval_cli_scores_a_single_file_on_its_only_split(tmp_path, capsys):
+    from hub_utils import REPO_ROOT
+
+    from hf_otfusion.cli import main
+
+    model = REPO_ROOT / "examples" / "digits-vit-seed0"
+    rows = labelled(T.AutoModelForImageClassification.from_pretrained(model)).to_list()
+    path = tmp_path / "one.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    assert main(["eval", str(model), "--data", str(path), "--json", str(tmp_path / "t.json"), "-q"]) == 0
+    table = json.loads((tmp_path / "t.json").read_text())
+    assert table["split"] == "train" and table["rows"][0]["num_examples"] == NUM_EXAMPLES

@@ -262,10 +262,34 @@ def test_bad_inputs_fail_clearly_and_leave_nothing_behind(hub, tmp_path):
     assert "corrupt or not safetensors" in results["corrupt"]["err"]
     dry = results["dry-run"]
     assert dry["code"] == 0 and f"ns/b@{commits['ns/b']}" in dry["out"]
-    assert re.search(r"Alignment data: ns/align@[0-9a-f]{40} \(hub\), split \(default\), rows all", dry["out"])
+    assert re.search(r"Alignment data: ns/align@[0-9a-f]{40} \(hub\), split train, rows all", dry["out"])
     params = f"{hub.uploaded['params']:,} params"
     assert re.search(rf"\[anchor\] ns/a@{commits['ns/a']} +ViTForImageClassification, {params}", dry["out"])
     assert "nothing was written" in dry["out"]
     # Only the pushed output and the user's own directory exist: no failed run left a file or a staging dir.
     assert [name for name in results["leftovers"] if name.startswith(("o-", ".o-"))] == ["o-existing", "o-push"]
     assert (tmp_path / "o-existing" / "keep.txt").read_text() == "mine"
+
+
+def test_the_simplest_fuse_command_runs_data_free_from_the_hub(hub, tmp_path):
+    proc = run_cli(["fuse", "ns/a", "ns/b", "--out", "fused"], client_env(hub.url, tmp_path / "home"), tmp_path)
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    assert proc.stderr.count("No --data: fusing data-free") == 1
+    assert proc.stdout.count("written to") == 1
+    card = (tmp_path / "fused" / "README.md").read_text()
+    assert "data-free" in card and "`cost=weights`" in card
+    assert ModelCard.load(tmp_path / "fused" / "README.md").data.base_model == ["ns/a", "ns/b"]
+
+
+def test_readme_hub_blocks_run_against_the_local_hub(hub, tmp_path):
+    from test_readme import BLOCKS, readme_block
+
+    stand_ins = {"user/vit-a": "ns/a", "user/vit-b": "ns/b", "user/images": "ns/align", "num_samples=500":
+                 "num_samples=16", "user/vit-fused": "ns/readme-fused"}  # fmt: skip
+    blocks = [readme_block(block, stand_ins) for block in BLOCKS if "user/" in block]
+    assert blocks and not any("user/" in block for block in blocks)
+    script = "from huggingface_hub import HfApi\nHfApi().create_tag('ns/b', tag='v1.0')\n" + "\n".join(blocks)
+    proc = run_python(script, client_env(hub.url, tmp_path / "home"), tmp_path)
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    assert re.search(r"^[0-9a-f]{40}$", proc.stdout, re.M)  # the pushed commit
+    assert (tmp_path / "fused" / "model.safetensors").is_file()

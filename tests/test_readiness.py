@@ -78,3 +78,18 @@ def test_cli_inspect_prints_the_report_and_writes_json(parent, tmp_path, capsys)
     assert "**Recommendation: `same-base`**" in printed and "| 1 | layer 1 |" in printed
     saved = json.loads(report.read_text())
     assert saved["recommendation"] == "same-base" and saved["alignment"]["cost"] == "weights"
+
+
+def test_cli_inspect_reads_data_as_fuse_does_a_dataset_dict_on_its_train_split(parent, tmp_path):
+    from datasets import Dataset, DatasetDict
+
+    parent.save_pretrained(tmp_path / "a")
+    permute_model(parent, seed=2).save_pretrained(tmp_path / "b")
+    rows = {key: value.numpy() for key, value in inputs_for(parent, batch=6).items()}
+    DatasetDict({"train": Dataset.from_dict(rows), "test": Dataset.from_dict(rows)}).save_to_disk(tmp_path / "dd")
+    report = tmp_path / "report.json"
+    args = ["inspect", str(tmp_path / "a"), str(tmp_path / "b"), "--data", str(tmp_path / "dd"), "-q"]
+    assert main([*args, "--json", str(report)]) == 0
+    saved = json.loads(report.read_text())
+    assert saved["alignment"]["cost"] == "activations" and saved["recommendation"] == "ot"
+    assert main([*args, "--split", "dev"]) == 2  # named splits are checked as for fuse
