@@ -5,11 +5,12 @@
 
 For each family, the committed parents of seeds 0 and 1 (`benchmarks/parents/`), fused onto seed 0, on the test
 split: the parents, their ensemble (mean of softmax: the ceiling of one-shot fusion), vanilla averaging (alone
-and repaired), today's default (OT exact, activations) and today's best configuration of `paper_table.md`, each
-new option alone (orthogonal residual, within-head rotations, repair, refinement) and stacked; then the same
-finetuning budget as `paper_table.py` (10 % of a parent's steps) for the best one-shot model (chosen on the
-validation split), the vanilla average and each parent. Every row reports test accuracy and loss, fuse time and
-the peak resident memory of the process while it fused. Writes `benchmarks/results/quality.{md,json,png}`.
+and repaired), the former default (OT exact, activations, permutations only) and the former best configuration
+of `paper_table.md`, each new option alone (orthogonal residual, within-head rotations, repair, refinement) and
+stacked; then the same finetuning budget as `paper_table.py` (10 % of a parent's steps) for the best one-shot
+model (chosen on the validation split), the vanilla average and each parent. Every row reports test accuracy
+and loss, fuse time and the peak resident memory of the process while it fused. Writes
+`benchmarks/results/quality.{md,json,png}`.
 """
 
 from __future__ import annotations
@@ -41,6 +42,8 @@ TODAYS_BEST = {
     "bert": ("OT soft, activations, reg 0.03", dict(solver="sinkhorn", reg=0.03)),
 }
 PRE_LN = {"vit", "deit"}
+# what FusionConfig did before the quality options: permutations only (today's `auto` defaults rotate)
+PERMUTATIONS = dict(residual="shared", within_heads="permutation")
 
 
 def rows_for(family: str, refine_steps: int) -> list[tuple[str, dict]]:
@@ -49,18 +52,24 @@ def rows_for(family: str, refine_steps: int) -> list[tuple[str, dict]]:
     rows = [
         ("vanilla average", dict(method="vanilla")),
         ("vanilla + repair", dict(method="vanilla", repair="all")),
-        ("today's default: OT exact, activations", {}),
-        (f"today's best: {best_name}", best),
-        ("+ repair (all sites)", dict(repair="all")),
-        ("+ within-head rotations", dict(within_heads="orthogonal")),
-        ("+ within-head rotations + repair", dict(within_heads="orthogonal", repair="all")),
+        ("before: OT exact, activations (permutations)", PERMUTATIONS),
+        (f"before, best in paper_table: {best_name}", {**PERMUTATIONS, **best}),
+        ("+ repair (all sites)", dict(PERMUTATIONS, repair="all")),
+        ("+ within-head rotations", dict(PERMUTATIONS, within_heads="orthogonal")),
+        ("+ within-head rotations + repair", dict(PERMUTATIONS, within_heads="orthogonal", repair="all")),
     ]
     if family in PRE_LN:
         rows += [
-            ("+ orthogonal residual", dict(residual="orthogonal")),
-            ("+ orthogonal residual + repair (residual writers)", dict(residual="orthogonal", repair="residual")),
-            ("+ orthogonal residual + repair (all sites)", dict(residual="orthogonal", repair="all")),
-            ("+ orthogonal residual + within-head", dict(residual="orthogonal", within_heads="orthogonal")),
+            ("+ orthogonal residual", dict(PERMUTATIONS, residual="orthogonal")),
+            (
+                "+ orthogonal residual + repair (residual writers)",
+                dict(PERMUTATIONS, residual="orthogonal", repair="residual"),
+            ),
+            ("+ orthogonal residual + repair (all sites)", dict(PERMUTATIONS, residual="orthogonal", repair="all")),
+            (
+                "+ orthogonal residual + within-head (today's default)",
+                dict(residual="orthogonal", within_heads="orthogonal"),
+            ),
             (
                 "+ orthogonal residual + within-head + repair",
                 dict(residual="orthogonal", within_heads="orthogonal", repair="all"),
@@ -69,7 +78,7 @@ def rows_for(family: str, refine_steps: int) -> list[tuple[str, dict]]:
     rotations = (
         dict(residual="orthogonal", within_heads="orthogonal") if family in PRE_LN else dict(within_heads="orthogonal")
     )
-    label = "orthogonal residual + within-head" if family in PRE_LN else "within-head"
+    label = "orthogonal residual + within-head" if family in PRE_LN else "within-head (today's default)"
     rows += [
         (f"+ {label} + refine {refine_steps}", dict(rotations, refine_steps=refine_steps)),
         (f"+ {label} + refine {refine_steps} + repair", dict(rotations, refine_steps=refine_steps, repair="all")),
