@@ -245,3 +245,12 @@ def test_auto_keeps_permutations_where_rotations_do_not_apply():
     assert (result.config.residual, result.config.within_heads) == ("shared", "orthogonal")
     weights = fuse_with_diagnostics([model, model], config=FusionConfig(cost="weights"), progress=False)
     assert (weights.config.residual, weights.config.within_heads) == ("shared", "permutation")
+
+
+def test_every_quality_option_reruns_to_identical_weights():
+    parents = [build("deit-cls"), build("deit-cls", seed=1)]
+    data = alignment_data(parents[0], samples=40)
+    config = FusionConfig(refine_steps=10, repair="all", batch_size=8)
+    first, second = (fuse(parents, data=data, config=config, progress=False) for _ in range(2))
+    for (name, a), b in zip(first.state_dict().items(), second.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
