@@ -21,7 +21,7 @@ from .distributed import broadcast_from_main, is_main_process, models_on, proces
 from .errors import EmptyAlignmentDataError, FusionError
 from .maps import SpaceDiagnostics, compute_maps, per_hook_spaces
 from .merging import SAME_BASE_METHODS, base_in_anchor_class, merge_parameters, parent_grams
-from .plan import FusionPlan, named_tensors, resolve_plan
+from .plan import FusionPlan, model_with_tensors, named_tensors, resolve_plan
 from .refine import RefineReport, refine_maps
 from .repair import SiteRepair, repair_model
 from .reparameterise import check_rotatable, reparameterise, restore_output_norm
@@ -379,13 +379,10 @@ def _aligned_copy(
     config: FusionConfig,
 ) -> PreTrainedModel:
     """A model of the fused model's class holding `parent` moved into the anchor's basis (the anchor itself: as is)."""
-    aligned = copy.deepcopy(fused)
     params = _fusion_parameters(parent, plan, config)
-    with torch.no_grad():
-        for name, param in aligned.named_parameters():
-            tensor = align_tensor(params[name], plan.parameters[name], maps) if maps else params[name]
-            param.copy_(tensor.to(param.dtype))
-    return aligned
+    if maps:
+        params = {name: align_tensor(tensor, plan.parameters[name], maps) for name, tensor in params.items()}
+    return model_with_tensors(fused, params)
 
 
 def _maps_onto_anchor(

@@ -9,14 +9,11 @@ the strongest end-to-end check of the engine.
 
 from __future__ import annotations
 
-import copy
-
 import numpy as np
-import torch
 from transformers import PreTrainedModel
 
 from .align import align_parameters
-from .plan import named_tensors, resolve_plan
+from .plan import model_with_tensors, named_tensors, resolve_plan
 from .reparameterise import reparameterise
 from .spec import AlignmentSpec
 from .transport import TransportMap, complement_basis
@@ -49,13 +46,7 @@ def permute_model(model: PreTrainedModel, seed: int = 0, spec: AlignmentSpec | N
         space: TransportMap.from_permutation(permutation)
         for space, permutation in random_permutations(model, seed, spec).items()
     }
-    params = named_tensors(model)
-    permuted = align_parameters(params, plan, maps)
-    result = copy.deepcopy(model)
-    with torch.no_grad():
-        for name, param in result.named_parameters():
-            param.copy_(permuted[name].to(param.dtype))
-    return result
+    return model_with_tensors(model, align_parameters(named_tensors(model), plan, maps))
 
 
 def random_rotation_fixing_ones(size: int, rng: np.random.Generator) -> np.ndarray:
@@ -97,9 +88,4 @@ def rotate_model(
         maps[plan.stream] = TransportMap.from_orthogonal(
             random_rotation_fixing_ones(plan.spaces[plan.stream].size, rng)
         )
-    rotated = align_parameters(params, plan, maps)
-    result = copy.deepcopy(model)
-    with torch.no_grad():
-        for name, param in result.named_parameters():
-            param.copy_(rotated[name].to(param.dtype))
-    return result
+    return model_with_tensors(model, align_parameters(params, plan, maps))

@@ -7,6 +7,7 @@ size, so that a spec that drifted from transformers fails loudly instead of fusi
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 
 import torch
@@ -68,6 +69,15 @@ class FusionPlan:
 def named_tensors(model: PreTrainedModel) -> dict[str, torch.Tensor]:
     """A model's parameters by name, detached: the tensors whose axes a plan binds to spaces."""
     return {name: param.detach() for name, param in model.named_parameters()}
+
+
+def model_with_tensors(model: PreTrainedModel, tensors: dict[str, torch.Tensor]) -> PreTrainedModel:
+    """A deep copy of `model` whose parameters hold `tensors` (by name, cast to each parameter's dtype)."""
+    result = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, param in result.named_parameters():
+            param.copy_(tensors[name].to(param.dtype))
+    return result
 
 
 def base_prefix(model: PreTrainedModel) -> str:

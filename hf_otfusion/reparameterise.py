@@ -20,13 +20,11 @@ it (post-LN BERT, whose norms sit on the stream itself) cannot be rotated.
 
 from __future__ import annotations
 
-import copy
-
 import torch
 from transformers import PreTrainedModel
 
 from .errors import SpecError
-from .plan import FusionPlan, named_tensors
+from .plan import FusionPlan, model_with_tensors, named_tensors
 
 
 def check_rotatable(plan: FusionPlan) -> None:
@@ -87,12 +85,7 @@ def reparameterise(params: dict[str, torch.Tensor], plan: FusionPlan) -> dict[st
 
 def reparameterised_copy(model: PreTrainedModel, plan: FusionPlan) -> PreTrainedModel:
     """A copy of `model` with its residual norms folded and its writers centred; it computes the same function."""
-    folded = reparameterise(named_tensors(model), plan)
-    result = copy.deepcopy(model)
-    with torch.no_grad():
-        for name, param in result.named_parameters():
-            param.copy_(folded[name].to(param.dtype))
-    return result
+    return model_with_tensors(model, reparameterise(named_tensors(model), plan))
 
 
 def restore_output_norm(model: PreTrainedModel, plan: FusionPlan, weight: torch.Tensor, bias: torch.Tensor) -> bool:
