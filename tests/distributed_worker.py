@@ -19,7 +19,9 @@ import torch
 import transformers
 from accelerate import PartialState
 from datasets import load_from_disk
+from safetensors.torch import save_file
 
+from hf_otfusion import FusionConfig, fuse
 from hf_otfusion.cli import main as cli_main
 from hf_otfusion.plan import resolve_plan
 from hf_otfusion.statistics import collect_statistics
@@ -32,7 +34,7 @@ def run(workdir: Path) -> None:
     state = PartialState(cpu=True)
     parents = [transformers.AutoModelForSequenceClassification.from_pretrained(workdir / n) for n in ("a", "b")]
     data = load_from_disk(str(workdir / "align"))
-    samples = {"statistics": 0, "cli": 0}
+    samples = {"statistics": 0, "cli": 0, "quality": 0}
     phase = "statistics"
     forward = transformers.BertForSequenceClassification.forward
 
@@ -64,6 +66,12 @@ def run(workdir: Path) -> None:
         ["fuse", str(workdir / "a"), str(workdir / "b"), "--out", str(workdir / "fused"), "--data",
          str(workdir / "align"), "--batch-size", str(BATCH_SIZE), "--push-to-hub", "ns/fused"]
     )  # fmt: skip
+    # the quality options (repair and refinement run on every process over all the data): the same weights
+    phase = "quality"
+    config = FusionConfig(repair="all", refine_steps=4, batch_size=BATCH_SIZE)
+    quality = fuse(parents, data=data, config=config, progress=False)
+    if state.is_main_process:
+        save_file(dict(quality.state_dict()), workdir / "quality.safetensors")
     record = dict(
         num_processes=state.num_processes,
         process_index=state.process_index,
