@@ -92,7 +92,7 @@ def render_card(
         config_rows=[(f"`{key}`", f"`{value}`") for key, value in provenance.config.items()],
         data_text=_data_text(provenance),
         results_text=results_text(provenance),
-        diagnostics_text=_diagnostics_text(provenance),
+        diagnostics_text=_diagnostics_text(provenance) + _quality_text(provenance),
         readiness_text=_readiness_text(provenance),
         auto_class=auto_class,
         repo_id=repo_id,
@@ -234,6 +234,31 @@ def _diagnostics_text(provenance: Provenance) -> str:
     ]
     for (parent, layer), row in sorted(cells.items(), key=lambda kv: (kv[0][0], _layer_rank(kv[0][1]))):
         lines.append(f"| {parent} | {layer} | " + " | ".join(row.get(kind, "") for kind in kinds) + " |")
+    return "\n".join(lines)
+
+
+def _quality_text(provenance: Provenance) -> str:
+    """Which kind of map each space got, what repair and refinement did, and a warning when refinement lost."""
+    quality = provenance.quality
+    if not quality:
+        return ""
+    lines = [""]
+    kinds = quality.get("map_kinds") or {}
+    if kinds:
+        described = ", ".join(f"{space}: {'/'.join(found)}" for space, found in sorted(kinds.items()))
+        lines += ["", f"Maps: {described}."]
+    if quality.get("repair"):
+        lines += ["", f"Repair restored the activation mean and std of {len(quality['repair'])} sites."]
+    refine = quality.get("refine")
+    if refine:
+        lines += [
+            "",
+            f"Refinement: {refine['steps']} steps (best at {refine['best_step']}); held-back KL to the parents' "
+            f"ensemble {refine['held_back_loss_before']:.4f} -> {refine['held_back_loss_after']:.4f} (the anchor "
+            f"alone: {refine['anchor_held_back_loss']:.4f}).",
+        ]
+        if refine["held_back_loss_after"] > refine["anchor_held_back_loss"]:
+            lines += ["", "**Warning:** the fused model is further from the parents' ensemble than the anchor alone."]
     return "\n".join(lines)
 
 

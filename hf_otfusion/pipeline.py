@@ -278,6 +278,7 @@ class FuseJob:
             eval_data=plan.eval_data.to_dict() if plan.eval_data else None,
             evaluation=evaluation,
             diagnostics=[_plain(d.to_dict()) for d in result.diagnostics],
+            quality=_plain(quality_record(result)),
             timings={k: round(float(v), 3) for k, v in result.timings.items()},
             command=self.command,
             reproduce=reproduce_command(
@@ -414,6 +415,18 @@ def _is_weight_file(name: str) -> bool:
 
 def _is_text(config: dict[str, Any]) -> bool:
     return "vocab_size" in config and "image_size" not in config
+
+
+def quality_record(result) -> dict:
+    """What the quality options did in a `FusionResult`, for the provenance record and the card."""
+    kinds: dict[str, set[str]] = {}
+    for d in result.diagnostics:
+        kinds.setdefault(d.space.split(".")[0], set()).add(d.kind)
+    return {
+        "map_kinds": {space: sorted(found) for space, found in kinds.items()},
+        "repair": [site.to_dict() for site in result.repair],
+        "refine": result.refine.to_dict() if result.refine is not None else None,
+    }
 
 
 def _plain(record: dict[str, Any]) -> dict[str, Any]:

@@ -39,6 +39,8 @@ class Provenance:
         alignment_data / eval_data: `data.DataSource.to_dict()` or `None`.
         evaluation: an evaluation table (`{"split", "rows": [{"name", "accuracy", "loss", ...}]}`) or `None`.
         diagnostics: one dict per solved space and parent (`maps.SpaceDiagnostics.to_dict()`).
+        quality: what the quality steps did: `map_kinds` (space kind -> the kinds of map it got), `repair` (one
+            dict per repaired site) and `refine` (`refine.RefineReport.to_dict()`), or `None`.
         readiness: the merge-readiness report of the parents (`readiness.ReadinessReport.to_dict()`) or `None`.
         timings: seconds per stage.
         outputs: sha256 of each weight file written.
@@ -57,6 +59,7 @@ class Provenance:
     eval_data: dict[str, Any] | None = None
     evaluation: dict[str, Any] | None = None
     diagnostics: list[dict[str, Any]] = field(default_factory=list)
+    quality: dict[str, Any] | None = None
     readiness: dict[str, Any] | None = None
     timings: dict[str, float] = field(default_factory=dict)
     outputs: dict[str, str] = field(default_factory=dict)

@@ -16,6 +16,7 @@ library optimises the alignment of transformer parents.
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 
@@ -30,6 +31,8 @@ from .plan import FusionPlan
 from .statistics import _batches
 from .transport import TransportMap, complement_basis
 
+logger = logging.getLogger(__name__)
+
 HELD_BACK_EVERY = 5  # every fifth batch of the alignment data decides which refined maps are kept
 EVALUATE_EVERY = 10  # steps between two held-back evaluations
 
@@ -42,12 +45,18 @@ class RefineReport:
     best_step: int
     held_back_loss_before: float
     held_back_loss_after: float
+    anchor_held_back_loss: float  # the anchor alone, against the same ensemble: what fusion has to beat
     seconds: float
+
+    @property
+    def worse_than_anchor(self) -> bool:
+        return self.held_back_loss_after > self.anchor_held_back_loss
 
     def to_dict(self) -> dict:
         return {
             "steps": self.steps, "best_step": self.best_step, "held_back_loss_before": self.held_back_loss_before,
-            "held_back_loss_after": self.held_back_loss_after, "seconds": round(self.seconds, 2),
+            "held_back_loss_after": self.held_back_loss_after, "anchor_held_back_loss": self.anchor_held_back_loss,
+            "seconds": round(self.seconds, 2),
         }  # fmt: skip
 
 
@@ -176,11 +185,26 @@ def refine_maps(
                 best, best_step = current, step
                 best_state = {key: value.detach().clone() for key, value in rotations.state_dict().items()}
     rotations.load_state_dict(best_state)
+    anchor = next(k for k in aligned if k not in maps)
+    with torch.no_grad():
+        anchor_loss = sum(
+            torch.nn.functional.kl_div(
+                _logits(functional_call(model, aligned[anchor], args=(), kwargs=batch)).log_softmax(-1),
+                target_of[id(batch)], reduction="sum",
+            ).item()
+            for batch in held_back
+        ) / sum(map(_size, held_back))  # fmt: skip
+    if best > anchor_loss:
+        logger.warning(
+            "After refinement the fused model is further from the parents' ensemble on held-back data than the "
+            "anchor alone (KL %.4f vs %.4f): the parents may be too far apart to fuse well; compare on your task.",
+            best, anchor_loss,
+        )  # fmt: skip
     with torch.no_grad():
         for (k, space), rotation in zip(refined, rotations, strict=True):
             closed_form = maps[k][space].output_matrix()
             maps[k][space] = TransportMap.from_orthogonal(closed_form @ rotation().double().numpy())
-    return RefineReport(steps, best_step, before, best, time.perf_counter() - started)
+    return RefineReport(steps, best_step, before, best, float(anchor_loss), time.perf_counter() - started)
 
 
 def _moves(space: str, spaces: dict[int, list[str]]) -> bool:

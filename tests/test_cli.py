@@ -16,6 +16,7 @@ from safetensors import safe_open
 from hf_otfusion import permute_model
 from hf_otfusion.card import build_card_data
 from hf_otfusion.cli import main
+from hf_otfusion.plan import resolve_plan
 from hf_otfusion.provenance import Provenance
 
 PREPROCESSOR = {
@@ -77,6 +78,25 @@ def test_cli_activation_fusion_reads_a_saved_dataset(parents, align_data, tmp_pa
     inputs = inputs_for(parent, seed=3)
     assert relative_error(outputs(fused, inputs), outputs(parent, inputs)) < 1e-4
     assert Provenance.load(out).alignment_data["num_rows"] == 12
+
+
+def test_quality_options_are_flags_and_the_card_and_provenance_record_them(parents, align_data, tmp_path):
+    parent, paths = parents
+    out, again = tmp_path / "fused", tmp_path / "again"
+    flags = ["--data", align_data, "--batch-size", "2", "--repair", "all", "--refine-steps", "6", "-q"]
+    assert main(["fuse", *paths, "--out", str(out), *flags]) == 0
+    config = yaml.safe_load((out / "fusion_config.yaml").read_text())
+    assert (config["repair"], config["refine_steps"], config["residual"]) == ("all", 6, "auto")
+    quality = Provenance.load(out).quality
+    assert quality["map_kinds"]["residual"] == ["orthogonal"] and quality["refine"]["steps"] == 6
+    assert len(quality["repair"]) == len(resolve_plan(parent).repair_sites)
+    card = (out / "README.md").read_text()
+    assert "Maps: " in card and "residual: orthogonal" in card and "Refinement: 6 steps" in card
+    fused = T.AutoModelForImageClassification.from_pretrained(out).eval()  # the anchor's plain class
+    inputs = inputs_for(parent, seed=3)
+    assert relative_error(outputs(fused, inputs), outputs(parent, inputs)) < 1e-4  # b is a permuted copy of a
+    assert main(["fuse", *paths, "--out", str(again), "--config", str(out / "fusion_config.yaml"), *flags]) == 0
+    assert (out / "model.safetensors").read_bytes() == (again / "model.safetensors").read_bytes()
 
 
 def test_fusion_config_yaml_rebuilds_the_checkpoint_byte_for_byte(parents, align_data, tmp_path):
