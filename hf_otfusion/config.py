@@ -117,8 +117,9 @@ class FusionConfig:
             of the residual stream, an exact rewrite after which the stream can be rotated, then aligns it with
             one rotation per parent from the stream's activation statistics (see `hf_otfusion.reparameterise`).
             The fused model's LayerNorms then hold weight 1 and bias 0. Needs `cost="activations"`. `auto`
-            (default) is `orthogonal` wherever it applies (a pre-LN spec, activation costs, `method="ot"`, no
-            `target`, equal hidden sizes) and `shared` elsewhere; `fuse` records what it resolved to.
+            (default) is `orthogonal` wherever it applies (a pre-LN spec, activation costs, the exact solver with
+            uniform marginals, `method="ot"`, no `target`, equal widths) and `shared` elsewhere; `fuse` records
+            what it resolved to.
         heads: `aware` matches whole heads first, then dimensions within matched heads (Q and K share a map,
             V and O share a map); `cross` aligns all H*d_head dimensions as one space, as the reference does.
         activation_cost: ground cost between unit activations: `euclidean` (mean squared difference) or
@@ -239,12 +240,12 @@ class FusionConfig:
         """This config with `residual="auto"` and `within_heads="auto"` decided for parents whose spec is (or is not)
         `rotatable` (pre-LN, `residual_norms` listed) and whose widths are (or are not) equal to the anchor's."""
         aligns = self.method == "ot" and self.cost == "activations" and self.target is None and equal_widths
+        aligns = aligns and self.solver == "exact" and self.marginals == "uniform"  # soft plans stay as asked
         residual, within_heads = self.residual, self.within_heads
         if residual == "auto":
             residual = "orthogonal" if aligns and rotatable else "shared"
         if within_heads == "auto":
-            exact = self.heads == "aware" and self.solver == "exact" and self.marginals == "uniform"
-            within_heads = "orthogonal" if aligns and exact else "permutation"
+            within_heads = "orthogonal" if aligns and self.heads == "aware" else "permutation"
         return dataclasses.replace(self, residual=residual, within_heads=within_heads)
 
     @property
