@@ -198,7 +198,9 @@ def compare_methods(models: dict, base, alignment, score) -> list[dict]:
         "task arithmetic, λ=0.5": FusionConfig(method="task-arithmetic", scale=0.5),
         "task arithmetic, λ=1.0": FusionConfig(method="task-arithmetic", scale=1.0),
         "RegMean, α=0.9": FusionConfig(method="regmean"),
-        "OT (activations, exact)": FusionConfig(method="ot", cost="activations", solver="exact"),
+        "OT (activations, exact)": FusionConfig(
+            method="ot", cost="activations", solver="exact", residual="shared", within_heads="permutation"
+        ),  # permutations only, as when the committed results were measured
         "OT align + RegMean": FusionConfig(method="regmean", align="ot", cost="activations", solver="exact"),
     }
     merges = []
