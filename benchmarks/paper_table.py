@@ -24,6 +24,7 @@ import os
 import platform
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -365,6 +366,24 @@ def plot(reports: list[dict], out: Path) -> None:
     plt.close(fig)
 
 
+def run_families(run_family, args) -> tuple[list[dict], Callable[[str], None]]:
+    """`run_family(family, args, cache, log)` for every family of `args.family`, with the libraries' progress bars
+    off; returns the reports and the log function (each line timed from this call), for the benchmarks that share
+    these families and their data (`quality.py`, `token_budget.py`)."""
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+    started = time.perf_counter()
+
+    def log(message: str) -> None:
+        print(f"{time.perf_counter() - started:7.1f}s {message}", flush=True)
+
+    cache: dict = {}
+    return [run_family(family, args, cache, log) for family in args.family], log
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--family", nargs="+", choices=list(FAMILIES), default=list(FAMILIES))
@@ -387,18 +406,8 @@ def main(argv: list[str] | None = None) -> None:
     args.align_samples = {"vit": args.image_align_samples, "deit": args.image_align_samples,
                           "bert": args.text_align_samples}  # fmt: skip
     torch.set_num_threads(args.threads)
-    import datasets
-    import transformers
-
-    datasets.disable_progress_bars()
-    transformers.utils.logging.disable_progress_bar()
     started = time.perf_counter()
-
-    def log(message: str) -> None:
-        print(f"{time.perf_counter() - started:7.1f}s {message}", flush=True)
-
-    cache: dict = {}
-    reports = [run_family(family, args, cache, log) for family in args.family]
+    reports, log = run_families(run_family, args)
 
     meta = {
         "total_s": round(time.perf_counter() - started, 1),

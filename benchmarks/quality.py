@@ -30,7 +30,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE / "parents"))
 sys.path.insert(0, str(HERE))
-from paper_table import FAMILIES, family_data, finetune_and_score, load_parents, score  # noqa: E402
+from paper_table import FAMILIES, family_data, finetune_and_score, load_parents, run_families, score  # noqa: E402
 
 from hf_otfusion import FusionConfig, fuse_with_diagnostics  # noqa: E402
 from hf_otfusion.finetune import FinetuneConfig  # noqa: E402
@@ -267,18 +267,8 @@ def main(argv: list[str] | None = None) -> None:
     args.align_samples = {"vit": args.image_align_samples, "deit": args.image_align_samples,
                           "bert": args.text_align_samples}  # fmt: skip
     torch.set_num_threads(args.threads)
-    import datasets
-    import transformers
-
-    datasets.disable_progress_bars()
-    transformers.utils.logging.disable_progress_bar()
     started = time.perf_counter()
-
-    def log(message: str) -> None:
-        print(f"{time.perf_counter() - started:7.1f}s {message}", flush=True)
-
-    cache: dict = {}
-    reports = [run_family(family, args, cache, log) for family in args.family]
+    reports, log = run_families(run_family, args)
     meta = {
         "argv": " ".join(argv if argv is not None else sys.argv[1:]),
         "total_s": round(time.perf_counter() - started, 1),

@@ -28,7 +28,7 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from paper_table import FAMILIES, family_data, load_parents, score  # noqa: E402
+from paper_table import FAMILIES, family_data, load_parents, run_families, score  # noqa: E402
 
 from hf_otfusion import FusionConfig, fuse_with_diagnostics  # noqa: E402
 
@@ -123,20 +123,12 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     args.eval_samples = None  # family_data's quick-look cap: never here, the whole test split is scored
     torch.set_num_threads(1)  # timings comparable with paper_table.py's, and fair to a shared 2-core machine
-    import datasets
     import transformers
 
     import hf_otfusion
 
-    datasets.disable_progress_bars()
-    transformers.utils.logging.disable_progress_bar()
     started = time.perf_counter()
-
-    def log(message: str) -> None:
-        print(f"{time.perf_counter() - started:7.1f}s {message}", flush=True)
-
-    cache: dict = {}
-    reports = [run_family(family, args, cache, log) for family in args.family]
+    reports, log = run_families(run_family, args)
     meta = {
         "command": shlex.join(["python", "benchmarks/token_budget.py", *(sys.argv[1:] if argv is None else argv)]),
         "total_s": round(time.perf_counter() - started, 1),

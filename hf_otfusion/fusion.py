@@ -327,10 +327,9 @@ def _align_and_average(run: _FusionRun) -> FusionResult:
 
     started = time.perf_counter()
     anchor_model = obtain(anchor)
-    rotates = run.config.method == "ot" and run.config.residual == "orthogonal"
     output_norm = run.plans[anchor].output_norm
     anchor_norm = None
-    if rotates and output_norm:  # the fused output norm gets these back (`restore_output_norm`)
+    if run.config.residual == "orthogonal" and output_norm:  # given back to the fused model at the end
         own = named_tensors(anchor_model)
         anchor_norm = (own[f"{output_norm}.weight"].clone(), own[f"{output_norm}.bias"].clone())
     fused = anchor_model if from_checkpoint[anchor] else copy.deepcopy(anchor_model)
@@ -366,7 +365,7 @@ def _align_and_average(run: _FusionRun) -> FusionResult:
 def _fusion_parameters(model: PreTrainedModel, plan: FusionPlan, config: FusionConfig) -> dict[str, torch.Tensor]:
     """The tensors of a parent that enter the average: its own, or reparameterised for a rotatable residual."""
     params = named_tensors(model)
-    if config.method == "ot" and config.residual == "orthogonal":
+    if config.residual == "orthogonal":  # FusionConfig allows it with method="ot" only
         # folded in float64, kept in the parameters' own dtype: a float64 copy of a ViT-B parent is 0.7 GB
         return {name: t.to(params[name].dtype) for name, t in reparameterise(params, plan).items()}
     return params

@@ -13,7 +13,7 @@ import logging
 import os
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import ot
@@ -113,7 +113,7 @@ class _CostSources:
         Activation statistics are released once read: each belongs to exactly one space.
         """
         if self.kind(space) == "activations":
-            moments = [self.pooled_moments(space)] if pooled else self._release(space)
+            moments = [self.pooled_moments(space)] if pooled else self.release(space)
             return [s.cost(self.config.activation_cost) for s in moments]
         features = self._weight_features(space, maps)
         if not features:
@@ -127,10 +127,11 @@ class _CostSources:
 
     def pooled_moments(self, space: str) -> UnitStatistics:
         """The activation statistics of all of a space's hooks together, released from `stats`."""
-        moments = self._release(space)
+        moments = self.release(space)
         return sum(moments[1:], start=moments[0]) if len(moments) > 1 else moments[0]
 
-    def _release(self, space: str) -> list[UnitStatistics]:
+    def release(self, space: str) -> list[UnitStatistics]:
+        """The activation statistics of each of a space's statistics keys, removed from `stats`."""
         keys = dict.fromkeys(self.keys[hook] for hook in self.anchor_plan.hooks[space])
         return [self.stats.pop(key) for key in keys]
 
@@ -241,13 +242,12 @@ def compute_maps(
                 solved.append((name, transport, info, sources.kind(nested[0].name), time.perf_counter() - started))
                 started = time.perf_counter()  # the heads entry carries the time of the joint solve
         elif space.stream and config.residual == "orthogonal":
-            keys = dict.fromkeys(sources.keys[hook] for hook in anchor_plan.hooks.get(space.name, []))
-            if sources.kind(space.name) != "activations" or not keys:
+            if sources.kind(space.name) != "activations":  # no statistics, or no hooks on the stream
                 raise SpecError(
                     "residual='orthogonal' solves the residual rotation from activation statistics of the residual "
                     f"stream, which space {space.name} has none of: use cost='activations' with alignment data."
                 )
-            transport, info = orthogonal_residual_map([stats.pop(key) for key in keys])
+            transport, info = orthogonal_residual_map(sources.release(space.name))
             solved = [(space.name, transport, info, "activations", time.perf_counter() - started)]
         else:
             mean_policy = space.name in per_hook
@@ -339,9 +339,13 @@ def orthogonal_residual_map(sites: list[UnitStatistics]) -> tuple[TransportMap, 
     for site, c in zip(sites, cross, strict=True):
         squares_a, squares_b = mean_squares(site)
         costs.append((squares_a.sum() + squares_b.sum() - 2.0 * float(np.vdot(rotation, c))) / len(squares_b))
+    return transport, _procrustes_info(transport, float(np.mean(costs)))
+
+
+def _procrustes_info(transport: TransportMap, cost: float) -> SolveInfo:
+    """The `SolveInfo` of an orthogonal map, its entropy and softness those of its coupling O∘O / n."""
     entropy = plan_entropy(transport.plan)
-    info = SolveInfo("procrustes", None, float(np.mean(costs)), entropy, softness(entropy, *transport.shape))
-    return transport, info
+    return SolveInfo("procrustes", None, cost, entropy, softness(entropy, *transport.shape))
 
 
 def _solve(
@@ -488,7 +492,7 @@ def solve_heads_orthogonal(
                     - 2 * singular.sum()
                 )
         rotations.append(found)
-    head_map, head_info = _solve(pair_costs.sum(0), replace(config, solver="exact"))
+    head_map, head_info = _solve(pair_costs.sum(0), config)  # exact: FusionConfig allows no other solver here
     sources = head_map.permutation  # sources[b]: the parent head matched to anchor head b
     results = [(heads.name, head_map, head_info)]
     for index, space in enumerate(nested):
@@ -498,8 +502,5 @@ def solve_heads_orthogonal(
             matrix[a * dim : (a + 1) * dim, b * dim : (b + 1) * dim] = rotations[index][(a, int(b))]
         transport = TransportMap.from_orthogonal(matrix)
         cost = float(sum(pair_costs[index, a, b] for b, a in enumerate(sources)) / space.size)
-        entropy = plan_entropy(transport.plan)
-        results.append(
-            (space.name, transport, SolveInfo("procrustes", None, cost, entropy, softness(entropy, *transport.shape)))
-        )
+        results.append((space.name, transport, _procrustes_info(transport, cost)))
     return results

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 from torch.func import functional_call
@@ -28,7 +28,7 @@ from transformers import PreTrainedModel
 from .align import align_tensor
 from .errors import FusionError
 from .plan import FusionPlan
-from .statistics import _batches
+from .statistics import _batch_size, _batches
 from .transport import TransportMap, complement_basis
 
 logger = logging.getLogger(__name__)
@@ -53,11 +53,7 @@ class RefineReport:
         return self.held_back_loss_after > self.anchor_held_back_loss
 
     def to_dict(self) -> dict:
-        return {
-            "steps": self.steps, "best_step": self.best_step, "held_back_loss_before": self.held_back_loss_before,
-            "held_back_loss_after": self.held_back_loss_after, "anchor_held_back_loss": self.anchor_held_back_loss,
-            "seconds": round(self.seconds, 2),
-        }  # fmt: skip
+        return {**asdict(self), "seconds": round(self.seconds, 2)}
 
 
 class _Rotation(torch.nn.Module):
@@ -170,7 +166,10 @@ def refine_maps(
 
     def held_back_loss() -> float:
         with torch.no_grad():
-            return float(sum(loss_on(batch).item() * _size(batch) for batch in held_back) / sum(map(_size, held_back)))
+            return float(
+                sum(loss_on(batch).item() * _batch_size(batch) for batch in held_back)
+                / sum(map(_batch_size, held_back))
+            )
 
     optimiser = torch.optim.Adam(rotations.parameters(), lr=learning_rate)
     before = best = held_back_loss()
@@ -193,7 +192,7 @@ def refine_maps(
                 target_of[id(batch)], reduction="sum",
             ).item()
             for batch in held_back
-        ) / sum(map(_size, held_back))  # fmt: skip
+        ) / sum(map(_batch_size, held_back))  # fmt: skip
     if best > anchor_loss:
         logger.warning(
             "After refinement the fused model is further from the parents' ensemble on held-back data than the "
@@ -228,7 +227,3 @@ def _logits(output) -> torch.Tensor:
             "with a task head (logits); this one returns none. Fuse classification checkpoints, or set refine_steps=0."
         )
     return logits
-
-
-def _size(batch: dict) -> int:
-    return len(next(iter(batch.values())))

@@ -18,7 +18,7 @@ parents' functions). Written here because no library does this for transformers.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
@@ -73,10 +73,7 @@ class SiteRepair:
     std_ratio_before: float  # mean over units of σ̂ / σ*
 
     def to_dict(self) -> dict:
-        return {
-            "site": self.site, "units": self.units, "mean_scale": self.mean_scale,
-            "std_ratio_before": self.std_ratio_before,
-        }  # fmt: skip
+        return asdict(self)
 
 
 def repair_sites(plan: FusionPlan, scope: str) -> list[str]:
