@@ -1,0 +1,75 @@
+"""What the rotations (and optionally repair) cost at ViT-B size, side by side with permutation-only OT.
+
+    python benchmarks/rotation_cost.py                # permutations vs the default rotations, ~4 min on 2 cores
+    python benchmarks/rotation_cost.py --with-repair  # also repair="all" (each configuration capped at --timeout)
+
+A random-init ViT-B-shaped pair (`ViTConfig()` defaults: 224px, patch 16, 768/3072, 12 layers), 64 random images,
+`tokens_per_sample=32`, `batch_size=16`, 2 torch threads; each configuration fuses in a fresh process, which
+prints one JSON line: wall seconds, the process's peak RSS and the stage timings. Random parents say nothing
+about accuracy (see `quality.py` for that); this measures time and memory only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+
+CONFIGS = {
+    "permutations only": {"residual": "shared", "within_heads": "permutation"},
+    "default (rotations)": {},
+}
+REPAIR = {"default + repair all": {"repair": "all"}}
+
+
+def fuse_once(fields: dict) -> dict:
+    import torch
+    import transformers as T
+    from datasets import Dataset
+
+    from hf_otfusion import FusionConfig, fuse_with_diagnostics
+
+    torch.set_num_threads(2)
+    parents = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        parents.append(T.ViTForImageClassification(T.ViTConfig(num_labels=10)).eval())
+    generator = torch.Generator().manual_seed(0)
+    data = Dataset.from_dict({"pixel_values": torch.randn(64, 3, 224, 224, generator=generator).numpy()})
+    config = FusionConfig(batch_size=16, tokens_per_sample=32, **fields)
+    started = time.perf_counter()
+    result = fuse_with_diagnostics(parents, data=data, config=config, progress=False)
+    return {
+        "seconds": round(time.perf_counter() - started, 1),
+        "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
+        "timings": {k: round(v, 1) for k, v in result.timings.items()},
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--with-repair", action="store_true", help="also measure repair='all'")
+    parser.add_argument("--timeout", type=int, default=580, help="seconds allowed per configuration")
+    parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: one configuration, as JSON fields
+    args = parser.parse_args()
+    if args.one is not None:
+        print(json.dumps(fuse_once(json.loads(args.one))))
+        return
+    configs = {**CONFIGS, **(REPAIR if args.with_repair else {})}
+    for name, fields in configs.items():
+        try:
+            done = subprocess.run(
+                [sys.executable, __file__, "--one", json.dumps(fields)], capture_output=True, text=True,
+                timeout=args.timeout,
+            )  # fmt: skip
+            line = done.stdout.strip().splitlines()[-1] if done.stdout.strip() else done.stderr[-2000:]
+        except subprocess.TimeoutExpired:
+            line = f"did not finish within {args.timeout} s"
+        print(f"{name}: {line}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
