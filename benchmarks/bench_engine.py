@@ -306,8 +306,8 @@ def run_one(spec: dict) -> None:
     import hf_otfusion
     from hf_otfusion import FusionConfig, fuse_with_diagnostics
     from hf_otfusion import fusion as fusion_module
-    from hf_otfusion import maps as maps_module
-    from hf_otfusion import statistics as statistics_module
+    from hf_otfusion.engine import maps as maps_module
+    from hf_otfusion.engine import statistics as statistics_module
 
     _emit(
         "hello",

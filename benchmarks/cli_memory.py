@@ -26,7 +26,7 @@ from pathlib import Path
 BASE = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12)
 SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
 
-IMPORTS = "import hf_otfusion.cli, hf_otfusion.fusion, hf_otfusion.pipeline, hf_otfusion.readiness"
+IMPORTS = "import hf_otfusion.cli, hf_otfusion.fusion, hf_otfusion.job.fuse_job, hf_otfusion.methods.readiness"
 
 
 def save_parents(directory: Path, shape: dict) -> list[Path]:

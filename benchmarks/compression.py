@@ -13,7 +13,7 @@ and half the FFN width (hidden 48, FFN 64, heads of 12 dims instead of 16): 48 %
 Every arm below has the target's shape and is then trained with one recipe for the same number of steps S:
 - `fusion`: both parents OT-fused into the target (activation cost). The fusion variant (marginals uniform or
   importance, exact or Sinkhorn plans) is chosen by its one-shot accuracy on the validation split;
-- `compression`: parent 0 alone compressed into the target (`hf_otfusion.target.compress`, the basis fusion
+- `compression`: parent 0 alone compressed into the target (`hf_otfusion.methods.target.compress`, the basis fusion
   aligns onto), which isolates what the second parent adds;
 - `scratch`: the target shape from a random initialisation;
 - `distillation`: the target shape from a random initialisation, trained on cross-entropy plus the KL divergence
@@ -117,8 +117,8 @@ def train(model, data: dict, family: str, steps: int, seed: int, teacher=None, p
 
     from transformers import PrinterCallback
 
-    from hf_otfusion.evaluation import data_collator
-    from hf_otfusion.finetune import FinetuneConfig, finetune
+    from hf_otfusion.train.evaluation import data_collator
+    from hf_otfusion.train.finetune import FinetuneConfig, finetune
 
     config = FinetuneConfig(
         max_steps=steps, seed=seed, evaluate_before=False, logging_steps=max(1, steps // 8), **RECIPES[family]
@@ -144,7 +144,7 @@ def train(model, data: dict, family: str, steps: int, seed: int, teacher=None, p
 
 def score(model, dataset, processor, with_loss: bool = False):
     """Accuracy on `dataset` (and the mean cross-entropy, when `with_loss`), rounded for the tables."""
-    from hf_otfusion.evaluation import evaluate_model
+    from hf_otfusion.train.evaluation import evaluate_model
 
     result = evaluate_model(model, dataset, processor=processor, batch_size=256)
     accuracy = round(result["accuracy"], 4)
@@ -152,10 +152,10 @@ def score(model, dataset, processor, with_loss: bool = False):
 
 
 def run_family(family: str, args: argparse.Namespace) -> dict:
-    import hf_otfusion.finetune  # noqa: F401  (imported before the long steps: a broken install fails now)
+    import hf_otfusion.train.finetune  # noqa: F401  (imported before the long steps: a broken install fails now)
     from hf_otfusion import FusionConfig, fuse_with_diagnostics
     from hf_otfusion.checkpoints import load_parent
-    from hf_otfusion.target import compress, target_config
+    from hf_otfusion.methods.target import compress, target_config
 
     dirs = parent_dirs(family, args.parents)
     data, processor = load_data(family, dirs[0])

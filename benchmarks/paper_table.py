@@ -35,8 +35,8 @@ sys.path.insert(0, str(HERE / "parents"))
 from paper_data import bbc_news_text, fashion_mnist, tokenize  # noqa: E402
 
 from hf_otfusion import FusionConfig, fuse_with_diagnostics  # noqa: E402
-from hf_otfusion.evaluation import evaluate_model  # noqa: E402
-from hf_otfusion.finetune import FinetuneConfig, finetune  # noqa: E402
+from hf_otfusion.train.evaluation import evaluate_model  # noqa: E402
+from hf_otfusion.train.finetune import FinetuneConfig, finetune  # noqa: E402
 
 FAMILIES = {"vit": "Fashion-MNIST", "deit": "Fashion-MNIST", "bert": "BBC News"}
 REGS = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0)

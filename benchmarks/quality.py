@@ -33,7 +33,7 @@ sys.path.insert(0, str(HERE))
 from paper_table import FAMILIES, family_data, finetune_and_score, load_parents, run_families, score  # noqa: E402
 
 from hf_otfusion import FusionConfig, fuse_with_diagnostics  # noqa: E402
-from hf_otfusion.finetune import FinetuneConfig  # noqa: E402
+from hf_otfusion.train.finetune import FinetuneConfig  # noqa: E402
 
 # today's best one-shot configuration per family in benchmarks/results/paper_table.md (chosen there on validation)
 TODAYS_BEST = {

@@ -63,7 +63,7 @@ def finetune_child(name: str, seed: int, train, args, labels: list[str]) -> tupl
     """Fine-tunes MiniLM with a fresh head (or reuses the cached checkpoint); returns its directory and record."""
     import transformers as T
 
-    from hf_otfusion.finetune import FinetuneConfig, finetune
+    from hf_otfusion.train.finetune import FinetuneConfig, finetune
 
     out = args.work_dir / f"minilm-bbc-{name}"
     record_path = out / "training.json"
@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> None:
 
     import transformers as T
 
-    from hf_otfusion.evaluation import evaluate_model
+    from hf_otfusion.train.evaluation import evaluate_model
 
     T.logging.set_verbosity_error()
     started_all = time.perf_counter()

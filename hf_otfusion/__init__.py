@@ -7,8 +7,6 @@ start without importing torch and transformers.
 from __future__ import annotations
 
 import importlib
-import sys
-import types
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
@@ -19,36 +17,36 @@ _EXPORTS = {
     "FusionResult": "fusion",
     "fuse": "fusion",
     "fuse_with_diagnostics": "fusion",
-    "FinetuneConfig": "finetune",
-    "FinetuneResult": "finetune",
-    "finetune": "finetune",
-    "EvaluationTable": "evaluation",
-    "evaluate_model": "evaluation",
-    "evaluate_models": "evaluation",
-    "load_metric": "metrics",
+    "FinetuneConfig": "train.finetune",
+    "FinetuneResult": "train.finetune",
+    "finetune": "train.finetune",
+    "EvaluationTable": "train.evaluation",
+    "evaluate_model": "train.evaluation",
+    "evaluate_models": "train.evaluation",
+    "load_metric": "train.metrics",
     "DataSource": "data",
     "load_dataset_source": "data",
     "encode_dataset": "data",
-    "FuseJob": "pipeline",
-    "Provenance": "provenance",
-    "render_card": "card",
-    "push_folder": "hub",
-    "ReadinessReport": "readiness",
-    "readiness_report": "readiness",
-    "GramStatistics": "gram",
-    "collect_gram_statistics": "gram",
-    "merge_parameters": "merging",
-    "regmean_linear": "merging",
-    "permute_model": "permute",
-    "compress": "target",
-    "random_permutations": "permute",
-    "FusionPlan": "plan",
-    "resolve_plan": "plan",
-    "AlignmentSpec": "spec",
-    "available_specs": "spec",
-    "load_spec": "spec",
-    "TransportMap": "transport",
-    "solve_transport": "transport",
+    "FuseJob": "job.fuse_job",
+    "Provenance": "output.provenance",
+    "render_card": "output.card",
+    "push_folder": "hub.parents",
+    "ReadinessReport": "methods.readiness",
+    "readiness_report": "methods.readiness",
+    "GramStatistics": "methods.gram",
+    "collect_gram_statistics": "methods.gram",
+    "merge_parameters": "methods.same_base",
+    "regmean_linear": "methods.same_base",
+    "permute_model": "engine.permute",
+    "compress": "methods.target",
+    "random_permutations": "engine.permute",
+    "FusionPlan": "engine.plan",
+    "resolve_plan": "engine.plan",
+    "AlignmentSpec": "engine.spec",
+    "available_specs": "engine.spec",
+    "load_spec": "engine.spec",
+    "TransportMap": "engine.transport",
+    "solve_transport": "engine.transport",
     "FusionError": "errors",
     "SpecError": "errors",
     "UnsupportedArchitectureError": "errors",
@@ -90,29 +88,14 @@ def __dir__() -> list[str]:
     return sorted([*globals(), *_EXPORTS])
 
 
-class _Package(types.ModuleType):
-    """The `hf_otfusion` module, which keeps a public function bound when its namesake submodule is imported.
-
-    Importing `hf_otfusion.finetune` (which `from hf_otfusion import FinetuneConfig` does first) makes Python set
-    the package attribute `finetune` to that submodule, shadowing the exported function of the same name, so
-    `from hf_otfusion import FinetuneConfig, finetune` would bind a module. Here, that attribute is the
-    function instead; `from hf_otfusion.finetune import ...` still reads the submodule from `sys.modules`.
-    """
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        if isinstance(value, types.ModuleType) and _EXPORTS.get(name) == name and hasattr(value, name):
-            value = getattr(value, name)
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package
-
-
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
-    from .card import render_card
     from .checkpoints import Checkpoint
     from .config import FusionConfig
     from .data import DataSource, encode_dataset, load_dataset_source
+    from .engine.permute import permute_model, random_permutations
+    from .engine.plan import FusionPlan, resolve_plan
+    from .engine.spec import AlignmentSpec, available_specs, load_spec
+    from .engine.transport import TransportMap, solve_transport
     from .errors import (
         CorruptCheckpointError,
         DataSourceError,
@@ -139,18 +122,15 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
         UnsupportedTaskError,
         VocabularyMismatchError,
     )
-    from .evaluation import EvaluationTable, evaluate_model, evaluate_models
-    from .finetune import FinetuneConfig, FinetuneResult, finetune
     from .fusion import FusionResult, fuse, fuse_with_diagnostics
-    from .gram import GramStatistics, collect_gram_statistics
-    from .hub import push_folder
-    from .merging import merge_parameters, regmean_linear
-    from .metrics import load_metric
-    from .permute import permute_model, random_permutations
-    from .pipeline import FuseJob
-    from .plan import FusionPlan, resolve_plan
-    from .provenance import Provenance
-    from .readiness import ReadinessReport, readiness_report
-    from .spec import AlignmentSpec, available_specs, load_spec
-    from .target import compress
-    from .transport import TransportMap, solve_transport
+    from .hub.parents import push_folder
+    from .job.fuse_job import FuseJob
+    from .methods.gram import GramStatistics, collect_gram_statistics
+    from .methods.readiness import ReadinessReport, readiness_report
+    from .methods.same_base import merge_parameters, regmean_linear
+    from .methods.target import compress
+    from .output.card import render_card
+    from .output.provenance import Provenance
+    from .train.evaluation import EvaluationTable, evaluate_model, evaluate_models
+    from .train.finetune import FinetuneConfig, FinetuneResult, finetune
+    from .train.metrics import load_metric

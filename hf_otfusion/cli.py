@@ -244,7 +244,7 @@ def run_fuse(args: argparse.Namespace, argv: list[str]) -> int:
     import shlex
 
     from .config import FusionConfig
-    from .pipeline import FuseJob, load_config_file, silence_progress_bars
+    from .job.fuse_job import FuseJob, load_config_file, silence_progress_bars
 
     values = load_config_file(args.config) if args.config else {}
     for field in dataclasses.fields(FusionConfig):
@@ -269,15 +269,15 @@ def run_fuse(args: argparse.Namespace, argv: list[str]) -> int:
         print("Dry run: pre-flight passed; no weights were downloaded and nothing was written.")
         return 0
     result = job.run(plan)
-    from .distributed import is_main_process, process_state
+    from .engine.distributed import is_main_process, process_state
 
     if not is_main_process(process_state(None)):
         return 0  # under torchrun / accelerate launch, only the main process writes the output (and pushes)
     if not args.quiet:
         print(result.summary())
     if args.eval_data:
-        from .card import results_text
-        from .provenance import Provenance
+        from .output.card import results_text
+        from .output.provenance import Provenance
 
         print(results_text(Provenance.load(args.out)))
     print(f"Fused model written to {args.out}")
@@ -314,7 +314,7 @@ def fuse_config(values: dict, has_data: bool):
 
 def run_push(args: argparse.Namespace) -> int:
     if args.quiet:
-        from .pipeline import silence_progress_bars
+        from .job.fuse_job import silence_progress_bars
 
         silence_progress_bars()
     return _push(args.folder, args.repo_id, args, commit_message=args.commit_message)
@@ -323,7 +323,7 @@ def run_push(args: argparse.Namespace) -> int:
 def _push(folder: Path, repo_id: str, args: argparse.Namespace, commit_message: str | None = None) -> int:
     """Uploads `folder`; prints the commit SHA and URL, or the error and the command that retries it."""
     from .errors import PushError
-    from .hub import push_folder
+    from .hub.parents import push_folder
 
     try:
         pushed = push_folder(
@@ -342,8 +342,8 @@ def _push(folder: Path, repo_id: str, args: argparse.Namespace, commit_message: 
 def run_inspect(args: argparse.Namespace) -> int:
     from .config import FusionConfig
     from .data import DataSource, load_processor
-    from .hub import download_parents, parent_checkpoint, resolve_parent
-    from .readiness import readiness_report
+    from .hub.parents import download_parents, parent_checkpoint, resolve_parent
+    from .methods.readiness import readiness_report
 
     # read and encoded as `fuse --data` is; resolved first, so that a missing data set fails before any download
     data_source = DataSource.resolve(args.data, args.split) if args.data is not None else None
@@ -430,7 +430,7 @@ def _add_finetune_parser(commands) -> None:
 
 
 def _add_eval_parser(commands) -> None:
-    from .metrics import available_metrics
+    from .train.metrics import available_metrics
 
     evaluate = commands.add_parser(
         "eval",
@@ -452,7 +452,7 @@ def _add_eval_parser(commands) -> None:
 def _load_classifier(source: str, progress: bool):
     """A checkpoint resolved (Hub ids pinned to a commit), downloaded with its processor, card and provenance."""
     from .data import load_processor
-    from .hub import download_parents, load_parent_model, resolve_parent
+    from .hub.parents import download_parents, load_parent_model, resolve_parent
 
     parent = resolve_parent(source)
     download_parents([parent], 0, progress=progress)
@@ -460,7 +460,7 @@ def _load_classifier(source: str, progress: bool):
         from huggingface_hub import hf_hub_download
         from huggingface_hub.errors import EntryNotFoundError
 
-        from .finetune import PROVENANCE_FILES
+        from .train.finetune import PROVENANCE_FILES
 
         for name in ("README.md", *PROVENANCE_FILES):  # the card and provenance that finetuning carries over
             try:
@@ -500,10 +500,10 @@ def _describe(source) -> str:
 
 
 def run_finetune(args: argparse.Namespace) -> int:
-    from .distributed import is_main_process, process_state
-    from .finetune import FinetuneConfig, finetune
-    from .output_dir import check_output_dir
-    from .pipeline import load_config_file, silence_progress_bars
+    from .engine.distributed import is_main_process, process_state
+    from .job.fuse_job import load_config_file, silence_progress_bars
+    from .output.staging import check_output_dir
+    from .train.finetune import FinetuneConfig, finetune
 
     values = load_config_file(args.config) if args.config else {}
     for field in dataclasses.fields(FinetuneConfig):
@@ -544,10 +544,10 @@ def run_finetune(args: argparse.Namespace) -> int:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from .evaluation import EvaluationTable, ModelScore, evaluate_model
+    from .train.evaluation import EvaluationTable, ModelScore, evaluate_model
 
     if args.quiet:
-        from .pipeline import silence_progress_bars
+        from .job.fuse_job import silence_progress_bars
 
         silence_progress_bars()
     rows, encodings, split = [], [], args.split
@@ -614,7 +614,7 @@ def main(argv: list[str] | None = None) -> int:
     level = logging.ERROR if secondary else logging.WARNING if getattr(args, "quiet", False) else logging.INFO
     logging.getLogger("hf_otfusion").setLevel(level)
     if args.command in ("fuse", "inspect", "finetune", "eval"):  # the commands that load models
-        from .pipeline import hide_weight_loading_bars
+        from .job.fuse_job import hide_weight_loading_bars
 
         hide_weight_loading_bars()
     from .errors import FusionError

@@ -93,7 +93,7 @@ class FusionConfig:
 
     Args:
         method: `ot` aligns every parent onto the anchor before averaging; `vanilla` averages as they are.
-            For fine-tunes of one base (see `hf_otfusion.merging`): `interpolate` (the weighted average),
+            For fine-tunes of one base (see `hf_otfusion.methods.same_base`): `interpolate` (the weighted average),
             `task-arithmetic` (base + scale * sum of task vectors) or `regmean` (closed-form least-squares
             merge of every linear layer from the Gram matrices of its inputs on the alignment data).
         align: `ot` aligns the parents with OT (the options below) before a same-base method; `none` merges
@@ -115,7 +115,7 @@ class FusionConfig:
             map per source and averages them (the paper's averaging of incoming maps); `orthogonal` (pre-LN
             architectures: ViT, DeiT) folds every parent's LayerNorms into their readers and centres the writers
             of the residual stream, an exact rewrite after which the stream can be rotated, then aligns it with
-            one rotation per parent from the stream's activation statistics (see `hf_otfusion.reparameterise`).
+            one rotation per parent from the stream's activation statistics (see `hf_otfusion.engine.reparameterise`).
             The fused model's LayerNorms then hold weight 1 and bias 0. Needs `cost="activations"`. `auto`
             (default) is `orthogonal` wherever it applies (a pre-LN spec, activation costs, the exact solver with
             uniform marginals, `method="ot"`, no `target`, equal widths) and `shared` elsewhere; `fuse` records
@@ -134,7 +134,7 @@ class FusionConfig:
         target: fuse into a narrower shape than the anchor's (compression): config sizes such as
             `{"hidden_size": 48, "intermediate_size": 96, "num_attention_heads": 4}`, or the same as a string
             `"hidden_size=48,intermediate_size=96,num_attention_heads=4"` (the CLI's `--target`). The fused
-            model is the anchor's class with these config values; see `hf_otfusion.target`. `None` keeps the
+            model is the anchor's class with these config values; see `hf_otfusion.methods.target`. `None` keeps the
             anchor's shape.
         marginals: mass of each unit in the OT problems between spaces of different widths: `uniform`, or
             `importance` (mean squared activation, or squared weight norm without data), so that heavy units
@@ -149,7 +149,7 @@ class FusionConfig:
             orthogonal map further (residual and within-head rotations; permutations stay) so that the average of
             the aligned parents matches the parents' ensemble (KL divergence of the output distributions, no
             labels); every fifth batch is held back and the best maps on it are kept (see
-            `hf_otfusion.refine`). 0 (default) turns it off. Needs a model with logits and orthogonal maps.
+            `hf_otfusion.engine.refine`). 0 (default) turns it off. Needs a model with logits and orthogonal maps.
         refine_lr: Adam's learning rate for `refine_steps`.
         repair: after averaging, move each fused unit's activation mean and standard deviation on the
             alignment data to the weighted average of its aligned parent units' (REPAIR, Jordan et al. 2023):

@@ -13,22 +13,22 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel
 
-from .align import align_tensor, pieces
 from .checkpoints import ModelOrPath, load_parent, skeleton
-from .compatibility import check_compatible, check_finite, check_same_model_type, check_same_widths
 from .config import FusionConfig
-from .distributed import broadcast_from_main, is_main_process, models_on, process_state, resolve_device
+from .engine.align import align_tensor, pieces
+from .engine.compatibility import check_compatible, check_finite, check_same_model_type, check_same_widths
+from .engine.distributed import broadcast_from_main, is_main_process, models_on, process_state, resolve_device
+from .engine.maps import SpaceDiagnostics, compute_maps, per_hook_spaces
+from .engine.plan import FusionPlan, model_with_tensors, named_tensors, resolve_plan
+from .engine.refine import RefineReport, refine_maps
+from .engine.repair import SiteRepair, repair_model
+from .engine.reparameterise import check_rotatable, reparameterise, restore_output_norm
+from .engine.spec import AlignmentSpec, load_spec
+from .engine.statistics import collect_statistics, statistics_keys
+from .engine.transport import TransportMap
 from .errors import EmptyAlignmentDataError, FusionError
-from .maps import SpaceDiagnostics, compute_maps, per_hook_spaces
-from .merging import SAME_BASE_METHODS, base_in_anchor_class, merge_parameters, parent_grams
-from .plan import FusionPlan, model_with_tensors, named_tensors, resolve_plan
-from .refine import RefineReport, refine_maps
-from .repair import SiteRepair, repair_model
-from .reparameterise import check_rotatable, reparameterise, restore_output_norm
-from .spec import AlignmentSpec, load_spec
-from .statistics import collect_statistics, statistics_keys
-from .target import target_basis
-from .transport import TransportMap
+from .methods.same_base import SAME_BASE_METHODS, base_in_anchor_class, merge_parameters, parent_grams
+from .methods.target import target_basis
 
 logger = logging.getLogger(__name__)
 
@@ -136,7 +136,7 @@ def fuse_with_diagnostics(
     """Aligns every parent onto the anchor with optimal transport, then averages in the anchor's basis.
 
     With a same-base `config.method` (`interpolate`, `task-arithmetic`, `regmean`), the parents are merged by
-    that method instead, after OT alignment only when `config.align="ot"` (see `hf_otfusion.merging`).
+    that method instead, after OT alignment only when `config.align="ot"` (see `hf_otfusion.methods.same_base`).
 
     Args:
         models: parents, as loaded models or local/Hub checkpoints (loaded with safetensors only). For OT
@@ -220,7 +220,7 @@ def _equal_widths(plans: list[FusionPlan], anchor: int) -> bool:
 
 
 def _merge_same_base(run: _FusionRun, base: ModelOrPath | None) -> FusionResult:
-    """The same-base methods (`hf_otfusion.merging`) on every parent in memory, aligned first with `align="ot"`."""
+    """The same-base methods (`methods.same_base`) on every parent in memory, aligned first with `align="ot"`."""
     config, parents, anchor, timings = run.config, run.parents, run.anchor, run.timings
     aligns = config.align == "ot"
     started = time.perf_counter()
@@ -256,7 +256,7 @@ def _merge_same_base(run: _FusionRun, base: ModelOrPath | None) -> FusionResult:
 
 
 def _fuse_into_target(run: _FusionRun) -> FusionResult:
-    """Fusion into `config.target`: the anchor compressed into the target shape (`hf_otfusion.target`) becomes
+    """Fusion into `config.target`: the anchor compressed into the target shape (`hf_otfusion.methods.target`) becomes
     the anchor of an ordinary fusion of every parent, the original anchor included, with weight 0 itself."""
     started = time.perf_counter()
     basis = target_basis(

@@ -23,8 +23,8 @@ from safetensors.torch import save_file
 
 from hf_otfusion import FusionConfig, fuse
 from hf_otfusion.cli import main as cli_main
-from hf_otfusion.plan import resolve_plan
-from hf_otfusion.statistics import collect_statistics
+from hf_otfusion.engine.plan import resolve_plan
+from hf_otfusion.engine.statistics import collect_statistics
 
 BATCH_SIZE = 4
 

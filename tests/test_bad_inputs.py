@@ -14,7 +14,7 @@ from hub_utils import client_env, run_cli
 from hf_otfusion import permute_model
 from hf_otfusion.cli import main
 from hf_otfusion.errors import NonFiniteWeightsError
-from hf_otfusion.pipeline import check_fused_finite
+from hf_otfusion.job.fuse_job import check_fused_finite
 
 
 @pytest.fixture(scope="module")

@@ -14,10 +14,10 @@ from huggingface_hub import ModelCard
 from safetensors import safe_open
 
 from hf_otfusion import permute_model
-from hf_otfusion.card import build_card_data
 from hf_otfusion.cli import main
-from hf_otfusion.plan import resolve_plan
-from hf_otfusion.provenance import Provenance
+from hf_otfusion.engine.plan import resolve_plan
+from hf_otfusion.output.card import build_card_data
+from hf_otfusion.output.provenance import Provenance
 
 PREPROCESSOR = {
     "image_processor_type": "ViTImageProcessor",
@@ -308,8 +308,10 @@ def test_cli_holds_at_most_two_models_at_any_step(parents, align_data, tmp_path,
 
     from datasets import Dataset
 
-    from hf_otfusion import evaluation, fusion, readiness
+    from hf_otfusion import fusion
     from hf_otfusion.checkpoints import Checkpoint
+    from hf_otfusion.methods import readiness
+    from hf_otfusion.train import evaluation
 
     parent, paths = parents
     eval_path = tmp_path / "eval"

@@ -17,10 +17,10 @@ from safetensors.torch import load_file
 
 from hf_otfusion import DeviceUnavailableError, FusionConfig, fuse
 from hf_otfusion.cli import main
-from hf_otfusion.distributed import models_on, owned_batches, resolve_device
+from hf_otfusion.engine.distributed import models_on, owned_batches, resolve_device
+from hf_otfusion.engine.plan import resolve_plan
+from hf_otfusion.engine.statistics import collect_statistics
 from hf_otfusion.hub_server import HubServer
-from hf_otfusion.plan import resolve_plan
-from hf_otfusion.statistics import collect_statistics
 
 WORKER = Path(__file__).with_name("distributed_worker.py")
 SAMPLES, BATCH_SIZE = 19, 4  # 5 batches, the last one of 3 samples: 3 batches on process 0, 2 on process 1

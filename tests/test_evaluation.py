@@ -12,7 +12,7 @@ from conftest import build, inputs_for
 from datasets import ClassLabel, Dataset
 
 from hf_otfusion.errors import TrainingDataError, UnsupportedTaskError
-from hf_otfusion.evaluation import EvaluationTable, evaluate_model, evaluate_models
+from hf_otfusion.train.evaluation import EvaluationTable, evaluate_model, evaluate_models
 
 NUM_EXAMPLES = 23  # not a multiple of the batch size
 

@@ -18,8 +18,8 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from hf_otfusion.cli import main
 from hf_otfusion.errors import OutputExistsError, UnsupportedTaskError
-from hf_otfusion.evaluation import evaluate_model
-from hf_otfusion.finetune import FinetuneConfig, finetune
+from hf_otfusion.train.evaluation import evaluate_model
+from hf_otfusion.train.finetune import FinetuneConfig, finetune
 
 RECIPE = dict(learning_rate=3e-3, batch_size=16, warmup=2, logging_steps=4)
 FUSED_TEXT = "# fused-vit\n\nFused from 2 parents with hf_otfusion.\n\n## Parents\n\n| parent | commit |\n|---|---|\n"

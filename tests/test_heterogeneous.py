@@ -17,12 +17,12 @@ import yaml
 from conftest import build, inputs_for, outputs, relative_error
 
 from hf_otfusion import FusionConfig, compress, fuse, fuse_with_diagnostics, permute_model
-from hf_otfusion.align import align_parameters
 from hf_otfusion.cli import main
+from hf_otfusion.engine.align import align_parameters
+from hf_otfusion.engine.plan import resolve_plan
+from hf_otfusion.engine.transport import TransportMap, uniform
 from hf_otfusion.errors import FusionError, IncompatibleModelsError, TargetShapeError
-from hf_otfusion.plan import resolve_plan
-from hf_otfusion.target import select_centres
-from hf_otfusion.transport import TransportMap, uniform
+from hf_otfusion.methods.target import select_centres
 
 NARROW = {"hidden_size": 32, "intermediate_size": 48, "num_attention_heads": 4}  # conftest's tiny models
 

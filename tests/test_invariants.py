@@ -7,8 +7,8 @@ import torch
 from conftest import build, inputs_for, outputs, relative_error
 
 from hf_otfusion import FusionConfig, fuse, fuse_with_diagnostics, permute_model
-from hf_otfusion.align import align_parameters
-from hf_otfusion.plan import resolve_plan
+from hf_otfusion.engine.align import align_parameters
+from hf_otfusion.engine.plan import resolve_plan
 
 
 @pytest.mark.parametrize("cost", ["weights", "activations"])
@@ -89,8 +89,8 @@ def test_same_inputs_give_identical_weights():
     [("weights", "exact", "shared"), ("weights", "sinkhorn", "mean"), ("activations", "exact", "mean")],
 )
 def test_concurrent_solves_give_the_maps_of_one_by_one_solves(cost, solver, residual):
-    from hf_otfusion.maps import compute_maps, per_hook_spaces
-    from hf_otfusion.statistics import collect_statistics, statistics_keys
+    from hf_otfusion.engine.maps import compute_maps, per_hook_spaces
+    from hf_otfusion.engine.statistics import collect_statistics, statistics_keys
 
     models = [build("bert-seqcls", seed=0), build("bert-seqcls", seed=1)]
     plans = [resolve_plan(m) for m in models]

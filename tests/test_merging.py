@@ -14,8 +14,8 @@ from conftest import build, inputs_for, outputs, relative_error
 from hf_otfusion import FusionConfig, fuse, fuse_with_diagnostics, permute_model
 from hf_otfusion.cli import main
 from hf_otfusion.errors import EmptyAlignmentDataError, FusionError, IncompatibleModelsError
-from hf_otfusion.gram import collect_gram_statistics, mergeable_linears
-from hf_otfusion.provenance import CONFIG_FILE
+from hf_otfusion.methods.gram import collect_gram_statistics, mergeable_linears
+from hf_otfusion.output.provenance import CONFIG_FILE
 
 
 def finetune_of(base: T.PreTrainedModel, seed: int, scale: float = 0.05) -> T.PreTrainedModel:

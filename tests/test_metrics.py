@@ -7,7 +7,7 @@ import pytest
 from sklearn.metrics import accuracy_score, f1_score
 
 from hf_otfusion.errors import FusionError
-from hf_otfusion.metrics import METRICS_DIR, available_metrics, load_metric
+from hf_otfusion.train.metrics import METRICS_DIR, available_metrics, load_metric
 
 
 @pytest.fixture(scope="module")
@@ -65,6 +65,6 @@ def test_unknown_metric_names_the_shipped_ones():
 
 def test_metric_modules_are_package_data():
     tomllib = pytest.importorskip("tomllib")
-    pyproject = tomllib.loads((METRICS_DIR.parents[1] / "pyproject.toml").read_text())
+    pyproject = tomllib.loads((METRICS_DIR.parents[2] / "pyproject.toml").read_text())
     packages = pyproject["tool"]["setuptools"]["packages"]  # each metric folder ships as a package of its own
-    assert {f"hf_otfusion.metrics.{name}" for name in available_metrics()} <= set(packages)
+    assert {f"hf_otfusion.train.metrics.{name}" for name in available_metrics()} <= set(packages)

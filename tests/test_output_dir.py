@@ -11,8 +11,8 @@ from test_finetune import bars, fresh_vit
 from hf_otfusion import permute_model
 from hf_otfusion.cli import main
 from hf_otfusion.errors import OutputExistsError, UnsafeOutputError
-from hf_otfusion.finetune import FinetuneConfig, finetune
-from hf_otfusion.output_dir import check_output_dir, recover_interrupted, stage_output
+from hf_otfusion.output.staging import check_output_dir, recover_interrupted, stage_output
+from hf_otfusion.train.finetune import FinetuneConfig, finetune
 
 
 @pytest.fixture
@@ -81,8 +81,10 @@ def test_fuse_refuses_an_out_that_is_a_file_or_a_symlink(workdir, capsys):
 def test_fuse_refuses_an_out_in_a_read_only_directory_before_any_work(workdir, capsys, monkeypatch):
     (workdir / "locked").mkdir()
     real_access = os.access
-    monkeypatch.setattr("hf_otfusion.output_dir.os.access", lambda p, mode: real_access(p, mode) and p.name != "locked")
-    monkeypatch.setattr("hf_otfusion.pipeline.preflight", lambda *a, **k: pytest.fail("pre-flight ran"))
+    monkeypatch.setattr(
+        "hf_otfusion.output.staging.os.access", lambda p, mode: real_access(p, mode) and p.name != "locked"
+    )
+    monkeypatch.setattr("hf_otfusion.job.fuse_job.preflight", lambda *a, **k: pytest.fail("pre-flight ran"))
     assert main([*FUSE, "--out", "locked/new/fused"]) == 2
     assert capsys.readouterr().err.startswith(f"error: --out locked/new/fused: {workdir / 'locked'} is not writable")
     assert list((workdir / "locked").iterdir()) == []
@@ -115,7 +117,7 @@ def test_an_interrupted_swap_puts_the_old_output_back(tmp_path, monkeypatch):
             raise OSError(5, "Input/output error")
         os.replace(src, dst)
 
-    monkeypatch.setattr("hf_otfusion.output_dir.os.rename", rename)
+    monkeypatch.setattr("hf_otfusion.output.staging.os.rename", rename)
     with pytest.raises(OSError, match="Input/output"), stage_output(target, overwrite=True) as stage:
         (stage.path / "new.txt").write_text("new output")
         stage.publish()
@@ -203,7 +205,7 @@ def test_finetune_refuses_its_source_directory_and_swaps_an_old_output(workdir):
 KILLED_RUN = """
 import os, signal, sys
 from pathlib import Path
-from hf_otfusion import output_dir
+from hf_otfusion.output import staging as output_dir
 
 target, when = Path(sys.argv[1]), sys.argv[2]
 real_rename = os.rename

@@ -9,8 +9,9 @@ import pytest
 import torch
 from conftest import build, inputs_for
 
-from hf_otfusion import FusionConfig, NonFiniteWeightsError, align, fuse, fuse_with_diagnostics, permute_model
+from hf_otfusion import FusionConfig, NonFiniteWeightsError, fuse, fuse_with_diagnostics, permute_model
 from hf_otfusion import fusion as fusion_module
+from hf_otfusion.engine import align
 
 
 def _tracked(model, loaded: list):

@@ -10,7 +10,7 @@ from test_merging import finetune_of
 
 from hf_otfusion import FusionConfig, fuse_with_diagnostics, permute_model, readiness_report
 from hf_otfusion.cli import main
-from hf_otfusion.readiness import ReadinessReport
+from hf_otfusion.methods.readiness import ReadinessReport
 
 
 @pytest.fixture(scope="module")

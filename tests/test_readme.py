@@ -47,9 +47,9 @@ def test_readme_names_imported_from_hf_otfusion_are_its_functions_and_classes():
 
 def test_importing_a_submodule_keeps_the_exported_function_of_its_name():
     import hf_otfusion
-    import hf_otfusion.finetune  # noqa: F401  (the submodule import that used to shadow the function)
+    import hf_otfusion.train.finetune  # noqa: F401  (a submodule import must not shadow the exported function)
     from hf_otfusion import finetune
-    from hf_otfusion.finetune import FinetuneConfig
+    from hf_otfusion.train.finetune import FinetuneConfig
 
     assert inspect.isfunction(finetune) and hf_otfusion.finetune is finetune
     assert FinetuneConfig is hf_otfusion.FinetuneConfig

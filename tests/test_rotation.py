@@ -11,12 +11,12 @@ from conftest import build, inputs_for, outputs, relative_error
 from datasets import Dataset
 
 from hf_otfusion import FusionConfig, fuse, fuse_with_diagnostics
+from hf_otfusion.engine.permute import permute_model, random_rotation_fixing_ones, rotate_model
+from hf_otfusion.engine.plan import named_tensors, resolve_plan
+from hf_otfusion.engine.repair import repair_sites, site_moments
+from hf_otfusion.engine.reparameterise import reparameterise, reparameterised_copy
+from hf_otfusion.engine.transport import solve_orthogonal
 from hf_otfusion.errors import FusionError, SpecError
-from hf_otfusion.permute import permute_model, random_rotation_fixing_ones, rotate_model
-from hf_otfusion.plan import named_tensors, resolve_plan
-from hf_otfusion.repair import repair_sites, site_moments
-from hf_otfusion.reparameterise import reparameterise, reparameterised_copy
-from hf_otfusion.transport import solve_orthogonal
 
 PRE_LN_HEADS = ["vit-cls", "deit-cls", "deit-teacher"]
 

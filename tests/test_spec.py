@@ -17,13 +17,13 @@ from hf_otfusion import (
     load_spec,
     resolve_plan,
 )
-from hf_otfusion.spec import AlignmentSpec
+from hf_otfusion.engine.spec import AlignmentSpec
 
 
 def _raw(model_type: str) -> dict:
     from importlib import resources
 
-    return yaml.safe_load((resources.files("hf_otfusion") / "specs" / f"{model_type}.yaml").read_text())
+    return yaml.safe_load((resources.files("hf_otfusion.engine") / "specs" / f"{model_type}.yaml").read_text())
 
 
 def test_shipped_specs():

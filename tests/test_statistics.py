@@ -9,8 +9,8 @@ import pytest
 import torch
 from conftest import build, inputs_for
 
-from hf_otfusion.plan import resolve_plan
-from hf_otfusion.statistics import UnitStatistics, collect_statistics, token_selection
+from hf_otfusion.engine.plan import resolve_plan
+from hf_otfusion.engine.statistics import UnitStatistics, collect_statistics, token_selection
 
 
 def _collect(models, batches, **kwargs):

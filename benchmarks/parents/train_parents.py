@@ -86,8 +86,8 @@ def load_family_data(family: str) -> tuple[dict, object]:
 def train_parent(family: str, seed: int, data: dict, processor, out: Path, progress: bool, max_steps=None) -> dict:
     from transformers import set_seed
 
-    from hf_otfusion.evaluation import evaluate_model
-    from hf_otfusion.finetune import FinetuneConfig, finetune
+    from hf_otfusion.train.evaluation import evaluate_model
+    from hf_otfusion.train.finetune import FinetuneConfig, finetune
 
     set_seed(seed)
     model = build_model(family, data["train"].features["labels"].names)

@@ -40,16 +40,16 @@ import ot
 import torch
 from transformers import PretrainedConfig, PreTrainedModel
 
-from .align import align_parameters, align_tensor
-from .compatibility import check_finite
-from .config import FusionConfig
-from .distributed import models_on, resolve_device
-from .errors import EmptyAlignmentDataError, SpecError, TargetShapeError
-from .maps import SpaceDiagnostics, feature_parameters, head_pair_costs, logit_scale, mean_squares, solve_heads
-from .plan import FusionPlan, Space, named_tensors, resolve_plan
-from .spec import AlignmentSpec, load_spec
-from .statistics import collect_statistics, statistics_keys
-from .transport import TransportMap, importance_marginal, solve_transport
+from ..config import FusionConfig
+from ..engine.align import align_parameters, align_tensor
+from ..engine.compatibility import check_finite
+from ..engine.distributed import models_on, resolve_device
+from ..engine.maps import SpaceDiagnostics, feature_parameters, head_pair_costs, logit_scale, mean_squares, solve_heads
+from ..engine.plan import FusionPlan, Space, named_tensors, resolve_plan
+from ..engine.spec import AlignmentSpec, load_spec
+from ..engine.statistics import collect_statistics, statistics_keys
+from ..engine.transport import TransportMap, importance_marginal, solve_transport
+from ..errors import EmptyAlignmentDataError, SpecError, TargetShapeError
 
 logger = logging.getLogger(__name__)
 

@@ -24,14 +24,14 @@ from typing import TYPE_CHECKING
 import torch
 from transformers import PreTrainedModel
 
-from .align import align_tensor
-from .compatibility import check_same_widths
-from .config import FusionConfig
-from .distributed import models_on
-from .errors import FusionError, IncompatibleModelsError
+from ..config import FusionConfig
+from ..engine.align import align_tensor
+from ..engine.compatibility import check_same_widths
+from ..engine.distributed import models_on
+from ..engine.plan import FusionPlan, base_prefix
+from ..engine.transport import TransportMap
+from ..errors import FusionError, IncompatibleModelsError
 from .gram import GramStatistics, LayerGram, collect_gram_statistics, mergeable_linears
-from .plan import FusionPlan, base_prefix
-from .transport import TransportMap
 
 if TYPE_CHECKING:  # pragma: no cover
     from accelerate import PartialState

@@ -19,16 +19,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .align import align_tensor, pieces
-from .checkpoints import ModelOrPath, load_parent, skeleton
-from .compatibility import check_compatible, check_finite, check_same_model_type
-from .config import FusionConfig
-from .errors import FusionError
-from .maps import compute_maps, per_hook_spaces
-from .plan import FusionPlan, named_tensors, resolve_plan
-from .spec import AlignmentSpec, load_spec
-from .statistics import UnitStatistics, collect_statistics, statistics_keys
-from .transport import TransportMap
+from ..checkpoints import ModelOrPath, load_parent, skeleton
+from ..config import FusionConfig
+from ..engine.align import align_tensor, pieces
+from ..engine.compatibility import check_compatible, check_finite, check_same_model_type
+from ..engine.maps import compute_maps, per_hook_spaces
+from ..engine.plan import FusionPlan, named_tensors, resolve_plan
+from ..engine.spec import AlignmentSpec, load_spec
+from ..engine.statistics import UnitStatistics, collect_statistics, statistics_keys
+from ..engine.transport import TransportMap
+from ..errors import FusionError
 
 # OT leaving at least this share of units in place means the parents' units already correspond (same base);
 # the two regimes sit near 1 and near 1/width, far from it.

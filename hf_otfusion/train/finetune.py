@@ -20,14 +20,14 @@ from typing import Any
 import numpy as np
 from transformers import PreTrainedModel
 
-from .card import pipeline_and_auto_class
-from .checkpoints import ModelOrPath, load_parent
-from .config import FinetuneConfig  # FinetuneConfig re-exported: hf_otfusion.finetune API
-from .errors import UnsupportedTaskError
+from ..checkpoints import ModelOrPath, load_parent
+from ..config import FinetuneConfig  # FinetuneConfig re-exported: hf_otfusion.train.finetune API
+from ..errors import UnsupportedTaskError
+from ..output.card import pipeline_and_auto_class
+from ..output.provenance import CONFIG_FILE, PROVENANCE_FILE
+from ..output.staging import check_output_dir, stage_output, staging_path
 from .evaluation import check_classifier, check_dataset, data_collator, evaluate_model
 from .metrics import load_metric
-from .output_dir import check_output_dir, stage_output, staging_path
-from .provenance import CONFIG_FILE, PROVENANCE_FILE
 
 RUNS_FILE = "finetune_runs.json"
 # Files next to a checkpoint that describe how it was made; copied to the finetuned checkpoint unchanged.
@@ -83,7 +83,7 @@ def finetune(
         config: the recipe; defaults to `FinetuneConfig()`.
         output_dir: if given, the finetuned checkpoint, its processor, the source's provenance files (fusion
             config and record), `finetune_runs.json` and the updated `README.md` card go here. They are written to
-            a sibling directory first and swapped into place (see `hf_otfusion.output_dir`), so a failed run
+            a sibling directory first and swapped into place (see `hf_otfusion.output.staging`), so a failed run
             leaves no half checkpoint and an interrupted `overwrite` keeps the old one.
         processor: the tokenizer or image processor saved with the checkpoint; read from `source_dir` when None.
             A tokenizer also pads variable-length text batches.
@@ -107,7 +107,7 @@ def finetune(
     """
     from transformers import PrinterCallback, Trainer
 
-    from .data import load_processor
+    from ..data import load_processor
 
     config = config or FinetuneConfig()
     if isinstance(model, str | Path):
@@ -203,7 +203,7 @@ def run_record(
     result: FinetuneResult, source, data_name, num_train, eval_name, eval_data, world_size: int
 ) -> dict[str, Any]:
     """The finetuning run as a JSON-safe dict: what the card shows and `finetune_runs.json` keeps."""
-    from . import __version__
+    from .. import __version__
 
     return {
         "source": source,

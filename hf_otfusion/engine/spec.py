@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from .errors import SpecError, UnsupportedArchitectureError
+from ..errors import SpecError, UnsupportedArchitectureError
 
 LAYER = "{i}"
 BASE = "{base}"
@@ -66,10 +66,10 @@ class AlignmentSpec:
     Optional sections describe what the quality options need to know of an architecture:
     `residual_norms` maps each normalisation that reads the residual stream to the modules that read its
     output (present only for pre-LN architectures, whose residual stream can then be rotated: see
-    `hf_otfusion.reparameterise`); `output_norm` names the one whose output is the encoder's output
+    `hf_otfusion.engine.reparameterise`); `output_norm` names the one whose output is the encoder's output
     (`last_hidden_state`), which gets the anchor's own weight and bias back after fusion; `repair` maps each
     module whose output statistics are restored after averaging to the parameter that takes the shift (its
-    bias, or the position embeddings of an embedding module: see `hf_otfusion.repair`).
+    bias, or the position embeddings of an embedding module: see `hf_otfusion.engine.repair`).
     """
 
     model_type: str
@@ -162,7 +162,7 @@ class AlignmentSpec:
 
 def available_specs() -> list[str]:
     """The `model_type`s that ship with a spec."""
-    folder = resources.files("hf_otfusion") / "specs"
+    folder = resources.files("hf_otfusion.engine") / "specs"
     return sorted(entry.name[: -len(".yaml")] for entry in folder.iterdir() if entry.name.endswith(".yaml"))
 
 
@@ -178,11 +178,11 @@ def load_spec(model_type_or_path: str | Path) -> AlignmentSpec:
         text, source = path.read_text(), str(path)
     else:
         name = str(model_type_or_path)
-        resource = resources.files("hf_otfusion") / "specs" / f"{name}.yaml"
+        resource = resources.files("hf_otfusion.engine") / "specs" / f"{name}.yaml"
         if not resource.is_file():
             raise UnsupportedArchitectureError(
                 f"No alignment spec for model_type {name!r}. Shipped specs: {available_specs()}. "
-                "To add an architecture, write a spec file (see hf_otfusion/specs/bert.yaml) and pass its path."
+                "To add an architecture, write a spec file (see hf_otfusion/engine/specs/bert.yaml) and pass its path."
             )
         text, source = resource.read_text(), f"specs/{name}.yaml"
     return AlignmentSpec.from_dict(yaml.safe_load(text), source)

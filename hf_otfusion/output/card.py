@@ -210,7 +210,7 @@ def _readiness_text(provenance: Provenance) -> str:
     """How far apart the parents were before and after alignment, and which kind of merge suits them."""
     if provenance.readiness is None:
         return "Not measured for this checkpoint."
-    from .readiness import ReadinessReport
+    from ..methods.readiness import ReadinessReport
 
     return ReadinessReport.from_dict(provenance.readiness).to_markdown()
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from transformers import PreTrainedModel
 
-from .errors import (
+from ..errors import (
     DepthMismatchError,
     IncompatibleModelsError,
     LabelSetMismatchError,

@@ -21,8 +21,8 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
+from ..errors import EmptyAlignmentDataError
 from .distributed import all_reduce_sum_, gather_objects, owned_batches
-from .errors import EmptyAlignmentDataError
 from .plan import FusionPlan
 
 if TYPE_CHECKING:  # pragma: no cover

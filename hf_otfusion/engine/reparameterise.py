@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 from transformers import PreTrainedModel
 
-from .errors import SpecError
+from ..errors import SpecError
 from .plan import FusionPlan, model_with_tensors, named_tensors
 
 

@@ -23,12 +23,12 @@ from typing import Any
 import torch
 import yaml
 
-from .checkpoints import Checkpoint
-from .compatibility import first_non_finite
-from .config import FusionConfig, NumberRule, check_numbers
-from .data import DataSource, encode_dataset, load_processor
-from .errors import DataSourceError, EmptyAlignmentDataError, FusionError, NonFiniteWeightsError
-from .hub import (
+from ..checkpoints import Checkpoint
+from ..config import FusionConfig, NumberRule, check_numbers
+from ..data import DataSource, encode_dataset, load_processor
+from ..engine.compatibility import first_non_finite
+from ..errors import DataSourceError, EmptyAlignmentDataError, FusionError, NonFiniteWeightsError
+from ..hub.parents import (
     Parent,
     Preflight,
     download_parents,
@@ -38,8 +38,8 @@ from .hub import (
     resolve_parent,
     sha256_file,
 )
-from .output_dir import StagedOutput, check_output_dir, stage_output
-from .provenance import CONFIG_FILE, Provenance, package_versions, reproduce_command, utc_now
+from ..output.provenance import CONFIG_FILE, Provenance, package_versions, reproduce_command, utc_now
+from ..output.staging import StagedOutput, check_output_dir, stage_output
 
 logger = logging.getLogger(__name__)
 
@@ -122,7 +122,7 @@ class FuseJob:
     def check_options(self) -> None:
         """Raises `FusionError` (`DeviceUnavailableError` for the device) for a job option out of range or of the
         wrong type, so that it fails before any download rather than after the fusion."""
-        from .distributed import resolve_device
+        from ..engine.distributed import resolve_device
 
         check_numbers(self, _JOB_NUMBERS)
         if self.dtype is not None and self.dtype not in DTYPES:
@@ -149,7 +149,7 @@ class FuseJob:
             alignment.choose_split()  # a missing split fails now, and --dry-run shows the one used
         evaluation = None
         if self.eval_data is not None:
-            from .card import pipeline_and_auto_class
+            from ..output.card import pipeline_and_auto_class
 
             task, _ = pipeline_and_auto_class(checked.plan.architecture, checked.plan.model_type)
             if task not in ("image-classification", "text-classification"):
@@ -170,8 +170,8 @@ class FuseJob:
         never leaves a half-written output. The result's model is the one written, loaded back from `out`.
         Under `torchrun` / `accelerate launch` every process fuses, but only the main one writes.
         """
-        from .distributed import is_main_process, process_state
-        from .fusion import fuse_with_diagnostics
+        from ..engine.distributed import is_main_process, process_state
+        from ..fusion import fuse_with_diagnostics
 
         plan = plan or self.plan()
         parents, anchor = plan.preflight.parents, plan.preflight.anchor
@@ -203,7 +203,7 @@ class FuseJob:
             evaluation = None
             if plan.eval_data is not None:
                 evaluation = self._evaluate(plan, sources, fused, processor, label2id)
-            from .readiness import readiness_report
+            from ..methods.readiness import readiness_report
 
             # the fusion's own maps when it aligned; the report solves data-free ones for unaligned methods
             own = FusionConfig(cost="weights", solver="exact", anchor=self.config.anchor)
@@ -240,10 +240,10 @@ class FuseJob:
         Every row's model is loaded (the fused one from the staged weights), or the vanilla average built, when
         the row is scored, and freed after it.
         """
-        from .card import FUSED_ROW, VANILLA_ROW
-        from .compatibility import same_widths
-        from .evaluation import evaluate_models
-        from .fusion import fuse_with_diagnostics
+        from ..engine.compatibility import same_widths
+        from ..fusion import fuse_with_diagnostics
+        from ..output.card import FUSED_ROW, VANILLA_ROW
+        from ..train.evaluation import evaluate_models
 
         dataset = self._encoded(plan.eval_data, processor, label2id)
         if "labels" not in dataset.column_names:
@@ -297,7 +297,7 @@ class FuseJob:
     def _finish(self, stage: StagedOutput, anchor: Parent, provenance: Provenance) -> None:
         """Completes the staging directory (which holds the weights) with processor, config, provenance and card,
         then swaps it into `out`; `stage_output` removes it on failure."""
-        from .card import render_card
+        from ..output.card import render_card
 
         out, staging = Path(self.out), stage.path
         for name in anchor.processor_files:  # the anchor's tokenizer / image processor, byte for byte

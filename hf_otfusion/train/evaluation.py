@@ -19,8 +19,8 @@ import torch
 from transformers import PreTrainedModel, default_data_collator
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
-from .checkpoints import ModelOrPath, load_parent
-from .errors import TrainingDataError, UnsupportedTaskError
+from ..checkpoints import ModelOrPath, load_parent
+from ..errors import TrainingDataError, UnsupportedTaskError
 from .metrics import load_metric
 
 # a row's model: a model or checkpoint, or a function that builds one when the row is scored
@@ -160,7 +160,7 @@ def evaluate_model(
         dataset: a `datasets.Dataset` of model inputs and integer `labels`.
         processor: the tokenizer, needed only when text rows have different lengths (they are padded per batch).
         batch_size: evaluation batch size.
-        metrics: names of extra metrics from `hf_otfusion.metrics` (e.g. `"f1"`, macro-averaged).
+        metrics: names of extra metrics from `hf_otfusion.train.metrics` (e.g. `"f1"`, macro-averaged).
         progress: show a progress bar.
 
     Returns:

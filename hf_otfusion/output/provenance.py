@@ -3,7 +3,7 @@
 It records the parents pinned to commit SHAs with the sha256 of every weight file, the full `FusionConfig`, the
 alignment and evaluation data (id, commit, split, rows, seed), the evaluation table, the per-space alignment
 diagnostics, the command that ran and the one that reproduces it, and the package versions. The model card is
-rendered from this record (`hf_otfusion.card`), so the two never disagree.
+rendered from this record (`hf_otfusion.output.card`), so the two never disagree.
 """
 
 from __future__ import annotations

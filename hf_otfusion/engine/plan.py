@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import PreTrainedModel
 
-from .errors import SpecError, UncoveredParameterError, UnsupportedArchitectureError
+from ..errors import SpecError, UncoveredParameterError, UnsupportedArchitectureError
 from .spec import BASE, LAYER, AlignmentSpec, AxisBinding, SpaceSpec, load_spec
 
 

@@ -20,9 +20,9 @@ import ot
 import torch
 from tqdm.auto import tqdm
 
+from ..config import FusionConfig
+from ..errors import SpecError
 from .align import align_tensor
-from .config import FusionConfig
-from .errors import SpecError
 from .plan import FusionPlan, Space
 from .statistics import UnitStatistics, statistics_keys
 from .transport import (
@@ -328,7 +328,7 @@ def orthogonal_residual_map(sites: list[UnitStatistics]) -> tuple[TransportMap, 
     Each site's raw cross moment E[x_a x_bᵀ] is divided by its Frobenius norm before they are summed, so that
     the late sites, whose activations are larger, do not decide the rotation alone. The reported transport cost
     is E‖Oᵀx_a − x_b‖² per unit, averaged over the sites: the euclidean cost of the rotated parent's units.
-    Only exact for a reparameterised parent (`hf_otfusion.reparameterise`), whose stream lies in the complement
+    Only exact for a reparameterised parent (`hf_otfusion.engine.reparameterise`), whose stream lies in the complement
     of the ones vector; the statistics may come from the original parent since Qᵀ C Q is the same.
     """
     cross = [site.cross_moment() for site in sites]

@@ -25,8 +25,8 @@ from torch.func import functional_call
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
+from ..errors import FusionError
 from .align import align_tensor
-from .errors import FusionError
 from .plan import FusionPlan
 from .statistics import _batch_size, _batches
 from .transport import TransportMap, complement_basis

@@ -33,7 +33,7 @@ def load_metric(name: str, **kwargs):
     """
     import evaluate
 
-    from ..errors import FusionError
+    from ...errors import FusionError
 
     if name not in available_metrics():
         raise FusionError(f"Unknown metric {name!r}; hf_otfusion ships {available_metrics()}.")

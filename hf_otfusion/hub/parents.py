@@ -24,11 +24,13 @@ import torch
 import transformers
 from transformers import PreTrainedModel
 
-from .checkpoints import Checkpoint
-from .compatibility import check_compatible, check_same_model_type
-from .config import FusionConfig
-from .data import is_repo_id
-from .errors import (
+from ..checkpoints import Checkpoint
+from ..config import FusionConfig
+from ..data import is_repo_id
+from ..engine.compatibility import check_compatible, check_same_model_type
+from ..engine.plan import FusionPlan, resolve_plan
+from ..engine.spec import available_specs
+from ..errors import (
     CorruptCheckpointError,
     FusionError,
     ParentNotFoundError,
@@ -37,8 +39,6 @@ from .errors import (
     UnsafeCheckpointError,
     UnsupportedArchitectureError,
 )
-from .plan import FusionPlan, resolve_plan
-from .spec import available_specs
 
 logger = logging.getLogger(__name__)
 
@@ -411,7 +411,7 @@ def _meta_model(parent: Parent, trust_remote_code: bool) -> PreTrainedModel:
     if model_type not in available_specs():
         raise UnsupportedArchitectureError(
             f"Parent {parent.name} is a {model_type!r} model; fusion specs exist for {available_specs()}. Add a spec "
-            "file for this model type (see hf_otfusion/specs)."
+            "file for this model type (see hf_otfusion/engine/specs)."
         )
     model_class = _model_class(parent, trust_remote_code)
     config = transformers.AutoConfig.for_model(**parent.config)

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from .errors import DeviceUnavailableError
+from ..errors import DeviceUnavailableError
 
 if TYPE_CHECKING:  # pragma: no cover
     from accelerate import PartialState

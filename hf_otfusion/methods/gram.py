@@ -19,9 +19,9 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
-from .distributed import all_reduce_sum_
-from .errors import EmptyAlignmentDataError
-from .statistics import _batch_size, _batches, _num_batches, token_selection
+from ..engine.distributed import all_reduce_sum_
+from ..engine.statistics import _batch_size, _batches, _num_batches, token_selection
+from ..errors import EmptyAlignmentDataError
 
 if TYPE_CHECKING:  # pragma: no cover
     from accelerate import PartialState

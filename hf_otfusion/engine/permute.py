@@ -2,7 +2,7 @@
 
 Permuting the residual dimensions, the heads, the dimensions within each head (Q/K and V/O separately) and
 the FFN units consistently in every tensor leaves the network's function unchanged. So does rotating the
-residual stream of a reparameterised pre-LN model (`hf_otfusion.reparameterise`) by an orthogonal matrix
+residual stream of a reparameterised pre-LN model (`hf_otfusion.engine.reparameterise`) by an orthogonal matrix
 that fixes the all-ones vector. Fusing a model with such a copy of itself must give the model back, which is
 the strongest end-to-end check of the engine.
 """

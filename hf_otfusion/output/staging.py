@@ -25,7 +25,7 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from .errors import OutputExistsError, UnsafeOutputError
+from ..errors import OutputExistsError, UnsafeOutputError
 
 try:  # POSIX; elsewhere leftovers are only named, never removed, since their owner cannot be told dead or alive
     import fcntl
