@@ -25,6 +25,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "marginals": ("uniform", "importance"),
     "repair": ("none", "residual", "all"),
     "within_heads": ("auto", "permutation", "orthogonal"),
+    "task_vector": ("plain", "ties", "dare"),
 }
 
 
@@ -102,6 +103,20 @@ class FusionConfig:
         scale: λ of task arithmetic, θ = θ_base + λ Σ_k w_k (θ_k − θ_base), w_k = `weights` or 1.
         regmean_alpha: RegMean's scaling of the Gram matrices' off-diagonal entries, in [0, 1] (1 = plain
             least squares; smaller is more regularised, 0 = per-input weighted averaging).
+        task_vector: how `task-arithmetic` treats the task vectors τ_k = θ_k − θ_base, tensor by tensor, against
+            the interference of parents that move an entry in opposite directions or pile up small redundant
+            updates: `plain` adds the w_k τ_k as they are; `ties` (TIES-Merging, Yadav et al. 2023) trims each
+            w_k τ_k to its `density` fraction of largest magnitudes, elects each entry's sign as that of the
+            trimmed sum and takes the mean of the trimmed entries of that sign, θ = θ_base + `scale` × that mean
+            (a mean, not a sum: `scale` 1 moves about as far as one parent did); `dare` (DARE, Yu et al. 2024)
+            drops each entry of τ_k with probability 1 − `density`, rescales the rest by 1/`density` (so the
+            expectation is kept) and sums them as `plain` does. Needs `method="task-arithmetic"`.
+        density: fraction of each task vector kept by `task_vector="ties"` (the ⌈density · n⌉ largest
+            magnitudes of each tensor, plus any tied with the smallest of them) or `"dare"` (the probability
+            of keeping an entry); 1 keeps everything.
+        seed: seed of DARE's random drop masks; each parent's tensor draws its own mask from a generator
+            seeded by (seed, parent index, parameter name), so the result does not depend on the order or
+            number of processes. Only read by `task_vector="dare"`.
         cost: `activations` compares units by their outputs on alignment data; `weights` is data-free and
             compares unit weight vectors after their inputs were aligned.
         solver: `exact` gives hard permutations (POT `emd`, or a linear assignment for equal widths);
@@ -168,6 +183,9 @@ class FusionConfig:
     base: str | None = None
     scale: float = 1.0
     regmean_alpha: float = 0.9
+    task_vector: str = "plain"
+    density: float = 1.0
+    seed: int = 0
     cost: str = "activations"
     solver: str = "exact"
     reg: float = 0.1
@@ -200,6 +218,21 @@ class FusionConfig:
             raise FusionError(f"FusionConfig.base must be a checkpoint path or Hub id, got {self.base!r}.")
         if self.base and self.method != "task-arithmetic":
             raise FusionError(f"base={self.base!r} is only used by method='task-arithmetic', not {self.method!r}.")
+        if self.task_vector != "plain" and self.method != "task-arithmetic":
+            raise FusionError(
+                f"task_vector={self.task_vector!r} reshapes the task vectors of method='task-arithmetic' (with a "
+                f"base), not of method={self.method!r}; use method='task-arithmetic' or task_vector='plain'."
+            )
+        if self.density != 1 and self.task_vector == "plain":
+            raise FusionError(
+                f"density={self.density} is only read by task_vector='ties' or 'dare' (method='task-arithmetic'); "
+                "set one of them, or leave density at 1."
+            )
+        if self.seed != 0 and self.task_vector != "dare":
+            raise FusionError(
+                f"seed={self.seed} only seeds the drop masks of task_vector='dare'; set task_vector='dare' "
+                "(method='task-arithmetic'), or leave seed at 0."
+            )
         if self.align == "ot" and self.method == "vanilla":
             raise FusionError("align='ot' contradicts method='vanilla' (no alignment); use method='ot' instead.")
         if self.residual == "orthogonal" and self.cost != "activations":
@@ -290,6 +323,8 @@ class FusionConfig:
 _FUSION_NUMBERS = {
     "scale": NumberRule(float),
     "regmean_alpha": NumberRule(float, 0, 1),
+    "density": NumberRule(float, 0, 1, low_open=True),
+    "seed": NumberRule(int, 0, 2**32 - 1),
     "reg": NumberRule(float, 0, low_open=True),
     "tokens_per_sample": NumberRule(int, 1, optional=True),
     "anchor": NumberRule(int, 0),

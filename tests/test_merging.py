@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import numpy as np
 import pytest
@@ -15,6 +16,7 @@ from hf_otfusion import FusionConfig, fuse, fuse_with_diagnostics, permute_model
 from hf_otfusion.cli import main
 from hf_otfusion.errors import EmptyAlignmentDataError, FusionError, IncompatibleModelsError
 from hf_otfusion.methods.gram import collect_gram_statistics, mergeable_linears
+from hf_otfusion.methods.same_base import dare_vector, ties_merge
 from hf_otfusion.output.provenance import CONFIG_FILE
 
 
@@ -199,6 +201,147 @@ def test_task_arithmetic_aligns_a_permuted_base_onto_the_anchor():
     assert relative_error(outputs(unaligned, inputs), outputs(average, inputs)) > 0.1
 
 
+def shifted_by(base: T.PreTrainedModel, shifts: list[float], seed: int = 0) -> list[T.PreTrainedModel]:
+    """Parents base + s_k · D with one random direction D: every entry moves the same way in every parent."""
+    direction = finetune_of(base, seed=seed)
+    children = []
+    for shift in shifts:
+        child = copy.deepcopy(base)
+        with torch.no_grad():
+            for param, moved, start in zip(child.parameters(), direction.parameters(), base.parameters(), strict=True):
+                param.copy_(start.double() + shift * (moved.double() - start.double()))
+        children.append(child)
+    return children
+
+
+def test_ties_without_trimming_or_sign_conflict_is_task_arithmetic_of_the_mean():
+    tuned = build("bert-seqcls", seed=5)
+    base = bare_encoder_of(tuned)  # the classifier has no ancestor: interpolated, as for plain task arithmetic
+    parents = shifted_by(tuned, [1.0, 0.5, 2.0])
+    weights = [1.0, 3.0, 0.5]
+    ties = FusionConfig(method="task-arithmetic", task_vector="ties", scale=0.9, weights=weights)
+    # no entry is trimmed and every parent agrees, so the disjoint mean is Σ_k w_k τ_k / 3
+    plain = FusionConfig(method="task-arithmetic", scale=0.3, weights=weights)
+    merged = fuse(parents, config=ties, base=base, progress=False)
+    expected = fuse(parents, config=plain, base=base, progress=False)
+    for (name, a), (_, b) in zip(merged.named_parameters(), expected.named_parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=name)
+    head = sum(w * p.classifier.weight.double() for w, p in zip(np.array(weights) / 4.5, parents, strict=True))
+    torch.testing.assert_close(merged.classifier.weight.double(), head, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize(("weights", "mean"), [(None, 2.0), ([0.5, 1.0, 1.0], 1.25), ([1.0, 5.0, 1.0], -5.0)])
+def test_ties_elects_the_sign_of_the_sum_and_averages_only_the_agreeing_entries(weights, mean):
+    base = build("vit-cls", seed=2)
+    parents = []
+    for delta in (3.0, -1.0, 1.0):
+        child = copy.deepcopy(base)
+        with torch.no_grad():
+            for param in child.parameters():
+                param.add_(delta)
+        parents.append(child)
+    # w τ = (3, −1, 1): sign +, mean of 3 and 1 = 2; (1.5, −1, 1): +, 1.25; (3, −5, 1): sign −, the lone −5
+    config = FusionConfig(method="task-arithmetic", task_vector="ties", scale=0.5, weights=weights)
+    merged = fuse(parents, config=config, base=base, progress=False)
+    for (name, a), (_, b) in zip(merged.named_parameters(), base.named_parameters(), strict=True):
+        torch.testing.assert_close(a.double(), b.double() + 0.5 * mean, rtol=0, atol=2e-6, msg=name)
+
+
+def test_ties_merge_on_hand_built_vectors_with_a_tie_a_draw_and_trimming():
+    vectors = [torch.tensor(v, dtype=torch.float64) for v in ([3, -2, 0.5, 4], [-1, 1, 0.5, -4], [1, 1, -2, 0])]
+    # density 1: columns (3, −1, 1) → 2; (−2, 1, 1) sums to 0, no sign → 0; (½, ½, −2) → −2; (4, −4, 0) → 0
+    assert ties_merge(vectors, 1.0).tolist() == [2.0, 0.0, -2.0, 0.0]
+    # density ½ keeps the 2 largest magnitudes of 4, and any tied with the 2nd: vector 0 keeps 3, 4; vector 1
+    # keeps −4 and both entries of magnitude 1; vector 2 keeps −2 and both 1s
+    trimmed = ties_merge(vectors, 0.5)
+    # columns: (3, −1, 1) → 2; (0, 1, 1) → 1; (0, 0, −2) → −2; (4, −4, 0) → 0
+    assert trimmed.tolist() == [2.0, 1.0, -2.0, 0.0]
+
+
+@pytest.mark.parametrize("density", [0.05, 0.3, 0.5])
+def test_ties_keeps_the_ceil_of_density_times_size_largest_entries_of_each_tensor(density):
+    base = build("bert-seqcls", seed=4)
+    child = finetune_of(base, seed=9)
+    # two identical parents agree everywhere: the merged vector is the trimmed task vector itself
+    config = FusionConfig(method="task-arithmetic", task_vector="ties", density=density)
+    merged = fuse([child, child], config=config, base=base, progress=False)
+    for name, param in merged.named_parameters():
+        start, tuned = base.get_parameter(name), child.get_parameter(name)
+        vector = (tuned.double() - start.double()).flatten()
+        kept = (param != start).flatten()
+        # ⌈density · n⌉, and 0.3 · 10 counts as 3: the rounding in ties_merge
+        assert int(kept.sum()) == math.ceil(round(density * vector.numel(), 6)), name
+        assert vector.abs()[kept].min() > vector.abs()[~kept].max(), name  # the largest magnitudes
+        assert torch.equal(param.flatten()[kept], tuned.flatten()[kept]), name
+
+
+def test_dare_with_density_one_is_plain_task_arithmetic_exactly():
+    base = build("bert-seqcls", seed=5)
+    parents = [finetune_of(base, seed=s) for s in (1, 2, 3)]
+    options = dict(method="task-arithmetic", scale=0.7, weights=[1.0, 0.5, 2.0])
+    dare = fuse(parents, config=FusionConfig(**options, task_vector="dare", seed=3), base=base, progress=False)
+    plain = fuse(parents, config=FusionConfig(**options), base=base, progress=False)
+    for (name, a), (_, b) in zip(dare.named_parameters(), plain.named_parameters(), strict=True):
+        assert torch.equal(a, b), name
+
+
+def test_dare_keeps_a_density_fraction_rescaled_by_its_inverse_and_drops_the_rest_to_the_base():
+    base = build("bert-seqcls", seed=5)
+    child = finetune_of(base, seed=1)
+    # the second parent is the base itself (a zero task vector), so the merge is base + DARE(τ_child)
+    config = FusionConfig(method="task-arithmetic", task_vector="dare", density=0.25, seed=7)
+    merged = fuse([child, copy.deepcopy(base)], config=config, base=base, progress=False)
+    kept = total = 0
+    for name, param in merged.named_parameters():
+        start, tuned = base.get_parameter(name).double(), child.get_parameter(name).double()
+        mask = param.double() != start
+        rescaled = (start + (tuned - start) / 0.25).float()
+        assert torch.equal(param[mask], rescaled[mask]), name
+        kept, total = kept + int(mask.sum()), total + mask.numel()
+    assert abs(kept / total - 0.25) < 0.02  # ~35k entries: the binomial spread is 0.0023
+    # unbiased: averaged over seeds, the dropped-and-rescaled vector approaches the vector itself
+    vector = torch.linspace(-1.0, 2.0, 2000, dtype=torch.float64)
+    average = sum(dare_vector(vector, 0.25, seed, 0, "x") for seed in range(200)) / 200
+    assert relative_error(average, vector) < 0.2 and abs(float((average - vector).mean())) < 0.02
+    assert relative_error(dare_vector(vector, 0.25, 0, 0, "x"), vector) > 1.0  # a single draw is far from it
+
+
+def test_dare_masks_are_reproducible_per_seed_and_change_with_it():
+    base = build("bert-seqcls", seed=5)
+    parents = [finetune_of(base, seed=s) for s in (1, 2)]
+
+    def merged(seed: int) -> dict[str, torch.Tensor]:
+        config = FusionConfig(method="task-arithmetic", task_vector="dare", density=0.5, seed=seed)
+        return dict(fuse(parents, config=config, base=base, progress=False).named_parameters())
+
+    first, again, other = merged(3), merged(3), merged(4)
+    assert all(torch.equal(first[name], again[name]) for name in first)
+    assert all(not torch.equal(first[name], other[name]) for name in first if first[name].numel() > 8)
+    # each (parent, parameter) draws its own mask: the same seed gives different masks to different tensors
+    ones = torch.ones(1000, dtype=torch.float64)
+    masks = [dare_vector(ones, 0.5, 3, k, name) for k, name in ((0, "a"), (1, "a"), (0, "b"))]
+    assert not torch.equal(masks[0], masks[1]) and not torch.equal(masks[0], masks[2])
+    assert torch.equal(masks[0], dare_vector(ones, 0.5, 3, 0, "a"))
+
+
+def test_task_vector_options_are_refused_outside_task_arithmetic_and_round_trip():
+    with pytest.raises(FusionError, match="use method='task-arithmetic' or task_vector='plain'"):
+        FusionConfig(method="interpolate", task_vector="ties")
+    with pytest.raises(FusionError, match="use method='task-arithmetic' or task_vector='plain'"):
+        FusionConfig(method="regmean", task_vector="dare", density=0.5)
+    with pytest.raises(FusionError, match="density=0.5 is only read by task_vector='ties' or 'dare'"):
+        FusionConfig(method="task-arithmetic", density=0.5)
+    with pytest.raises(FusionError, match="seed=3 only seeds the drop masks of task_vector='dare'"):
+        FusionConfig(method="task-arithmetic", task_vector="ties", seed=3)
+    for density in (0, 1.5, -0.1):
+        with pytest.raises(FusionError, match=r"FusionConfig.density must lie in \(0, 1\]"):
+            FusionConfig(method="task-arithmetic", task_vector="ties", density=density)
+    with pytest.raises(FusionError, match="is not one of"):
+        FusionConfig(method="task-arithmetic", task_vector="magnitude")
+    config = FusionConfig(method="task-arithmetic", task_vector="dare", density=0.3, seed=11)
+    assert FusionConfig.from_dict(yaml.safe_load(config.to_json())) == config
+
+
 def test_same_base_methods_fail_early_with_the_fix_in_the_message(pair):
     with pytest.raises(FusionError, match="shared ancestor"):
         fuse(list(pair), config=FusionConfig(method="task-arithmetic"), progress=False)
@@ -225,9 +368,10 @@ def test_cli_task_arithmetic_with_a_base_checkpoint(tmp_path):
         paths.append(str(tmp_path / name))
     out = tmp_path / "merged"
     args = ["fuse", *paths[1:], "--out", str(out), "--method", "task-arithmetic", "--base", paths[0], "--scale", "0"]
-    assert main([*args, "-q"]) == 0
+    assert main([*args, "--task-vector", "dare", "--density", "0.5", "--seed", "2", "-q"]) == 0
     saved = yaml.safe_load((out / CONFIG_FILE).read_text())
     assert saved["method"] == "task-arithmetic" and saved["base"] == paths[0] and saved["scale"] == 0.0
+    assert (saved["task_vector"], saved["density"], saved["seed"]) == ("dare", 0.5, 2)
     merged = T.BertForSequenceClassification.from_pretrained(out).eval()
     inputs = inputs_for(base)
     assert relative_error(outputs(merged, inputs), outputs(base, inputs)) < 1e-6

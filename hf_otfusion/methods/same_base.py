@@ -6,7 +6,16 @@ beside OT fusion, each applied tensor by tensor in the anchor's basis (after OT 
 - `interpolate`: θ = Σ_k α_k θ_k, with per-parent weights α summing to 1;
 - `task-arithmetic`: θ = θ_base + λ Σ_k w_k (θ_k − θ_base), with the shared ancestor `base`, the scaling
   λ = `scale` and w_k = `weights` (1 when not given); parameters the base lacks (a new classification
-  head) are interpolated;
+  head) are interpolated. `task_vector` reshapes the task vectors τ_k = θ_k − θ_base first, against the
+  interference between parents that plain addition suffers when they move an entry in opposite directions or
+  when many small, redundant updates pile up:
+  - `ties` (TIES-Merging, Yadav et al. 2023): each w_k τ_k keeps its ⌈`density` · n⌉ largest magnitudes
+    (trim), each entry's sign is elected as the sign of the trimmed sum, and the merged vector is the mean
+    of the trimmed entries that agree with it (disjoint mean: zeros and dissenters do not dilute it), so
+    θ = θ_base + λ · that mean;
+  - `dare` (DARE, Yu et al. 2024): each entry of τ_k is dropped with probability 1 − `density` and the rest
+    rescaled by 1/`density`, which keeps its expectation, before the plain sum; the masks are drawn per
+    (parent, parameter) from `seed`, so a merge is reproducible whatever the iteration order;
 - `regmean` (Jin et al., 2023): every linear layer gets W = (Σ_k G_k)⁻¹ Σ_k G_k W_k, the least-squares fit
   of the parents' outputs on their own inputs, with G_k the Gram matrix of the layer's inputs in parent k
   (bias fitted jointly through a constant input, off-diagonal entries scaled by `regmean_alpha`); other
@@ -16,7 +25,9 @@ beside OT fusion, each applied tensor by tensor in the anchor's basis (after OT 
 from __future__ import annotations
 
 import copy
+import hashlib
 import logging
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -208,6 +219,47 @@ def regmean_linear(
     return solution[:, :-1], solution[:, -1]
 
 
+def ties_merge(vectors: list[torch.Tensor], density: float) -> torch.Tensor:
+    """TIES-Merging's merged task vector of one tensor: trim, elect signs, disjoint mean.
+
+    Each vector keeps the entries whose magnitude is at least its k-th largest, k = ⌈density · n⌉ (so at least
+    one entry of every tensor survives; an entry tied with the k-th is kept too, which keeps the trim
+    deterministic). The elected sign of an entry is that of the trimmed vectors' sum, the mass-weighted vote of
+    the paper; the result averages, entry by entry, the trimmed values of that sign (0 where none agrees).
+
+    Args:
+        vectors: the (weighted) task vectors of one parameter, one per parent, all of one shape.
+        density: the kept fraction, in (0, 1].
+    """
+    stacked = torch.stack(vectors)
+    flat = stacked.reshape(len(vectors), -1)
+    n = flat.shape[1]
+    keep = min(n, max(1, math.ceil(round(density * n, 6))))  # the rounding keeps 0.3 * 10 at 3, not 4
+    if keep < n:
+        magnitude = flat.abs()
+        threshold = magnitude.kthvalue(n - keep + 1, dim=1, keepdim=True).values  # the keep-th largest
+        flat = torch.where(magnitude >= threshold, flat, 0.0)
+    trimmed = flat.reshape(stacked.shape)
+    elected = torch.sign(trimmed.sum(0))
+    agrees = (torch.sign(trimmed) == elected) & (trimmed != 0)
+    count = agrees.sum(0)
+    total = torch.where(agrees, trimmed, 0.0).sum(0)
+    return torch.where(count > 0, total / count.clamp(min=1), 0.0)
+
+
+def dare_vector(vector: torch.Tensor, density: float, seed: int, parent: int, name: str) -> torch.Tensor:
+    """DARE's drop-and-rescale of one parent's task vector for parameter `name`.
+
+    Every entry is kept with probability `density` and the kept ones are divided by it, so the expectation is
+    the vector itself. The mask comes from a generator seeded by a hash of (seed, parent, name), not from a
+    shared stream, so that it is the same whichever order (or process) merges the parameters.
+    """
+    digest = hashlib.sha256(f"{seed}/{parent}/{name}".encode()).digest()
+    generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+    kept = torch.rand(vector.shape, generator=generator, dtype=torch.float64) < density
+    return torch.where(kept.to(vector.device), vector / density, 0.0)
+
+
 def merge_parameters(
     anchor_model: PreTrainedModel,
     params: list[dict[str, torch.Tensor]],
@@ -222,7 +274,8 @@ def merge_parameters(
     """A copy of the anchor whose parameters are merged by `config.method`, tensor by tensor.
 
     Parent k's tensors are moved into the anchor's basis with `maps[k]` when it has maps (the base with
-    `base_maps`), one tensor at a time, so the peak memory stays the parents plus one merged copy.
+    `base_maps`), one tensor at a time, so the peak memory stays the parents plus one merged copy
+    (`task_vector="ties"` adds every parent's float64 task vector of the one tensor being merged).
 
     Args:
         params: each parent's parameters by name.
@@ -271,7 +324,13 @@ def merge_parameters(
             elif method == "task-arithmetic" and name in base.present:
                 start = base.model.get_parameter(name).detach()
                 start = align_tensor(start, base_plan.parameters[name], base_maps) if base_maps else start.double()
-                merged = start + config.scale * sum(w * (aligned(k, name) - start) for k, w in enumerate(task_weights))
+                vectors = (w * (aligned(k, name) - start) for k, w in enumerate(task_weights))  # one at a time
+                if config.task_vector == "ties":  # needs every parent's vector of this tensor at once
+                    merged = start + config.scale * ties_merge(list(vectors), config.density)
+                else:
+                    if config.task_vector == "dare":
+                        vectors = (dare_vector(v, config.density, config.seed, k, name) for k, v in enumerate(vectors))
+                    merged = start + config.scale * sum(vectors)
             else:
                 merged = sum(alpha * aligned(k, name) for k, alpha in enumerate(alphas))
             param.copy_(merged.to(param.dtype))
