@@ -375,3 +375,14 @@ def test_cli_task_arithmetic_with_a_base_checkpoint(tmp_path):
     merged = T.BertForSequenceClassification.from_pretrained(out).eval()
     inputs = inputs_for(base)
     assert relative_error(outputs(merged, inputs), outputs(base, inputs)) < 1e-6
+
+
+def test_card_says_how_ties_and_dare_changed_the_task_vectors():
+    from hf_otfusion.output.card import _task_arithmetic_text
+
+    plain = _task_arithmetic_text({"scale": 0.7})
+    ties = _task_arithmetic_text({"scale": 0.7, "task_vector": "ties", "density": 0.2})
+    dare = _task_arithmetic_text({"scale": 0.7, "task_vector": "dare", "density": 0.5, "seed": 3})
+    assert plain == "How: task arithmetic, base + 0.7 x the sum of the parents' task vectors."
+    assert "disjoint mean" in ties and "largest 0.2 fraction" in ties
+    assert "probability 0.5" in dare and "1/0.5" in dare and "seed 3" in dare

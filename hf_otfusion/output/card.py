@@ -135,8 +135,7 @@ def _method_text(provenance: Provenance) -> str:
         "ot": f"How: {aligned}, then the aligned weights were averaged (weights: {weights}).",
         "vanilla": f"How: the parents' weights were averaged as they are, without alignment (weights: {weights}).",
         "interpolate": f"How: the parents' weights were interpolated (weights: {weights}).",
-        "task-arithmetic": f"How: task arithmetic, base + {config.get('scale')} x the sum of the parents' task "
-        "vectors.",
+        "task-arithmetic": _task_arithmetic_text(config),
         "regmean": f"How: RegMean, every linear layer solved in closed form from the Gram matrices of its inputs "
         f"(off-diagonal scale {config.get('regmean_alpha')}), other weights averaged.",
     }
@@ -144,6 +143,22 @@ def _method_text(provenance: Provenance) -> str:
     if config["method"] not in ("ot", "vanilla") and config.get("align") == "ot":
         text += f" Before merging, {aligned}."
     return text
+
+
+def _task_arithmetic_text(config: dict) -> str:
+    scale, density = config.get("scale"), config.get("density", 1.0)
+    vectors = config.get("task_vector", "plain")
+    if vectors == "ties":
+        return (
+            f"How: task arithmetic with TIES merging, base + {scale} x the disjoint mean of the parents' task "
+            f"vectors, each trimmed to its largest {density:g} fraction of entries, with signs elected per entry."
+        )
+    if vectors == "dare":
+        return (
+            f"How: task arithmetic with DARE, base + {scale} x the sum of the parents' task vectors, each entry "
+            f"kept with probability {density:g} and rescaled by 1/{density:g} (seed {config.get('seed', 0)})."
+        )
+    return f"How: task arithmetic, base + {scale} x the sum of the parents' task vectors."
 
 
 def _parent_rows(provenance: Provenance) -> list[tuple[str, ...]]:
