@@ -1,0 +1,118 @@
+"""Flag builders shared by the `otfusion-hub` commands: config fields as flags, counts, data and push options.
+
+Every option that shapes a run is a field of a config dataclass (`FusionConfig`, `FinetuneConfig`); its flag is
+generated here with the field's docstring entry as help, so a command line, `--help` and the saved config file
+describe the same thing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+
+class Parser(argparse.ArgumentParser):
+    """An `ArgumentParser` whose usage errors end, like every other error, in one `error: ...` line (exit 2)."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
+def count(low: int, high: int | None = None):
+    """An argparse `type` for an integer flag in `[low, high]`, so a bad value fails as the flag's usage error."""
+
+    from ..config import NumberRule
+
+    rule = NumberRule(int, low, high)
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+        problem = rule.problem(value)
+        if problem is not None:
+            raise argparse.ArgumentTypeError(problem)
+        return value
+
+    parse.__name__ = "integer"  # what argparse calls the type in its messages
+    return parse
+
+
+SEED = count(0, 2**32 - 1)
+
+
+def config_help(cls: type, name: str, shown_default: str | None = None) -> str:
+    """The help of the flag for field `name` of config class `cls`: its docstring entry, default and range.
+
+    The text comes from the class's `Args:` section (see `hf_otfusion.docstrings`), so the CLI says what the
+    API documentation says.
+    """
+    from ..config import FIELD_RULES
+    from ..docstrings import field_docs
+
+    text = field_docs(cls)[name]
+    default = shown_default if shown_default is not None else getattr(cls(), name)
+    rule = FIELD_RULES[cls].get(name)
+    bounds = f"; must {rule.describe()}" if rule is not None and rule.low is not None else ""
+    return f"{text} (default: {default}{bounds})".replace("%", "%%")  # argparse formats help with %
+
+
+def add_config_flags(group, cls: type, shown_defaults: dict[str, str] | None = None) -> None:
+    """One flag per field of the config dataclass `cls` (`--reg` for `reg`), with `config_help` text.
+
+    Every flag defaults to None, so that only the flags given override a `--config` file.
+    """
+    from ..config import _CHOICES
+
+    defaults = cls()
+    for field in dataclasses.fields(cls):
+        flag = "--" + field.name.replace("_", "-")
+        default = getattr(defaults, field.name)
+        help_text = config_help(cls, field.name, (shown_defaults or {}).get(field.name))
+        if field.name in _CHOICES:
+            group.add_argument(flag, choices=_CHOICES[field.name], default=None, help=help_text)
+        elif isinstance(default, bool):
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        elif field.name == "weights":
+            group.add_argument(flag, type=float, nargs="+", default=None, metavar="W", help=help_text)
+        elif field.name == "target":
+            group.add_argument(flag, metavar="KEY=INT,...", default=None, help=help_text)
+        else:
+            kind = float if isinstance(default, float) else str if "str" in str(field.type) else int
+            group.add_argument(flag, type=kind, default=None, help=help_text)
+
+
+def add_push_options(group, prefix: str) -> None:
+    group.add_argument(f"--{prefix}private", action="store_true", help="create the repository as private")
+    group.add_argument(f"--{prefix}revision", metavar="BRANCH", help="push to this branch (created if missing)")
+    group.add_argument(f"--{prefix}create-pr", action="store_true", help="open a pull request instead of "
+                       "committing to the branch")  # fmt: skip
+
+
+def add_data_options(group, default_split: str) -> None:
+    """Where the rows come from and how raw rows become model inputs (shared by `finetune` and `eval`)."""
+    group.add_argument("--data", required=True, help="a Hub dataset id[@revision], a save_to_disk directory, a "
+                       "data directory (imagefolder, csv, ...) or data files")  # fmt: skip
+    group.add_argument("--split", help=f"split of --data (default: the only split, or {default_split})")
+    group.add_argument("--num-samples", type=count(1), help="use this many rows of the split (seeded by --data-seed)")
+    group.add_argument("--data-seed", type=SEED, default=0, help="seed of the row sample drawn with --num-samples")
+    add_encoding_options(group)
+
+
+def add_encoding_options(group) -> None:
+    """How raw rows become model inputs with the model's tokenizer or image processor (every `--data`)."""
+    group.add_argument("--text-column", help="column holding the text (default: detected)")
+    group.add_argument("--image-column", help="column holding the images (default: detected)")
+    group.add_argument("--label-column", help="column holding the labels (default: label/labels)")
+    group.add_argument("--max-length", type=count(1), default=128, help="tokenizer truncation/padding length")
+
+
+def encode_rows(args, data_source, label2id, processor):
+    """The rows of a resolved `DataSource` as model inputs, encoded with the `--text-column`... options."""
+    from ..data import encode_dataset
+
+    return encode_dataset(
+        data_source.load(), processor, text_column=args.text_column, image_column=args.image_column,
+        label_column=args.label_column, max_length=args.max_length, label2id=label2id,
+    )  # fmt: skip

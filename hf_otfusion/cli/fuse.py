@@ -1,0 +1,218 @@
+"""`otfusion-hub fuse` and `otfusion-hub inspect`: the commands that align parents."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+from pathlib import Path
+
+from .flags import SEED, add_config_flags, add_encoding_options, add_push_options, config_help, count, encode_rows
+from .hub import push_output
+
+EXAMPLES = """examples:
+  # data-free fusion of two Hub or local checkpoints (without --data: weight-based cost, exact OT)
+  otfusion-hub fuse user/vit-a user/vit-b --out fused
+
+  # Hub parents pinned to revisions, soft alignment on 500 rows of a Hub data set, evaluated, then pushed
+  otfusion-hub fuse user/vit-a user/vit-b@v1.0 --out fused --data user/images --num-samples 500 \\
+      --solver sinkhorn --reg 0.3 --eval-data user/images --eval-split test --push-to-hub user/vit-fused
+
+  # check parents, revisions and data without downloading any weights
+  otfusion-hub fuse user/vit-a user/vit-b --out fused --data user/images --dry-run
+
+  # retry an upload that failed (the fused directory was kept)
+  otfusion-hub push fused user/vit-fused
+
+  # activation-based soft alignment on a saved datasets.Dataset (or csv/json/parquet files, an image folder)
+  otfusion-hub fuse ./model-a ./model-b --out fused --data ./align-ds --solver sinkhorn --reg 0.3
+
+  # do the parents need alignment, or are they fine-tunes of one base? (per-layer distances + advice)
+  otfusion-hub inspect ./model-a ./model-b
+
+  # fine-tunes of one base: RegMean on alignment data, or task arithmetic against the shared base
+  otfusion-hub fuse ./ft-a ./ft-b --out merged --method regmean --data ./align-ds
+  otfusion-hub fuse ./ft-a ./ft-b --out merged --method task-arithmetic --base ./base-model --scale 0.5
+
+  # a Hub-compatible server on 127.0.0.1 for trying Hub workflows offline
+  otfusion-hub serve-hub --port 8765 --root ./hub-data
+"""
+
+
+def add_parsers(commands) -> None:
+    """The `fuse` and `inspect` sub-commands."""
+    from ..config import _CHOICES, FusionConfig
+
+    fuse = commands.add_parser(
+        "fuse",
+        help="align two or more parents onto the anchor and average them",
+        description="Align every parent onto the anchor (parent --anchor) with OT, average, and save a "
+        "safetensors checkpoint of the anchor's class.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_fuse_io_arguments(fuse)
+    add_config_flags(fuse.add_argument_group("fusion (FusionConfig fields)"), FusionConfig,
+                     shown_defaults={"cost": "activations with --data, else weights"})  # fmt: skip
+
+    inspect = commands.add_parser(
+        "inspect",
+        help="measure how far apart the parents are before and after OT alignment, and recommend a method",
+        description="Per layer and overall: relative L2 distance, cosine and sign disagreement of the weights "
+        "before and after OT alignment onto the anchor, the share of units OT leaves in place and, with --data, "
+        "the activation correlation of matched units. Recommends `ot` or a same-base method and says why.",
+    )
+    inspect.add_argument("parents", nargs="+", help="local checkpoint directories or Hub model ids (two or more)")
+    data = inspect.add_argument_group("alignment data")
+    data.add_argument("--data", help="alignment data, as for `fuse --data`: a Hub dataset id[@revision], a "
+                      "save_to_disk directory, a data directory (imagefolder, csv, ...) or data files")  # fmt: skip
+    data.add_argument("--split", help="split of --data (default: the only split, or train)")
+    add_encoding_options(data)
+    inspect.add_argument("--anchor", type=count(0), default=0, help=config_help(FusionConfig, "anchor"))
+    inspect.add_argument("--cost", choices=_CHOICES["cost"], default=None,
+                         help=config_help(FusionConfig, "cost", "activations with --data, else weights"))  # fmt: skip
+    inspect.add_argument("--solver", choices=_CHOICES["solver"], default="exact",
+                         help=config_help(FusionConfig, "solver"))  # fmt: skip
+    inspect.add_argument("--batch-size", type=count(1), default=8, help=config_help(FusionConfig, "batch_size"))
+    inspect.add_argument("--num-samples", type=count(1), default=None, help=config_help(FusionConfig, "num_samples"))
+    inspect.add_argument("--json", type=Path, help="also write the report as JSON to this file")
+    inspect.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+
+
+def _add_fuse_io_arguments(fuse: argparse.ArgumentParser) -> None:
+    """The `fuse` options that are not FusionConfig fields: inputs, data, output, Hub, safety."""
+    fuse.add_argument("parents", nargs="+", help="Hub model ids with an optional @revision (user/model@v1, "
+                      "user/model@<commit sha>) or local checkpoint directories; two or more")  # fmt: skip
+    fuse.add_argument("--out", type=Path, required=True, help="output directory (refused if it exists and is "
+                      "not empty, unless --overwrite)")  # fmt: skip
+    fuse.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out")
+    fuse.add_argument("--config", type=Path, help="a YAML (or JSON) file of FusionConfig fields, e.g. the "
+                      "fusion_config.yaml of a fused model; flags override it")  # fmt: skip
+    fuse.add_argument("--dry-run", action="store_true", help="resolve revisions, read configs and weight headers, "
+                      "check compatibility, print the plan; download no weights, write nothing")  # fmt: skip
+    fuse.add_argument("-q", "--quiet", action="store_true", help="no progress bars, warnings only")
+    data = fuse.add_argument_group("alignment and evaluation data")
+    data.add_argument("--data", help="alignment data (for --cost activations): a Hub dataset id[@revision], a "
+                      "save_to_disk directory, a data directory (imagefolder, csv, ...) or data files")  # fmt: skip
+    data.add_argument("--split", help="split of --data (default: the only split, or train)")
+    data.add_argument("--data-seed", type=SEED, default=0, help="seed of the row sample drawn with --num-samples")
+    add_encoding_options(data)
+    data.add_argument("--eval-data", help="evaluate parents, vanilla average and fused model on this data")
+    data.add_argument("--eval-split", help="split of --eval-data (default: the only split, or test)")
+    data.add_argument("--eval-num-samples", type=count(1), help="evaluate on this many rows (seeded by --data-seed)")
+    output = fuse.add_argument_group("compute and output")
+    output.add_argument("--device", help="where the statistics pass runs: cpu, cuda, auto (default: cpu)")
+    output.add_argument("--dtype", choices=("float32", "float16", "bfloat16"),
+                        help="dtype of the saved fused weights (default: the anchor's)")  # fmt: skip
+    output.add_argument("--max-shard-size", default="5GB", help="shard model.safetensors above this size, with "
+                        "an index (default: 5GB)")  # fmt: skip
+    safety = fuse.add_argument_group("safety")
+    safety.add_argument("--allow-pickle", action="store_true", help="load pickle (.bin) weights when a parent has "
+                        "no safetensors; unpickling can run code, so only for authors you trust")  # fmt: skip
+    safety.add_argument("--trust-remote-code", action="store_true", help="allow parents whose model class is code "
+                        "in their repository (it runs on your machine)")  # fmt: skip
+    hub = fuse.add_argument_group("Hub")
+    hub.add_argument("--push-to-hub", metavar="REPO", help="after a successful fusion, upload --out to this "
+                     "model repository in one commit")  # fmt: skip
+    add_push_options(hub, prefix="")
+
+
+def run_fuse(args: argparse.Namespace, argv: list[str]) -> int:
+    import shlex
+
+    from ..config import FusionConfig
+    from ..job.fuse_job import FuseJob, load_config_file, silence_progress_bars
+
+    values = load_config_file(args.config) if args.config else {}
+    for field in dataclasses.fields(FusionConfig):
+        flag_value = getattr(args, field.name)
+        if flag_value is not None:
+            values[field.name] = flag_value
+    config = fuse_config(values, has_data=args.data is not None)
+    if args.quiet:
+        silence_progress_bars()
+    job = FuseJob(
+        parents=args.parents, out=args.out, config=config, data=args.data, split=args.split, seed=args.data_seed,
+        text_column=args.text_column, image_column=args.image_column, label_column=args.label_column,
+        max_length=args.max_length, eval_data=args.eval_data, eval_split=args.eval_split,
+        eval_num_samples=args.eval_num_samples, device=args.device, dtype=args.dtype,
+        max_shard_size=args.max_shard_size, overwrite=args.overwrite, allow_pickle=args.allow_pickle,
+        trust_remote_code=args.trust_remote_code, repo_id=args.push_to_hub,
+        command=shlex.join(["otfusion-hub", *argv]), progress=not args.quiet,
+    )  # fmt: skip
+    plan = job.plan()
+    if args.dry_run:
+        print(plan.describe(config, args.out, args.push_to_hub))
+        print("Dry run: pre-flight passed; no weights were downloaded and nothing was written.")
+        return 0
+    result = job.run(plan)
+    from ..engine.distributed import is_main_process, process_state
+
+    if not is_main_process(process_state(None)):
+        return 0  # under torchrun / accelerate launch, only the main process writes the output (and pushes)
+    if not args.quiet:
+        print(result.summary())
+    if args.eval_data:
+        from ..output.card import results_text
+        from ..output.provenance import Provenance
+
+        print(results_text(Provenance.load(args.out)))
+    print(f"Fused model written to {args.out}")
+    if args.push_to_hub:
+        message = f"Fuse {', '.join(args.parents)} with hf_otfusion"
+        return push_output(args.out, args.push_to_hub, args, commit_message=message)
+    return 0
+
+
+def fuse_config(values: dict, has_data: bool):
+    """The run's `FusionConfig`; without `--data` and without a cost chosen, the data-free weight cost.
+
+    The activation cost is the better default when there is data, but the simplest command
+    (`otfusion-hub fuse a b --out fused`) has none and should still fuse. A cost given by flag or config file is
+    kept, and an option that only works on data (`--repair`, `--method regmean`, ...) is left for the pre-flight
+    to refuse with its own message.
+    """
+    from ..config import FusionConfig
+    from ..errors import FusionError
+
+    if not has_data and "cost" not in values:
+        try:
+            data_free = FusionConfig.from_dict({**values, "cost": "weights"})
+        except FusionError:
+            data_free = None  # an option tied to activations: FusionConfig(values) fails or asks for data below
+        if data_free is not None and not data_free.needs_data:
+            logging.getLogger("hf_otfusion").info(
+                "No --data: fusing data-free (cost=weights, units matched by their weights); pass --data for an "
+                "activation-based fusion."
+            )
+            return data_free
+    return FusionConfig.from_dict(values)
+
+
+def run_inspect(args: argparse.Namespace) -> int:
+    from ..config import FusionConfig
+    from ..data import DataSource, load_processor
+    from ..hub.parents import download_parents, parent_checkpoint, resolve_parent
+    from ..methods.readiness import readiness_report
+
+    # read and encoded as `fuse --data` is; resolved first, so that a missing data set fails before any download
+    data_source = DataSource.resolve(args.data, args.split) if args.data is not None else None
+    cost = args.cost or ("activations" if args.data is not None else "weights")
+    config = FusionConfig(
+        cost=cost, solver=args.solver, anchor=args.anchor, batch_size=args.batch_size, num_samples=args.num_samples
+    )
+    # resolved as `fuse` resolves them: a missing parent or revision fails with its own error, weights are pinned
+    parents = [resolve_parent(source) for source in args.parents]
+    anchor = args.anchor if args.anchor < len(parents) else -1  # out of range: the report says so below
+    download_parents(parents, anchor=anchor, progress=not args.quiet)  # the anchor's processor encodes --data
+    sources = [parent_checkpoint(parent) for parent in parents]
+    data = None
+    if data_source is not None:
+        processor = load_processor(parents[anchor].directory) if parents[anchor].processor_files else None
+        data = encode_rows(args, data_source, sources[anchor].config().label2id, processor)
+    report = readiness_report(sources, data=data, config=config, progress=not args.quiet)
+    if args.json is not None:
+        args.json.write_text(json.dumps(report.to_dict(), indent=1) + "\n")
+    print(report.to_markdown())
+    return 0

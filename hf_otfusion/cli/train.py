@@ -1,0 +1,205 @@
+"""`otfusion-hub finetune` and `otfusion-hub eval`: train and score classifiers with the transformers Trainer."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from pathlib import Path
+
+from .flags import add_config_flags, add_data_options, add_push_options, count, encode_rows
+from .hub import push_output
+
+FINETUNE_EXAMPLES = """examples:
+  # 200 steps on the train split of a saved DatasetDict, scored on its test split before and after
+  otfusion-hub finetune ./fused --data ./fmnist --split train --eval-split test --out fused-ft --max-steps 200
+
+  # the same on 2 CPU processes (gloo) or GPUs: the Trainer handles the distribution
+  torchrun --nproc_per_node 2 -m hf_otfusion.cli finetune ./fused --data ./fmnist --eval-split test --out fused-ft
+
+  # text classification from a Hub data set, then upload the finetuned model
+  otfusion-hub finetune user/bert-fused --data user/news --text-column text --label-column label \\
+      --eval-split test --out bert-ft --learning-rate 1e-4 --push-to-hub user/bert-fused-ft
+"""
+
+
+def add_parsers(commands) -> None:
+    """The `finetune` and `eval` sub-commands."""
+    _add_finetune_parser(commands)
+    _add_eval_parser(commands)
+
+
+def _add_finetune_parser(commands) -> None:
+    from ..config import FinetuneConfig  # not .finetune: building the parser must not import torch
+
+    finetune = commands.add_parser(
+        "finetune",
+        help="finetune a (fused) classifier with the transformers Trainer and extend its model card",
+        description="Train MODEL (a sequence or image classifier: local directory or Hub id[@revision]) on --data "
+        "with the transformers Trainer, save it to --out with its processor and provenance, and append the run "
+        "(data, steps, results) to its model card. Runs unchanged under torchrun / accelerate launch.",
+        epilog=FINETUNE_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    finetune.add_argument("model", help="a checkpoint directory or Hub model id[@revision]")
+    finetune.add_argument("--out", type=Path, required=True, help="output directory (refused if it exists and is "
+                          "not empty, unless --overwrite)")  # fmt: skip
+    finetune.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out")
+    finetune.add_argument("--config", type=Path, help="a YAML or JSON file of FinetuneConfig fields; flags override it")
+    finetune.add_argument("-q", "--quiet", action="store_true", help="no progress bars or loss logs")
+    data = finetune.add_argument_group("training and evaluation data")
+    add_data_options(data, default_split="train")
+    data.add_argument("--eval-data", help="evaluation data source (default: --data, when --eval-split is given)")
+    data.add_argument("--eval-split", help="split scored before and after training (default with --eval-data: the "
+                      "only split, or test)")  # fmt: skip
+    data.add_argument("--eval-num-samples", type=count(1), help="score on this many rows (seeded by --data-seed)")
+    add_config_flags(finetune.add_argument_group("training recipe (FinetuneConfig fields)"), FinetuneConfig)
+    hub = finetune.add_argument_group("Hub")
+    hub.add_argument("--push-to-hub", metavar="REPO", help="after training, upload --out to this model repository "
+                     "in one commit")  # fmt: skip
+    add_push_options(hub, prefix="")
+
+
+def _add_eval_parser(commands) -> None:
+    from ..train.metrics import available_metrics
+
+    evaluate = commands.add_parser(
+        "eval",
+        help="print the accuracy and loss of one or more classifiers on one split",
+        description="Score each MODEL (local directory or Hub id[@revision]) on the same rows: accuracy, mean "
+        "cross-entropy loss and any extra --metrics, computed offline with the evaluate modules shipped in "
+        "hf_otfusion.",
+    )
+    evaluate.add_argument("models", nargs="+", help="checkpoint directories or Hub model ids[@revision]")
+    add_data_options(evaluate.add_argument_group("data"), default_split="test")
+    evaluate.add_argument("--batch-size", type=count(1), default=64, help="examples per forward pass (default: 64)")
+    extra = [m for m in available_metrics() if m != "accuracy"]
+    evaluate.add_argument("--metrics", nargs="+", default=[], choices=extra, help="extra metrics (f1: macro-averaged)")
+    evaluate.add_argument("--markdown", action="store_true", help="print a markdown table")
+    evaluate.add_argument("--json", type=Path, help="also write the table as JSON to this file")
+    evaluate.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+
+
+def _load_classifier(source: str, progress: bool):
+    """A checkpoint resolved (Hub ids pinned to a commit), downloaded with its processor, card and provenance."""
+    from ..data import load_processor
+    from ..hub.parents import download_parents, load_parent_model, resolve_parent
+
+    parent = resolve_parent(source)
+    download_parents([parent], 0, progress=progress)
+    if parent.on_hub:
+        from huggingface_hub import hf_hub_download
+        from huggingface_hub.errors import EntryNotFoundError
+
+        from ..train.finetune import PROVENANCE_FILES
+
+        for name in ("README.md", *PROVENANCE_FILES):  # the card and provenance that finetuning carries over
+            try:
+                hf_hub_download(parent.repo_id, name, revision=parent.commit)
+            except EntryNotFoundError:
+                continue
+    processor = load_processor(parent.directory) if parent.processor_files else None
+    return parent, load_parent_model(parent), processor
+
+
+def _encoded_split(args, source: str, split: str | None, num_samples: int | None, label2id, processor,
+                   default_split: str = "train"):  # fmt: skip
+    """Rows of one split as model inputs and labels, and the `DataSource` that says where they came from.
+
+    `split=None` takes the source's only split, or `default_split` when it has several; `label2id` is the
+    model's, to which class names in the data are mapped.
+    """
+    from ..data import DataSource
+
+    data_source = DataSource.resolve(source, split, num_samples, args.data_seed, default_split=default_split)
+    return encode_rows(args, data_source, label2id, processor), data_source
+
+
+def _describe(source) -> str:
+    pinned = f"{source.repo_id}@{source.commit}" if source.kind == "hub" else source.source
+    return f"{pinned} (split {source.split})"
+
+
+def run_finetune(args: argparse.Namespace) -> int:
+    from ..engine.distributed import is_main_process, process_state
+    from ..job.fuse_job import load_config_file, silence_progress_bars
+    from ..output.staging import check_output_dir
+    from ..train.finetune import FinetuneConfig, finetune
+
+    values = load_config_file(args.config) if args.config else {}
+    for field in dataclasses.fields(FinetuneConfig):
+        if getattr(args, field.name) is not None:
+            values[field.name] = getattr(args, field.name)
+    config = FinetuneConfig.from_dict(values)
+    inputs = [args.model, args.data, *([args.eval_data] if args.eval_data else [])]
+    check_output_dir(args.out, overwrite=args.overwrite, inputs=inputs)  # before any download or training
+    if args.quiet:
+        silence_progress_bars()
+    parent, model, processor = _load_classifier(args.model, progress=not args.quiet)
+    label2id = getattr(model.config, "label2id", None)
+    train, train_source = _encoded_split(args, args.data, args.split, args.num_samples, label2id, processor)
+    evaluation, eval_source = None, None
+    if args.eval_data or args.eval_split:
+        evaluation, eval_source = _encoded_split(
+            args, args.eval_data or args.data, args.eval_split, args.eval_num_samples, label2id, processor, "test"
+        )
+    result = finetune(
+        model, train, evaluation, config, output_dir=args.out, processor=processor, source=parent.pinned,
+        source_dir=parent.directory, data_name=_describe(train_source),
+        eval_name=_describe(eval_source) if eval_source else None, overwrite=args.overwrite,
+        hub_datasets=[s.hub_id for s in (train_source, eval_source) if s is not None and s.hub_id],
+        progress=not args.quiet,
+    )  # fmt: skip
+    if not is_main_process(process_state(None)):
+        return 0  # under torchrun / accelerate launch, only the main process wrote the output (and pushes)
+    if result.metrics_after is not None:
+        before, after = result.metrics_before or {}, result.metrics_after
+        print(
+            f"accuracy {before.get('accuracy', float('nan')):.4f} -> {after['accuracy']:.4f}, "
+            f"loss {before.get('loss', float('nan')):.4f} -> {after['loss']:.4f} after {result.steps} steps"
+        )
+    print(f"Finetuned model written to {args.out}")
+    if args.push_to_hub:
+        return push_output(args.out, args.push_to_hub, args, commit_message=f"Finetune {args.model} with hf_otfusion")
+    return 0
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from ..train.evaluation import EvaluationTable, ModelScore, evaluate_model
+
+    if args.quiet:
+        from ..job.fuse_job import silence_progress_bars
+
+        silence_progress_bars()
+    rows, encodings, split = [], [], args.split
+    for source in args.models:
+        parent, model, processor = _load_classifier(source, progress=not args.quiet)
+        # rows are encoded once per distinct processor and label mapping, so parents and fused models share them
+        key = (_processor_key(processor), sorted((getattr(model.config, "label2id", None) or {}).items()))
+        dataset = next((d for k, d in encodings if k == key), None)
+        if dataset is None:
+            label2id = getattr(model.config, "label2id", None)
+            dataset, data_source = _encoded_split(
+                args, args.data, args.split, args.num_samples, label2id, processor, default_split="test"
+            )
+            encodings.append((key, dataset))
+            split = data_source.split
+        scores = evaluate_model(
+            model, dataset, processor=processor, batch_size=args.batch_size, metrics=args.metrics,
+            progress=not args.quiet, desc=parent.name,
+        )  # fmt: skip
+        rows.append(ModelScore.from_scores(source, scores))
+    table = EvaluationTable(rows=rows, split=str(split))
+    print(table.to_markdown() if args.markdown else table)
+    if args.json is not None:
+        args.json.write_text(table.to_json() + "\n")
+    return 0
+
+
+def _processor_key(processor) -> str:
+    """What makes two processors encode the same rows identically: the image settings, or the vocabulary."""
+    if processor is None:
+        return "none"
+    if hasattr(processor, "get_vocab"):
+        return type(processor).__name__ + json.dumps(sorted(processor.get_vocab().items()))
+    return type(processor).__name__ + processor.to_json_string()
