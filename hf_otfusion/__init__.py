@@ -30,7 +30,7 @@ _EXPORTS = {
     "FuseJob": "job.fuse_job",
     "Provenance": "output.provenance",
     "render_card": "output.card",
-    "push_folder": "hub.parents",
+    "push_folder": "hub.push",
     "ReadinessReport": "methods.readiness",
     "readiness_report": "methods.readiness",
     "GramStatistics": "methods.gram",
@@ -123,7 +123,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
         VocabularyMismatchError,
     )
     from .fusion import FusionResult, fuse, fuse_with_diagnostics
-    from .hub.parents import push_folder
+    from .hub.push import push_folder
     from .job.fuse_job import FuseJob
     from .methods.gram import GramStatistics, collect_gram_statistics
     from .methods.readiness import ReadinessReport, readiness_report

@@ -80,12 +80,20 @@ class Checkpoint:
     def skeleton(self) -> PreTrainedModel:
         """The model built from its config on the meta device: names and shapes, no weights, no memory."""
         config = self.config()
-        model_class = self.saved_class(config)
-        with torch.device("meta"):
-            return model_class(config)
+        return weightless_model(self.saved_class(config), config)
 
 
 ModelOrPath = PreTrainedModel | Checkpoint | str | Path
+
+
+def weightless_model(model_class: type[PreTrainedModel], config) -> PreTrainedModel:
+    """`model_class` built from `config` on the meta device: every parameter's name and shape, no storage.
+
+    The one way hf_otfusion builds a model from a config, for a checkpoint's skeleton and for the pre-flight's
+    models of Hub parents whose weights are not downloaded yet.
+    """
+    with torch.device("meta"):
+        return model_class._from_config(config)
 
 
 def as_checkpoint(model: ModelOrPath) -> PreTrainedModel | Checkpoint:

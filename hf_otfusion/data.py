@@ -38,6 +38,11 @@ _FILE_BUILDERS = {
 }
 
 
+def pinned_source(kind: str | None, repo_id: str | None, commit: str | None, source: str) -> str:
+    """`repo@commit` for a Hub data source, the path as given for a local one (also from a provenance record)."""
+    return f"{repo_id}@{commit}" if kind == "hub" else source
+
+
 @dataclass
 class DataSource:
     """Where a data set comes from, resolved far enough to be reloaded exactly.
@@ -154,6 +159,11 @@ class DataSource:
         if self.kind == "hub":
             return self.repo_id, {"revision": self.commit}
         return _local_builder(self.source)
+
+    @property
+    def pinned(self) -> str:
+        """The source as a user would give it to rebuild the same rows: `repo@commit` for the Hub, else the path."""
+        return pinned_source(self.kind, self.repo_id, self.commit, self.source)
 
     @property
     def hub_id(self) -> str | None:

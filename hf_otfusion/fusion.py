@@ -16,14 +16,15 @@ from transformers import PreTrainedModel
 from .checkpoints import ModelOrPath, load_parent, skeleton
 from .config import FusionConfig
 from .engine.align import align_tensor, pieces
-from .engine.compatibility import check_compatible, check_finite, check_same_model_type, check_same_widths
+from .engine.compatibility import check_finite, check_same_widths
 from .engine.distributed import broadcast_from_main, is_main_process, models_on, process_state, resolve_device
 from .engine.maps import SpaceDiagnostics, compute_maps, per_hook_spaces
 from .engine.plan import FusionPlan, model_with_tensors, named_tensors, resolve_plan
+from .engine.prepare import prepare
 from .engine.refine import RefineReport, refine_maps
 from .engine.repair import SiteRepair, repair_model
 from .engine.reparameterise import check_rotatable, reparameterise, restore_output_norm
-from .engine.spec import AlignmentSpec, load_spec
+from .engine.spec import AlignmentSpec
 from .engine.statistics import collect_statistics, statistics_keys
 from .engine.transport import TransportMap
 from .errors import EmptyAlignmentDataError, FusionError
@@ -179,16 +180,8 @@ def fuse_with_diagnostics(
     streamed = config.method not in SAME_BASE_METHODS
     from_checkpoint = [streamed and not isinstance(model, PreTrainedModel) for model in models]
     parents = [skeleton(m) if lazy else load_parent(m) for m, lazy in zip(models, from_checkpoint, strict=True)]
-    if len(parents) < 2:
-        raise FusionError(f"Fusion needs at least 2 parents, got {len(parents)}.")
-    if not 0 <= config.anchor < len(parents):
-        raise FusionError(f"FusionConfig.anchor={config.anchor} is out of range for {len(parents)} parents.")
-    weights = config.normalised_weights(len(parents))
-    check_same_model_type(parents)
-    if isinstance(spec, str | Path):
-        spec = load_spec(spec)
-    plans = [resolve_plan(parent, spec) for parent in parents]
-    check_compatible(parents, plans, config.anchor)
+    prepared = prepare(parents, config, spec)
+    plans, weights, spec = prepared.plans, prepared.weights, prepared.spec
     config = config.resolved(all(plan.residual_norms for plan in plans), _equal_widths(plans, config.anchor))
     if config.residual == "orthogonal":
         for plan in plans:

@@ -141,12 +141,12 @@ def run_fuse(args: argparse.Namespace, argv: list[str]) -> int:
         trust_remote_code=args.trust_remote_code, repo_id=args.push_to_hub,
         command=shlex.join(["otfusion-hub", *argv]), progress=not args.quiet,
     )  # fmt: skip
-    plan = job.plan()
+    checked = job.preflight()
     if args.dry_run:
-        print(plan.describe(config, args.out, args.push_to_hub))
+        print(checked.describe(config, args.out, args.push_to_hub))
         print("Dry run: pre-flight passed; no weights were downloaded and nothing was written.")
         return 0
-    result = job.run(plan)
+    result = job.run(checked)
     from ..engine.distributed import is_main_process, process_state
 
     if not is_main_process(process_state(None)):

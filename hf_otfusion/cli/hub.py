@@ -40,7 +40,7 @@ def run_push(args: argparse.Namespace) -> int:
 def push_output(folder: Path, repo_id: str, args: argparse.Namespace, commit_message: str | None = None) -> int:
     """Uploads `folder`; prints the commit SHA and URL, or the error and the command that retries it."""
     from ..errors import PushError
-    from ..hub.parents import push_folder
+    from ..hub.push import push_folder
 
     try:
         pushed = push_folder(

@@ -116,8 +116,7 @@ def _encoded_split(args, source: str, split: str | None, num_samples: int | None
 
 
 def _describe(source) -> str:
-    pinned = f"{source.repo_id}@{source.commit}" if source.kind == "hub" else source.source
-    return f"{pinned} (split {source.split})"
+    return f"{source.pinned} (split {source.split})"
 
 
 def run_finetune(args: argparse.Namespace) -> int:

@@ -1,4 +1,4 @@
-"""Parents from the Hub or disk, checked before any weight download; and pushing a finished fusion to the Hub.
+"""Parents from the Hub or disk: pinned to a commit, read from config and weight headers, then downloaded and loaded.
 
 The order matters for users with large parents on slow links: every revision is first pinned to its commit SHA,
 then only `config.json` and the safetensors headers are read (`HfApi.get_safetensors_metadata` uses a Range
@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import shlex
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,16 +24,10 @@ import transformers
 from transformers import PreTrainedModel
 
 from ..checkpoints import Checkpoint
-from ..config import FusionConfig
 from ..data import is_repo_id
-from ..engine.compatibility import check_compatible, check_same_model_type
-from ..engine.plan import FusionPlan, resolve_plan
-from ..engine.spec import available_specs
 from ..errors import (
     CorruptCheckpointError,
-    FusionError,
     ParentNotFoundError,
-    PushError,
     UnknownRevisionError,
     UnsafeCheckpointError,
     UnsupportedArchitectureError,
@@ -114,47 +107,6 @@ class Parent:
         record["architecture"] = (self.config.get("architectures") or [None])[0]
         record["model_type"] = self.config.get("model_type")
         return record
-
-
-@dataclass
-class Preflight:
-    """What pre-flight learned: the parents, their resolved plans, and what fusing them will take."""
-
-    parents: list[Parent]
-    anchor: int
-    plans: list[FusionPlan]
-    download_bytes: int
-
-    @property
-    def plan(self) -> FusionPlan:
-        """The anchor's plan: the fused model's shape."""
-        return self.plans[self.anchor]
-
-    def describe(self, config: FusionConfig) -> str:
-        """The plan as text, for `--dry-run`."""
-        anchor = self.parents[self.anchor]
-        lines = ["Parents (pinned):"]
-        for k, parent in enumerate(self.parents):
-            role = "anchor" if k == self.anchor else f"parent {k}"
-            params = f"{parent.num_parameters:,} params" if parent.num_parameters is not None else "pickle weights"
-            files = ", ".join(f"{w.name} ({w.size:,} B)" for w in parent.weight_files)
-            lines.append(f"  [{role}] {parent.pinned}  {parent.config.get('architectures', ['?'])[0]}, {params}")
-            lines.append(f"           {files}")
-        groups: dict[str, list[int]] = {}
-        for space in self.plan.spaces.values():
-            groups.setdefault(space.name.split(".")[0], []).append(space.size)
-        spaces = ", ".join(
-            f"{kind} {len(sizes)} x {'/'.join(str(v) for v in sorted(set(sizes)))}" for kind, sizes in groups.items()
-        )
-        lines += [
-            f"Architecture: {self.plan.architecture} ({self.plan.model_type}, {self.plan.num_layers} layers); "
-            f"the fused model takes the anchor's config ({anchor.name}).",
-            f"Spaces to align: {spaces}",
-            f"Fusion: method={config.method} cost={config.cost} solver={config.solver} reg={config.reg} "
-            f"residual={config.residual} heads={config.heads} weights={config.normalised_weights(len(self.parents))}",
-            f"To download: {self.download_bytes:,} bytes of weights (nothing downloaded yet).",
-        ]
-        return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------------------------- resolution
@@ -354,38 +306,7 @@ def _check_remote_code(parent: Parent, trust_remote_code: bool) -> None:
         )
 
 
-# -------------------------------------------------------------------------------------------- pre-flight
-def preflight(
-    sources: list[str],
-    config: FusionConfig,
-    *,
-    allow_pickle: bool = False,
-    trust_remote_code: bool = False,
-) -> Preflight:
-    """Resolves every parent and checks they can be fused, from configs and headers only (no weights fetched).
-
-    The spec is resolved on meta-device models built from the configs, and `check_compatible` runs on those, so
-    depth, vocabulary, label set and unaligned-shape mismatches surface before any download.
-
-    Raises:
-        FusionError: any `resolve_parent` error, or an `IncompatibleModelsError` / `UnsupportedArchitectureError`
-            naming the parent and the fix.
-    """
-    if len(sources) < 2:
-        raise FusionError(f"Fusion needs at least 2 parents, got {len(sources)}.")
-    if not 0 <= config.anchor < len(sources):
-        raise FusionError(f"FusionConfig.anchor={config.anchor} is out of range for {len(sources)} parents.")
-    config.normalised_weights(len(sources))  # fails early on a wrong number of weights
-    parents = [resolve_parent(s, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code) for s in sources]
-    models = [_meta_model(parent, trust_remote_code) for parent in parents]
-    check_same_model_type(models)
-    plans = [resolve_plan(model) for model in models]
-    check_compatible(models, plans, config.anchor)
-    download = sum(w.size for p in parents if p.on_hub for w in p.weight_files)
-    return Preflight(parents=parents, anchor=config.anchor, plans=plans, download_bytes=download)
-
-
-def _model_class(parent: Parent, trust_remote_code: bool) -> type[PreTrainedModel]:
+def model_class_of(parent: Parent, trust_remote_code: bool) -> type[PreTrainedModel]:
     architecture = (parent.config.get("architectures") or [None])[0]
     model_class = getattr(transformers, str(architecture), None)
     if model_class is None and trust_remote_code:
@@ -400,23 +321,9 @@ def _model_class(parent: Parent, trust_remote_code: bool) -> type[PreTrainedMode
     if model_class is None:
         raise UnsupportedArchitectureError(
             f"Parent {parent.name} names architecture {architecture!r} in its config.json, which transformers does "
-            f"not provide; fusion supports {available_specs()} model types with their transformers classes."
+            "not provide; pass --trust-remote-code if it is code in the parent's repository that you have read."
         )
     return model_class
-
-
-def _meta_model(parent: Parent, trust_remote_code: bool) -> PreTrainedModel:
-    """The parent's model with its config's shapes and no storage: enough to resolve the spec and compare shapes."""
-    model_type = parent.config.get("model_type")
-    if model_type not in available_specs():
-        raise UnsupportedArchitectureError(
-            f"Parent {parent.name} is a {model_type!r} model; fusion specs exist for {available_specs()}. Add a spec "
-            "file for this model type (see hf_otfusion/engine/specs)."
-        )
-    model_class = _model_class(parent, trust_remote_code)
-    config = transformers.AutoConfig.for_model(**parent.config)
-    with torch.device("meta"):
-        return model_class._from_config(config)
 
 
 # ----------------------------------------------------------------------------------------- download + load
@@ -451,7 +358,7 @@ def load_parent_model(parent: Parent, *, trust_remote_code: bool = False) -> Pre
 def parent_checkpoint(parent: Parent, *, trust_remote_code: bool = False) -> Checkpoint:
     """A downloaded parent as a `Checkpoint` that `fuse` loads when its turn comes (see `checkpoints`)."""
     return Checkpoint(
-        str(parent.directory), model_class=_model_class(parent, trust_remote_code), name=parent.pinned,
+        str(parent.directory), model_class=model_class_of(parent, trust_remote_code), name=parent.pinned,
         use_safetensors=parent.weight_format == "safetensors", trust_remote_code=trust_remote_code,
     )  # fmt: skip
 
@@ -463,76 +370,3 @@ def sha256_file(path: Path) -> str:
         while chunk := handle.read(1 << 20):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-# -------------------------------------------------------------------------------------------------- push
-@dataclass
-class PushResult:
-    """Where an upload landed: the commit SHA and its URLs (`pr_url` for `create_pr`)."""
-
-    repo_id: str
-    revision: str
-    commit_sha: str
-    commit_url: str
-    repo_url: str
-    pr_url: str | None = None
-
-
-def push_command(folder: str | Path, repo_id: str, *, private: bool = False, revision: str | None = None,
-                 create_pr: bool = False) -> str:  # fmt: skip
-    """The `otfusion-hub push` command line that uploads `folder` again (printed when an upload failed)."""
-    words = ["otfusion-hub", "push", str(folder), repo_id]
-    words += ["--private"] * private + (["--revision", revision] if revision else []) + ["--create-pr"] * create_pr
-    return shlex.join(words)
-
-
-def push_folder(
-    folder: str | Path,
-    repo_id: str,
-    *,
-    private: bool = False,
-    revision: str | None = None,
-    create_pr: bool = False,
-    commit_message: str | None = None,
-) -> PushResult:
-    """Creates `repo_id` if needed and uploads everything in `folder` as ONE commit.
-
-    The token is whatever huggingface_hub finds (HF_TOKEN or `hf auth login`); it is never read, written or
-    logged here.
-
-    Raises:
-        PushError: the upload failed (an HTTP error, or the connection: refused, reset, timed out, cut); its
-            message holds the `otfusion-hub push` command that retries it.
-    """
-    from huggingface_hub import HfApi
-    from huggingface_hub.errors import HfHubHTTPError
-
-    folder = Path(folder)
-    retry = push_command(folder, repo_id, private=private, revision=revision, create_pr=create_pr)
-    if not (folder / "config.json").is_file():
-        raise PushError(f"{folder} holds no config.json; push a directory written by `otfusion-hub fuse`.")
-    api = HfApi()
-    try:
-        repo_url = api.create_repo(repo_id, private=private, exist_ok=True)
-        if revision and revision != "main":  # a new branch, or the base of a pull request, must exist first
-            api.create_branch(repo_id, branch=revision, exist_ok=True)
-        info = api.upload_folder(
-            repo_id=repo_id, folder_path=folder, revision=revision, create_pr=create_pr,
-            commit_message=commit_message or f"Upload fused model ({folder.name}) with hf_otfusion",
-        )  # fmt: skip
-    # HfHubHTTPError's bases are the HTTP client's own error class (httpx's: connection refused or reset, timeouts and
-    # server disconnects all derive from it) and OSError (what requests, and the file reads, raise)
-    except (*HfHubHTTPError.__bases__, ValueError) as error:
-        raise PushError(
-            f"Upload of {folder} to {repo_id} failed: {_short_error(error)}\nThe fused model is kept in {folder}; "
-            f"retry the upload with:\n  {retry}",
-            retry=retry,
-        ) from error
-    return PushResult(
-        repo_id=repo_id, revision=revision or "main", commit_sha=info.oid, commit_url=info.commit_url,
-        repo_url=str(repo_url), pr_url=info.pr_url,
-    )  # fmt: skip
-
-
-def _short_error(error: BaseException) -> str:
-    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__

@@ -16,7 +16,7 @@ import json
 import logging
 import math
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,46 +28,14 @@ from ..config import FusionConfig, NumberRule, check_numbers
 from ..data import DataSource, encode_dataset, load_processor
 from ..engine.compatibility import first_non_finite
 from ..errors import DataSourceError, EmptyAlignmentDataError, FusionError, NonFiniteWeightsError
-from ..hub.parents import (
-    Parent,
-    Preflight,
-    download_parents,
-    load_parent_model,
-    parent_checkpoint,
-    preflight,
-    resolve_parent,
-    sha256_file,
-)
+from ..hub.parents import Parent, download_parents, load_parent_model, parent_checkpoint, resolve_parent, sha256_file
+from ..job.preflight import Preflight, preflight
 from ..output.provenance import CONFIG_FILE, Provenance, package_versions, reproduce_command, utc_now
 from ..output.staging import StagedOutput, check_output_dir, stage_output
 
 logger = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-@dataclass
-class FusePlan:
-    """Pre-flight's answer: the pinned parents (and base), the resolved data sources, the anchor's plan."""
-
-    preflight: Preflight
-    base: Parent | None
-    alignment_data: DataSource | None
-    eval_data: DataSource | None
-
-    def describe(self, config: FusionConfig, out: Path, push_to_hub: str | None) -> str:
-        """Text for `--dry-run`: what would be downloaded, fused, written and pushed."""
-        lines = [self.preflight.describe(config)]
-        if self.base is not None:
-            lines.append(f"Task-arithmetic base: {self.base.pinned}")
-        for label, source in (("Alignment data", self.alignment_data), ("Evaluation data", self.eval_data)):
-            if source is not None:
-                pinned = f"{source.repo_id}@{source.commit}" if source.kind == "hub" else source.source
-                cap = source.num_samples if source.num_samples is not None else "all"
-                split = source.split or "none (a single saved Dataset)"
-                lines.append(f"{label}: {pinned} ({source.kind}), split {split}, rows {cap}")
-        lines.append(f"Output: {out}" + (f", then pushed to {push_to_hub}" if push_to_hub else ""))
-        return "\n".join(lines)
 
 
 @dataclass
@@ -130,8 +98,8 @@ class FuseJob:
         parse_shard_size(self.max_shard_size)
         resolve_device(self.device)
 
-    def plan(self) -> FusePlan:
-        """Pre-flight: everything that can fail before a weight download (see `hub.preflight`)."""
+    def preflight(self) -> Preflight:
+        """Everything that can fail before a weight download (see `job.preflight`), and what it resolved."""
         self.check_options()
         self.check_output()
         if self.config.needs_data and self.data is None:
@@ -151,20 +119,20 @@ class FuseJob:
         if self.eval_data is not None:
             from ..output.card import pipeline_and_auto_class
 
-            task, _ = pipeline_and_auto_class(checked.plan.architecture, checked.plan.model_type)
+            task, _ = pipeline_and_auto_class(checked.anchor_plan.architecture, checked.anchor_plan.model_type)
             if task not in ("image-classification", "text-classification"):
                 raise FusionError(
-                    f"--eval-data scores classifiers, but the parents are {checked.plan.architecture} ({task}); "
+                    f"--eval-data scores classifiers, but the parents are {checked.anchor_plan.architecture} ({task}); "
                     "leave --eval-data out, or fuse classification checkpoints."
                 )
             evaluation = DataSource.resolve(
                 self.eval_data, self.eval_split, self.eval_num_samples, self.seed, default_split="test"
             )
             evaluation.choose_split()
-        return FusePlan(preflight=checked, base=base, alignment_data=alignment, eval_data=evaluation)
+        return replace(checked, base=base, alignment_data=alignment, eval_data=evaluation)
 
-    def run(self, plan: FusePlan | None = None):
-        """Pre-flight (unless given), download, fuse, evaluate and write `out`; returns the `FusionResult`.
+    def run(self, checked: Preflight | None = None):
+        """Pre-flight (unless `checked` is given), download, fuse, evaluate and write `out`; returns the `FusionResult`.
 
         Everything is written into a temporary sibling of `out`, renamed into place at the end, so a failure
         never leaves a half-written output. The result's model is the one written, loaded back from `out`.
@@ -173,17 +141,17 @@ class FuseJob:
         from ..engine.distributed import is_main_process, process_state
         from ..fusion import fuse_with_diagnostics
 
-        plan = plan or self.plan()
-        parents, anchor = plan.preflight.parents, plan.preflight.anchor
-        download_parents([*parents, *([plan.base] if plan.base else [])], anchor, progress=self.progress)
+        checked = checked or self.preflight()
+        parents, anchor = checked.parents, checked.anchor
+        download_parents([*parents, *([checked.base] if checked.base else [])], anchor, progress=self.progress)
         # checkpoints, not models: `fuse` loads each when its turn comes, holding two models at a time
         sources = [parent_checkpoint(p, trust_remote_code=self.trust_remote_code) for p in parents]
-        base = load_parent_model(plan.base, trust_remote_code=self.trust_remote_code) if plan.base else None
+        base = load_parent_model(checked.base, trust_remote_code=self.trust_remote_code) if checked.base else None
         processor = None
         if parents[anchor].processor_files:
             processor = load_processor(parents[anchor].directory, trust_remote_code=self.trust_remote_code)
         label2id = sources[anchor].config().label2id
-        alignment = self._encoded(plan.alignment_data, processor, label2id)
+        alignment = self._encoded(checked.alignment_data, processor, label2id)
         result = fuse_with_diagnostics(
             sources, data=alignment, config=self.config, base=base, progress=self.progress, device=self.device
         )
@@ -201,8 +169,8 @@ class FuseJob:
             result.model = None
             fused = Checkpoint(str(staging), name="the fused model")
             evaluation = None
-            if plan.eval_data is not None:
-                evaluation = self._evaluate(plan, sources, fused, processor, label2id)
+            if checked.eval_data is not None:
+                evaluation = self._evaluate(checked, sources, fused, processor, label2id)
             from ..methods.readiness import readiness_report
 
             # the fusion's own maps when it aligned; the report solves data-free ones for unaligned methods
@@ -210,7 +178,7 @@ class FuseJob:
             readiness = readiness_report(
                 sources, config=self.config if result.maps else own, maps=result.maps or None, progress=self.progress
             )
-            provenance = self._provenance(plan, result, evaluation)
+            provenance = self._provenance(checked, result, evaluation)
             provenance.readiness = readiness.to_dict()
             self._finish(stage, parents[anchor], provenance)
         result.model = Checkpoint(str(out)).load()  # the weights as written (in `dtype`)
@@ -234,7 +202,7 @@ class FuseJob:
                 "files, so give data that already holds model inputs."
             ) from error
 
-    def _evaluate(self, plan: FusePlan, sources, fused, processor, label2id) -> dict[str, Any]:
+    def _evaluate(self, checked: Preflight, sources, fused, processor, label2id) -> dict[str, Any]:
         """Parents, vanilla average and fused model on the same evaluation rows.
 
         Every row's model is loaded (the fused one from the staged weights), or the vanilla average built, when
@@ -245,22 +213,22 @@ class FuseJob:
         from ..output.card import FUSED_ROW, VANILLA_ROW
         from ..train.evaluation import evaluate_models
 
-        dataset = self._encoded(plan.eval_data, processor, label2id)
+        dataset = self._encoded(checked.eval_data, processor, label2id)
         if "labels" not in dataset.column_names:
             raise FusionError(f"--eval-data {self.eval_data} has no label column; name it with --label-column.")
         rows: dict[str, Any] = {}
-        for k, (parent, source) in enumerate(zip(plan.preflight.parents, sources, strict=True)):
+        for k, (parent, source) in enumerate(zip(checked.parents, sources, strict=True)):
             rows[f"parent {k}: {parent.name}"] = source
-        if self.config.method != "vanilla" and same_widths(plan.preflight.plans):  # other widths: no plain average
+        if self.config.method != "vanilla" and same_widths(checked.plans):  # other widths: no plain average
             vanilla = FusionConfig(method="vanilla", anchor=self.config.anchor, weights=self.config.weights)
             rows[VANILLA_ROW] = lambda: fuse_with_diagnostics(sources, config=vanilla, progress=False).model
         rows[FUSED_ROW] = fused
-        return evaluate_models(rows, dataset, split=str(plan.eval_data.split), progress=self.progress).to_dict()
+        return evaluate_models(rows, dataset, split=str(checked.eval_data.split), progress=self.progress).to_dict()
 
-    def _provenance(self, plan: FusePlan, result, evaluation) -> Provenance:
-        parents = plan.preflight.parents
-        anchor_config = parents[plan.preflight.anchor].config
-        data = plan.alignment_data.to_dict() if plan.alignment_data else None
+    def _provenance(self, checked: Preflight, result, evaluation) -> Provenance:
+        parents = checked.parents
+        anchor_config = parents[checked.anchor].config
+        data = checked.alignment_data.to_dict() if checked.alignment_data else None
         data_flags = {}
         if data is not None:
             data_flags = {"text_column": self.text_column, "image_column": self.image_column}
@@ -269,13 +237,13 @@ class FuseJob:
         options = {"dtype": self.dtype, "max_shard_size": self.max_shard_size}
         return Provenance(
             parents=[p.to_dict() for p in parents],
-            anchor=plan.preflight.anchor,
+            anchor=checked.anchor,
             architecture=(anchor_config.get("architectures") or ["?"])[0],
             model_type=str(anchor_config.get("model_type")),
             config=self.config.to_dict(),
-            base=plan.base.to_dict() if plan.base else None,
+            base=checked.base.to_dict() if checked.base else None,
             alignment_data=data,
-            eval_data=plan.eval_data.to_dict() if plan.eval_data else None,
+            eval_data=checked.eval_data.to_dict() if checked.eval_data else None,
             evaluation=evaluation,
             diagnostics=[_plain(d.to_dict()) for d in result.diagnostics],
             quality=_plain(quality_record(result)),
@@ -284,7 +252,7 @@ class FuseJob:
             reproduce=reproduce_command(
                 [p.pinned for p in parents],
                 out=Path(self.out).name,
-                base=plan.base.pinned if plan.base else None,
+                base=checked.base.pinned if checked.base else None,
                 data=data,
                 data_flags=data_flags,
                 options=options,

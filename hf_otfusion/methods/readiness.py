@@ -22,13 +22,13 @@ import torch
 from ..checkpoints import ModelOrPath, load_parent, skeleton
 from ..config import FusionConfig
 from ..engine.align import align_tensor, pieces
-from ..engine.compatibility import check_compatible, check_finite, check_same_model_type
+from ..engine.compatibility import check_finite
 from ..engine.maps import compute_maps, per_hook_spaces
-from ..engine.plan import FusionPlan, named_tensors, resolve_plan
-from ..engine.spec import AlignmentSpec, load_spec
+from ..engine.plan import FusionPlan, named_tensors
+from ..engine.prepare import prepare
+from ..engine.spec import AlignmentSpec
 from ..engine.statistics import UnitStatistics, collect_statistics, statistics_keys
 from ..engine.transport import TransportMap
-from ..errors import FusionError
 
 # OT leaving at least this share of units in place means the parents' units already correspond (same base);
 # the two regimes sit near 1 and near 1/width, far from it.
@@ -328,17 +328,8 @@ def readiness_report(
     """
     if config is None:
         config = FusionConfig(cost="activations" if data is not None else "weights", solver="exact")
-    if len(models) < 2:
-        raise FusionError(f"A readiness report compares at least 2 parents, got {len(models)}.")
     anchor = config.anchor
-    if not 0 <= anchor < len(models):
-        raise FusionError(f"FusionConfig.anchor={anchor} is out of range for {len(models)} parents.")
-    skeletons = [skeleton(model) for model in models]  # checkpoints are loaded one at a time, below
-    check_same_model_type(skeletons)
-    if isinstance(spec, str | Path):
-        spec = load_spec(spec)
-    plans = [resolve_plan(model, spec) for model in skeletons]
-    check_compatible(skeletons, plans, anchor)
+    plans = prepare([skeleton(model) for model in models], config, spec).plans  # checkpoints load one at a time
     anchor_model = load_parent(models[anchor])
     check_finite([anchor_model], [anchor])
     anchor_params = named_tensors(anchor_model)

@@ -17,6 +17,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from ..data import pinned_source
+
 PROVENANCE_FILE = "fusion_provenance.json"
 CONFIG_FILE = "fusion_config.yaml"
 #: Distributions whose versions shape the result (numerics, file format, loading) and are worth recording.
@@ -126,7 +128,7 @@ def reproduce_command(
     if base:
         words += ["--base", base]
     if data:
-        source = f"{data['repo_id']}@{data['commit']}" if data.get("kind") == "hub" else data["source"]
+        source = pinned_source(data.get("kind"), data.get("repo_id"), data.get("commit"), data["source"])
         words += ["--data", source, "--split", str(data["split"]), "--data-seed", str(data["seed"])]
     for flag, value in {**(data_flags or {}), **(options or {})}.items():
         if value is not None:

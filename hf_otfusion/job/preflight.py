@@ -1,0 +1,126 @@
+"""Pre-flight: every check a fusion job can make before downloading a weight.
+
+The order matters for users with large parents on slow links: every revision is first pinned to its commit SHA,
+then only `config.json` and the safetensors headers are read (see `hub.parents.resolve_parent`), and the parents
+are checked with the same `engine.prepare` step that `fuse` runs, on meta-device models built from those
+configs. Only when all of that passes are the weights downloaded, pinned to the SHAs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import transformers
+from transformers import PreTrainedModel
+
+from ..checkpoints import weightless_model
+from ..config import FusionConfig
+from ..data import DataSource
+from ..engine.plan import FusionPlan
+from ..engine.prepare import check_parent_count, prepare
+from ..engine.spec import available_specs
+from ..errors import UnsupportedArchitectureError
+from ..hub.parents import Parent, model_class_of, resolve_parent
+
+
+@dataclass
+class Preflight:
+    """What pre-flight learned: the pinned parents (and base), their plans, the resolved data sources.
+
+    Attributes:
+        parents: every parent, pinned to a commit, its config and weight headers read.
+        anchor: the anchor's index.
+        plans: each parent's resolved plan, from its meta-device model.
+        download_bytes: the weight bytes still to download.
+        base: the pinned task-arithmetic base, if any.
+        alignment_data / eval_data: the resolved data sources (split chosen), if any.
+    """
+
+    parents: list[Parent]
+    anchor: int
+    plans: list[FusionPlan]
+    download_bytes: int
+    base: Parent | None = None
+    alignment_data: DataSource | None = None
+    eval_data: DataSource | None = None
+
+    @property
+    def anchor_plan(self) -> FusionPlan:
+        """The anchor's plan: the fused model's shape."""
+        return self.plans[self.anchor]
+
+    def describe(self, config: FusionConfig, out: Path, push_to_hub: str | None) -> str:
+        """Text for `--dry-run`: what would be downloaded, fused, written and pushed."""
+        lines = [self._describe_parents(config)]
+        if self.base is not None:
+            lines.append(f"Task-arithmetic base: {self.base.pinned}")
+        for label, source in (("Alignment data", self.alignment_data), ("Evaluation data", self.eval_data)):
+            if source is not None:
+                cap = source.num_samples if source.num_samples is not None else "all"
+                split = source.split or "none (a single saved Dataset)"
+                lines.append(f"{label}: {source.pinned} ({source.kind}), split {split}, rows {cap}")
+        lines.append(f"Output: {out}" + (f", then pushed to {push_to_hub}" if push_to_hub else ""))
+        return "\n".join(lines)
+
+    def _describe_parents(self, config: FusionConfig) -> str:
+        anchor = self.parents[self.anchor]
+        lines = ["Parents (pinned):"]
+        for k, parent in enumerate(self.parents):
+            role = "anchor" if k == self.anchor else f"parent {k}"
+            params = f"{parent.num_parameters:,} params" if parent.num_parameters is not None else "pickle weights"
+            files = ", ".join(f"{w.name} ({w.size:,} B)" for w in parent.weight_files)
+            lines.append(f"  [{role}] {parent.pinned}  {parent.config.get('architectures', ['?'])[0]}, {params}")
+            lines.append(f"           {files}")
+        groups: dict[str, list[int]] = {}
+        for space in self.anchor_plan.spaces.values():
+            groups.setdefault(space.name.split(".")[0], []).append(space.size)
+        spaces = ", ".join(
+            f"{kind} {len(sizes)} x {'/'.join(str(v) for v in sorted(set(sizes)))}" for kind, sizes in groups.items()
+        )
+        plan = self.anchor_plan
+        lines += [
+            f"Architecture: {plan.architecture} ({plan.model_type}, {plan.num_layers} layers); "
+            f"the fused model takes the anchor's config ({anchor.name}).",
+            f"Spaces to align: {spaces}",
+            f"Fusion: method={config.method} cost={config.cost} solver={config.solver} reg={config.reg} "
+            f"residual={config.residual} heads={config.heads} weights={config.normalised_weights(len(self.parents))}",
+            f"To download: {self.download_bytes:,} bytes of weights (nothing downloaded yet).",
+        ]
+        return "\n".join(lines)
+
+
+def preflight(
+    sources: list[str],
+    config: FusionConfig,
+    *,
+    allow_pickle: bool = False,
+    trust_remote_code: bool = False,
+) -> Preflight:
+    """Resolves every parent and checks they can be fused, from configs and headers only (no weights fetched).
+
+    The spec is resolved on meta-device models built from the configs, and `check_compatible` runs on those, so
+    depth, vocabulary, label set and unaligned-shape mismatches surface before any download.
+
+    Raises:
+        FusionError: any `resolve_parent` error, or an `IncompatibleModelsError` / `UnsupportedArchitectureError`
+            naming the parent and the fix.
+    """
+    check_parent_count(len(sources), config)  # before the Hub is contacted
+    parents = [resolve_parent(s, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code) for s in sources]
+    models = [_meta_model(parent, trust_remote_code) for parent in parents]
+    plans = prepare(models, config).plans
+    download = sum(w.size for p in parents if p.on_hub for w in p.weight_files)
+    return Preflight(parents=parents, anchor=config.anchor, plans=plans, download_bytes=download)
+
+
+def _meta_model(parent: Parent, trust_remote_code: bool) -> PreTrainedModel:
+    """The parent's model with its config's shapes and no storage: enough to resolve the spec and compare shapes."""
+    model_type = parent.config.get("model_type")
+    if model_type not in available_specs():
+        raise UnsupportedArchitectureError(
+            f"Parent {parent.name} is a {model_type!r} model; fusion specs exist for {available_specs()}. Add a spec "
+            "file for this model type (see hf_otfusion/engine/specs)."
+        )
+    config = transformers.AutoConfig.for_model(**parent.config)
+    return weightless_model(model_class_of(parent, trust_remote_code), config)
