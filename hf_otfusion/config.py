@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from .errors import FusionError
 
 _CHOICES: dict[str, tuple[str, ...]] = {
@@ -77,6 +79,11 @@ def check_numbers(config: Any, rules: dict[str, NumberRule]) -> None:
     """Checks (and normalises to their type) the numeric fields of `config` listed in `rules`."""
     for name, rule in rules.items():
         setattr(config, name, rule.check(f"{type(config).__name__}.{name}", getattr(config, name)))
+
+
+def field_default(field: dataclasses.Field) -> Any:
+    """A dataclass field's default value, calling its factory (for help texts and command lines)."""
+    return field.default_factory() if field.default_factory is not dataclasses.MISSING else field.default
 
 
 def strict_from_dict(cls, values: dict[str, Any]):
@@ -463,3 +470,14 @@ _FINETUNE_NUMBERS = {
 
 # the numeric rules of each config class, for the CLI's help (which states each field's range)
 FIELD_RULES: dict[type, dict[str, NumberRule]] = {FusionConfig: _FUSION_NUMBERS, FinetuneConfig: _FINETUNE_NUMBERS}
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """The mapping in a YAML or JSON file (JSON is YAML): a job, a `FusionConfig` or a `FinetuneConfig`."""
+    try:
+        values = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError) as error:
+        raise FusionError(f"Cannot read the fusion config {path}: {error}") from error
+    if not isinstance(values, dict):
+        raise FusionError(f"{path} must hold a mapping of FusionConfig fields, not {type(values).__name__}.")
+    return values

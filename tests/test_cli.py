@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shlex
+from pathlib import Path
 
 import pytest
 import torch
@@ -55,7 +57,8 @@ def test_cli_fuses_saved_parents_into_a_loadable_documented_checkpoint(parents, 
     out = tmp_path / "fused"
     assert main(["fuse", *paths, "--out", str(out), "--cost", "weights", "--solver", "exact", "-q"]) == 0
     assert sorted(p.name for p in out.iterdir()) == [
-        "README.md", "config.json", "fusion_config.yaml", "fusion_provenance.json", "model.safetensors"
+        "README.md", "config.json", "fusion_config.yaml", "fusion_job.yaml", "fusion_provenance.json",
+        "model.safetensors",
     ]  # fmt: skip
     assert yaml.safe_load((out / "fusion_config.yaml").read_text())["cost"] == "weights"
     fused = T.AutoModelForImageClassification.from_pretrained(out).eval()
@@ -109,6 +112,55 @@ def test_fusion_config_yaml_rebuilds_the_checkpoint_byte_for_byte(parents, align
     assert (first / "model.safetensors").read_bytes() == (second / "model.safetensors").read_bytes()
     assert yaml.safe_load((second / "fusion_config.yaml").read_text())["solver"] == "sinkhorn"
     assert Provenance.load(first).alignment_data["num_rows"] == 10
+
+
+def test_a_job_file_with_parents_and_data_is_the_whole_fusion(parents, align_data, tmp_path, monkeypatch):
+    parent, paths = parents
+    monkeypatch.chdir(tmp_path)
+    job = {
+        "parents": paths, "out": "fused", "data": align_data, "data_seed": 3, "max_shard_size": "2GB",
+        "config": {"solver": "sinkhorn", "reg": 0.05, "num_samples": 10, "batch_size": 4},
+    }  # fmt: skip
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(job))
+    assert main(["fuse", "--config", "job.yaml", "-q"]) == 0  # no parents, --out or --data on the command line
+    recorded = yaml.safe_load((tmp_path / "fused" / "fusion_job.yaml").read_text())
+    assert recorded["parents"] == [str(Path(p).resolve()) for p in paths]  # pinned: local parents resolved
+    assert (recorded["data"], recorded["data_seed"], recorded["max_shard_size"]) == (align_data, 3, "2GB")
+    assert recorded["config"]["solver"] == "sinkhorn" and recorded["config"]["num_samples"] == 10
+    assert "overwrite" not in recorded and "command" not in recorded
+    provenance = Provenance.load(tmp_path / "fused")
+    assert provenance.job == recorded
+    card = (tmp_path / "fused" / "README.md").read_text()
+    assert "otfusion-hub fuse --config fusion_job.yaml --out fused" in card
+    # the recorded job rebuilds the same bytes; flags override the file (here: only where to write)
+    assert main(["fuse", "--config", "fused/fusion_job.yaml", "--out", "again", "-q"]) == 0
+    assert (tmp_path / "fused" / "model.safetensors").read_bytes() == (
+        tmp_path / "again" / "model.safetensors"
+    ).read_bytes()
+    # and so does the pinned command line the provenance records (with fusion_config.yaml beside it)
+    words = shlex.split(provenance.reproduce)
+    assert words[:2] == ["otfusion-hub", "fuse"] and "--data-seed" in words and "--max-shard-size" in words
+    words[words.index("--config") + 1] = "fused/fusion_config.yaml"
+    words[words.index("--out") + 1] = "third"
+    assert main([*words[1:], "-q"]) == 0
+    assert (tmp_path / "third" / "model.safetensors").read_bytes() == (
+        tmp_path / "fused" / "model.safetensors"
+    ).read_bytes()
+
+
+def test_a_job_file_refuses_unknown_keys_and_keys_given_twice(parents, tmp_path, capsys):
+    _, paths = parents
+    (tmp_path / "typo.yaml").write_text(yaml.safe_dump({"parents": paths, "out": str(tmp_path / "o"), "dat": "x"}))
+    (tmp_path / "twice.yaml").write_text(yaml.safe_dump({"parents": paths, "reg": 0.1, "config": {"reg": 0.2}}))
+    assert main(["fuse", "--config", str(tmp_path / "typo.yaml"), "-q"]) == 2
+    assert "Unknown FuseJob key(s) ['dat']" in capsys.readouterr().err
+    assert main(["fuse", "--config", str(tmp_path / "twice.yaml"), "--out", str(tmp_path / "o"), "-q"]) == 2
+    assert "'reg' is given twice in the job" in capsys.readouterr().err
+    assert main(["fuse", "--out", str(tmp_path / "o"), "-q"]) == 2
+    assert (
+        "fuse needs parents: give PARENTS arguments, or `parents:` in a --config job file." in capsys.readouterr().err
+    )
+    assert not (tmp_path / "o").exists()
 
 
 def test_cli_refuses_a_non_empty_out_and_keeps_it(parents, tmp_path, capsys):

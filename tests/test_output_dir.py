@@ -84,7 +84,7 @@ def test_fuse_refuses_an_out_in_a_read_only_directory_before_any_work(workdir, c
     monkeypatch.setattr(
         "hf_otfusion.output.staging.os.access", lambda p, mode: real_access(p, mode) and p.name != "locked"
     )
-    monkeypatch.setattr("hf_otfusion.job.fuse_job.preflight", lambda *a, **k: pytest.fail("pre-flight ran"))
+    monkeypatch.setattr("hf_otfusion.job.preflight.preflight", lambda *a, **k: pytest.fail("pre-flight ran"))
     assert main([*FUSE, "--out", "locked/new/fused"]) == 2
     assert capsys.readouterr().err.startswith(f"error: --out locked/new/fused: {workdir / 'locked'} is not writable")
     assert list((workdir / "locked").iterdir()) == []

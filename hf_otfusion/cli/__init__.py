@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     level = logging.ERROR if secondary else logging.WARNING if getattr(args, "quiet", False) else logging.INFO
     logging.getLogger("hf_otfusion").setLevel(level)
     if args.command in ("fuse", "inspect", "finetune", "eval"):  # the commands that load models
-        from ..job.fuse_job import hide_weight_loading_bars
+        from .progress import hide_weight_loading_bars
 
         hide_weight_loading_bars()
     from ..errors import FusionError

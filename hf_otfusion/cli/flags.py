@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import types
+import typing
 
 
 class Parser(argparse.ArgumentParser):
@@ -42,45 +44,93 @@ def count(low: int, high: int | None = None):
 SEED = count(0, 2**32 - 1)
 
 
-def config_help(cls: type, name: str, shown_default: str | None = None) -> str:
-    """The help of the flag for field `name` of config class `cls`: its docstring entry, default and range.
+def config_help(cls: type, name: str, shown_default: str | None = None, rules: dict | None = None) -> str:
+    """The help of the flag for field `name` of dataclass `cls`: its docstring entry, default and range.
 
     The text comes from the class's `Args:` section (see `hf_otfusion.docstrings`), so the CLI says what the
-    API documentation says.
+    API documentation says. A default of None or False is left out: the entry says what leaving it out means.
     """
-    from ..config import FIELD_RULES
+    from ..config import FIELD_RULES, field_default
     from ..docstrings import field_docs
 
     text = field_docs(cls)[name]
-    default = shown_default if shown_default is not None else getattr(cls(), name)
-    rule = FIELD_RULES[cls].get(name)
+    field = next(f for f in dataclasses.fields(cls) if f.name == name)
+    default = shown_default if shown_default is not None else field_default(field)
+    rule = (rules if rules is not None else FIELD_RULES[cls]).get(name)
     bounds = f"; must {rule.describe()}" if rule is not None and rule.low is not None else ""
+    if default is None or default is False or default is dataclasses.MISSING:
+        return (f"{text} (must {rule.describe()})" if bounds else text).replace("%", "%%")
     return f"{text} (default: {default}{bounds})".replace("%", "%%")  # argparse formats help with %
 
 
 def add_config_flags(group, cls: type, shown_defaults: dict[str, str] | None = None) -> None:
     """One flag per field of the config dataclass `cls` (`--reg` for `reg`), with `config_help` text.
 
-    Every flag defaults to None, so that only the flags given override a `--config` file.
+    Every flag defaults to None, so that only the flags given override a `--config` file. The kind of value
+    comes from the field's type annotation.
     """
     from ..config import _CHOICES
 
-    defaults = cls()
-    for field in dataclasses.fields(cls):
+    for field, kind in _typed_fields(cls):
         flag = "--" + field.name.replace("_", "-")
-        default = getattr(defaults, field.name)
         help_text = config_help(cls, field.name, (shown_defaults or {}).get(field.name))
         if field.name in _CHOICES:
             group.add_argument(flag, choices=_CHOICES[field.name], default=None, help=help_text)
-        elif isinstance(default, bool):
+        elif kind is bool:
             group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         elif field.name == "weights":
             group.add_argument(flag, type=float, nargs="+", default=None, metavar="W", help=help_text)
         elif field.name == "target":
             group.add_argument(flag, metavar="KEY=INT,...", default=None, help=help_text)
         else:
-            kind = float if isinstance(default, float) else str if "str" in str(field.type) else int
             group.add_argument(flag, type=kind, default=None, help=help_text)
+
+
+def add_job_flags(parser: argparse.ArgumentParser, cls: type, rules: dict, choices: dict) -> None:
+    """The flags of a run's typed model (`FuseJob`): one per field, grouped by the field's `group` metadata.
+
+    A `list[str]` field is the positional argument; a `bool` field is a switch (`--overwrite`); an `int` field
+    checks its `rules` entry as the flag's usage error. Fields with `flag: False` metadata, and a nested config
+    (flagged by `add_config_flags`), are left out. Every flag defaults to None, so that only the flags given
+    override a `--config` job file.
+    """
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for field, kind in _typed_fields(cls):
+        if not field.metadata.get("flag", True) or dataclasses.is_dataclass(kind):
+            continue
+        help_text = config_help(cls, field.name, rules=rules)
+        if kind is list:
+            parser.add_argument(field.name, nargs="*", default=None, help=help_text)
+            continue
+        name = field.metadata.get("group")
+        target = parser if name is None else groups.setdefault(name, parser.add_argument_group(name))
+        flag = "--" + field.name.replace("_", "-")
+        if kind is bool:
+            target.add_argument(flag, action="store_true", default=None, help=help_text)
+        elif field.name in choices:
+            target.add_argument(flag, choices=choices[field.name], default=None, help=help_text)
+        else:
+            rule = rules.get(field.name)
+            parse = count(int(rule.low), None if rule.high is None else int(rule.high)) if rule else kind
+            metavar = field.metadata.get("metavar")
+            target.add_argument(flag, type=parse, default=None, metavar=metavar, help=help_text)
+
+
+def _typed_fields(cls: type) -> list[tuple[dataclasses.Field, type]]:
+    """Each field of dataclass `cls` with the kind of value its annotation names (`int | None` -> int).
+
+    The annotations are strings (`from __future__ import annotations`), so they are resolved with
+    `typing.get_type_hints`; a container gives its origin (`list[str]` -> list).
+    """
+    hints = typing.get_type_hints(cls)
+    typed = []
+    for field in dataclasses.fields(cls):
+        hint = hints[field.name]
+        options = [arg for arg in typing.get_args(hint) if arg is not type(None)]
+        if typing.get_origin(hint) in (typing.Union, types.UnionType) and len(options) == 1:
+            hint = options[0]
+        typed.append((field, typing.get_origin(hint) or hint))
+    return typed
 
 
 def add_push_options(group, prefix: str) -> None:

@@ -8,7 +8,8 @@ import json
 import logging
 from pathlib import Path
 
-from .flags import SEED, add_config_flags, add_encoding_options, add_push_options, config_help, count, encode_rows
+from ..errors import FusionError
+from .flags import add_config_flags, add_encoding_options, add_job_flags, config_help, count, encode_rows
 from .hub import push_output
 
 EXAMPLES = """examples:
@@ -81,69 +82,45 @@ def add_parsers(commands) -> None:
 
 
 def _add_fuse_io_arguments(fuse: argparse.ArgumentParser) -> None:
-    """The `fuse` options that are not FusionConfig fields: inputs, data, output, Hub, safety."""
-    fuse.add_argument("parents", nargs="+", help="Hub model ids with an optional @revision (user/model@v1, "
-                      "user/model@<commit sha>) or local checkpoint directories; two or more")  # fmt: skip
-    fuse.add_argument("--out", type=Path, required=True, help="output directory (refused if it exists and is "
-                      "not empty, unless --overwrite)")  # fmt: skip
-    fuse.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out")
-    fuse.add_argument("--config", type=Path, help="a YAML (or JSON) file of FusionConfig fields, e.g. the "
-                      "fusion_config.yaml of a fused model; flags override it")  # fmt: skip
+    """The `fuse` options that are `FuseJob` fields (generated from them), and the three that steer the command."""
+    from ..job.fuse_job import DTYPE_NAMES, JOB_NUMBERS, FuseJob
+
+    fuse.add_argument("--config", type=Path, help="a YAML (or JSON) job file: any FuseJob fields (parents, out, "
+                      "data, ...) and the FusionConfig fields, at the top level or under `config:`, e.g. the "
+                      "fusion_job.yaml or fusion_config.yaml of a fused model; flags override it")  # fmt: skip
     fuse.add_argument("--dry-run", action="store_true", help="resolve revisions, read configs and weight headers, "
                       "check compatibility, print the plan; download no weights, write nothing")  # fmt: skip
     fuse.add_argument("-q", "--quiet", action="store_true", help="no progress bars, warnings only")
-    data = fuse.add_argument_group("alignment and evaluation data")
-    data.add_argument("--data", help="alignment data (for --cost activations): a Hub dataset id[@revision], a "
-                      "save_to_disk directory, a data directory (imagefolder, csv, ...) or data files")  # fmt: skip
-    data.add_argument("--split", help="split of --data (default: the only split, or train)")
-    data.add_argument("--data-seed", type=SEED, default=0, help="seed of the row sample drawn with --num-samples")
-    add_encoding_options(data)
-    data.add_argument("--eval-data", help="evaluate parents, vanilla average and fused model on this data")
-    data.add_argument("--eval-split", help="split of --eval-data (default: the only split, or test)")
-    data.add_argument("--eval-num-samples", type=count(1), help="evaluate on this many rows (seeded by --data-seed)")
-    output = fuse.add_argument_group("compute and output")
-    output.add_argument("--device", help="where the statistics pass runs: cpu, cuda, auto (default: cpu)")
-    output.add_argument("--dtype", choices=("float32", "float16", "bfloat16"),
-                        help="dtype of the saved fused weights (default: the anchor's)")  # fmt: skip
-    output.add_argument("--max-shard-size", default="5GB", help="shard model.safetensors above this size, with "
-                        "an index (default: 5GB)")  # fmt: skip
-    safety = fuse.add_argument_group("safety")
-    safety.add_argument("--allow-pickle", action="store_true", help="load pickle (.bin) weights when a parent has "
-                        "no safetensors; unpickling can run code, so only for authors you trust")  # fmt: skip
-    safety.add_argument("--trust-remote-code", action="store_true", help="allow parents whose model class is code "
-                        "in their repository (it runs on your machine)")  # fmt: skip
-    hub = fuse.add_argument_group("Hub")
-    hub.add_argument("--push-to-hub", metavar="REPO", help="after a successful fusion, upload --out to this "
-                     "model repository in one commit")  # fmt: skip
-    add_push_options(hub, prefix="")
+    add_job_flags(fuse, FuseJob, rules=JOB_NUMBERS, choices={"dtype": DTYPE_NAMES})
 
 
 def run_fuse(args: argparse.Namespace, argv: list[str]) -> int:
+    """`otfusion-hub fuse`: the job from `--config` and the flags (flags win), pre-flight, then the run."""
     import shlex
 
-    from ..config import FusionConfig
-    from ..job.fuse_job import FuseJob, load_config_file, silence_progress_bars
+    from ..config import FusionConfig, load_config_file
+    from ..job.fuse_job import FuseJob
+    from .progress import silence_progress_bars
 
-    values = load_config_file(args.config) if args.config else {}
+    job_values, config_values = FuseJob.split_dict(load_config_file(args.config) if args.config else {})
+    for name in FuseJob.flag_fields():
+        if getattr(args, name) not in (None, []):
+            job_values[name] = getattr(args, name)
     for field in dataclasses.fields(FusionConfig):
-        flag_value = getattr(args, field.name)
-        if flag_value is not None:
-            values[field.name] = flag_value
-    config = fuse_config(values, has_data=args.data is not None)
+        if getattr(args, field.name) is not None:
+            config_values[field.name] = getattr(args, field.name)
+    for name, flag in (("parents", "PARENTS arguments"), ("out", "--out")):
+        if not job_values.get(name):
+            raise FusionError(f"fuse needs {name}: give {flag}, or `{name}:` in a --config job file.")
+    config = fuse_config(config_values, has_data=job_values.get("data") is not None)
     if args.quiet:
         silence_progress_bars()
-    job = FuseJob(
-        parents=args.parents, out=args.out, config=config, data=args.data, split=args.split, seed=args.data_seed,
-        text_column=args.text_column, image_column=args.image_column, label_column=args.label_column,
-        max_length=args.max_length, eval_data=args.eval_data, eval_split=args.eval_split,
-        eval_num_samples=args.eval_num_samples, device=args.device, dtype=args.dtype,
-        max_shard_size=args.max_shard_size, overwrite=args.overwrite, allow_pickle=args.allow_pickle,
-        trust_remote_code=args.trust_remote_code, repo_id=args.push_to_hub,
-        command=shlex.join(["otfusion-hub", *argv]), progress=not args.quiet,
-    )  # fmt: skip
+    job = FuseJob.from_dict(
+        {**job_values, "config": config.to_dict()}, command=shlex.join(["otfusion-hub", *argv]), progress=not args.quiet
+    )
     checked = job.preflight()
     if args.dry_run:
-        print(checked.describe(config, args.out, args.push_to_hub))
+        print(checked.describe(job.config, job.out, job.push_to_hub))
         print("Dry run: pre-flight passed; no weights were downloaded and nothing was written.")
         return 0
     result = job.run(checked)
@@ -153,15 +130,15 @@ def run_fuse(args: argparse.Namespace, argv: list[str]) -> int:
         return 0  # under torchrun / accelerate launch, only the main process writes the output (and pushes)
     if not args.quiet:
         print(result.summary())
-    if args.eval_data:
+    if job.eval_data:
         from ..output.card import results_text
         from ..output.provenance import Provenance
 
-        print(results_text(Provenance.load(args.out)))
-    print(f"Fused model written to {args.out}")
-    if args.push_to_hub:
-        message = f"Fuse {', '.join(args.parents)} with hf_otfusion"
-        return push_output(args.out, args.push_to_hub, args, commit_message=message)
+        print(results_text(Provenance.load(job.out)))
+    print(f"Fused model written to {job.out}")
+    if job.push_to_hub:
+        message = f"Fuse {', '.join(job.parents)} with hf_otfusion"
+        return push_output(job.out, job.push_to_hub, job, commit_message=message)
     return 0
 
 

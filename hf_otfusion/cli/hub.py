@@ -31,21 +31,24 @@ def add_parsers(commands) -> None:
 
 def run_push(args: argparse.Namespace) -> int:
     if args.quiet:
-        from ..job.fuse_job import silence_progress_bars
+        from .progress import silence_progress_bars
 
         silence_progress_bars()
     return push_output(args.folder, args.repo_id, args, commit_message=args.commit_message)
 
 
-def push_output(folder: Path, repo_id: str, args: argparse.Namespace, commit_message: str | None = None) -> int:
-    """Uploads `folder`; prints the commit SHA and URL, or the error and the command that retries it."""
+def push_output(folder: Path, repo_id: str, options, commit_message: str | None = None) -> int:
+    """Uploads `folder`; prints the commit SHA and URL, or the error and the command that retries it.
+
+    `options` holds `private`, `revision` and `create_pr`: the parsed flags, or the `FuseJob`.
+    """
     from ..errors import PushError
     from ..hub.push import push_folder
 
     try:
         pushed = push_folder(
-            folder, repo_id, private=args.private, revision=args.revision, create_pr=args.create_pr,
-            commit_message=commit_message,
+            folder, repo_id, private=bool(options.private), revision=options.revision,
+            create_pr=bool(options.create_pr), commit_message=commit_message,
         )  # fmt: skip
     except PushError as error:
         print(f"error: {error}", file=sys.stderr)

@@ -120,10 +120,11 @@ def _describe(source) -> str:
 
 
 def run_finetune(args: argparse.Namespace) -> int:
+    from ..config import load_config_file
     from ..engine.distributed import is_main_process, process_state
-    from ..job.fuse_job import load_config_file, silence_progress_bars
     from ..output.staging import check_output_dir
     from ..train.finetune import FinetuneConfig, finetune
+    from .progress import silence_progress_bars
 
     values = load_config_file(args.config) if args.config else {}
     for field in dataclasses.fields(FinetuneConfig):
@@ -167,7 +168,7 @@ def run_eval(args: argparse.Namespace) -> int:
     from ..train.evaluation import EvaluationTable, ModelScore, evaluate_model
 
     if args.quiet:
-        from ..job.fuse_job import silence_progress_bars
+        from .progress import silence_progress_bars
 
         silence_progress_bars()
     rows, encodings, split = [], [], args.split

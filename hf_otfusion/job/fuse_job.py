@@ -1,86 +1,199 @@
-"""From parent ids to a finished, documented output directory: what `otfusion-hub fuse` runs.
+"""`FuseJob`: one whole fusion run as one typed, serialisable model (what `otfusion-hub fuse` runs).
 
-    pre-flight (pin SHAs, read configs + headers, check compatibility, resolve data)   <- no weights yet
-    -> download pinned weights -> encode data -> fuse (two parents loaded at a time)
-    -> write the weights into a temporary sibling of `out` and free the fused model
-    -> evaluate (optional) and the readiness report, loading models as they are needed (two at most)
-    -> add processor + fusion_config.yaml + fusion_provenance.json + README.md, then rename the temporary
-       directory into place (a failure never leaves a half checkpoint)
-
-Pushing the finished directory is a separate step (`hub.push_folder`), so a failed upload keeps the output.
+The CLI flags and their help are generated from its fields, a `job.yaml` holds it whole, and the output's
+`fusion_job.yaml` records it pinned. It checks itself (`check_options`, `check_output`, `preflight`) before
+anything large happens; `run` hands the checked job to `job.run`. Light to import: `--help` builds from it.
 """
 
 from __future__ import annotations
 
-import json
-import logging
+import dataclasses
 import math
-import shutil
+import shlex
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-import yaml
+from ..config import FusionConfig, NumberRule, check_numbers, field_default, load_config_file
+from ..errors import EmptyAlignmentDataError, FusionError
+from ..output.staging import check_output_dir
 
-from ..checkpoints import Checkpoint
-from ..config import FusionConfig, NumberRule, check_numbers
-from ..data import DataSource, encode_dataset, load_processor
-from ..engine.compatibility import first_non_finite
-from ..errors import DataSourceError, EmptyAlignmentDataError, FusionError, NonFiniteWeightsError
-from ..hub.parents import Parent, download_parents, load_parent_model, parent_checkpoint, resolve_parent, sha256_file
-from ..job.preflight import Preflight, preflight
-from ..output.provenance import CONFIG_FILE, Provenance, package_versions, reproduce_command, utc_now
-from ..output.staging import StagedOutput, check_output_dir, stage_output
+if TYPE_CHECKING:  # pragma: no cover
+    from .preflight import Preflight
 
-logger = logging.getLogger(__name__)
-
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+#: the `dtype` values accepted (torch dtypes of the same names)
+DTYPE_NAMES = ("float32", "float16", "bfloat16")
+#: the flag groups of `otfusion-hub fuse --help`, by field
+DATA, OUTPUT, SAFETY, HUB = "alignment and evaluation data", "compute and output", "safety", "Hub"
 
 
 @dataclass
 class FuseJob:
-    """One `otfusion-hub fuse` run; every field is a CLI option (see `otfusion-hub fuse --help`).
+    """One whole fusion run: parents, data, evaluation, output and push options, and the `FusionConfig`.
 
-    Attributes:
-        parents: Hub ids (`user/model[@revision]`) or local checkpoint directories, two or more.
-        out: the output directory.
+    It is the one typed model of a run. The `otfusion-hub fuse` flags and their help are generated from these
+    fields (and `config`'s), `otfusion-hub fuse --config job.yaml` loads a YAML file of them whole (mergekit
+    style: one file is the whole fusion), and the fused model's `fusion_job.yaml` records them pinned to commits,
+    so that `otfusion-hub fuse --config fusion_job.yaml --out DIR` rebuilds the same bytes.
+
+    Args:
+        parents: Hub model ids with an optional @revision (user/model@v1, user/model@<commit sha>) or local
+            checkpoint directories; two or more.
+        out: output directory (refused if it exists and is not empty, unless --overwrite).
         config: the fusion's `FusionConfig`; `config.num_samples` also caps the alignment rows drawn.
-        data / split / seed: alignment data source (Hub dataset id, `save_to_disk` dir, data dir or files), its
-            split, and the seed of the row sample.
-        text_column / image_column / label_column / max_length: how raw rows become model inputs.
-        eval_data / eval_split / eval_num_samples: optional evaluation of parents, vanilla average and fused
-            (`eval_split=None`: the only split, else `test`).
-        device: where the statistics pass runs (`cpu`, `cuda`, `auto`); dtype: dtype of the saved weights.
-        max_shard_size: shard `model.safetensors` (with an index) above this size, e.g. `"2GB"`.
-        overwrite, allow_pickle, trust_remote_code: explicit permissions (all off by default).
-        repo_id: where the model will be pushed (the usage snippet of the card loads from there).
-        command: the command line, recorded in the provenance and the card.
-        progress: progress bars.
+        data: alignment data (for --cost activations): a Hub dataset id[@revision], a save_to_disk directory, a
+            data directory (imagefolder, csv, ...) or data files.
+        split: split of --data (default: the only split, or train).
+        data_seed: seed of the row samples drawn with --num-samples and --eval-num-samples.
+        text_column: column holding the text (default: detected).
+        image_column: column holding the images (default: detected).
+        label_column: column holding the labels (default: label/labels).
+        max_length: tokenizer truncation/padding length.
+        eval_data: evaluate parents, vanilla average and fused model on this data.
+        eval_split: split of --eval-data (default: the only split, or test).
+        eval_num_samples: evaluate on this many rows (seeded by --data-seed).
+        device: where the statistics pass runs: cpu, cuda, auto (default: cpu).
+        dtype: dtype of the saved fused weights (default: the anchor's).
+        max_shard_size: shard model.safetensors above this size, with an index.
+        overwrite: replace an existing non-empty --out.
+        allow_pickle: load pickle (.bin) weights when a parent has no safetensors; unpickling can run code, so
+            only for authors you trust.
+        trust_remote_code: allow parents whose model class is code in their repository (it runs on your machine).
+        push_to_hub: after a successful fusion, upload --out to this model repository in one commit.
+        private: create the --push-to-hub repository as private.
+        revision: push to this branch (created if missing).
+        create_pr: open a pull request instead of committing to the branch.
+        command: the command line as run, recorded in the provenance and the card (not a flag).
+        progress: progress bars (the CLI's -q turns them off).
     """
 
     parents: list[str]
     out: Path
     config: FusionConfig = field(default_factory=FusionConfig)
-    data: str | None = None
-    split: str | None = None
-    seed: int = 0
-    text_column: str | None = None
-    image_column: str | None = None
-    label_column: str | None = None
-    max_length: int = 128
-    eval_data: str | None = None
-    eval_split: str | None = None
-    eval_num_samples: int | None = None
-    device: str | None = None
-    dtype: str | None = None
-    max_shard_size: str = "5GB"
-    overwrite: bool = False
-    allow_pickle: bool = False
-    trust_remote_code: bool = False
-    repo_id: str | None = None
-    command: str = ""
-    progress: bool = True
+    data: str | None = field(default=None, metadata={"group": DATA})
+    split: str | None = field(default=None, metadata={"group": DATA})
+    data_seed: int = field(default=0, metadata={"group": DATA})
+    text_column: str | None = field(default=None, metadata={"group": DATA})
+    image_column: str | None = field(default=None, metadata={"group": DATA})
+    label_column: str | None = field(default=None, metadata={"group": DATA})
+    max_length: int = field(default=128, metadata={"group": DATA})
+    eval_data: str | None = field(default=None, metadata={"group": DATA})
+    eval_split: str | None = field(default=None, metadata={"group": DATA})
+    eval_num_samples: int | None = field(default=None, metadata={"group": DATA})
+    device: str | None = field(default=None, metadata={"group": OUTPUT})
+    dtype: str | None = field(default=None, metadata={"group": OUTPUT})
+    max_shard_size: str = field(default="5GB", metadata={"group": OUTPUT})
+    overwrite: bool = field(default=False, metadata={"group": SAFETY, "recorded": False})
+    allow_pickle: bool = field(default=False, metadata={"group": SAFETY})
+    trust_remote_code: bool = field(default=False, metadata={"group": SAFETY})
+    push_to_hub: str | None = field(default=None, metadata={"group": HUB, "metavar": "REPO"})
+    private: bool = field(default=False, metadata={"group": HUB})
+    revision: str | None = field(default=None, metadata={"group": HUB, "metavar": "BRANCH"})
+    create_pr: bool = field(default=False, metadata={"group": HUB})
+    command: str = field(default="", metadata={"flag": False, "recorded": False})
+    progress: bool = field(default=True, metadata={"flag": False, "recorded": False})
+
+    # ------------------------------------------------------------------------------------ serialisation
+    @classmethod
+    def split_dict(cls, values: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+        """A job mapping (a `job.yaml`) split into its job fields and its `FusionConfig` fields.
+
+        The `FusionConfig` fields stand under `config`, or at the top level (the form of a fused model's
+        `fusion_config.yaml`). Unknown keys fail here, so a typo never passes silently.
+
+        Raises:
+            FusionError: an unknown key, or a key given both at the top level and under `config`.
+        """
+        values = dict(values)
+        config = dict(values.pop("config", None) or {})
+        config_fields = {f.name for f in dataclasses.fields(FusionConfig)}
+        for key in [k for k in values if k in config_fields]:
+            if key in config:
+                raise FusionError(f"{key!r} is given twice in the job, at the top level and under `config`.")
+            config[key] = values.pop(key)
+        job_fields = set(cls.flag_fields())  # `overwrite` too; `command` and `progress` are set at run time
+        unknown = sorted(set(values) - job_fields)
+        if unknown:
+            raise FusionError(
+                f"Unknown FuseJob key(s) {unknown}; valid keys are {sorted(job_fields)} and, at the top level "
+                f"or under `config`, the FusionConfig fields {sorted(config_fields)}."
+            )
+        return values, config
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], **runtime: Any) -> FuseJob:
+        """A job from a mapping (see `split_dict`); `runtime` sets the fields a file never holds (`command`...).
+
+        Raises:
+            FusionError: as `split_dict`, a missing `parents` or `out`, or a value `FusionConfig` refuses.
+        """
+        job, config = cls.split_dict(values)
+        missing = [name for name in ("parents", "out") if not job.get(name)]
+        if missing:
+            raise FusionError(f"The job names no {' and no '.join(missing)}; a fusion needs both.")
+        job["out"] = Path(job["out"])
+        job["parents"] = [str(parent) for parent in job["parents"]]
+        return cls(config=FusionConfig.from_dict(config), **job, **runtime)
+
+    @classmethod
+    def flag_fields(cls) -> list[str]:
+        """The fields that are `otfusion-hub fuse` flags (all but `config`, `command` and `progress`)."""
+        return [f.name for f in dataclasses.fields(cls) if f.metadata.get("flag", True) and f.name != "config"]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The recorded fields as a plain (YAML-safe) mapping, `config` nested; runtime fields left out."""
+        record: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            if f.metadata.get("recorded", True):
+                value = getattr(self, f.name)
+                record[f.name] = value.to_dict() if f.name == "config" else str(value) if f.name == "out" else value
+        return record
+
+    def pinned(self, checked: Preflight) -> FuseJob:
+        """This job with every input replaced by its pinned form (`repo@commit`), as pre-flight resolved it."""
+        config = self.config
+        if checked.base is not None:
+            config = replace(config, base=checked.base.pinned)
+        pinned = {
+            "parents": [parent.pinned for parent in checked.parents],
+            "data": checked.alignment_data.pinned if checked.alignment_data else None,
+            "split": checked.alignment_data.split if checked.alignment_data else None,
+            "eval_data": checked.eval_data.pinned if checked.eval_data else self.eval_data,
+            "eval_split": checked.eval_data.split if checked.eval_data else self.eval_split,
+        }
+        return replace(self, config=config, **pinned)
+
+    def command_line(self, config_file: str | None = None) -> str:
+        """The `otfusion-hub fuse` command of this job: its job fields as flags, its config from `config_file`.
+
+        Every recorded field that differs from its default becomes a flag (the same flags `--help` lists).
+        """
+        words = ["otfusion-hub", "fuse", *self.parents]
+        if config_file is not None:
+            words += ["--config", config_file]
+        for f in dataclasses.fields(self):
+            if f.name in ("parents", "config") or not f.metadata.get("recorded", True):
+                continue
+            value, default = getattr(self, f.name), field_default(f)
+            if f.name == "out" or value != default:
+                flag = "--" + f.name.replace("_", "-")
+                words += [flag] if value is True else [flag, str(value)]
+        return shlex.join(words)
+
+    @classmethod
+    def load(cls, path: str | Path) -> FuseJob:
+        """A job from a YAML (or JSON) file, as `otfusion-hub fuse --config job.yaml` reads it."""
+        return cls.from_dict(load_config_file(path))
+
+    def run(self, checked: Preflight | None = None):
+        """Pre-flight (unless `checked` is given), download, fuse, evaluate and write `out` (see `job.run`).
+
+        Returns:
+            The `FusionResult`; its model is the one written, loaded back from `out`.
+        """
+        from .run import run_job
+
+        return run_job(self, checked)
 
     def check_output(self) -> Path:
         """The resolved `out`, once writing there destroys nothing (see `output_dir.check_output_dir`)."""
@@ -92,14 +205,18 @@ class FuseJob:
         wrong type, so that it fails before any download rather than after the fusion."""
         from ..engine.distributed import resolve_device
 
-        check_numbers(self, _JOB_NUMBERS)
-        if self.dtype is not None and self.dtype not in DTYPES:
-            raise FusionError(f"dtype {self.dtype!r} is not one of {sorted(DTYPES)}.")
+        check_numbers(self, JOB_NUMBERS)
+        if self.dtype is not None and self.dtype not in DTYPE_NAMES:
+            raise FusionError(f"dtype {self.dtype!r} is not one of {sorted(DTYPE_NAMES)}.")
         parse_shard_size(self.max_shard_size)
         resolve_device(self.device)
 
     def preflight(self) -> Preflight:
         """Everything that can fail before a weight download (see `job.preflight`), and what it resolved."""
+        from ..data import DataSource
+        from ..hub.parents import resolve_parent
+        from .preflight import preflight
+
         self.check_options()
         self.check_output()
         if self.config.needs_data and self.data is None:
@@ -113,7 +230,7 @@ class FuseJob:
         base = resolve_parent(self.config.base, **flags) if self.config.base else None
         alignment = None
         if self.data is not None and self.config.needs_data:
-            alignment = DataSource.resolve(self.data, self.split, self.config.num_samples, self.seed)
+            alignment = DataSource.resolve(self.data, self.split, self.config.num_samples, self.data_seed)
             alignment.choose_split()  # a missing split fails now, and --dry-run shows the one used
         evaluation = None
         if self.eval_data is not None:
@@ -126,161 +243,15 @@ class FuseJob:
                     "leave --eval-data out, or fuse classification checkpoints."
                 )
             evaluation = DataSource.resolve(
-                self.eval_data, self.eval_split, self.eval_num_samples, self.seed, default_split="test"
+                self.eval_data, self.eval_split, self.eval_num_samples, self.data_seed, default_split="test"
             )
             evaluation.choose_split()
         return replace(checked, base=base, alignment_data=alignment, eval_data=evaluation)
 
-    def run(self, checked: Preflight | None = None):
-        """Pre-flight (unless `checked` is given), download, fuse, evaluate and write `out`; returns the `FusionResult`.
 
-        Everything is written into a temporary sibling of `out`, renamed into place at the end, so a failure
-        never leaves a half-written output. The result's model is the one written, loaded back from `out`.
-        Under `torchrun` / `accelerate launch` every process fuses, but only the main one writes.
-        """
-        from ..engine.distributed import is_main_process, process_state
-        from ..fusion import fuse_with_diagnostics
-
-        checked = checked or self.preflight()
-        parents, anchor = checked.parents, checked.anchor
-        download_parents([*parents, *([checked.base] if checked.base else [])], anchor, progress=self.progress)
-        # checkpoints, not models: `fuse` loads each when its turn comes, holding two models at a time
-        sources = [parent_checkpoint(p, trust_remote_code=self.trust_remote_code) for p in parents]
-        base = load_parent_model(checked.base, trust_remote_code=self.trust_remote_code) if checked.base else None
-        processor = None
-        if parents[anchor].processor_files:
-            processor = load_processor(parents[anchor].directory, trust_remote_code=self.trust_remote_code)
-        label2id = sources[anchor].config().label2id
-        alignment = self._encoded(checked.alignment_data, processor, label2id)
-        result = fuse_with_diagnostics(
-            sources, data=alignment, config=self.config, base=base, progress=self.progress, device=self.device
-        )
-        if not is_main_process(process_state(None)):
-            return result  # under torchrun / accelerate launch, only the main process writes the output
-        out = self.check_output()  # again: the fusion took a while
-        with stage_output(out, overwrite=self.overwrite) as stage:  # swapped into place by `_finish`
-            staging = stage.path
-            if self.dtype is not None:
-                result.model.to(DTYPES[self.dtype])
-            check_fused_finite(result.model, self.dtype)  # a NaN model is never written, hence never pushed
-            result.model.save_pretrained(staging, max_shard_size=self.max_shard_size)
-            # the fused model is freed here: the steps below load it, and the parents, when they need them, so
-            # that no step holds more than two models
-            result.model = None
-            fused = Checkpoint(str(staging), name="the fused model")
-            evaluation = None
-            if checked.eval_data is not None:
-                evaluation = self._evaluate(checked, sources, fused, processor, label2id)
-            from ..methods.readiness import readiness_report
-
-            # the fusion's own maps when it aligned; the report solves data-free ones for unaligned methods
-            own = FusionConfig(cost="weights", solver="exact", anchor=self.config.anchor)
-            readiness = readiness_report(
-                sources, config=self.config if result.maps else own, maps=result.maps or None, progress=self.progress
-            )
-            provenance = self._provenance(checked, result, evaluation)
-            provenance.readiness = readiness.to_dict()
-            self._finish(stage, parents[anchor], provenance)
-        result.model = Checkpoint(str(out)).load()  # the weights as written (in `dtype`)
-        return result
-
-    # ------------------------------------------------------------------------------------------- steps
-    def _encoded(self, source: DataSource | None, processor, label2id):
-        if source is None:
-            return None
-        dataset = source.load()  # a missing split or file fails here, with its own message
-        try:
-            return encode_dataset(
-                dataset, processor, text_column=self.text_column, image_column=self.image_column,
-                label_column=self.label_column, max_length=self.max_length, label2id=label2id,
-            )  # fmt: skip
-        except DataSourceError as error:
-            if processor is not None:
-                raise
-            raise DataSourceError(
-                f"{error} The anchor ({self.parents[self.config.anchor]}) ships no tokenizer or image processor "
-                "files, so give data that already holds model inputs."
-            ) from error
-
-    def _evaluate(self, checked: Preflight, sources, fused, processor, label2id) -> dict[str, Any]:
-        """Parents, vanilla average and fused model on the same evaluation rows.
-
-        Every row's model is loaded (the fused one from the staged weights), or the vanilla average built, when
-        the row is scored, and freed after it.
-        """
-        from ..engine.compatibility import same_widths
-        from ..fusion import fuse_with_diagnostics
-        from ..output.card import FUSED_ROW, VANILLA_ROW
-        from ..train.evaluation import evaluate_models
-
-        dataset = self._encoded(checked.eval_data, processor, label2id)
-        if "labels" not in dataset.column_names:
-            raise FusionError(f"--eval-data {self.eval_data} has no label column; name it with --label-column.")
-        rows: dict[str, Any] = {}
-        for k, (parent, source) in enumerate(zip(checked.parents, sources, strict=True)):
-            rows[f"parent {k}: {parent.name}"] = source
-        if self.config.method != "vanilla" and same_widths(checked.plans):  # other widths: no plain average
-            vanilla = FusionConfig(method="vanilla", anchor=self.config.anchor, weights=self.config.weights)
-            rows[VANILLA_ROW] = lambda: fuse_with_diagnostics(sources, config=vanilla, progress=False).model
-        rows[FUSED_ROW] = fused
-        return evaluate_models(rows, dataset, split=str(checked.eval_data.split), progress=self.progress).to_dict()
-
-    def _provenance(self, checked: Preflight, result, evaluation) -> Provenance:
-        parents = checked.parents
-        anchor_config = parents[checked.anchor].config
-        data = checked.alignment_data.to_dict() if checked.alignment_data else None
-        data_flags = {}
-        if data is not None:
-            data_flags = {"text_column": self.text_column, "image_column": self.image_column}
-            if self.text_column or _is_text(anchor_config):
-                data_flags["max_length"] = self.max_length
-        options = {"dtype": self.dtype, "max_shard_size": self.max_shard_size}
-        return Provenance(
-            parents=[p.to_dict() for p in parents],
-            anchor=checked.anchor,
-            architecture=(anchor_config.get("architectures") or ["?"])[0],
-            model_type=str(anchor_config.get("model_type")),
-            config=self.config.to_dict(),
-            base=checked.base.to_dict() if checked.base else None,
-            alignment_data=data,
-            eval_data=checked.eval_data.to_dict() if checked.eval_data else None,
-            evaluation=evaluation,
-            diagnostics=[_plain(d.to_dict()) for d in result.diagnostics],
-            quality=_plain(quality_record(result)),
-            timings={k: round(float(v), 3) for k, v in result.timings.items()},
-            command=self.command,
-            reproduce=reproduce_command(
-                [p.pinned for p in parents],
-                out=Path(self.out).name,
-                base=checked.base.pinned if checked.base else None,
-                data=data,
-                data_flags=data_flags,
-                options=options,
-            ),  # fmt: skip
-            options=options,
-            versions=package_versions(),
-            created=utc_now(),
-        )
-
-    def _finish(self, stage: StagedOutput, anchor: Parent, provenance: Provenance) -> None:
-        """Completes the staging directory (which holds the weights) with processor, config, provenance and card,
-        then swaps it into `out`; `stage_output` removes it on failure."""
-        from ..output.card import render_card
-
-        out, staging = Path(self.out), stage.path
-        for name in anchor.processor_files:  # the anchor's tokenizer / image processor, byte for byte
-            shutil.copyfile(anchor.directory / name, staging / name)
-        (staging / CONFIG_FILE).write_text(yaml.safe_dump(self.config.to_dict(), sort_keys=False))
-        provenance.outputs = {p.name: sha256_file(p) for p in sorted(staging.iterdir()) if _is_weight_file(p.name)}
-        provenance.save(staging)
-        card = render_card(provenance, repo_id=self.repo_id or str(out))
-        card.save(staging / "README.md")
-        stage.publish()
-
-
-# the numeric job options that are not FusionConfig fields
-_JOB_NUMBERS = {
-    "seed": NumberRule(int, 0, 2**32 - 1),
+#: the numeric job options (the FusionConfig fields have their own table in `config`)
+JOB_NUMBERS = {
+    "data_seed": NumberRule(int, 0, 2**32 - 1),
     "max_length": NumberRule(int, 1),
     "eval_num_samples": NumberRule(int, 1, optional=True),
 }
@@ -321,82 +292,3 @@ def data_options(config: FusionConfig) -> list[str]:
     }
     named = [f"{name}={getattr(config, name)}" for name, needed in needs.items() if needed]
     return named or [f"method={config.method}"]  # an option this table does not know yet: at least the method
-
-
-def check_fused_finite(model, dtype: str | None = None) -> None:
-    """Raises `NonFiniteWeightsError` naming the first fused tensor with NaN or inf (so nothing is written)."""
-    name = first_non_finite(model.state_dict().items())
-    if name is not None:
-        cast = f" after the cast to {dtype}" if dtype else ""
-        raise NonFiniteWeightsError(
-            f"The fused model has NaN or infinite values in {name}{cast}; nothing was written. Check the parents, "
-            "--weights and --scale" + (", or save in a wider --dtype." if dtype else "."),
-            tensor=name,
-        )
-
-
-def load_config_file(path: str | Path) -> dict[str, Any]:
-    """FusionConfig fields from a YAML or JSON file (JSON is YAML); unknown keys fail in `FusionConfig.from_dict`."""
-    try:
-        values = yaml.safe_load(Path(path).read_text()) or {}
-    except (OSError, yaml.YAMLError) as error:
-        raise FusionError(f"Cannot read the fusion config {path}: {error}") from error
-    if not isinstance(values, dict):
-        raise FusionError(f"{path} must hold a mapping of FusionConfig fields, not {type(values).__name__}.")
-    return values
-
-
-def silence_progress_bars() -> None:
-    """Turns off the progress bars of huggingface_hub, datasets and transformers (for `-q`)."""
-    import datasets
-    import huggingface_hub
-    import transformers
-
-    huggingface_hub.utils.disable_progress_bars()
-    datasets.disable_progress_bars()
-    transformers.utils.logging.disable_progress_bar()
-
-
-def hide_weight_loading_bars() -> None:
-    """Hides transformers' "Loading weights" bar, which every `from_pretrained` draws, keeping all other bars.
-
-    A CLI run loads each parent several times (compatibility, fusion, evaluation, report): a bar per load buries
-    the bars of the stages that take time. Downloads keep theirs, and `-q` still silences everything.
-    """
-    from transformers.utils import logging as transformers_logging
-
-    if not hasattr(transformers_logging, "set_tqdm_hook"):  # older transformers: nothing to hook into
-        return
-
-    def hook(factory, args, kwargs):
-        if kwargs.get("desc") == "Loading weights":
-            kwargs = {**kwargs, "disable": True}
-        return factory(*args, **kwargs)
-
-    transformers_logging.set_tqdm_hook(hook)
-
-
-def _is_weight_file(name: str) -> bool:
-    """`model.safetensors`, its shards (`model-00001-of-00003.safetensors`) and their index."""
-    return name.startswith("model") and (name.endswith(".safetensors") or name.endswith(".safetensors.index.json"))
-
-
-def _is_text(config: dict[str, Any]) -> bool:
-    return "vocab_size" in config and "image_size" not in config
-
-
-def quality_record(result) -> dict:
-    """What the quality options did in a `FusionResult`, for the provenance record and the card."""
-    kinds: dict[str, set[str]] = {}
-    for d in result.diagnostics:
-        kinds.setdefault(d.space.split(".")[0], set()).add(d.kind)
-    return {
-        "map_kinds": {space: sorted(found) for space, found in kinds.items()},
-        "repair": [site.to_dict() for site in result.repair],
-        "refine": result.refine.to_dict() if result.refine is not None else None,
-    }
-
-
-def _plain(record: dict[str, Any]) -> dict[str, Any]:
-    """JSON-safe copy of a diagnostics record (tuples to lists, numpy scalars to floats)."""
-    return json.loads(json.dumps(record, default=float))

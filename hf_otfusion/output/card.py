@@ -98,6 +98,7 @@ def render_card(
         repo_id=repo_id,
         otfusion_version=provenance.versions.get("hf-otfusion", ""),
         reproduce=provenance.reproduce,
+        out_name=(provenance.job or {}).get("out") or "fused",
         command=provenance.command,
         version_rows=sorted(provenance.versions.items()),
     )

@@ -10,17 +10,15 @@ from __future__ import annotations
 
 import json
 import platform
-import shlex
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from ..data import pinned_source
-
 PROVENANCE_FILE = "fusion_provenance.json"
 CONFIG_FILE = "fusion_config.yaml"
+JOB_FILE = "fusion_job.yaml"
 #: Distributions whose versions shape the result (numerics, file format, loading) and are worth recording.
 VERSIONED_PACKAGES = (
     "hf-otfusion", "torch", "transformers", "huggingface-hub", "safetensors", "pot", "numpy", "scipy", "datasets",
@@ -46,7 +44,8 @@ class Provenance:
         readiness: the merge-readiness report of the parents (`readiness.ReadinessReport.to_dict()`) or `None`.
         timings: seconds per stage.
         outputs: sha256 of each weight file written.
-        command: the command line as run; reproduce: the same fusion pinned to commit SHAs.
+        command: the command line as run; reproduce: the same fusion pinned to commit SHAs, as flags.
+        job: the whole run (`job.FuseJob.to_dict()`), pinned: what `fusion_job.yaml` holds.
         options: output options that change the written bytes (`dtype`, `max_shard_size`).
         versions: package versions; created: UTC time of writing.
     """
@@ -67,6 +66,7 @@ class Provenance:
     outputs: dict[str, str] = field(default_factory=dict)
     command: str = ""
     reproduce: str = ""
+    job: dict[str, Any] | None = None
     options: dict[str, Any] = field(default_factory=dict)
     versions: dict[str, str] = field(default_factory=dict)
     created: str = ""
@@ -103,34 +103,3 @@ def package_versions() -> dict[str, str]:
 
 def utc_now() -> str:
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def reproduce_command(
-    parents: list[str],
-    *,
-    out: str = "fused",
-    base: str | None = None,
-    data: dict[str, Any] | None = None,
-    data_flags: dict[str, Any] | None = None,
-    options: dict[str, Any] | None = None,
-) -> str:
-    """The `otfusion-hub fuse` command that rebuilds the checkpoint from pinned inputs and its `fusion_config.yaml`.
-
-    Args:
-        parents: pinned parents (`repo@sha` or local directories).
-        out: output directory to name in the command.
-        base: pinned shared ancestor (task arithmetic), passed as `--base`.
-        data: the alignment `DataSource` record, re-pinned to its commit for Hub data.
-        data_flags: column / length flags that shaped the encoded alignment data.
-        options: output options that change the bytes (`dtype`, `max_shard_size`).
-    """
-    words = ["otfusion-hub", "fuse", *parents, "--config", CONFIG_FILE, "--out", out]
-    if base:
-        words += ["--base", base]
-    if data:
-        source = pinned_source(data.get("kind"), data.get("repo_id"), data.get("commit"), data["source"])
-        words += ["--data", source, "--split", str(data["split"]), "--data-seed", str(data["seed"])]
-    for flag, value in {**(data_flags or {}), **(options or {})}.items():
-        if value is not None:
-            words += [f"--{flag.replace('_', '-')}", str(value)]
-    return shlex.join(words)

@@ -25,7 +25,7 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from ..errors import OutputExistsError, UnsafeOutputError
+from ..errors import NonFiniteWeightsError, OutputExistsError, UnsafeOutputError
 
 try:  # POSIX; elsewhere leftovers are only named, never removed, since their owner cannot be told dead or alive
     import fcntl
@@ -278,3 +278,17 @@ def _try_lock(path: Path) -> int | None:
 def _unlock(descriptor: int | None) -> None:
     if descriptor is not None:
         os.close(descriptor)  # closing the last descriptor releases the flock
+
+
+def check_fused_finite(model, dtype: str | None = None) -> None:
+    """Raises `NonFiniteWeightsError` naming the first fused tensor with NaN or inf (so nothing is written)."""
+    from ..engine.compatibility import first_non_finite  # here, not above: the output guard imports without torch
+
+    name = first_non_finite(model.state_dict().items())
+    if name is not None:
+        cast = f" after the cast to {dtype}" if dtype else ""
+        raise NonFiniteWeightsError(
+            f"The fused model has NaN or infinite values in {name}{cast}; nothing was written. Check the parents, "
+            "--weights and --scale" + (", or save in a wider --dtype." if dtype else "."),
+            tensor=name,
+        )

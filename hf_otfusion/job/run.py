@@ -1,0 +1,207 @@
+"""Running a checked `FuseJob`: from pinned parent ids to a finished, documented output directory.
+
+    pre-flight (pin SHAs, read configs + headers, check compatibility, resolve data)   <- no weights yet
+    -> download pinned weights -> encode data -> fuse (two parents loaded at a time)
+    -> write the weights into a temporary sibling of `out` and free the fused model
+    -> evaluate (optional) and the readiness report, loading models as they are needed (two at most)
+    -> add processor + fusion_config.yaml + fusion_job.yaml + fusion_provenance.json + README.md, then rename
+       the temporary directory into place (a failure never leaves a half checkpoint)
+
+Pushing the finished directory is a separate step (`hub.push.push_folder`), so a failed upload keeps the output.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+import yaml
+
+from ..checkpoints import Checkpoint
+from ..config import FusionConfig
+from ..data import DataSource, encode_dataset, load_processor
+from ..errors import DataSourceError, FusionError
+from ..hub.parents import Parent, download_parents, load_parent_model, parent_checkpoint, sha256_file
+from ..output.provenance import CONFIG_FILE, JOB_FILE, Provenance, package_versions, utc_now
+from ..output.staging import StagedOutput, check_fused_finite, stage_output
+from .preflight import Preflight
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .fuse_job import FuseJob
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def run_job(job: FuseJob, checked: Preflight | None = None):
+    """Pre-flight (unless `checked` is given), download, fuse, evaluate and write `out`; returns the `FusionResult`.
+
+    Everything is written into a temporary sibling of `out`, renamed into place at the end, so a failure
+    never leaves a half-written output. The result's model is the one written, loaded back from `out`.
+    Under `torchrun` / `accelerate launch` every process fuses, but only the main one writes.
+    """
+    from ..engine.distributed import is_main_process, process_state
+    from ..fusion import fuse_with_diagnostics
+
+    checked = checked or job.preflight()
+    parents, anchor = checked.parents, checked.anchor
+    download_parents([*parents, *([checked.base] if checked.base else [])], anchor, progress=job.progress)
+    # checkpoints, not models: `fuse` loads each when its turn comes, holding two models at a time
+    sources = [parent_checkpoint(p, trust_remote_code=job.trust_remote_code) for p in parents]
+    base = load_parent_model(checked.base, trust_remote_code=job.trust_remote_code) if checked.base else None
+    processor = None
+    if parents[anchor].processor_files:
+        processor = load_processor(parents[anchor].directory, trust_remote_code=job.trust_remote_code)
+    label2id = sources[anchor].config().label2id
+    alignment = _encoded(job, checked.alignment_data, processor, label2id)
+    result = fuse_with_diagnostics(
+        sources, data=alignment, config=job.config, base=base, progress=job.progress, device=job.device
+    )
+    if not is_main_process(process_state(None)):
+        return result  # under torchrun / accelerate launch, only the main process writes the output
+    out = job.check_output()  # again: the fusion took a while
+    with stage_output(out, overwrite=job.overwrite) as stage:  # swapped into place by `_finish`
+        staging = stage.path
+        if job.dtype is not None:
+            result.model.to(DTYPES[job.dtype])
+        check_fused_finite(result.model, job.dtype)  # a NaN model is never written, hence never pushed
+        result.model.save_pretrained(staging, max_shard_size=job.max_shard_size)
+        # the fused model is freed here: the steps below load it, and the parents, when they need them, so
+        # that no step holds more than two models
+        result.model = None
+        fused = Checkpoint(str(staging), name="the fused model")
+        evaluation = None
+        if checked.eval_data is not None:
+            evaluation = _evaluate(job, checked, sources, fused, processor, label2id)
+        from ..methods.readiness import readiness_report
+
+        # the fusion's own maps when it aligned; the report solves data-free ones for unaligned methods
+        own = FusionConfig(cost="weights", solver="exact", anchor=job.config.anchor)
+        readiness = readiness_report(
+            sources, config=job.config if result.maps else own, maps=result.maps or None, progress=job.progress
+        )
+        provenance = _provenance(job, checked, result, evaluation)
+        provenance.readiness = readiness.to_dict()
+        _finish(job, stage, parents[anchor], provenance)
+    result.model = Checkpoint(str(out)).load()  # the weights as written (in `dtype`)
+    return result
+
+
+# ------------------------------------------------------------------------------------------- steps
+def _encoded(job: FuseJob, source: DataSource | None, processor, label2id):
+    if source is None:
+        return None
+    dataset = source.load()  # a missing split or file fails here, with its own message
+    try:
+        return encode_dataset(
+            dataset, processor, text_column=job.text_column, image_column=job.image_column,
+            label_column=job.label_column, max_length=job.max_length, label2id=label2id,
+        )  # fmt: skip
+    except DataSourceError as error:
+        if processor is not None:
+            raise
+        raise DataSourceError(
+            f"{error} The anchor ({job.parents[job.config.anchor]}) ships no tokenizer or image processor "
+            "files, so give data that already holds model inputs."
+        ) from error
+
+
+def _evaluate(job: FuseJob, checked: Preflight, sources, fused, processor, label2id) -> dict[str, Any]:
+    """Parents, vanilla average and fused model on the same evaluation rows.
+
+    Every row's model is loaded (the fused one from the staged weights), or the vanilla average built, when
+    the row is scored, and freed after it.
+    """
+    from ..engine.compatibility import same_widths
+    from ..fusion import fuse_with_diagnostics
+    from ..output.card import FUSED_ROW, VANILLA_ROW
+    from ..train.evaluation import evaluate_models
+
+    dataset = _encoded(job, checked.eval_data, processor, label2id)
+    if "labels" not in dataset.column_names:
+        raise FusionError(f"--eval-data {job.eval_data} has no label column; name it with --label-column.")
+    rows: dict[str, Any] = {}
+    for k, (parent, source) in enumerate(zip(checked.parents, sources, strict=True)):
+        rows[f"parent {k}: {parent.name}"] = source
+    if job.config.method != "vanilla" and same_widths(checked.plans):  # other widths: no plain average
+        vanilla = FusionConfig(method="vanilla", anchor=job.config.anchor, weights=job.config.weights)
+        rows[VANILLA_ROW] = lambda: fuse_with_diagnostics(sources, config=vanilla, progress=False).model
+    rows[FUSED_ROW] = fused
+    return evaluate_models(rows, dataset, split=str(checked.eval_data.split), progress=job.progress).to_dict()
+
+
+def _provenance(job: FuseJob, checked: Preflight, result, evaluation) -> Provenance:
+    parents = checked.parents
+    anchor_config = parents[checked.anchor].config
+    data = checked.alignment_data.to_dict() if checked.alignment_data else None
+    data_flags = {}
+    if data is not None:
+        data_flags = {"text_column": job.text_column, "image_column": job.image_column}
+        if job.text_column or _is_text(anchor_config):
+            data_flags["max_length"] = job.max_length
+    options = {"dtype": job.dtype, "max_shard_size": job.max_shard_size}
+    return Provenance(
+        parents=[p.to_dict() for p in parents],
+        anchor=checked.anchor,
+        architecture=(anchor_config.get("architectures") or ["?"])[0],
+        model_type=str(anchor_config.get("model_type")),
+        config=job.config.to_dict(),
+        base=checked.base.to_dict() if checked.base else None,
+        alignment_data=data,
+        eval_data=checked.eval_data.to_dict() if checked.eval_data else None,
+        evaluation=evaluation,
+        diagnostics=[_plain(d.to_dict()) for d in result.diagnostics],
+        quality=_plain(quality_record(result)),
+        timings={k: round(float(v), 3) for k, v in result.timings.items()},
+        command=job.command,
+        reproduce=job.pinned(checked).command_line(config_file=CONFIG_FILE),
+        job=job.pinned(checked).to_dict(),
+        options=options,
+        versions=package_versions(),
+        created=utc_now(),
+    )
+
+
+def _finish(job: FuseJob, stage: StagedOutput, anchor: Parent, provenance: Provenance) -> None:
+    """Completes the staging directory (which holds the weights) with processor, config, provenance and card,
+    then swaps it into `out`; `stage_output` removes it on failure."""
+    from ..output.card import render_card
+
+    out, staging = Path(job.out), stage.path
+    for name in anchor.processor_files:  # the anchor's tokenizer / image processor, byte for byte
+        shutil.copyfile(anchor.directory / name, staging / name)
+    (staging / CONFIG_FILE).write_text(yaml.safe_dump(job.config.to_dict(), sort_keys=False))
+    (staging / JOB_FILE).write_text(yaml.safe_dump(provenance.job, sort_keys=False))
+    provenance.outputs = {p.name: sha256_file(p) for p in sorted(staging.iterdir()) if _is_weight_file(p.name)}
+    provenance.save(staging)
+    card = render_card(provenance, repo_id=job.push_to_hub or str(out))
+    card.save(staging / "README.md")
+    stage.publish()
+
+
+def _is_weight_file(name: str) -> bool:
+    """`model.safetensors`, its shards (`model-00001-of-00003.safetensors`) and their index."""
+    return name.startswith("model") and (name.endswith(".safetensors") or name.endswith(".safetensors.index.json"))
+
+
+def _is_text(config: dict[str, Any]) -> bool:
+    return "vocab_size" in config and "image_size" not in config
+
+
+def quality_record(result) -> dict:
+    """What the quality options did in a `FusionResult`, for the provenance record and the card."""
+    kinds: dict[str, set[str]] = {}
+    for d in result.diagnostics:
+        kinds.setdefault(d.space.split(".")[0], set()).add(d.kind)
+    return {
+        "map_kinds": {space: sorted(found) for space, found in kinds.items()},
+        "repair": [site.to_dict() for site in result.repair],
+        "refine": result.refine.to_dict() if result.refine is not None else None,
+    }
+
+
+def _plain(record: dict[str, Any]) -> dict[str, Any]:
+    """JSON-safe copy of a diagnostics record (tuples to lists, numpy scalars to floats)."""
+    return json.loads(json.dumps(record, default=float))
