@@ -116,7 +116,8 @@ def test_fuse_push_load_at_sha_and_rebuild_from_the_card(hub, tmp_path):
     assert re.search(rf"^url: {re.escape(hub.url)}/ns/fused/commit/{sha}$", proc.stdout, re.M)
     out = tmp_path / "fused"
     assert sorted(p.name for p in out.iterdir()) == [
-        "README.md", "config.json", "fusion_config.yaml", "fusion_job.yaml", "fusion_provenance.json", "model.safetensors",
+        "README.md", "config.json", "fusion_config.yaml", "fusion_job.yaml", "fusion_provenance.json",
+        "model.safetensors",
         "preprocessor_config.json",
     ]  # fmt: skip
     provenance = json.loads((out / "fusion_provenance.json").read_text())
