@@ -26,7 +26,7 @@ from .engine.reparameterise import check_rotatable, reparameterise, restore_outp
 from .engine.spec import AlignmentSpec, load_spec
 from .engine.statistics import collect_statistics, statistics_keys
 from .engine.transport import TransportMap
-from .errors import EmptyAlignmentDataError, FusionError
+from .errors import EmptyAlignmentDataError, FusionError, InvalidConfigError
 from .methods.same_base import SAME_BASE_METHODS, base_in_anchor_class, merge_parameters, parent_grams
 from .methods.target import target_basis
 
@@ -182,7 +182,11 @@ def fuse_with_diagnostics(
     if len(parents) < 2:
         raise FusionError(f"Fusion needs at least 2 parents, got {len(parents)}.")
     if not 0 <= config.anchor < len(parents):
-        raise FusionError(f"FusionConfig.anchor={config.anchor} is out of range for {len(parents)} parents.")
+        raise InvalidConfigError(
+            f"FusionConfig.anchor={config.anchor} is out of range for {len(parents)} parents.",
+            field="anchor",
+            value=config.anchor,
+        )
     weights = config.normalised_weights(len(parents))
     check_same_model_type(parents)
     if isinstance(spec, str | Path):

@@ -27,7 +27,7 @@ from ..checkpoints import Checkpoint
 from ..config import FusionConfig, NumberRule, check_numbers
 from ..data import DataSource, encode_dataset, load_processor
 from ..engine.compatibility import first_non_finite
-from ..errors import DataSourceError, EmptyAlignmentDataError, FusionError, NonFiniteWeightsError
+from ..errors import DataSourceError, EmptyAlignmentDataError, FusionError, InvalidConfigError, NonFiniteWeightsError
 from ..hub.parents import (
     Parent,
     Preflight,
@@ -126,7 +126,9 @@ class FuseJob:
 
         check_numbers(self, _JOB_NUMBERS)
         if self.dtype is not None and self.dtype not in DTYPES:
-            raise FusionError(f"dtype {self.dtype!r} is not one of {sorted(DTYPES)}.")
+            raise InvalidConfigError(
+                f"dtype {self.dtype!r} is not one of {sorted(DTYPES)}.", field="dtype", value=self.dtype
+            )
         parse_shard_size(self.max_shard_size)
         resolve_device(self.device)
 
@@ -231,7 +233,9 @@ class FuseJob:
                 raise
             raise DataSourceError(
                 f"{error} The anchor ({self.parents[self.config.anchor]}) ships no tokenizer or image processor "
-                "files, so give data that already holds model inputs."
+                "files, so give data that already holds model inputs.",
+                source=error.source,
+                column=error.column,
             ) from error
 
     def _evaluate(self, plan: FusePlan, sources, fused, processor, label2id) -> dict[str, Any]:
@@ -323,7 +327,7 @@ def parse_shard_size(size: str | int) -> int:
     """Bytes in a `max_shard_size` (`5GB`, `500MB`, or an int), the forms `save_pretrained` accepts.
 
     Raises:
-        FusionError: anything else, or a size that is not positive.
+        InvalidConfigError: anything else, or a size that is not positive.
     """
     if isinstance(size, int) and not isinstance(size, bool) and size > 0:
         return size
@@ -333,9 +337,11 @@ def parse_shard_size(size: str | int) -> int:
     except (KeyError, ValueError):
         value = math.nan
     if not value > 0 or not math.isfinite(value):
-        raise FusionError(
+        raise InvalidConfigError(
             f"max_shard_size (--max-shard-size) {size!r} is not a size; write a positive number with a unit: 5GB, "
-            "500MB, 200KB or 1TB."
+            "500MB, 200KB or 1TB.",
+            field="max_shard_size",
+            value=size,
         )
     return int(value)
 

@@ -28,7 +28,7 @@ from ..engine.plan import FusionPlan, named_tensors, resolve_plan
 from ..engine.spec import AlignmentSpec, load_spec
 from ..engine.statistics import UnitStatistics, collect_statistics, statistics_keys
 from ..engine.transport import TransportMap
-from ..errors import FusionError
+from ..errors import FusionError, InvalidConfigError
 
 # OT leaving at least this share of units in place means the parents' units already correspond (same base);
 # the two regimes sit near 1 and near 1/width, far from it.
@@ -332,7 +332,9 @@ def readiness_report(
         raise FusionError(f"A readiness report compares at least 2 parents, got {len(models)}.")
     anchor = config.anchor
     if not 0 <= anchor < len(models):
-        raise FusionError(f"FusionConfig.anchor={anchor} is out of range for {len(models)} parents.")
+        raise InvalidConfigError(
+            f"FusionConfig.anchor={anchor} is out of range for {len(models)} parents.", field="anchor", value=anchor
+        )
     skeletons = [skeleton(model) for model in models]  # checkpoints are loaded one at a time, below
     check_same_model_type(skeletons)
     if isinstance(spec, str | Path):
