@@ -91,6 +91,7 @@ class ModelTypeMismatchError(IncompatibleModelsError):
 
     Attributes:
         model_types: every parent's `model_type`, in order.
+        parent: the index of the first parent whose type differs, when known.
     """
 
     def __init__(self, message: str, *, model_types: list[str] | None = None, parent: int | None = None) -> None:
