@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pickle
+
 import pytest
 import torch
 from conftest import build, inputs_for
@@ -176,6 +178,8 @@ def test_every_error_is_a_fusion_error_and_its_builtin_with_keyword_only_attribu
         values = {parameter.name: f"value of {parameter.name}" for parameter in parameters}
         error = cls("the message", **values)
         assert all(getattr(error, name) == value for name, value in values.items())
+    copy = pickle.loads(pickle.dumps(error))  # errors cross process boundaries (torchrun workers, subprocesses)
+    assert type(copy) is cls and str(copy) == "the message" and vars(copy) == vars(error)
 
 
 BARE = {"ValueError", "TypeError", "RuntimeError", "KeyError"}
