@@ -294,3 +294,24 @@ def test_a_stopped_hub_server_cannot_start_again(tmp_path):
     with pytest.raises(UnsafeHostError, match="loopback") as caught:
         HubServer(tmp_path, host="0.0.0.0")
     assert caught.value.host == "0.0.0.0"
+
+
+def test_a_missing_data_source_and_an_unsafe_parent_carry_what_was_asked_for(tmp_path):
+    from hf_otfusion import DataSourceError, UnsafeCheckpointError
+    from hf_otfusion.data import DataSource
+    from hf_otfusion.hub.parents import resolve_parent
+
+    with pytest.raises(
+        DataSourceError, match="Data source 'nope/data' is a Hub id but Hub access is disabled"
+    ) as caught:
+        DataSource.resolve("nope/data")
+    assert caught.value.source == "nope/data"
+
+    parent = build("vit-cls")
+    parent.save_pretrained(tmp_path / "pickled")
+    (tmp_path / "pickled" / "model.safetensors").unlink()
+    torch.save(parent.state_dict(), tmp_path / "pickled" / "pytorch_model.bin")
+    with pytest.raises(UnsafeCheckpointError, match="has only pickle weights") as caught:
+        resolve_parent(str(tmp_path / "pickled"))
+    assert isinstance(caught.value, PermissionError)
+    assert (caught.value.path, caught.value.reason) == ("pytorch_model.bin", "pickle")
