@@ -48,7 +48,9 @@ class Checkpoint:
         if model_class is None:
             raise UnsupportedArchitectureError(
                 f"{self.name or self.location} names architecture {architecture!r} in its config.json, which "
-                "transformers does not provide; load the model yourself and pass the object."
+                "transformers does not provide; load the model yourself and pass the object.",
+                model_type=getattr(config, "model_type", None),
+                architecture=architecture,
             )
         return model_class
 
@@ -67,13 +69,17 @@ class Checkpoint:
                 trust_remote_code=self.trust_remote_code,
             )  # fmt: skip
         except (SafetensorError, OSError, RuntimeError, ValueError) as error:
-            raise CorruptCheckpointError(f"Parent {name} could not be loaded: {error}") from error
+            raise CorruptCheckpointError(
+                f"Parent {name} could not be loaded: {error}", path=self.location, source=name
+            ) from error
         problems = {key: sorted(info.get(key) or []) for key in ("missing_keys", "mismatched_keys")}
         problems = {key: value for key, value in problems.items() if value}
         if problems:
             raise CorruptCheckpointError(
                 f"Parent {name} does not hold the weights its config describes: {problems}. The checkpoint is "
-                "incomplete or was saved from another class; re-export it with save_pretrained."
+                "incomplete or was saved from another class; re-export it with save_pretrained.",
+                path=self.location,
+                source=name,
             )
         return model.eval()
 

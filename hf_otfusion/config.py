@@ -12,7 +12,7 @@ from typing import Any
 
 import yaml
 
-from .errors import FusionError
+from .errors import FusionError, InvalidConfigError
 
 _CHOICES: dict[str, tuple[str, ...]] = {
     "method": ("ot", "vanilla", "interpolate", "task-arithmetic", "regmean"),
@@ -45,10 +45,10 @@ class NumberRule:
     optional: bool = False
 
     def check(self, field: str, value: Any) -> Any:
-        """Returns `value` as `kind`; raises `FusionError` naming `field`, what it accepts and what it got."""
+        """Returns `value` as `kind`; raises `InvalidConfigError` naming `field`, what it accepts and what it got."""
         problem = self.problem(value)
         if problem is not None:
-            raise FusionError(f"{field} {problem}.")
+            raise InvalidConfigError(f"{field} {problem}.", field=field.split(".", 1)[-1], value=value)
         return None if value is None else self.kind(value)
 
     def problem(self, value: Any) -> str | None:
@@ -91,7 +91,11 @@ def strict_from_dict(cls, values: dict[str, Any]):
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - known)
     if unknown:
-        raise FusionError(f"Unknown {cls.__name__} key(s) {unknown}; valid keys are {sorted(known)}.")
+        raise InvalidConfigError(
+            f"Unknown {cls.__name__} key(s) {unknown}; valid keys are {sorted(known)}.",
+            field=unknown,
+            value={key: values[key] for key in unknown},
+        )
     return cls(**values)
 
 
@@ -219,62 +223,106 @@ class FusionConfig:
         for name, allowed in _CHOICES.items():
             value = getattr(self, name)
             if value not in allowed:
-                raise FusionError(f"FusionConfig.{name}={value!r} is not one of {list(allowed)}.")
+                raise InvalidConfigError(
+                    f"FusionConfig.{name}={value!r} is not one of {list(allowed)}.", field=name, value=value
+                )
         check_numbers(self, _FUSION_NUMBERS)
         if self.base is not None and not isinstance(self.base, str):
-            raise FusionError(f"FusionConfig.base must be a checkpoint path or Hub id, got {self.base!r}.")
+            raise InvalidConfigError(
+                f"FusionConfig.base must be a checkpoint path or Hub id, got {self.base!r}.",
+                field="base",
+                value=self.base,
+            )
         if self.base and self.method != "task-arithmetic":
-            raise FusionError(f"base={self.base!r} is only used by method='task-arithmetic', not {self.method!r}.")
+            raise InvalidConfigError(
+                f"base={self.base!r} is only used by method='task-arithmetic', not {self.method!r}.",
+                field="base",
+                value=self.base,
+            )
         if self.task_vector != "plain" and self.method != "task-arithmetic":
-            raise FusionError(
+            raise InvalidConfigError(
                 f"task_vector={self.task_vector!r} reshapes the task vectors of method='task-arithmetic' (with a "
-                f"base), not of method={self.method!r}; use method='task-arithmetic' or task_vector='plain'."
+                f"base), not of method={self.method!r}; use method='task-arithmetic' or task_vector='plain'.",
+                field="task_vector",
+                value=self.task_vector,
             )
         if self.density != 1 and self.task_vector == "plain":
-            raise FusionError(
+            raise InvalidConfigError(
                 f"density={self.density} is only read by task_vector='ties' or 'dare' (method='task-arithmetic'); "
-                "set one of them, or leave density at 1."
+                "set one of them, or leave density at 1.",
+                field="density",
+                value=self.density,
             )
         if self.seed != 0 and self.task_vector != "dare":
-            raise FusionError(
+            raise InvalidConfigError(
                 f"seed={self.seed} only seeds the drop masks of task_vector='dare'; set task_vector='dare' "
-                "(method='task-arithmetic'), or leave seed at 0."
+                "(method='task-arithmetic'), or leave seed at 0.",
+                field="seed",
+                value=self.seed,
             )
         if self.align == "ot" and self.method == "vanilla":
-            raise FusionError("align='ot' contradicts method='vanilla' (no alignment); use method='ot' instead.")
+            raise InvalidConfigError(
+                "align='ot' contradicts method='vanilla' (no alignment); use method='ot' instead.",
+                field="align",
+                value=self.align,
+            )
         if self.residual == "orthogonal" and self.cost != "activations":
-            raise FusionError(
+            raise InvalidConfigError(
                 "residual='orthogonal' solves the rotation from activation statistics: use cost='activations' (with "
-                "alignment data), or residual='shared' for a data-free fusion."
+                "alignment data), or residual='shared' for a data-free fusion.",
+                field="residual",
+                value=self.residual,
             )
         if self.residual == "orthogonal" and (self.target is not None or self.method != "ot"):
-            raise FusionError("residual='orthogonal' is available for method='ot' without a target shape only.")
+            raise InvalidConfigError(
+                "residual='orthogonal' is available for method='ot' without a target shape only.",
+                field="residual",
+                value=self.residual,
+            )
         if self.within_heads == "orthogonal" and (
             self.cost != "activations" or self.heads != "aware" or self.solver != "exact" or self.marginals != "uniform"
         ):
-            raise FusionError(
+            raise InvalidConfigError(
                 "within_heads='orthogonal' rotates dims inside matched heads from activation statistics: it needs "
-                "cost='activations', heads='aware', solver='exact' and marginals='uniform'."
+                "cost='activations', heads='aware', solver='exact' and marginals='uniform'.",
+                field="within_heads",
+                value=self.within_heads,
             )
         if self.refine_steps and (self.method != "ot" or self.cost != "activations"):
-            raise FusionError(
-                "refine_steps refines OT maps from activations: it needs method='ot', cost='activations'."
+            raise InvalidConfigError(
+                "refine_steps refines OT maps from activations: it needs method='ot', cost='activations'.",
+                field="refine_steps",
+                value=self.refine_steps,
             )
         if self.repair != "none" and self.method not in ("ot", "vanilla"):
-            raise FusionError(f"repair={self.repair!r} follows OT or vanilla averaging, not method={self.method!r}.")
+            raise InvalidConfigError(
+                f"repair={self.repair!r} follows OT or vanilla averaging, not method={self.method!r}.",
+                field="repair",
+                value=self.repair,
+            )
         if self.target is not None:
             self.target = _parse_target(self.target)
             if self.method != "ot":
-                raise FusionError(f"target={self.target} needs method='ot' (widths change); got {self.method!r}.")
+                raise InvalidConfigError(
+                    f"target={self.target} needs method='ot' (widths change); got {self.method!r}.",
+                    field="target",
+                    value=self.target,
+                )
         if self.weights is not None:
             if not isinstance(self.weights, list | tuple):
-                raise FusionError(
-                    f"FusionConfig.weights must be a list of numbers, one per parent, got {self.weights!r}."
+                raise InvalidConfigError(
+                    f"FusionConfig.weights must be a list of numbers, one per parent, got {self.weights!r}.",
+                    field="weights",
+                    value=self.weights,
                 )
             weight = NumberRule(float)
             self.weights = [weight.check(f"FusionConfig.weights[{k}]", w) for k, w in enumerate(self.weights)]
             if any(w < 0 for w in self.weights) or sum(self.weights) <= 0:
-                raise FusionError(f"FusionConfig.weights must be non-negative with a positive sum: {self.weights}.")
+                raise InvalidConfigError(
+                    f"FusionConfig.weights must be non-negative with a positive sum: {self.weights}.",
+                    field="weights",
+                    value=self.weights,
+                )
 
     def resolved(self, rotatable: bool, equal_widths: bool) -> FusionConfig:
         """This config with `residual="auto"` and `within_heads="auto"` decided for parents whose spec is (or is not)
@@ -318,9 +366,11 @@ class FusionConfig:
         if self.weights is None:
             return [1.0 / num_parents] * num_parents
         if len(self.weights) != num_parents:
-            raise FusionError(
+            raise InvalidConfigError(
                 f"FusionConfig.weights has {len(self.weights)} entries for {num_parents} parents; "
-                "give one weight per parent or None for uniform weights."
+                "give one weight per parent or None for uniform weights.",
+                field="weights",
+                value=self.weights,
             )
         total = sum(self.weights)
         return [w / total for w in self.weights]
@@ -349,21 +399,31 @@ def _parse_target(value: dict[str, int] | str) -> dict[str, int]:
     if isinstance(value, str):
         entries = [entry.strip() for entry in value.split(",") if entry.strip()]
         if not all(entry.count("=") == 1 for entry in entries):
-            raise FusionError(
+            raise InvalidConfigError(
                 f"FusionConfig.target={value!r} must look like 'hidden_size=48,intermediate_size=96,"
-                "num_attention_heads=4' (comma-separated KEY=INT config sizes)."
+                "num_attention_heads=4' (comma-separated KEY=INT config sizes).",
+                field="target",
+                value=value,
             )
         value = dict(entry.split("=") for entry in entries)
     if not isinstance(value, dict) or not value:
-        raise FusionError(f"FusionConfig.target must be a non-empty mapping of config sizes, got {value!r}.")
+        raise InvalidConfigError(
+            f"FusionConfig.target must be a non-empty mapping of config sizes, got {value!r}.",
+            field="target",
+            value=value,
+        )
     target = {}
     for key, size in value.items():
         try:
             target[str(key).strip()] = int(str(size).strip())
         except ValueError:
-            raise FusionError(f"FusionConfig.target[{key!r}]={size!r} is not an integer size.") from None
+            raise InvalidConfigError(
+                f"FusionConfig.target[{key!r}]={size!r} is not an integer size.", field=f"target[{key!r}]", value=size
+            ) from None
         if target[str(key).strip()] < 1:
-            raise FusionError(f"FusionConfig.target[{key!r}] must be >= 1, got {size!r}.")
+            raise InvalidConfigError(
+                f"FusionConfig.target[{key!r}] must be >= 1, got {size!r}.", field=f"target[{key!r}]", value=size
+            )
     return target
 
 
@@ -403,13 +463,23 @@ class FinetuneConfig:
     def __post_init__(self) -> None:
         check_numbers(self, _FINETUNE_NUMBERS)
         if self.max_steps == 0 or self.max_steps < -1:
-            raise FusionError(f"FinetuneConfig.max_steps must be >= 1 (or -1 for epochs), got {self.max_steps}.")
+            raise InvalidConfigError(
+                f"FinetuneConfig.max_steps must be >= 1 (or -1 for epochs), got {self.max_steps}.",
+                field="max_steps",
+                value=self.max_steps,
+            )
         if not isinstance(self.lr_scheduler_type, str):
-            raise FusionError(
-                f"FinetuneConfig.lr_scheduler_type must be a scheduler name, got {self.lr_scheduler_type!r}."
+            raise InvalidConfigError(
+                f"FinetuneConfig.lr_scheduler_type must be a scheduler name, got {self.lr_scheduler_type!r}.",
+                field="lr_scheduler_type",
+                value=self.lr_scheduler_type,
             )
         if not isinstance(self.evaluate_before, bool):
-            raise FusionError(f"FinetuneConfig.evaluate_before must be true or false, got {self.evaluate_before!r}.")
+            raise InvalidConfigError(
+                f"FinetuneConfig.evaluate_before must be true or false, got {self.evaluate_before!r}.",
+                field="evaluate_before",
+                value=self.evaluate_before,
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -89,7 +89,7 @@ class DataSource:
             UnknownRevisionError: the `@revision` of a Hub data set does not exist.
         """
         if num_samples is not None and num_samples < 1:
-            raise DataSourceError(f"num_samples must be >= 1 or None, got {num_samples}.")
+            raise DataSourceError(f"num_samples must be >= 1 or None, got {num_samples}.", source=source)
         path = Path(source).expanduser()
         common = dict(split=split, num_samples=num_samples, seed=seed, default_split=default_split)
         if path.is_dir():
@@ -101,7 +101,8 @@ class DataSource:
         if not is_repo_id(repo_id):
             raise DataSourceError(
                 f"Data source {source!r} is neither an existing local path nor a Hub dataset id (`user/name` "
-                "or `user/name@revision`); check the path, or give the data set's Hub id."
+                "or `user/name@revision`); check the path, or give the data set's Hub id.",
+                source=source,
             )
         commit = _resolve_hub_dataset(repo_id, revision or None, source)
         return cls(source=source, kind="hub", repo_id=repo_id, revision=revision or None, commit=commit, **common)
@@ -116,7 +117,9 @@ class DataSource:
         if self.num_samples is not None and self.num_samples < len(dataset):
             dataset = dataset.shuffle(seed=self.seed).select(range(self.num_samples))
         if len(dataset) == 0:
-            raise DataSourceError(f"Data source {self.source!r} (split {self.split!r}) has no rows.")
+            raise DataSourceError(
+                f"Data source {self.source!r} (split {self.split!r}) has no rows.", source=self.source
+            )
         self.num_rows = len(dataset)
         self.fingerprint = dataset._fingerprint
         logger.info("data %s: split %s, %d rows", self.source, self.split, self.num_rows)
@@ -152,7 +155,7 @@ class DataSource:
         except DataSourceError:
             raise
         except (FileNotFoundError, ValueError, datasets.exceptions.DatasetNotFoundError) as error:
-            raise DataSourceError(f"Could not read data from {self.source!r}: {error}") from error
+            raise DataSourceError(f"Could not read data from {self.source!r}: {error}", source=self.source) from error
 
     def _builder(self) -> tuple[str, dict[str, Any]]:
         """What `datasets.load_dataset` is called with: a Hub repo at its commit, or a local builder and files."""
@@ -179,7 +182,8 @@ class DataSource:
             if self.split not in (None, "train"):
                 raise DataSourceError(
                     f"{self.source} holds a single Dataset, not a DatasetDict, so it has no split {self.split!r}; "
-                    "leave the split out."
+                    "leave the split out.",
+                    source=self.source,
                 )
             return loaded
         path, kwargs = self._builder()
@@ -190,7 +194,7 @@ class DataSource:
             if "split" in str(error).lower():
                 names = datasets.get_dataset_split_names(path, **kwargs)
                 raise DataSourceError(
-                    f"{self.source} has no split {self.split!r}; available splits: {names}."
+                    f"{self.source} has no split {self.split!r}; available splits: {names}.", source=self.source
                 ) from error
             raise
 
@@ -279,6 +283,7 @@ def load_processor(model_dir: str | Path, trust_remote_code: bool = False):
                 f"{model_dir} has an image processor, which needs Pillow: pip install pillow (a dependency of "
                 "hf-otfusion; this environment lacks it).",
                 package="pillow",
+                source=str(model_dir),
             ) from error
         logger.info("no processor in %s: %s", model_dir, error)
         return None
@@ -320,17 +325,21 @@ def _resolve_hub_dataset(repo_id: str, revision: str | None, source: str) -> str
         return HfApi().dataset_info(repo_id, revision=revision).sha
     except RevisionNotFoundError as error:
         raise UnknownRevisionError(
-            f"Data set {repo_id} has no revision {revision!r}; give an existing branch, tag or commit SHA after '@'."
+            f"Data set {repo_id} has no revision {revision!r}; give an existing branch, tag or commit SHA after '@'.",
+            source=repo_id,
+            revision=revision,
         ) from error
     except RepositoryNotFoundError as error:
         raise DataSourceError(
             f"Data source {source!r} is not a local path, and the Hub has no dataset repository {repo_id!r} (or "
-            "it is private: log in with `hf auth login` or set HF_TOKEN)."
+            "it is private: log in with `hf auth login` or set HF_TOKEN).",
+            source=source,
         ) from error
     except OfflineModeIsEnabled as error:
         raise DataSourceError(
             f"Data source {source!r} is a Hub id but Hub access is disabled (HF_HUB_OFFLINE); unset it, or save the "
-            "data set to disk and pass that directory."
+            "data set to disk and pass that directory.",
+            source=source,
         ) from error
 
 
@@ -344,7 +353,8 @@ def _local_builder(source: str) -> tuple[str, dict[str, Any]]:
     if len(builders) != 1 or None in builders:
         raise DataSourceError(
             f"Cannot tell how to read {source!r} (files with suffixes {sorted({Path(f).suffix for f in files})}); "
-            f"use one kind of file among {sorted(_FILE_BUILDERS)} or a directory."
+            f"use one kind of file among {sorted(_FILE_BUILDERS)} or a directory.",
+            source=source,
         )
     builder = builders.pop()
     kwargs: dict[str, Any] = {"data_files": files}
@@ -357,13 +367,15 @@ def _choose_split(available: list[str], requested: str | None, source: str, defa
     """`requested` if the source has it; else its only split, else `default` if present."""
     if requested is not None:
         if requested not in available:
-            raise DataSourceError(f"{source} has no split {requested!r}; available splits: {available}.")
+            raise DataSourceError(f"{source} has no split {requested!r}; available splits: {available}.", source=source)
         return requested
     if len(available) == 1:
         return available[0]
     if default in available:
         return default
-    raise DataSourceError(f"{source} has splits {available} and none is {default!r}; choose one with --split.")
+    raise DataSourceError(
+        f"{source} has splits {available} and none is {default!r}; choose one with --split.", source=source
+    )
 
 
 # ------------------------------------------------------------------------------------------------ encoding
@@ -385,7 +397,8 @@ def _text_columns(dataset, text_column: str | None) -> list[str]:
         if missing or len(names) > 2:
             raise DataSourceError(
                 f"Text column(s) {missing or names} not usable; the data has columns {columns} (give one column, or "
-                "two separated by a comma for sentence pairs)."
+                "two separated by a comma for sentence pairs).",
+                column=text_column,
             )
         return names
     for name in TEXT_COLUMN_NAMES:
@@ -406,7 +419,9 @@ def _image_column(dataset, image_column: str | None) -> str:
     columns = dataset.column_names
     if image_column is not None:
         if image_column not in columns:
-            raise DataSourceError(f"Image column {image_column!r} not found; the data has columns {columns}.")
+            raise DataSourceError(
+                f"Image column {image_column!r} not found; the data has columns {columns}.", column=image_column
+            )
         return image_column
     typed = [name for name, f in dataset.features.items() if isinstance(f, datasets.Image)]
     if len(typed) == 1:
@@ -424,7 +439,9 @@ def _label_column(dataset, label_column: str | None) -> str | None:
     columns = dataset.column_names
     if label_column is not None:
         if label_column not in columns:
-            raise DataSourceError(f"Label column {label_column!r} not found; the data has columns {columns}.")
+            raise DataSourceError(
+                f"Label column {label_column!r} not found; the data has columns {columns}.", column=label_column
+            )
         return label_column
     return next((name for name in LABEL_COLUMN_NAMES if name in columns), None)
 
@@ -463,7 +480,8 @@ def _labels_as_model_ids(dataset, column: str, label2id: dict[str, int] | None):
         if unknown:
             raise LabelSetMismatchError(
                 f"The data's classes {unknown[:10]} are not labels of the model, which knows {sorted(label2id)}; "
-                "use data with the model's label names, or relabel the data set."
+                "use data with the model's label names, or relabel the data set.",
+                label_sets=(unknown, sorted(label2id)),
             )
         if names is not None:
             to_model = [label2id[str(name)] for name in names]
@@ -472,7 +490,7 @@ def _labels_as_model_ids(dataset, column: str, label2id: dict[str, int] | None):
             dataset = dataset.map(lambda b: {"labels": [label2id[str(v)] for v in b[column]]}, batched=True)
     elif is_string:
         raise DataSourceError(
-            f"Label column {column!r} holds strings; pass the model's label2id to map them to label ids."
+            f"Label column {column!r} holds strings; pass the model's label2id to map them to label ids.", column=column
         )
     elif column != "labels":
         dataset = dataset.rename_column(column, "labels")

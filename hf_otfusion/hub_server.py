@@ -43,6 +43,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
+from .errors import HubServerStateError, UnsafeHostError
+
 __all__ = ["HubServer", "HubError", "serve"]
 
 logger = logging.getLogger(__name__)
@@ -989,11 +991,14 @@ def _loopback_host(host: str) -> str:
     try:
         ip = ipaddress.ip_address(host.strip("[]"))
     except ValueError:
-        raise ValueError(f"Refusing to bind the local Hub server to {host!r}: use a loopback address") from None
+        raise UnsafeHostError(
+            f"Refusing to bind the local Hub server to {host!r}: use a loopback address", host=host
+        ) from None
     if not ip.is_loopback:
-        raise ValueError(
+        raise UnsafeHostError(
             f"Refusing to bind the local Hub server to {host!r}: it has no authentication, so it only serves "
-            "loopback addresses such as 127.0.0.1 or ::1"
+            "loopback addresses such as 127.0.0.1 or ::1",
+            host=host,
         )
     return str(ip)
 
@@ -1046,7 +1051,7 @@ class HubServer:
     def start(self) -> HubServer:
         """Serve in a daemon thread (returns at once; the socket is already listening)."""
         if self._stopped:
-            raise RuntimeError("HubServer was stopped; create a new one")
+            raise HubServerStateError("HubServer was stopped; create a new one", state="stopped")
         if not self._started:
             self._started = True
             self._thread = threading.Thread(
@@ -1062,7 +1067,9 @@ class HubServer:
     def serve_forever(self) -> None:
         """Serve in the calling thread until ``stop()`` from another thread or KeyboardInterrupt."""
         if self._started or self._stopped:
-            raise RuntimeError("HubServer is already running or stopped")
+            raise HubServerStateError(
+                "HubServer is already running or stopped", state="stopped" if self._stopped else "running"
+            )
         self._started = True
         logger.info("local Hub server at %s (root %s)", self.url, self.root)
         self._httpd.serve_forever(poll_interval=0.5)

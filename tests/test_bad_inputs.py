@@ -230,3 +230,30 @@ def test_fuse_push_to_a_server_that_is_down_keeps_the_output_and_prints_the_retr
     assert "Connection refused" in result.stderr and f"otfusion-hub push {out} ns/fused" in result.stderr
     assert "Traceback" not in result.stderr
     assert (out / "model.safetensors").is_file()
+
+
+def test_the_errors_behind_a_missing_parent_and_a_bad_push_carry_their_values(workdir, monkeypatch):
+    """The in-process errors behind `inspect a ./nope` (exit 2) and `push empty-dir ...` / a refused upload (exit 3)."""
+    from hf_otfusion.errors import ParentNotFoundError, PushError
+    from hf_otfusion.hub.parents import resolve_parent
+    from hf_otfusion.hub.push import push_folder
+
+    monkeypatch.chdir(workdir)
+    with pytest.raises(ParentNotFoundError, match="Parent './nope' is not a checkpoint directory") as caught:
+        resolve_parent("./nope")
+    assert isinstance(caught.value, FileNotFoundError) and caught.value.source == "./nope"
+
+    with pytest.raises(PushError, match="empty-dir holds no config.json") as caught:
+        push_folder("empty-dir", "ns/model")
+    assert (caught.value.repo_id, str(caught.value.folder)) == ("ns/model", "empty-dir")
+    assert caught.value.retry == "otfusion-hub push empty-dir ns/model"
+
+    def refused(*args, **kwargs):
+        raise ConnectionRefusedError(111, "Connection refused")
+
+    monkeypatch.setattr("huggingface_hub.HfApi.create_repo", refused)
+    with pytest.raises(PushError, match="Upload of a to ns/fused failed: .*Connection refused") as caught:
+        push_folder("a", "ns/fused", private=True)
+    assert isinstance(caught.value, OSError) and isinstance(caught.value.__cause__, ConnectionRefusedError)
+    assert (caught.value.repo_id, str(caught.value.folder)) == ("ns/fused", "a")
+    assert caught.value.retry == "otfusion-hub push a ns/fused --private"

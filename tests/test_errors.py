@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pickle
+
 import pytest
 import torch
 from conftest import build, inputs_for
@@ -128,3 +130,188 @@ def test_the_readme_error_table_lists_every_fusion_error_with_its_exit_code():
             assert row is not None, f"README error table has no row for {name}"
             assert row.split(" | ")[-2] in ("2", "3"), row  # the exit column
             assert getattr(hf_otfusion, name) is cls  # and it is public
+
+
+# builtins each class is also an instance of (beyond ValueError, which FusionError is); classes not listed add none
+BUILTINS = {
+    "UnsupportedArchitectureError": LookupError,
+    "NonFiniteWeightsError": ArithmeticError,
+    "MissingDependencyError": ImportError,
+    "ParentNotFoundError": FileNotFoundError,
+    "UnknownRevisionError": LookupError,
+    "CorruptCheckpointError": OSError,
+    "UnsafeCheckpointError": PermissionError,
+    "OutputExistsError": FileExistsError,
+    "UnsafeOutputError": FileExistsError,
+    "PushError": OSError,
+    "UnsupportedTaskError": TypeError,
+    "DeviceUnavailableError": RuntimeError,
+    "HubServerStateError": RuntimeError,
+}
+
+
+def _error_classes():
+    import inspect
+
+    from hf_otfusion import errors
+
+    return [cls for _, cls in inspect.getmembers(errors, inspect.isclass) if cls.__module__ == errors.__name__]
+
+
+@pytest.mark.parametrize("cls", _error_classes(), ids=lambda cls: cls.__name__)
+def test_every_error_is_a_fusion_error_and_its_builtin_with_keyword_only_attributes(cls):
+    import inspect
+
+    assert issubclass(cls, FusionError) and issubclass(cls, ValueError)
+    error = cls("the message")
+    assert str(error) == "the message"  # no builtin base rewrites the message (as KeyError's quotes would)
+    if cls.__name__ in BUILTINS:
+        assert isinstance(error, BUILTINS[cls.__name__])
+    own = any("__init__" in vars(base) for base in cls.__mro__ if base.__module__ == cls.__module__)
+    parameters = list(inspect.signature(cls.__init__).parameters.values())[2:] if own else []  # past self, message
+    for parameter in parameters:
+        assert parameter.kind is inspect.Parameter.KEYWORD_ONLY, f"{cls.__name__}.{parameter.name}"
+        assert parameter.default is None, f"{cls.__name__}.{parameter.name}"
+        assert getattr(error, parameter.name) is None
+        assert f"{parameter.name}:" in inspect.getdoc(cls), f"{cls.__name__} documents no {parameter.name}"
+    if parameters:
+        values = {parameter.name: f"value of {parameter.name}" for parameter in parameters}
+        error = cls("the message", **values)
+        assert all(getattr(error, name) == value for name, value in values.items())
+    copy = pickle.loads(pickle.dumps(error))  # errors cross process boundaries (torchrun workers, subprocesses)
+    assert type(copy) is cls and str(copy) == "the message" and vars(copy) == vars(error)
+
+
+BARE = {"ValueError", "TypeError", "RuntimeError", "KeyError"}
+
+
+def bare_raises(source: str, filename: str = "<source>") -> list[str]:
+    """`file:line Name` for every `raise Name(...)` / `raise Name` of a builtin in BARE."""
+    import ast
+
+    found = []
+    for node in ast.walk(ast.parse(source, filename)):
+        if isinstance(node, ast.Raise) and node.exc is not None:
+            target = node.exc.func if isinstance(node.exc, ast.Call) else node.exc
+            if isinstance(target, ast.Name) and target.id in BARE:
+                found.append(f"{filename}:{node.lineno} {target.id}")
+    return sorted(found, key=lambda hit: int(hit.split(":")[-1].split()[0]))
+
+
+def test_the_bare_raise_check_finds_bare_raises():
+    source = "def f(x):\n    if x:\n        raise ValueError('x')\n    raise KeyError\n    raise SpecError('ok')\n"
+    assert bare_raises(source) == ["<source>:3 ValueError", "<source>:4 KeyError"]
+
+
+def test_no_bare_builtin_errors_are_raised_in_the_package():
+    from pathlib import Path
+
+    import hf_otfusion
+
+    root = Path(hf_otfusion.__file__).parent
+    files = sorted(root.rglob("*.py"))
+    assert len(files) > 20
+    found = [hit for path in files for hit in bare_raises(path.read_text(), str(path.relative_to(root.parent)))]
+    assert found == [], "raise a specific hf_otfusion.errors class instead:\n" + "\n".join(found)
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        ({"solver": "hungarian"}, "solver"),
+        ({"reg": 0.0}, "reg"),
+        ({"weights": [1.0, -1.0]}, "weights"),
+        ({"weights": [float("nan"), 1.0]}, "weights[0]"),
+        ({"sinkhorn_max_iter": -5}, "sinkhorn_max_iter"),
+        ({"method": "vanilla", "align": "ot"}, "align"),
+        ({"target": "hidden_size=abc"}, "target['hidden_size']"),
+    ],
+)
+def test_bad_config_values_name_their_field_and_value(kwargs, field):
+    from hf_otfusion import InvalidConfigError
+
+    with pytest.raises(InvalidConfigError) as caught:
+        FusionConfig(**kwargs)
+    assert caught.value.field == field
+    assert caught.value.value is not None
+
+
+def test_unknown_config_keys_and_an_anchor_out_of_range_are_invalid_config_errors():
+    from hf_otfusion import InvalidConfigError
+
+    with pytest.raises(InvalidConfigError) as caught:
+        FusionConfig.from_dict({"regularisation": 0.1})
+    assert caught.value.field == ["regularisation"] and caught.value.value == {"regularisation": 0.1}
+    with pytest.raises(InvalidConfigError, match="anchor=5 is out of range") as caught:
+        fuse([build("vit-cls"), build("vit-cls", seed=1)], config=FusionConfig(cost="weights", anchor=5))
+    assert (caught.value.field, caught.value.value) == ("anchor", 5)
+
+
+def test_incompatible_parents_carry_the_values_that_differ():
+    with pytest.raises(ModelTypeMismatchError) as caught:
+        fuse([build("vit-cls"), build("deit-cls")], config=FusionConfig(cost="weights"))
+    assert caught.value.model_types == ["vit", "deit"]
+    with pytest.raises(DepthMismatchError) as caught:
+        fuse([build("vit-cls"), build("vit-cls", num_hidden_layers=3)], config=FusionConfig(cost="weights"))
+    assert (caught.value.depths, caught.value.parent) == ((3, 2), 1)
+    with pytest.raises(VocabularyMismatchError) as caught:
+        fuse([build("bert-mlm"), build("bert-mlm", vocab_size=61)], config=FusionConfig(cost="weights"))
+    assert caught.value.vocab_sizes == (61, 60)
+
+
+def test_solver_errors_are_transport_errors():
+    import numpy as np
+
+    from hf_otfusion import TransportError
+    from hf_otfusion.engine.transport import TransportMap, solve_transport
+
+    uniform = np.full(3, 1 / 3)
+    with pytest.raises(TransportError, match="either a dense plan or a permutation"):
+        TransportMap(None, uniform, uniform)
+    with pytest.raises(TransportError, match="Unknown solver 'hungarian'") as caught:
+        solve_transport(np.zeros((3, 3)), solver="hungarian")
+    assert caught.value.solver == "hungarian"
+
+
+def test_metric_input_errors_name_the_metric():
+    from hf_otfusion import MetricInputError
+    from hf_otfusion.train.metrics import load_metric
+
+    with pytest.raises(MetricInputError, match="average='median' is not one of") as caught:
+        load_metric("f1").compute(predictions=[0, 1], references=[0, 1], average="median")
+    assert (caught.value.metric, caught.value.value) == ("f1", "median")
+
+
+def test_a_stopped_hub_server_cannot_start_again(tmp_path):
+    from hf_otfusion import HubServerStateError, UnsafeHostError
+    from hf_otfusion.hub_server import HubServer
+
+    server = HubServer(tmp_path)
+    server.stop()
+    with pytest.raises(HubServerStateError, match="was stopped") as caught:
+        server.start()
+    assert isinstance(caught.value, RuntimeError) and caught.value.state == "stopped"
+    with pytest.raises(UnsafeHostError, match="loopback") as caught:
+        HubServer(tmp_path, host="0.0.0.0")
+    assert caught.value.host == "0.0.0.0"
+
+
+def test_a_missing_data_source_and_an_unsafe_parent_carry_what_was_asked_for(tmp_path):
+    from hf_otfusion import DataSourceError, UnsafeCheckpointError
+    from hf_otfusion.data import DataSource
+    from hf_otfusion.hub.parents import resolve_parent
+
+    with pytest.raises(
+        DataSourceError, match="Data source 'nope/data' is a Hub id but Hub access is disabled"
+    ) as caught:
+        DataSource.resolve("nope/data")
+    assert caught.value.source == "nope/data"
+
+    parent = build("vit-cls")
+    parent.save_pretrained(tmp_path / "pickled")
+    (tmp_path / "pickled" / "model.safetensors").unlink()
+    torch.save(parent.state_dict(), tmp_path / "pickled" / "pytorch_model.bin")
+    with pytest.raises(UnsafeCheckpointError, match="has only pickle weights") as caught:
+        resolve_parent(str(tmp_path / "pickled"))
+    assert isinstance(caught.value, PermissionError)
+    assert (caught.value.path, caught.value.reason) == ("pytorch_model.bin", "pickle")

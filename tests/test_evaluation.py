@@ -77,12 +77,14 @@ def test_extra_f1_metric_is_macro_f1_of_the_predictions():
 def test_data_that_does_not_fit_the_model_is_refused_with_the_fix():
     model = build("vit-cls")
     dataset = labelled(model)
-    with pytest.raises(TrainingDataError, match="no 'labels' column"):
+    with pytest.raises(TrainingDataError, match="no 'labels' column") as caught:
         evaluate_model(model, dataset.remove_columns("labels"))
+    assert caught.value.columns == ["pixel_values"]
     with pytest.raises(TrainingDataError, match="reads 'pixel_values'"):
         evaluate_model(model, dataset.rename_column("pixel_values", "image"))
-    with pytest.raises(TrainingDataError, match=r"Labels span \[0, 4\] but the model's head has 3 classes"):
+    with pytest.raises(TrainingDataError, match=r"Labels span \[0, 4\] but the model's head has 3 classes") as caught:
         evaluate_model(model, labelled(model, num_labels=5))
+    assert caught.value.labels == (0, 4)
     model.config.id2label = {0: "cat", 1: "dog", 2: "fish"}
     swapped = dataset.cast_column("labels", ClassLabel(names=["dog", "cat", "fish"]))
     with pytest.raises(TrainingDataError, match="label names.*differ"):
@@ -93,8 +95,9 @@ def test_data_that_does_not_fit_the_model_is_refused_with_the_fix():
 
 def test_models_without_a_classification_head_are_refused():
     encoder = build("bert-base")
-    with pytest.raises(UnsupportedTaskError, match="BertModel has no classification head"):
+    with pytest.raises(UnsupportedTaskError, match="BertModel has no classification head") as caught:
         evaluate_model(encoder, labelled(encoder))
+    assert isinstance(caught.value, TypeError) and caught.value.model_class == "BertModel"
     assert isinstance(encoder, T.BertModel)
 
 

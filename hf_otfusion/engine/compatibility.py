@@ -22,7 +22,8 @@ def check_same_model_type(models: list[PreTrainedModel]) -> None:
     if len(set(types)) > 1:
         raise ModelTypeMismatchError(
             f"Parents have different model types {types}. OT fusion aligns models of one architecture "
-            "family; fuse checkpoints that share a model_type."
+            "family; fuse checkpoints that share a model_type.",
+            model_types=types,
         )
 
 
@@ -36,26 +37,33 @@ def check_compatible(models: list[PreTrainedModel], plans: list[FusionPlan], anc
             raise DepthMismatchError(
                 f"Parent {k} has {plan.num_layers} layers but the anchor (parent {anchor}) has "
                 f"{ref_plan.num_layers}. Layer i is fused with layer i, so parents need the same depth; "
-                "fuse parents of equal depth."
+                "fuse parents of equal depth.",
+                depths=(plan.num_layers, ref_plan.num_layers),
+                parent=k,
             )
         vocab, ref_vocab = getattr(config, "vocab_size", None), getattr(reference, "vocab_size", None)
         if vocab != ref_vocab:
             raise VocabularyMismatchError(
                 f"Parent {k} has a vocabulary of {vocab} tokens but the anchor has {ref_vocab}. Embedding "
-                "rows only mean the same token under the same tokenizer; fuse parents that share one."
+                "rows only mean the same token under the same tokenizer; fuse parents that share one.",
+                vocab_sizes=(vocab, ref_vocab),
+                parent=k,
             )
         missing = sorted(set(ref_plan.parameters) ^ set(plan.parameters))
         if missing:
             raise IncompatibleModelsError(
                 f"Parent {k} ({plan.architecture}) and the anchor ({ref_plan.architecture}) differ in "
-                f"parameters {missing[:5]}; load every parent with the same model class."
+                f"parameters {missing[:5]}; load every parent with the same model class.",
+                parent=k,
             )
         labels, ref_labels = _labels(config), _labels(reference)
         if labels != ref_labels:
             raise LabelSetMismatchError(
                 f"Parent {k} predicts labels {labels} but the anchor predicts {ref_labels}. Class logits are "
                 "averaged row by row, so label sets and orders must match; remap the classifier rows (and "
-                "id2label) of one parent, or fuse the base models and train a new head."
+                "id2label) of one parent, or fuse the base models and train a new head.",
+                label_sets=(labels, ref_labels),
+                parent=k,
             )
         ref_params, params = dict(models[anchor].named_parameters()), dict(model.named_parameters())
         for name, axes in ref_plan.parameters.items():
@@ -64,7 +72,8 @@ def check_compatible(models: list[PreTrainedModel], plans: list[FusionPlan], anc
                     raise IncompatibleModelsError(
                         f"{name} axis {dim} has {params[name].shape[dim]} entries in parent {k} but "
                         f"{ref_params[name].shape[dim]} in the anchor, and that axis is not aligned; the "
-                        "parents' configs must agree on it."
+                        "parents' configs must agree on it.",
+                        parent=k,
                     )
 
 
@@ -114,5 +123,6 @@ def check_same_widths(plans: list[FusionPlan], anchor: int, method: str, among: 
                     f"Parent {k} has {size} units in space {name!r} but the anchor (parent {anchor}) has "
                     f"{space.size}: method={method!r} averages tensors as they are, which needs parents of one "
                     "shape. Use method='ot' (or align='ot' for the same-base methods), which aligns parents of "
-                    "different widths onto the anchor's shape (or onto FusionConfig.target)."
+                    "different widths onto the anchor's shape (or onto FusionConfig.target).",
+                    parent=k,
                 )

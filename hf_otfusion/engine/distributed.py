@@ -39,12 +39,13 @@ def resolve_device(device: str | torch.device | None) -> torch.device | None:
         resolved = torch.device(device)
     except (RuntimeError, TypeError, ValueError):
         raise DeviceUnavailableError(
-            f"device={str(device)!r} is not a torch device; use cpu, cuda, cuda:N or auto."
+            f"device={str(device)!r} is not a torch device; use cpu, cuda, cuda:N or auto.", device=str(device)
         ) from None
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise DeviceUnavailableError(
             f"device={str(device)!r} was asked for, but torch sees no CUDA GPU (torch {torch.__version__}). "
-            "Install a CUDA build of torch on a GPU machine, or use device='cpu' (or 'auto')."
+            "Install a CUDA build of torch on a GPU machine, or use device='cpu' (or 'auto').",
+            device=str(device),
         )
     return resolved
 

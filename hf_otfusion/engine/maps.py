@@ -119,7 +119,8 @@ class _CostSources:
         if not features:
             raise SpecError(
                 f"Space {space} has no parameter whose other axes are aligned before it, so it has no weight-based "
-                "cost; list it after the spaces it reads in the spec, or give it hooks and use cost='activations'."
+                "cost; list it after the spaces it reads in the spec, or give it hooks and use cost='activations'.",
+                key=space,
             )
         if pooled:
             features = [(np.concatenate([a for a, _ in features], 1), np.concatenate([b for _, b in features], 1))]
@@ -245,7 +246,8 @@ def compute_maps(
             if sources.kind(space.name) != "activations":  # no statistics, or no hooks on the stream
                 raise SpecError(
                     "residual='orthogonal' solves the residual rotation from activation statistics of the residual "
-                    f"stream, which space {space.name} has none of: use cost='activations' with alignment data."
+                    f"stream, which space {space.name} has none of: use cost='activations' with alignment data.",
+                    key=space.name,
                 )
             transport, info = orthogonal_residual_map(sources.release(space.name))
             solved = [(space.name, transport, info, "activations", time.perf_counter() - started)]
@@ -474,7 +476,10 @@ def solve_heads_orthogonal(
     if parent_plan.spaces[heads.name].size != heads.size or any(
         parent_plan.spaces[space.name].size != space.size for space in nested
     ):
-        raise SpecError(f"within_heads='orthogonal' needs the same heads and head size in every parent ({heads.name}).")
+        raise SpecError(
+            f"within_heads='orthogonal' needs the same heads and head size in every parent ({heads.name}).",
+            key=heads.name,
+        )
     count = heads.size
     pair_costs = np.zeros((len(nested), count, count))
     rotations: list[dict[tuple[int, int], np.ndarray]] = []

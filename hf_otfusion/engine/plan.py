@@ -103,7 +103,9 @@ def resolve_plan(model: PreTrainedModel, spec: AlignmentSpec | None = None) -> F
         raise UnsupportedArchitectureError(
             f"{architecture} is not covered by the {spec.model_type!r} alignment spec, which supports "
             f"{list(spec.architectures)}. Load the checkpoint as one of those classes, or add the class and "
-            "its extra parameters to the spec."
+            "its extra parameters to the spec.",
+            model_type=spec.model_type,
+            architecture=architecture,
         )
     num_layers = _config_int(config, spec.layers, "layers")
     base = base_prefix(model)
@@ -114,7 +116,8 @@ def resolve_plan(model: PreTrainedModel, spec: AlignmentSpec | None = None) -> F
     if uncovered:
         raise UncoveredParameterError(
             f"The {spec.model_type!r} spec does not bind parameter(s) {uncovered[:5]} of {architecture}"
-            f"{' (and more)' if len(uncovered) > 5 else ''}. Add an entry for each to the spec's `parameters`."
+            f"{' (and more)' if len(uncovered) > 5 else ''}. Add an entry for each to the spec's `parameters`.",
+            parameters=uncovered,
         )
     parameters = {name: bound[name] for name in params}
 
@@ -126,12 +129,18 @@ def resolve_plan(model: PreTrainedModel, spec: AlignmentSpec | None = None) -> F
     for name, axes in parameters.items():
         tensor = params[name]
         if len(axes) != tensor.ndim:
-            raise SpecError(f"Spec gives {len(axes)} axes for {name}, which has shape {tuple(tensor.shape)}.")
+            raise SpecError(
+                f"Spec gives {len(axes)} axes for {name}, which has shape {tuple(tensor.shape)}.",
+                spec=spec.model_type,
+                key=name,
+            )
         for dim, axis in enumerate(axes):
             if axis is not None and tensor.shape[dim] != spaces[axis.space].size:
                 raise SpecError(
                     f"{name} axis {dim} has {tensor.shape[dim]} units but space {axis.space!r} has "
-                    f"{spaces[axis.space].size}; fix the space's `size` key or the axis binding in the spec."
+                    f"{spaces[axis.space].size}; fix the space's `size` key or the axis binding in the spec.",
+                    spec=spec.model_type,
+                    key=name,
                 )
 
     modules = dict(model.named_modules())
@@ -164,7 +173,11 @@ def resolve_plan(model: PreTrainedModel, spec: AlignmentSpec | None = None) -> F
     repair_sites = {name: listed[name] for name in modules if name in listed}  # flow order: the model's own
     for module, shift in repair_sites.items():
         if shift not in parameters:
-            raise SpecError(f"Repair site {module} shifts {shift}, which is not a parameter of {architecture}.")
+            raise SpecError(
+                f"Repair site {module} shifts {shift}, which is not a parameter of {architecture}.",
+                spec=spec.model_type,
+                key=module,
+            )
     output_norm = _fill(spec.output_norm, base, None) if spec.output_norm else None
     return FusionPlan(
         spec.model_type, architecture, num_layers, spaces, parameters, hooks, residual_norms,
@@ -184,7 +197,9 @@ def _expand_parameters(spec: AlignmentSpec, base: str, num_layers: int) -> dict[
         for layer in _layers_of(pattern, num_layers):
             name = _fill(pattern, base, layer)
             if name in bound:
-                raise UncoveredParameterError(f"Parameter {name} is bound twice in the {spec.model_type!r} spec.")
+                raise UncoveredParameterError(
+                    f"Parameter {name} is bound twice in the {spec.model_type!r} spec.", parameters=[name]
+                )
             bound[name] = tuple(None if axis is None else axis.format(layer) for axis in axes)
     return bound
 
@@ -214,7 +229,9 @@ def _expand_spaces(spec: AlignmentSpec, config, num_layers: int) -> dict[str, Sp
             num_heads = sizes[(space.heads, layer)]
             if sizes[(space.name, layer)] % num_heads:
                 raise SpecError(
-                    f"Space {name} ({sizes[(space.name, layer)]} units) does not split into {num_heads} heads."
+                    f"Space {name} ({sizes[(space.name, layer)]} units) does not split into {num_heads} heads.",
+                    spec=spec.model_type,
+                    key=name,
                 )
         resolved[name] = Space(
             name, sizes[(space.name, layer)], heads, num_heads, space.stream, space.scaled_dot_product
@@ -234,5 +251,7 @@ def _fill(template: str, base: str, layer: int | None) -> str:
 def _config_int(config, key: str, what: str) -> int:
     value = getattr(config, key, None)
     if not isinstance(value, int):
-        raise SpecError(f"The spec reads the {what} from config key {key!r}, which {type(config).__name__} lacks.")
+        raise SpecError(
+            f"The spec reads the {what} from config key {key!r}, which {type(config).__name__} lacks.", key=key
+        )
     return value

@@ -14,7 +14,7 @@ from pathlib import Path
 from transformers import PreTrainedModel
 
 from ..config import FusionConfig
-from ..errors import FusionError
+from ..errors import FusionError, InvalidConfigError
 from .compatibility import check_compatible, check_same_model_type
 from .plan import FusionPlan, resolve_plan
 from .spec import AlignmentSpec, load_spec
@@ -55,7 +55,11 @@ def check_parent_count(count: int, config: FusionConfig) -> list[float]:
     if count < 2:
         raise FusionError(f"Fusion needs at least 2 parents, got {count}.")
     if not 0 <= config.anchor < count:
-        raise FusionError(f"FusionConfig.anchor={config.anchor} is out of range for {count} parents.")
+        raise InvalidConfigError(
+            f"FusionConfig.anchor={config.anchor} is out of range for {count} parents.",
+            field="anchor",
+            value=config.anchor,
+        )
     return config.normalised_weights(count)
 
 

@@ -34,7 +34,9 @@ def check_rotatable(plan: FusionPlan) -> None:
         raise SpecError(
             f"residual='orthogonal' needs a pre-LN architecture whose spec lists its `residual_norms`; the "
             f"{plan.model_type!r} spec has none (post-LN models such as BERT keep their norms on the residual stream "
-            "itself, so the stream cannot be rotated without changing the architecture). Use residual='shared'."
+            "itself, so the stream cannot be rotated without changing the architecture). Use residual='shared'.",
+            spec=plan.model_type,
+            key="residual_norms",
         )
     readers = {f"{reader}.weight" for modules in plan.residual_norms.values() for reader in modules}
     norms = {f"{norm}.{suffix}" for norm in plan.residual_norms for suffix in ("weight", "bias")}
@@ -47,7 +49,10 @@ def check_rotatable(plan: FusionPlan) -> None:
     if unread:
         raise SpecError(
             f"Parameter(s) {unread[:3]} read the residual stream without a norm the {plan.model_type!r} spec lists "
-            "in `residual_norms`, so the stream cannot be rotated; add their norm to the spec or use residual='shared'."
+            "in `residual_norms`, so the stream cannot be rotated; add their norm to the spec or use "
+            "residual='shared'.",
+            spec=plan.model_type,
+            key=unread[0],
         )
 
 
@@ -69,7 +74,11 @@ def reparameterise(params: dict[str, torch.Tensor], plan: FusionPlan) -> dict[st
             if bias_name in result:
                 result[bias_name] = result[bias_name] + weight @ beta
             elif bool(beta.abs().max() > 0):
-                raise SpecError(f"{reader} reads {norm} but has no bias to take the norm's bias; it cannot be folded.")
+                raise SpecError(
+                    f"{reader} reads {norm} but has no bias to take the norm's bias; it cannot be folded.",
+                    spec=plan.model_type,
+                    key=reader,
+                )
             result[weight_name] = (weight * gamma).movedim(-1, dim).contiguous()
         result[f"{norm}.weight"] = torch.ones_like(gamma)
         result[f"{norm}.bias"] = torch.zeros_like(beta)
@@ -119,5 +128,9 @@ def _reading_axis(plan: FusionPlan, name: str, stream: str) -> int:
     axes = plan.parameters[name]
     found = [dim for dim, axis in enumerate(axes) if axis is not None and axis.reads and axis.space == stream]
     if len(found) != 1:
-        raise SpecError(f"{name} is listed as a reader of a residual norm but no single axis of it reads {stream!r}.")
+        raise SpecError(
+            f"{name} is listed as a reader of a residual norm but no single axis of it reads {stream!r}.",
+            spec=plan.model_type,
+            key=name,
+        )
     return found[0]

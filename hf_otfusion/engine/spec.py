@@ -86,18 +86,18 @@ class AlignmentSpec:
     def from_dict(cls, raw: dict[str, Any], source: str = "<dict>") -> AlignmentSpec:
         """Validates a parsed spec file; every problem names the offending entry."""
         if not isinstance(raw, dict):
-            raise SpecError(f"{source}: a spec must be a mapping, got {type(raw).__name__}.")
+            raise SpecError(f"{source}: a spec must be a mapping, got {type(raw).__name__}.", spec=source)
         _reject_unknown(raw, _TOP_KEYS | _OPTIONAL_KEYS, source)
         missing = sorted(_TOP_KEYS - set(raw))
         if missing:
-            raise SpecError(f"{source}: missing key(s) {missing}.")
+            raise SpecError(f"{source}: missing key(s) {missing}.", spec=source, key=missing[0])
 
         spaces = []
         for name, body in raw["spaces"].items():
             body = body or {}
-            _reject_unknown(body, _SPACE_KEYS, f"{source}: space {name!r}")
+            _reject_unknown(body, _SPACE_KEYS, f"{source}: space {name!r}", source)
             if "size" not in body:
-                raise SpecError(f"{source}: space {name!r} needs a `size` (a config key).")
+                raise SpecError(f"{source}: space {name!r} needs a `size` (a config key).", spec=source, key=name)
             spaces.append(
                 SpaceSpec(
                     name,
@@ -110,40 +110,62 @@ class AlignmentSpec:
         declared = {s.name for s in spaces}
         for space in spaces:
             if space.heads is not None and space.heads not in declared:
-                raise SpecError(f"{source}: space {space.name!r} nests in undeclared heads space {space.heads!r}.")
+                raise SpecError(
+                    f"{source}: space {space.name!r} nests in undeclared heads space {space.heads!r}.",
+                    spec=source,
+                    key=space.name,
+                )
             if space.scaled_dot_product and space.heads is None:
-                raise SpecError(f"{source}: space {space.name!r} is a scaled dot product, so it needs `heads`.")
+                raise SpecError(
+                    f"{source}: space {space.name!r} is a scaled dot product, so it needs `heads`.",
+                    spec=source,
+                    key=space.name,
+                )
 
         parameters: dict[str, tuple[AxisBinding | None, ...]] = {}
         for pattern, axes in raw["parameters"].items():
             if not isinstance(axes, list):
-                raise SpecError(f"{source}: parameter {pattern!r} needs a list of axis entries, got {axes!r}.")
+                raise SpecError(
+                    f"{source}: parameter {pattern!r} needs a list of axis entries, got {axes!r}.",
+                    spec=source,
+                    key=pattern,
+                )
             bindings = tuple(None if axis is None else AxisBinding.parse(str(axis)) for axis in axes)
             for binding in bindings:
                 if binding is not None and binding.space not in declared:
                     raise SpecError(
                         f"{source}: parameter {pattern!r} binds an axis to undeclared space {binding.space!r}; "
-                        f"declared spaces are {sorted(declared)}."
+                        f"declared spaces are {sorted(declared)}.",
+                        spec=source,
+                        key=pattern,
                     )
             parameters[pattern] = bindings
 
         hooks: dict[str, tuple[str, ...]] = {}
         for space_name, modules in raw["hooks"].items():
             if space_name not in declared:
-                raise SpecError(f"{source}: hooks given for undeclared space {space_name!r}.")
+                raise SpecError(
+                    f"{source}: hooks given for undeclared space {space_name!r}.", spec=source, key=space_name
+                )
             hooks[space_name] = tuple(modules)
 
         residual_norms: dict[str, tuple[str, ...]] = {}
         for norm, readers in (raw.get("residual_norms") or {}).items():
             if not isinstance(readers, list) or not readers:
-                raise SpecError(f"{source}: residual norm {norm!r} needs a non-empty list of the modules that read it.")
+                raise SpecError(
+                    f"{source}: residual norm {norm!r} needs a non-empty list of the modules that read it.",
+                    spec=source,
+                    key=str(norm),
+                )
             residual_norms[str(norm)] = tuple(str(reader) for reader in readers)
         repair: dict[str, str] = {}
         for module, shift in (raw.get("repair") or {}).items():
             if not isinstance(shift, str) or not shift.startswith(str(module) + "."):
                 raise SpecError(
                     f"{source}: repair site {module!r} needs the name of one of its own parameters that takes the "
-                    f"shift (e.g. {str(module) + '.bias'!r}), got {shift!r}."
+                    f"shift (e.g. {str(module) + '.bias'!r}), got {shift!r}.",
+                    spec=source,
+                    key=str(module),
                 )
             repair[str(module)] = shift
 
@@ -182,7 +204,8 @@ def load_spec(model_type_or_path: str | Path) -> AlignmentSpec:
         if not resource.is_file():
             raise UnsupportedArchitectureError(
                 f"No alignment spec for model_type {name!r}. Shipped specs: {available_specs()}. "
-                "To add an architecture, write a spec file (see hf_otfusion/engine/specs/bert.yaml) and pass its path."
+                "To add an architecture, write a spec file (see hf_otfusion/engine/specs/bert.yaml) and pass its path.",
+                model_type=name,
             )
         text, source = resource.read_text(), f"specs/{name}.yaml"
     return AlignmentSpec.from_dict(yaml.safe_load(text), source)
@@ -191,20 +214,28 @@ def load_spec(model_type_or_path: str | Path) -> AlignmentSpec:
 def _expand(template: str, layer: int | None) -> str:
     if LAYER in template:
         if layer is None:
-            raise SpecError(f"{template!r} uses {LAYER} outside a per-layer context.")
+            raise SpecError(f"{template!r} uses {LAYER} outside a per-layer context.", key=template)
         return template.replace(LAYER, str(layer))
     return template
 
 
-def _reject_unknown(mapping: dict[str, Any], allowed: set[str], where: str) -> None:
+def _reject_unknown(mapping: dict[str, Any], allowed: set[str], where: str, spec: str | None = None) -> None:
     unknown = sorted(set(mapping) - allowed)
     if unknown:
-        raise SpecError(f"{where}: unknown key(s) {unknown}; allowed keys are {sorted(allowed)}.")
+        raise SpecError(
+            f"{where}: unknown key(s) {unknown}; allowed keys are {sorted(allowed)}.",
+            spec=spec if spec is not None else where,
+            key=unknown[0],
+        )
 
 
 def _output_norm(value: Any, residual_norms: dict[str, tuple[str, ...]], source: str) -> str | None:
     if value is None:
         return None
     if str(value) not in residual_norms:
-        raise SpecError(f"{source}: output_norm {value!r} must be one of the residual_norms {sorted(residual_norms)}.")
+        raise SpecError(
+            f"{source}: output_norm {value!r} must be one of the residual_norms {sorted(residual_norms)}.",
+            spec=source,
+            key=str(value),
+        )
     return str(value)

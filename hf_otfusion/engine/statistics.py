@@ -21,7 +21,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
-from ..errors import EmptyAlignmentDataError
+from ..errors import EmptyAlignmentDataError, InvalidConfigError
 from .distributed import all_reduce_sum_, gather_objects, owned_batches
 from .plan import FusionPlan
 
@@ -134,7 +134,9 @@ class UnitStatistics:
             cost = self.comoment / n
             cost /= std
             return np.subtract(1.0, cost, out=cost)
-        raise ValueError(f"Unknown activation cost {kind!r}; use 'euclidean' or 'correlation'.")
+        raise InvalidConfigError(
+            f"Unknown activation cost {kind!r}; use 'euclidean' or 'correlation'.", field="activation_cost", value=kind
+        )
 
 
 # statistics[parent_index][key]; a key is a space (its hooks pooled) or a single hook module

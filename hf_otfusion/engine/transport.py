@@ -23,6 +23,8 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from scipy.special import entr
 
+from ..errors import TransportError
+
 logger = logging.getLogger(__name__)
 
 # Marginal tolerance of Sinkhorn; tighter buys nothing here because the anchor-side marginal is projected
@@ -56,7 +58,7 @@ class TransportMap:
         output_scale: float = 1.0,
     ):
         if (plan is None) == (permutation is None):
-            raise ValueError("Give a TransportMap either a dense plan or a permutation.")
+            raise TransportError("Give a TransportMap either a dense plan or a permutation.")
         self._plan = plan
         self._permutation = permutation
         self._orthogonal: np.ndarray | None = None
@@ -201,7 +203,7 @@ def solve_transport(
         used_reg = reg * cost_scale(cost) if reg_mode == "relative" else reg
         plan = _sinkhorn(reduced_cost(cost), used_reg, mu, nu, sinkhorn_max_iter, device)
     else:
-        raise ValueError(f"Unknown solver {solver!r}; use 'exact' or 'sinkhorn'.")
+        raise TransportError(f"Unknown solver {solver!r}; use 'exact' or 'sinkhorn'.", solver=solver)
     entropy = plan_entropy(plan)
     info = SolveInfo(solver, used_reg, float(np.vdot(plan, cost)), entropy, softness(entropy, n_a, n_b))
     return TransportMap(plan, mu, nu), info
@@ -260,7 +262,7 @@ def solve_orthogonal(cross_moment: np.ndarray, fixed: np.ndarray | None = None) 
     cross = np.asarray(cross_moment, dtype=np.float64)
     n_a, n_b = cross.shape
     if n_a != n_b:
-        raise ValueError(f"An orthogonal map needs equal widths, got {n_a} and {n_b} units.")
+        raise TransportError(f"An orthogonal map needs equal widths, got {n_a} and {n_b} units.", widths=(n_a, n_b))
     if fixed is None:
         u, _, vt = np.linalg.svd(cross)
         return TransportMap.from_orthogonal(u @ vt)

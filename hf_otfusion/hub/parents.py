@@ -130,7 +130,8 @@ def resolve_parent(source: str, *, allow_pickle: bool = False, trust_remote_code
         if path.exists() or not is_repo_id(repo_id) or source.startswith((".", "/", "~")):
             raise ParentNotFoundError(
                 f"Parent {source!r} is not a checkpoint directory and not a Hub model id (`user/model` or "
-                "`user/model@revision`); check the path or the id."
+                "`user/model@revision`); check the path or the id.",
+                source=source,
             )
         parent = _resolve_hub(source, repo_id, revision or None, allow_pickle)
     _check_remote_code(parent, trust_remote_code)
@@ -141,7 +142,9 @@ def _resolve_local(source: str, path: Path, allow_pickle: bool) -> Parent:
     config_path = path / "config.json"
     if not config_path.is_file():
         raise CorruptCheckpointError(
-            f"Parent {source!r} has no config.json; point to a directory written by save_pretrained."
+            f"Parent {source!r} has no config.json; point to a directory written by save_pretrained.",
+            path=config_path,
+            source=source,
         )
     files = sorted(p.name for p in path.iterdir() if p.is_file())
     parent = Parent(source=source, path=path.resolve(), config=_read_json(config_path, source))
@@ -173,17 +176,21 @@ def _resolve_hub(source: str, repo_id: str, revision: str | None, allow_pickle: 
         info = api.model_info(repo_id, revision=revision, files_metadata=True)
     except RevisionNotFoundError as error:
         raise UnknownRevisionError(
-            f"Parent {repo_id} has no revision {revision!r}; give an existing branch, tag or commit SHA after '@'."
+            f"Parent {repo_id} has no revision {revision!r}; give an existing branch, tag or commit SHA after '@'.",
+            source=repo_id,
+            revision=revision,
         ) from error
     except RepositoryNotFoundError as error:
         raise ParentNotFoundError(
             f"Parent {source!r}: no local directory of that name, and the Hub has no model repository {repo_id!r} "
-            "(or it is private or gated: log in with `hf auth login` or set HF_TOKEN)."
+            "(or it is private or gated: log in with `hf auth login` or set HF_TOKEN).",
+            source=source,
         ) from error
     except OfflineModeIsEnabled as error:
         raise ParentNotFoundError(
             f"Parent {source!r} is a Hub id but Hub access is disabled (HF_HUB_OFFLINE); unset it or use a local "
-            "directory."
+            "directory.",
+            source=source,
         ) from error
     commit = info.sha
     sizes = {s.rfilename: s.size for s in info.siblings or []}
@@ -192,7 +199,9 @@ def _resolve_hub(source: str, repo_id: str, revision: str | None, allow_pickle: 
         config_path = hf_hub_download(repo_id, "config.json", revision=commit)
     except EntryNotFoundError as error:
         raise CorruptCheckpointError(
-            f"Parent {repo_id}@{commit[:8]} has no config.json; it is not a transformers checkpoint."
+            f"Parent {repo_id}@{commit[:8]} has no config.json; it is not a transformers checkpoint.",
+            path="config.json",
+            source=source,
         ) from error
     parent.config = _read_json(Path(config_path), source)
 
@@ -210,7 +219,8 @@ def _resolve_hub(source: str, repo_id: str, revision: str | None, allow_pickle: 
         except (SafetensorsParsingError, NotASafetensorsRepoError) as error:
             raise CorruptCheckpointError(
                 f"Parent {repo_id}@{commit[:8]}: cannot read the safetensors header(s): {error}. The file is corrupt "
-                "or not safetensors; re-upload it (save_pretrained writes valid files)."
+                "or not safetensors; re-upload it (save_pretrained writes valid files).",
+                source=source,
             ) from error
         count = 0
         for weight in parent.weight_files:
@@ -218,12 +228,16 @@ def _resolve_hub(source: str, repo_id: str, revision: str | None, allow_pickle: 
                 continue  # the shard index; its shards are listed themselves
             header = metadata.files_metadata.get(weight.name)
             if header is None:
-                raise CorruptCheckpointError(f"Parent {parent.pinned}: no safetensors header for {weight.name}.")
+                raise CorruptCheckpointError(
+                    f"Parent {parent.pinned}: no safetensors header for {weight.name}.", path=weight.name, source=source
+                )
             data_end = max((t.data_offsets[1] for t in header.tensors.values()), default=0)
             if weight.size and weight.size < data_end + 8:
                 raise CorruptCheckpointError(
                     f"Parent {parent.pinned}: {weight.name} is {weight.size} bytes but its header describes "
-                    f"{data_end} bytes of tensor data; the file is truncated, re-upload it."
+                    f"{data_end} bytes of tensor data; the file is truncated, re-upload it.",
+                    path=weight.name,
+                    source=source,
                 )
             count += sum(t.parameter_count for t in header.tensors.values())
         parent.num_parameters = count
@@ -246,14 +260,19 @@ def _weight_names(source: str, files: list[str], allow_pickle: bool, read_index)
             raise UnsafeCheckpointError(
                 f"Parent {source!r} has only pickle weights ({names[0]}); unpickling can run arbitrary code. Convert "
                 "it to safetensors (load it and save_pretrained it), or pass --allow-pickle (allow_pickle=True) if "
-                "you trust its author."
+                "you trust its author.",
+                path=names[0],
+                reason="pickle",
             )
         missing = [name for name in names if name not in files]
         if missing:
-            raise CorruptCheckpointError(f"Parent {source!r}: {index} lists shard(s) {missing} that are not there.")
+            raise CorruptCheckpointError(
+                f"Parent {source!r}: {index} lists shard(s) {missing} that are not there.", path=index, source=source
+            )
         return fmt, names
     raise CorruptCheckpointError(
-        f"Parent {source!r} has no {SAFETENSORS_FILE} (nor a sharded {SAFETENSORS_INDEX}); files: {files[:20]}."
+        f"Parent {source!r} has no {SAFETENSORS_FILE} (nor a sharded {SAFETENSORS_INDEX}); files: {files[:20]}.",
+        source=source,
     )
 
 
@@ -273,7 +292,9 @@ def _verify_safetensors(path: Path, source: str) -> int:
     except SafetensorError as error:
         raise CorruptCheckpointError(
             f"Parent {source!r}: {path.name} is not a valid safetensors file ({error}); it is corrupt or truncated, "
-            "write it again with save_pretrained or re-download it."
+            "write it again with save_pretrained or re-download it.",
+            path=path,
+            source=source,
         ) from error
 
 
@@ -281,7 +302,9 @@ def _read_json(path: Path, source: str) -> dict[str, Any]:
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError) as error:
-        raise CorruptCheckpointError(f"Parent {source!r}: cannot read {path.name}: {error}") from error
+        raise CorruptCheckpointError(
+            f"Parent {source!r}: cannot read {path.name}: {error}", path=path, source=source
+        ) from error
 
 
 def _card_license(readme: Path) -> str | None:
@@ -302,7 +325,9 @@ def _check_remote_code(parent: Parent, trust_remote_code: bool) -> None:
         raise UnsafeCheckpointError(
             f"Parent {parent.name} needs remote code ({architecture} is defined in the repository, not in "
             "transformers); running it executes that code. Pass --trust-remote-code (trust_remote_code=True) only "
-            "if you have read it."
+            "if you have read it.",
+            path=parent.name,
+            reason="remote-code",
         )
 
 
@@ -321,7 +346,9 @@ def model_class_of(parent: Parent, trust_remote_code: bool) -> type[PreTrainedMo
     if model_class is None:
         raise UnsupportedArchitectureError(
             f"Parent {parent.name} names architecture {architecture!r} in its config.json, which transformers does "
-            "not provide; pass --trust-remote-code if it is code in the parent's repository that you have read."
+            "not provide; pass --trust-remote-code if it is code in the parent's repository that you have read.",
+            model_type=parent.config.get("model_type"),
+            architecture=architecture,
         )
     return model_class
 

@@ -57,7 +57,12 @@ def push_folder(
     folder = Path(folder)
     retry = push_command(folder, repo_id, private=private, revision=revision, create_pr=create_pr)
     if not (folder / "config.json").is_file():
-        raise PushError(f"{folder} holds no config.json; push a directory written by `otfusion-hub fuse`.")
+        raise PushError(
+            f"{folder} holds no config.json; push a directory written by `otfusion-hub fuse`.",
+            retry=retry,
+            repo_id=repo_id,
+            folder=folder,
+        )
     api = HfApi()
     try:
         repo_url = api.create_repo(repo_id, private=private, exist_ok=True)
@@ -74,6 +79,8 @@ def push_folder(
             f"Upload of {folder} to {repo_id} failed: {_short_error(error)}\nThe fused model is kept in {folder}; "
             f"retry the upload with:\n  {retry}",
             retry=retry,
+            repo_id=repo_id,
+            folder=folder,
         ) from error
     return PushResult(
         repo_id=repo_id, revision=revision or "main", commit_sha=info.oid, commit_url=info.commit_url,

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..config import FusionConfig, NumberRule, check_numbers, field_default, load_config_file
-from ..errors import EmptyAlignmentDataError, FusionError
+from ..errors import EmptyAlignmentDataError, FusionError, InvalidConfigError
 from ..output.staging import check_output_dir
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -207,7 +207,9 @@ class FuseJob:
 
         check_numbers(self, JOB_NUMBERS)
         if self.dtype is not None and self.dtype not in DTYPE_NAMES:
-            raise FusionError(f"dtype {self.dtype!r} is not one of {sorted(DTYPE_NAMES)}.")
+            raise InvalidConfigError(
+                f"dtype {self.dtype!r} is not one of {sorted(DTYPE_NAMES)}.", field="dtype", value=self.dtype
+            )
         parse_shard_size(self.max_shard_size)
         resolve_device(self.device)
 
@@ -262,7 +264,7 @@ def parse_shard_size(size: str | int) -> int:
     """Bytes in a `max_shard_size` (`5GB`, `500MB`, or an int), the forms `save_pretrained` accepts.
 
     Raises:
-        FusionError: anything else, or a size that is not positive.
+        InvalidConfigError: anything else, or a size that is not positive.
     """
     if isinstance(size, int) and not isinstance(size, bool) and size > 0:
         return size
@@ -272,9 +274,11 @@ def parse_shard_size(size: str | int) -> int:
     except (KeyError, ValueError):
         value = math.nan
     if not value > 0 or not math.isfinite(value):
-        raise FusionError(
+        raise InvalidConfigError(
             f"max_shard_size (--max-shard-size) {size!r} is not a size; write a positive number with a unit: 5GB, "
-            "500MB, 200KB or 1TB."
+            "500MB, 200KB or 1TB.",
+            field="max_shard_size",
+            value=size,
         )
     return int(value)
 

@@ -120,7 +120,8 @@ def _meta_model(parent: Parent, trust_remote_code: bool) -> PreTrainedModel:
     if model_type not in available_specs():
         raise UnsupportedArchitectureError(
             f"Parent {parent.name} is a {model_type!r} model; fusion specs exist for {available_specs()}. Add a spec "
-            "file for this model type (see hf_otfusion/engine/specs)."
+            "file for this model type (see hf_otfusion/engine/specs).",
+            model_type=model_type,
         )
     config = transformers.AutoConfig.for_model(**parent.config)
     return weightless_model(model_class_of(parent, trust_remote_code), config)

@@ -104,7 +104,9 @@ def _encoded(job: FuseJob, source: DataSource | None, processor, label2id):
             raise
         raise DataSourceError(
             f"{error} The anchor ({job.parents[job.config.anchor]}) ships no tokenizer or image processor "
-            "files, so give data that already holds model inputs."
+            "files, so give data that already holds model inputs.",
+            source=error.source,
+            column=error.column,
         ) from error
 
 

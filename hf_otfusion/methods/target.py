@@ -85,10 +85,14 @@ def target_config(
         if key not in sizable:
             raise TargetShapeError(
                 f"target key {key!r} is not a width of {anchor.config.model_type!r} models; a target may set "
-                f"{sizable} (depth stays the anchor's: layer i is fused with layer i)."
+                f"{sizable} (depth stays the anchor's: layer i is fused with layer i).",
+                key=key,
+                target=target,
             )
         if not isinstance(value, int) or value < 1:
-            raise TargetShapeError(f"target[{key!r}] must be a positive integer, got {value!r}.")
+            raise TargetShapeError(
+                f"target[{key!r}] must be a positive integer, got {value!r}.", key=key, target=target
+            )
     config = copy.deepcopy(anchor.config)
     for key, value in target.items():
         setattr(config, key, value)
@@ -272,7 +276,7 @@ class _SelfCosts:
             aligned = align_tensor(self.params[name], self.plan.parameters[name], maps, skip_axis=dim)
             features.append(aligned.movedim(dim, 0).reshape(aligned.shape[dim], -1).numpy())
         if not features:
-            raise SpecError(f"Space {space} has no parameter whose other axes are compressed before it.")
+            raise SpecError(f"Space {space} has no parameter whose other axes are compressed before it.", key=space)
         stacked = np.concatenate(features, axis=1)
         return ot.dist(stacked, stacked, metric="sqeuclidean"), (stacked**2).sum(axis=1)
 
@@ -289,7 +293,8 @@ def _resolve_target_plan(basis: PreTrainedModel, spec: AlignmentSpec, target: di
     except SpecError as error:
         raise TargetShapeError(
             f"The target {target} does not give a valid model: {error} Choose sizes that divide evenly, e.g. a "
-            "hidden_size that is a multiple of num_attention_heads."
+            "hidden_size that is a multiple of num_attention_heads.",
+            target=target,
         ) from None
 
 

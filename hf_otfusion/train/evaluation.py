@@ -86,7 +86,8 @@ def check_classifier(model: PreTrainedModel) -> None:
     if not name.endswith(CLASSIFICATION_HEADS):
         raise UnsupportedTaskError(
             f"{name} has no classification head; hf_otfusion evaluates and finetunes *ForSequenceClassification "
-            "and *ForImageClassification models. Load the checkpoint with such a class (a new head is added) first."
+            "and *ForImageClassification models. Load the checkpoint with such a class (a new head is added) first.",
+            model_class=name,
         )
 
 
@@ -101,29 +102,33 @@ def check_dataset(dataset, model: PreTrainedModel) -> None:
     if model.main_input_name not in columns:
         raise TrainingDataError(
             f"The data has columns {columns} but {type(model).__name__} reads {model.main_input_name!r}; encode it "
-            "first (hf_otfusion.data.encode_dataset with the model's tokenizer or image processor)."
+            "first (hf_otfusion.data.encode_dataset with the model's tokenizer or image processor).",
+            columns=columns,
         )
     if "labels" not in columns:
         raise TrainingDataError(
             f"The data has no 'labels' column (columns: {columns}); rename the label column to 'labels' or "
-            "encode it with encode_dataset(..., label_column=<name>)."
+            "encode it with encode_dataset(..., label_column=<name>).",
+            columns=columns,
         )
     if len(dataset) == 0:
-        raise TrainingDataError("The data has no examples; check the split name and any sample cap.")
+        raise TrainingDataError("The data has no examples; check the split name and any sample cap.", columns=columns)
     num_labels = model.config.num_labels
     labels = np.asarray(dataset.with_format("numpy")["labels"][:])
     low, high = int(labels.min()), int(labels.max())
     if low < 0 or high >= num_labels:
         raise TrainingDataError(
             f"Labels span [{low}, {high}] but the model's head has {num_labels} classes; map the labels to "
-            f"0..{num_labels - 1} in the order of the model's config.id2label."
+            f"0..{num_labels - 1} in the order of the model's config.id2label.",
+            labels=(low, high),
         )
     names = getattr(dataset.features["labels"], "names", None)
     model_names = [model.config.id2label[i] for i in range(num_labels)]
     if names and model_names != [f"LABEL_{i}" for i in range(num_labels)] and list(names) != model_names:
         raise TrainingDataError(
             f"The data's label names {list(names)} differ from the model's id2label {model_names}; "
-            "align them (datasets' align_labels_with_mapping(model.config.label2id, 'labels')) before scoring."
+            "align them (datasets' align_labels_with_mapping(model.config.label2id, 'labels')) before scoring.",
+            labels=list(names),
         )
 
 

@@ -186,7 +186,8 @@ def check_trainable(model: PreTrainedModel) -> None:
         raise UnsupportedTaskError(
             f"{type(model).__name__} takes no labels (its distillation head is trained against a teacher). "
             "Finetune it as DeiTForImageClassification.from_pretrained(<checkpoint>), which keeps the backbone and "
-            "the class head."
+            "the class head.",
+            model_class=type(model).__name__,
         )
 
 

@@ -4,6 +4,8 @@ import datasets
 import evaluate
 import numpy as np
 
+from hf_otfusion.errors import MetricInputError
+
 _DESCRIPTION = """
 Accuracy is the proportion of correct predictions among all predictions, optionally weighted per example:
 accuracy = sum(w_i * [p_i == r_i]) / sum(w_i).
@@ -40,9 +42,15 @@ class Accuracy(evaluate.Metric):
         predictions = np.asarray(predictions)
         references = np.asarray(references)
         if predictions.shape != references.shape:
-            raise ValueError(f"predictions {predictions.shape} and references {references.shape} differ in shape")
+            raise MetricInputError(
+                f"predictions {predictions.shape} and references {references.shape} differ in shape",
+                metric="accuracy",
+                value=(predictions.shape, references.shape),
+            )
         weights = np.ones(len(references)) if sample_weight is None else np.asarray(sample_weight, dtype=np.float64)
         if len(references) == 0:
-            raise ValueError("accuracy of an empty set is undefined; pass at least one prediction")
+            raise MetricInputError(
+                "accuracy of an empty set is undefined; pass at least one prediction", metric="accuracy", value=0
+            )
         correct = float(np.sum(weights * (predictions == references)))
         return {"accuracy": correct / float(np.sum(weights)) if normalize else correct}

@@ -4,6 +4,8 @@ import datasets
 import evaluate
 import numpy as np
 
+from hf_otfusion.errors import MetricInputError
+
 _DESCRIPTION = """
 F1 is the harmonic mean of precision and recall, 2 * P * R / (P + R), per class from the confusion matrix.
 `macro` averages the per-class F1 over every class seen in predictions or references, `weighted` weights them
@@ -43,7 +45,9 @@ class F1(evaluate.Metric):
         predictions = np.asarray(predictions)
         references = np.asarray(references)
         if average not in ("macro", "micro", "weighted", "binary"):
-            raise ValueError(f"average={average!r} is not one of 'macro', 'micro', 'weighted', 'binary'")
+            raise MetricInputError(
+                f"average={average!r} is not one of 'macro', 'micro', 'weighted', 'binary'", metric="f1", value=average
+            )
         classes = np.union1d(predictions, references)
         true_pos = np.array([np.sum((predictions == c) & (references == c)) for c in classes], dtype=np.float64)
         predicted = np.array([np.sum(predictions == c) for c in classes], dtype=np.float64)
