@@ -1,0 +1,195 @@
+"""Lifecycle of the local Hub server: bind a loopback socket, serve in a thread or in the foreground, stop.
+
+This is the part tests and ``otfusion-hub serve-hub`` hold on to (``HubServer``, ``serve``); it also carries
+the test hooks (``fail_next_commits``, ``request_log``, ``download_log``) because they are state of one
+running server, shared by all its connection threads.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import signal
+import socket
+import socketserver
+import threading
+from http.server import ThreadingHTTPServer
+from pathlib import Path
+
+from .handler import Handler
+from .storage import Store
+
+logger = logging.getLogger("hf_otfusion.hub_server")
+
+#: Commit bodies carry base64 file contents; they are streamed line by line, one file in memory at a time.
+DEFAULT_MAX_COMMIT_BYTES = 4 * 2**30
+#: Most (method, path) pairs kept in ``HubServer.request_log``, so a long-running ``serve`` stays bounded.
+REQUEST_LOG_LIMIT = 100_000
+
+
+class _HTTPServer(ThreadingHTTPServer):
+    """ThreadingHTTPServer that knows its HubServer and does not wait for idle keep-alive threads on close."""
+
+    daemon_threads = True
+    block_on_close = False
+    allow_reuse_address = True
+
+    def __init__(self, address: tuple[str, int], hub: HubServer) -> None:
+        self.hub = hub
+        super().__init__(address, Handler)
+
+    def server_bind(self) -> None:
+        # HTTPServer.server_bind calls socket.getfqdn(), a reverse DNS lookup that can stall offline.
+        socketserver.TCPServer.server_bind(self)
+        host, port = self.server_address[:2]
+        self.server_name = str(host)
+        self.server_port = int(port)
+
+
+class _HTTPServer6(_HTTPServer):
+    address_family = socket.AF_INET6
+
+
+def _loopback_host(host: str) -> str:
+    """The loopback IP to bind for ``host``; anything else is refused, since this server has no auth."""
+    if host == "localhost":
+        return "127.0.0.1"
+    try:
+        ip = ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        raise ValueError(f"Refusing to bind the local Hub server to {host!r}: use a loopback address") from None
+    if not ip.is_loopback:
+        raise ValueError(
+            f"Refusing to bind the local Hub server to {host!r}: it has no authentication, so it only serves "
+            "loopback addresses such as 127.0.0.1 or ::1"
+        )
+    return str(ip)
+
+
+class HubServer:
+    """A local Hub-compatible server over ``root``, for tests and offline use of the real Hub clients.
+
+    Usage::
+
+        with HubServer(tmp_path) as hub:
+            env = {"HF_ENDPOINT": hub.url, "HF_HUB_DISABLE_XET": "1", "HF_TOKEN": "dummy"}
+            ...
+
+    Test hooks: ``fail_next_commits = n`` makes the next ``n`` commit POSTs answer HTTP 500 without applying
+    anything; ``request_log`` lists every ``(method, path)`` received (path as sent, URL-quoted, no query);
+    ``download_log`` lists ``(path, bytes)`` for every file body served (a ``Range`` read sends only its
+    slice), which tells a header read from a download.
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        username: str = "local-user",
+        max_commit_bytes: int = DEFAULT_MAX_COMMIT_BYTES,
+    ) -> None:
+        bind_host = _loopback_host(host)
+        self.root = Path(root)
+        self.store = Store(self.root, username)
+        self.max_commit_bytes = max_commit_bytes
+        self.fail_next_commits = 0
+        self.request_log: list[tuple[str, str]] = []
+        self.download_log: list[tuple[str, int]] = []
+        self._lock = threading.Lock()
+        server_cls = _HTTPServer6 if ":" in bind_host else _HTTPServer
+        self._httpd = server_cls((bind_host, port), self)
+        self._thread: threading.Thread | None = None
+        self._started = False
+        self._stopped = False
+
+    @property
+    def url(self) -> str:
+        """Base URL for ``HF_ENDPOINT``, e.g. ``http://127.0.0.1:54321``."""
+        host, port = self._httpd.server_address[:2]
+        host = f"[{host}]" if ":" in str(host) else host
+        return f"http://{host}:{port}"
+
+    def start(self) -> HubServer:
+        """Serve in a daemon thread (returns at once; the socket is already listening)."""
+        if self._stopped:
+            raise RuntimeError("HubServer was stopped; create a new one")
+        if not self._started:
+            self._started = True
+            self._thread = threading.Thread(
+                target=self._httpd.serve_forever,
+                kwargs={"poll_interval": 0.5},
+                name="hub-server",
+                daemon=True,
+            )
+            self._thread.start()
+            logger.info("local Hub server at %s (root %s)", self.url, self.root)
+        return self
+
+    def serve_forever(self) -> None:
+        """Serve in the calling thread until ``stop()`` from another thread or KeyboardInterrupt."""
+        if self._started or self._stopped:
+            raise RuntimeError("HubServer is already running or stopped")
+        self._started = True
+        logger.info("local Hub server at %s (root %s)", self.url, self.root)
+        self._httpd.serve_forever(poll_interval=0.5)
+
+    def stop(self) -> None:
+        """Stop serving and close the listening socket (idempotent)."""
+        if self._stopped:
+            return
+        self._stopped = True
+        if self._started:
+            self._httpd.shutdown()  # returns once serve_forever has exited
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+        self._httpd.server_close()
+
+    def __enter__(self) -> HubServer:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    def _record(self, method: str, path: str) -> None:
+        with self._lock:
+            self.request_log.append((method, path))
+            if len(self.request_log) > REQUEST_LOG_LIMIT:
+                del self.request_log[: len(self.request_log) - REQUEST_LOG_LIMIT]
+
+    def _record_download(self, path: str, size: int) -> None:
+        with self._lock:
+            self.download_log.append((path, size))
+            if len(self.download_log) > REQUEST_LOG_LIMIT:
+                del self.download_log[: len(self.download_log) - REQUEST_LOG_LIMIT]
+
+    def _take_commit_failure(self) -> bool:
+        with self._lock:
+            if self.fail_next_commits > 0:
+                self.fail_next_commits -= 1
+                return True
+            return False
+
+
+def serve(root: str | Path, port: int, host: str = "127.0.0.1") -> None:
+    """Serve a local Hub over ``root`` on ``host:port`` until interrupted (for ``otfusion-hub serve-hub``)."""
+    server = HubServer(root, host=host, port=port)
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        # A service manager stops us with SIGTERM: shut down as cleanly as on Ctrl-C.
+        previous = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    print(f"Serving a local Hugging Face Hub at {server.url} (root {Path(root).resolve()})", flush=True)
+    print(f"Use it with: HF_ENDPOINT={server.url} HF_HUB_DISABLE_XET=1 HF_TOKEN=dummy", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        logger.info("interrupted, stopping")
+    finally:
+        server.stop()
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _raise_keyboard_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
