@@ -69,6 +69,7 @@ class Handler(Routes, BaseHTTPRequestHandler):
         self.hub._record(method, split.path)
         self._request_path = split.path
         self._unread = 0
+        self.authenticated = False
         try:
             self._unread = int(self.headers.get("Content-Length") or 0)
         except ValueError:
@@ -78,8 +79,11 @@ class Handler(Routes, BaseHTTPRequestHandler):
                 raise HubError(400, "Invalid Content-Length")
             if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
                 raise HubError(411, "Chunked request bodies are not supported; send Content-Length")
+            self.authenticated = self.hub.guard.check(self.headers)
             response = self._route(method, split.path, parse_qs(split.query))
         except HubError as err:
+            if 0 < self._unread <= MAX_JSON_BODY_BYTES:
+                self._drain()  # a small unread body (e.g. refused for its token): keep the connection usable
             headers = dict(err.headers)
             if err.code:
                 headers["X-Error-Code"] = err.code

@@ -15,6 +15,7 @@ from urllib.parse import parse_qs, unquote
 
 from . import views
 from .errors import HubError
+from .guard import unauthorized
 from .responses import Response, json_response, parse_range
 from .storage import DEFAULT_BRANCH, REPO_TYPES, SHORT_SHA_RE, Op, Repo, clean_repo_path
 
@@ -45,6 +46,22 @@ class Routes:
         logger.warning("unsupported route %s %s", method, raw_path)
         return HubError(404, f"Route not supported by this local Hub server: {method} {raw_path}")
 
+    def _require_token(self, what: str) -> None:
+        if not self.authenticated:
+            raise unauthorized(what)
+
+    def _repo(self, repo_type: str, namespace: str, name: str) -> Repo:
+        """The repo, if this client may see it: see ``guard`` for why a hidden one is a 401 ``RepoNotFound``."""
+        try:
+            repo = self.store.repo(repo_type, namespace, name)
+        except HubError as error:
+            if not self.authenticated and error.code == "RepoNotFound":
+                raise HubError(401, error.message, "RepoNotFound") from None
+            raise
+        if not self.authenticated and self.store.meta(repo)["private"]:
+            raise HubError(401, f"Repository not found: {repo.repo_id}", "RepoNotFound")
+        return repo
+
     def _api(self, method: str, segs: list[str], query: dict[str, list[str]]) -> Response:
         route = (method, *segs[:2])
         if route == ("GET", "whoami-v2"):
@@ -67,21 +84,25 @@ class Routes:
             self._read_json()
             return json_response({})
         if route == ("POST", "repos", "create"):
+            self._require_token("Creating a repo")
             return self._create_repo(self._read_json())
         if route == ("DELETE", "repos", "delete"):
+            self._require_token("Deleting a repo")
             body = self._read_json()
             repo_type = body.get("type") or "model"
             namespace = body.get("organization") or self.store.username
-            self.store.delete_repo(self.store.repo(repo_type, namespace, str(body.get("name"))))
+            self.store.delete_repo(self._repo(repo_type, namespace, str(body.get("name"))))
             return json_response({})
         if len(segs) >= 3 and segs[0] in _TYPE_BY_COLLECTION:
-            repo = self.store.repo(_TYPE_BY_COLLECTION[segs[0]], unquote(segs[1]), unquote(segs[2]))
+            repo = self._repo(_TYPE_BY_COLLECTION[segs[0]], unquote(segs[1]), unquote(segs[2]))
             return self._repo_api(method, repo, [unquote(s) for s in segs[3:]], query)
         raise self._unsupported(method, "/api/" + "/".join(segs))
 
     def _repo_api(self, method: str, repo: Repo, rest: list[str], query: dict[str, list[str]]) -> Response:
         action = rest[0] if rest else ""
         args = rest[1:]
+        if method in ("POST", "DELETE") and action != "paths-info":  # paths-info is a read sent as a form POST
+            self._require_token(f"{method} {action or 'on a repo'}")
         if method == "GET" and not rest:
             return json_response(views.repo_info(self.store, repo, DEFAULT_BRANCH))
         if method == "GET" and action == "revision" and args:
@@ -231,7 +252,7 @@ class Routes:
         )
 
     def _resolve(self, repo_type: str, segs: list[str], head: bool) -> Response:
-        repo = self.store.repo(repo_type, unquote(segs[0]), unquote(segs[1]))
+        repo = self._repo(repo_type, unquote(segs[0]), unquote(segs[1]))
         revision, path_segs = unquote(segs[3]), segs[4:]
         if revision == "refs" and len(path_segs) >= 3:  # an unquoted "refs/pr/1" typed by a person
             revision = "refs/" + "/".join(unquote(s) for s in path_segs[:2])

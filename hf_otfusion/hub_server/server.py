@@ -16,6 +16,7 @@ import threading
 from http.server import ThreadingHTTPServer
 from pathlib import Path
 
+from .guard import TOKEN_ENV, Guard, default_token
 from .handler import Handler
 from .storage import Store
 
@@ -51,7 +52,8 @@ class _HTTPServer6(_HTTPServer):
 
 
 def _loopback_host(host: str) -> str:
-    """The loopback IP to bind for ``host``; anything else is refused, since this server has no auth."""
+    """The loopback IP to bind for ``host``; anything else is refused: one shared token over plain HTTP is no
+    protection on a network, so the server is for this machine only."""
     if host == "localhost":
         return "127.0.0.1"
     try:
@@ -60,8 +62,8 @@ def _loopback_host(host: str) -> str:
         raise ValueError(f"Refusing to bind the local Hub server to {host!r}: use a loopback address") from None
     if not ip.is_loopback:
         raise ValueError(
-            f"Refusing to bind the local Hub server to {host!r}: it has no authentication, so it only serves "
-            "loopback addresses such as 127.0.0.1 or ::1"
+            f"Refusing to bind the local Hub server to {host!r}: it speaks plain HTTP with one shared token, "
+            "so it only serves loopback addresses such as 127.0.0.1 or ::1"
         )
     return str(ip)
 
@@ -71,9 +73,12 @@ class HubServer:
 
     Usage::
 
-        with HubServer(tmp_path) as hub:
-            env = {"HF_ENDPOINT": hub.url, "HF_HUB_DISABLE_XET": "1", "HF_TOKEN": "dummy"}
+        with HubServer(tmp_path, token="secret") as hub:
+            env = {"HF_ENDPOINT": hub.url, "HF_HUB_DISABLE_XET": "1", "HF_TOKEN": hub.token}
             ...
+
+    ``token`` is what clients must send (``HF_TOKEN``) to write and to read private repos; without one it is
+    ``$OTFUSION_HUB_TOKEN``, else a random one (``token_generated`` is then true). See ``guard``.
 
     Test hooks: ``fail_next_commits = n`` makes the next ``n`` commit POSTs answer HTTP 500 without applying
     anything; ``request_log`` lists every ``(method, path)`` received (path as sent, URL-quoted, no query);
@@ -89,6 +94,7 @@ class HubServer:
         *,
         username: str = "local-user",
         max_commit_bytes: int = DEFAULT_MAX_COMMIT_BYTES,
+        token: str | None = None,
     ) -> None:
         bind_host = _loopback_host(host)
         self.root = Path(root)
@@ -100,6 +106,16 @@ class HubServer:
         self._lock = threading.Lock()
         server_cls = _HTTPServer6 if ":" in bind_host else _HTTPServer
         self._httpd = server_cls((bind_host, port), self)
+        if token is None:
+            token, self.token_generated = default_token()
+        else:
+            self.token_generated = False
+        self.token = token
+        try:
+            self.guard = Guard(token, int(self._httpd.server_address[1]))
+        except ValueError:
+            self._httpd.server_close()
+            raise
         self._thread: threading.Thread | None = None
         self._started = False
         self._stopped = False
@@ -172,15 +188,22 @@ class HubServer:
             return False
 
 
-def serve(root: str | Path, port: int, host: str = "127.0.0.1") -> None:
-    """Serve a local Hub over ``root`` on ``host:port`` until interrupted (for ``otfusion-hub serve-hub``)."""
-    server = HubServer(root, host=host, port=port)
+def serve(root: str | Path, port: int, host: str = "127.0.0.1", token: str | None = None) -> None:
+    """Serve a local Hub over ``root`` on ``host:port`` until interrupted (for ``otfusion-hub serve-hub``).
+
+    A generated token is printed, since the user has no other way to learn it; a token the user gave (``--token``
+    or ``$OTFUSION_HUB_TOKEN``) is not echoed, so it does not end up in terminal logs.
+    """
+    server = HubServer(root, host=host, port=port, token=token)
     previous = None
     if threading.current_thread() is threading.main_thread():
         # A service manager stops us with SIGTERM: shut down as cleanly as on Ctrl-C.
         previous = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     print(f"Serving a local Hugging Face Hub at {server.url} (root {Path(root).resolve()})", flush=True)
-    print(f"Use it with: HF_ENDPOINT={server.url} HF_HUB_DISABLE_XET=1 HF_TOKEN=dummy", flush=True)
+    shown = server.token if server.token_generated else "<your token>"
+    print(f"Use it with: HF_ENDPOINT={server.url} HF_HUB_DISABLE_XET=1 HF_TOKEN={shown}", flush=True)
+    if server.token_generated:
+        print(f"Generated token (pass --token or set ${TOKEN_ENV} to choose one): {server.token}", flush=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:
