@@ -545,3 +545,84 @@ def test_serve_hub_prints_a_generated_token_or_takes_one(tmp_path: Path) -> None
             assert _create_status(server.url, "given-token") in (200, 409)
         finally:
             server.stop()
+
+
+def _peak_rss_kib(pid: int) -> int:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(next(line for line in status.splitlines() if line.startswith("VmHWM:")).split()[1])
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads the server's peak RSS from /proc")
+def test_a_100_mib_upload_streams_to_disk(tmp_path: Path) -> None:
+    """The server's peak RSS grows by far less than the upload: base64 is decoded into the blob as it arrives."""
+    import http.client
+
+    size, block = 100 * 2**20, 3 * 2**20  # blocks of 3 MiB: whole base64 quanta, padding only at the end
+    pattern = hashlib.sha256(b"seed").digest() * (block // 32)
+    server = _CLIServer(tmp_path / "root", "--token", TOKEN)
+    try:
+        assert _create_status(server.url, TOKEN) == 200
+        _commit(server, "ns/r", {"warm-up.bin": b"x" * 1000})  # every code path imported before the baseline
+        before = _peak_rss_kib(server.process.pid)
+
+        head = json.dumps({"key": "header", "value": {"summary": "big"}}).encode() + b"\n"
+        head += b'{"key": "file", "value": {"content": "'
+        tail = b'", "path": "big.bin", "encoding": "base64"}}\n'
+        sizes = [min(block, size - start) for start in range(0, size, block)]
+        digest = hashlib.sha256()
+
+        def body():
+            yield head
+            for n in sizes:
+                digest.update(pattern[:n])
+                yield base64.b64encode(pattern[:n])
+            yield tail
+
+        length = len(head) + 4 * -(-size // 3) + len(tail)
+        conn = http.client.HTTPConnection(
+            server.url.removeprefix("http://").split(":")[0], int(server.url.rsplit(":", 1)[1]), timeout=60
+        )
+        headers = {"Content-Length": str(length), "Authorization": f"Bearer {TOKEN}"}
+        conn.request("POST", "/api/models/ns/r/commit/main", body=body(), headers=headers)
+        resp = conn.getresponse()
+        answer = resp.read()
+        conn.close()
+        assert resp.status == 200, answer
+        growth_mib = (_peak_rss_kib(server.process.pid) - before) / 1024
+        print(f"server peak RSS growth during a 100 MiB upload: {growth_mib:.1f} MiB")
+        assert growth_mib < 150
+        blob = tmp_path / "root" / "blobs" / digest.hexdigest()[:2] / digest.hexdigest()
+        assert blob.stat().st_size == size
+        status, _, raw = _request(f"{server.url}/ns/r/resolve/main/big.bin", headers={"Range": f"bytes={size - 10}-"})
+        assert (status, raw) == (206, pattern[: sizes[-1]][-10:])
+        assert not list((tmp_path / "root" / "tmp").iterdir())  # spool and partial blob files are gone
+    finally:
+        server.stop()
+
+
+def test_streamed_commit_lines_decode_escapes_and_reject_malformed_ones(hub: HubServer) -> None:
+    _create(hub, "ns", "s")
+    text = ('line é 😀 "quoted" \\ back\n' * 60_000)[:1_500_000]  # > 1 MiB: spooled to disk as it arrives
+    lines = [
+        {"key": "header", "value": {"summary": "text", "description": "d\u00e9", "parentCommit": None}},
+        {"key": "file", "value": {"path": "t.txt", "content": text, "encoding": "utf-8"}},
+        {"key": "file", "value": {"content": base64.b64encode(b"small").decode(), "path": "s.bin"}},
+    ]
+    url = f"{hub.url}/api/models/ns/s/commit/main"
+    body = b"".join(json.dumps(line).encode() + b"\n" for line in lines)  # ASCII with \\u escapes
+    assert _request(url, "POST", body)[0] == 200
+    assert _request(f"{hub.url}/ns/s/resolve/main/t.txt")[2] == text.encode()
+    assert _request(f"{hub.url}/ns/s/resolve/main/s.bin")[2] == b"small"
+    head = json.dumps(lines[0]).encode() + b"\n"
+    malformed = [
+        b'{"key": "file", "value": {"path": "x", "content": "QQ==QQ=="}}',
+        b'{"key": "file", "value": ',
+        b'{"key": "file" "value": {}}',
+        b'["not", "an", "object"]',
+        b'{"key": "header", "value": {"a": tru}}',
+    ]
+    for bad in malformed:
+        status, _, raw = _request(url, "POST", head + bad + b"\n")
+        assert status == 400, (bad, raw)
+    assert len(json.loads(_request(f"{hub.url}/api/models/ns/s/commits/main")[2])) == 2
+    assert not list((hub.root / "tmp").iterdir())

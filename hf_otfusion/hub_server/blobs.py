@@ -11,7 +11,7 @@ import hashlib
 import os
 import re
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -48,19 +48,31 @@ class Blobs:
 
     def put(self, data: bytes) -> dict[str, Any]:
         """Store bytes under their sha256 and return the file entry a commit records for them."""
-        sha256 = hashlib.sha256(data).hexdigest()
-        entry = {"sha256": sha256, "size": len(data), "oid": git_blob_oid(len(data), iter((data,)))}
-        target = self.path(sha256)
-        if not target.exists():
-            target.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=self.tmp, prefix="blob-")
-            try:
-                with os.fdopen(fd, "wb") as f:
-                    f.write(data)
+        return self.put_stream(iter((data,)))
+
+    def put_stream(self, chunks: Iterable[bytes]) -> dict[str, Any]:
+        """Store a stream of bytes, written to disk as it comes (an upload is never whole in memory)."""
+        fd, name = tempfile.mkstemp(dir=self.tmp, prefix="blob-")
+        tmp = Path(name)
+        try:
+            digest, size = hashlib.sha256(), 0
+            with os.fdopen(fd, "wb") as f:
+                for chunk in chunks:
+                    digest.update(chunk)
+                    size += len(chunk)
+                    f.write(chunk)
+            sha256 = digest.hexdigest()
+            # the git oid hashes the size first, known only now: a second pass over the (page-cached) file
+            entry = {"sha256": sha256, "size": size, "oid": git_blob_oid(size, _file_chunks(tmp))}
+            target = self.path(sha256)
+            if target.exists():
+                tmp.unlink()
+            else:
+                target.parent.mkdir(parents=True, exist_ok=True)
                 os.replace(tmp, target)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
         return entry
 
     def existing(self, sha256: str) -> dict[str, Any]:

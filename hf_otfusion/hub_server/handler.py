@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlsplit
@@ -151,17 +150,6 @@ class Handler(Routes, BaseHTTPRequestHandler):
         if not isinstance(obj, dict):
             raise HubError(400, "Request body must be a JSON object")
         return obj
-
-    def _iter_lines(self) -> Iterator[bytes]:
-        """NDJSON lines of the body, read one at a time so only one file's content is in memory."""
-        while self._unread > 0:
-            line = self.rfile.readline(self._unread)
-            if not line:
-                self.close_connection = True
-                raise HubError(400, "Truncated request body")
-            self._unread -= len(line)
-            if line.strip():
-                yield line
 
     def _drain(self) -> None:
         while self._unread > 0:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 import logging
 from typing import Any
 from urllib.parse import parse_qs, unquote
@@ -16,6 +15,7 @@ from urllib.parse import parse_qs, unquote
 from . import views
 from .errors import HubError
 from .guard import unauthorized
+from .ndjson import NDJSONReader, Spooled, decode_base64_chunks
 from .responses import Response, json_response, parse_range
 from .storage import DEFAULT_BRANCH, REPO_TYPES, SHORT_SHA_RE, Op, Repo, clean_repo_path
 
@@ -194,41 +194,18 @@ class Routes:
             raise HubError(500, "Injected failure (fail_next_commits): commit not applied")
         if self._unread > self.hub.max_commit_bytes:
             raise HubError(413, f"Commit body too large ({self._unread} > {self.hub.max_commit_bytes} bytes)")
-        header: dict[str, Any] | None = None
         ops: list[Op] = []
-        for line in self._iter_lines():
-            try:
-                item = json.loads(line)
-                key, value = item["key"], item["value"]
-            except (ValueError, KeyError, TypeError):
-                raise HubError(400, "Malformed NDJSON commit line") from None
-            if not isinstance(value, dict):
-                raise HubError(400, f"Malformed {key!r} commit line")
-            if key == "header":
-                header = value
-                parent = value.get("parentCommit")
-                if parent and not create_pr and SHORT_SHA_RE.match(str(parent)):
-                    self.store.check_parent(repo, revision, str(parent))
-            elif key == "file":
-                path = clean_repo_path(value.get("path"))
-                content = value.get("content", "")
-                try:
-                    if value.get("encoding", "base64") == "base64":
-                        data = base64.b64decode(content, validate=True)
-                    else:
-                        data = str(content).encode("utf-8")
-                except (binascii.Error, ValueError, TypeError):
-                    raise HubError(400, f"Invalid base64 content for {path}") from None
-                ops.append(Op("add", path, self.store.blobs.put(data)))
-            elif key == "lfsFile":
-                path = clean_repo_path(value.get("path"))
-                ops.append(Op("add", path, self.store.blobs.existing(str(value.get("oid")))))
-            elif key == "deletedFile":
-                ops.append(Op("delete_file", clean_repo_path(value.get("path"))))
-            elif key == "deletedFolder":
-                ops.append(Op("delete_folder", clean_repo_path(str(value.get("path", "")).rstrip("/"))))
-            else:
-                raise HubError(400, f"Unknown commit line key {key!r}")
+        header: dict[str, Any] | None = None
+        # parsed as it streams in: a file's base64 goes to a spool file and its blob, never into memory whole
+        reader = NDJSONReader(self.rfile, self._unread, self.store.root / "tmp")
+        try:
+            for item in reader:
+                self._unread = reader.remaining
+                header = self._commit_line(repo, revision, create_pr, item, ops) or header
+                reader.cleanup()
+        finally:
+            self._unread = reader.remaining
+            reader.cleanup()
         if header is None or not str(header.get("summary") or "").strip():
             raise HubError(400, "Commit needs a header line with a non-empty summary")
         parent_commit = header.get("parentCommit") or None
@@ -250,6 +227,47 @@ class Routes:
                 "pullRequestUrl": f"{base}/discussions/{pr_num}" if pr_num is not None else None,
             }
         )
+
+    def _commit_line(
+        self, repo: Repo, revision: str, create_pr: bool, item: Any, ops: list[Op]
+    ) -> dict[str, Any] | None:
+        """One NDJSON line: return a header; store a file's blob and queue its op; or queue a deletion."""
+        try:
+            key, value = item["key"], item["value"]
+        except (KeyError, TypeError):
+            raise HubError(400, "Malformed NDJSON commit line") from None
+        if not isinstance(value, dict):
+            raise HubError(400, f"Malformed {key!r} commit line")
+        if key == "header":
+            parent = value.get("parentCommit")
+            if parent and not create_pr and SHORT_SHA_RE.match(str(parent)):
+                self.store.check_parent(repo, revision, str(parent))
+            return value
+        elif key == "file":
+            path = clean_repo_path(value.get("path"))
+            content = value.get("content", "")
+            base64_encoded = value.get("encoding", "base64") == "base64"
+            try:
+                if isinstance(content, Spooled):
+                    chunks = decode_base64_chunks(content.chunks()) if base64_encoded else content.chunks()
+                    blob = self.store.blobs.put_stream(chunks)
+                elif base64_encoded:
+                    blob = self.store.blobs.put(base64.b64decode(content, validate=True))
+                else:
+                    blob = self.store.blobs.put(str(content).encode("utf-8"))
+            except (binascii.Error, ValueError, TypeError):
+                raise HubError(400, f"Invalid base64 content for {path}") from None
+            ops.append(Op("add", path, blob))
+        elif key == "lfsFile":
+            path = clean_repo_path(value.get("path"))
+            ops.append(Op("add", path, self.store.blobs.existing(str(value.get("oid")))))
+        elif key == "deletedFile":
+            ops.append(Op("delete_file", clean_repo_path(value.get("path"))))
+        elif key == "deletedFolder":
+            ops.append(Op("delete_folder", clean_repo_path(str(value.get("path", "")).rstrip("/"))))
+        else:
+            raise HubError(400, f"Unknown commit line key {key!r}")
+        return None
 
     def _resolve(self, repo_type: str, segs: list[str], head: bool) -> Response:
         repo = self._repo(repo_type, unquote(segs[0]), unquote(segs[1]))
