@@ -626,3 +626,31 @@ def test_streamed_commit_lines_decode_escapes_and_reject_malformed_ones(hub: Hub
         assert status == 400, (bad, raw)
     assert len(json.loads(_request(f"{hub.url}/api/models/ns/s/commits/main")[2])) == 2
     assert not list((hub.root / "tmp").iterdir())
+
+
+def test_stalled_connections_do_not_create_unbounded_threads(tmp_path: Path) -> None:
+    """Connections that never send a request hold at most max_workers threads; the next ones get 503."""
+    import socket
+    import threading
+    import time
+
+    baseline = threading.active_count()
+    with HubServer(tmp_path, token=TOKEN, max_workers=3, busy_wait_s=0.3) as server:
+        host, port = server.url.removeprefix("http://").rsplit(":", 1)
+        stalled = [socket.create_connection((host, int(port)), timeout=10) for _ in range(8)]
+        try:
+            peak, deadline = 0, time.monotonic() + 3.5  # 5 refusals x 0.3 s, with slack for a slow machine
+            answers: list[bytes] = []
+            for sock in stalled[3:]:
+                answers.append(sock.recv(200))
+                peak = max(peak, threading.active_count() - baseline)
+            while time.monotonic() < deadline and peak < 4:
+                peak = max(peak, threading.active_count() - baseline)
+                time.sleep(0.05)
+            assert peak <= 1 + 3, peak  # the accept loop's thread and three workers
+            assert all(a.startswith(b"HTTP/1.1 503 ") for a in answers), answers
+        finally:
+            for sock in stalled:
+                sock.close()
+        # closing the stalled connections frees their workers: the server answers again
+        assert _request(f"{server.url}/api/whoami-v2")[0] == 200

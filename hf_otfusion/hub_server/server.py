@@ -26,18 +26,61 @@ logger = logging.getLogger("hf_otfusion.hub_server")
 DEFAULT_MAX_COMMIT_BYTES = 4 * 2**30
 #: Most (method, path) pairs kept in ``HubServer.request_log``, so a long-running ``serve`` stays bounded.
 REQUEST_LOG_LIMIT = 100_000
+#: Connection threads at most. Clients keep connections alive between requests (huggingface_hub pools a
+#: handful per process), so this bounds open connections, not requests; 64 is far more than tests need.
+DEFAULT_MAX_WORKERS = 64
+#: How long a new connection waits for a free worker before it is answered 503 and closed.
+DEFAULT_BUSY_WAIT_S = 10.0
+_BUSY_BODY = b'{"error": "Local Hub server busy: too many open connections"}'
 
 
 class _HTTPServer(ThreadingHTTPServer):
-    """ThreadingHTTPServer that knows its HubServer and does not wait for idle keep-alive threads on close."""
+    """ThreadingHTTPServer with at most ``max_workers`` connection threads; no waiting for them on close.
+
+    The stdlib server starts one thread per connection without limit, so stalled or idle connections (a
+    client that never sends, or a pile of keep-alives) could exhaust threads and memory. A semaphore slot is
+    taken before a connection's thread starts and released when it ends; the accept loop waits (bounded) for
+    a slot, and a connection that gets none is answered 503. Stalled connections end after
+    ``Handler.timeout``, which frees their slots.
+    """
 
     daemon_threads = True
     block_on_close = False
     allow_reuse_address = True
 
-    def __init__(self, address: tuple[str, int], hub: HubServer) -> None:
+    def __init__(self, address: tuple[str, int], hub: HubServer, max_workers: int, busy_wait_s: float) -> None:
+        if max_workers < 1:
+            raise ValueError("max_workers must be at least 1")
         self.hub = hub
+        self.busy_wait_s = busy_wait_s
+        self._slots = threading.BoundedSemaphore(max_workers)
         super().__init__(address, Handler)
+
+    def process_request(self, request, client_address) -> None:  # type: ignore[no-untyped-def]
+        if not self._slots.acquire(timeout=self.busy_wait_s):
+            logger.warning("all connection workers busy: refusing a connection from %s", client_address)
+            try:
+                request.settimeout(1)
+                request.sendall(
+                    b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\n"
+                    + b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(_BUSY_BODY)
+                    + _BUSY_BODY
+                )
+            except OSError:
+                pass
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)  # starts the thread
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request, client_address) -> None:  # type: ignore[no-untyped-def]
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
 
     def server_bind(self) -> None:
         # HTTPServer.server_bind calls socket.getfqdn(), a reverse DNS lookup that can stall offline.
@@ -79,6 +122,8 @@ class HubServer:
 
     ``token`` is what clients must send (``HF_TOKEN``) to write and to read private repos; without one it is
     ``$OTFUSION_HUB_TOKEN``, else a random one (``token_generated`` is then true). See ``guard``.
+    At most ``max_workers`` connections are served at once; one more waits ``busy_wait_s`` for a free worker,
+    then gets 503. Stopping waits for that wait, at most.
 
     Test hooks: ``fail_next_commits = n`` makes the next ``n`` commit POSTs answer HTTP 500 without applying
     anything; ``request_log`` lists every ``(method, path)`` received (path as sent, URL-quoted, no query);
@@ -95,6 +140,8 @@ class HubServer:
         username: str = "local-user",
         max_commit_bytes: int = DEFAULT_MAX_COMMIT_BYTES,
         token: str | None = None,
+        max_workers: int = DEFAULT_MAX_WORKERS,
+        busy_wait_s: float = DEFAULT_BUSY_WAIT_S,
     ) -> None:
         bind_host = _loopback_host(host)
         self.root = Path(root)
@@ -105,7 +152,7 @@ class HubServer:
         self.download_log: list[tuple[str, int]] = []
         self._lock = threading.Lock()
         server_cls = _HTTPServer6 if ":" in bind_host else _HTTPServer
-        self._httpd = server_cls((bind_host, port), self)
+        self._httpd = server_cls((bind_host, port), self, max_workers, busy_wait_s)
         if token is None:
             token, self.token_generated = default_token()
         else:
