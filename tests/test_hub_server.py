@@ -654,3 +654,27 @@ def test_stalled_connections_do_not_create_unbounded_threads(tmp_path: Path) -> 
                 sock.close()
         # closing the stalled connections frees their workers: the server answers again
         assert _request(f"{server.url}/api/whoami-v2")[0] == 200
+
+
+def test_a_commit_that_changes_nothing_returns_the_head_without_a_new_commit(hub: HubServer, tmp_path: Path) -> None:
+    _create(hub, "ns", "same")
+    head = _commit(hub, "ns/same", {"a.bin": b"a", "b.bin": b"b"})
+    assert _commit(hub, "ns/same", {"a.bin": b"a"}, message="again") == head
+    assert len(json.loads(_request(f"{hub.url}/api/models/ns/same/commits/main")[2])) == 2
+    assert _commit(hub, "ns/same", {"a.bin": b"changed"}) != head
+    out = run_client(
+        hub,
+        tmp_path,
+        """
+        import os
+        from huggingface_hub import HfApi
+
+        api = HfApi()
+        os.makedirs("folder")
+        open("folder/w.bin", "wb").write(b"weights")
+        first = api.upload_folder(repo_id="ns/same", folder_path="folder").oid
+        second = api.upload_folder(repo_id="ns/same", folder_path="folder").oid
+        result(dict(first=first, second=second, commits=len(api.list_repo_commits("ns/same"))))
+        """,
+    )
+    assert out["first"] == out["second"] and out["commits"] == 4

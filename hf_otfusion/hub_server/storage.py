@@ -263,6 +263,8 @@ class Store:
         """Apply ``ops`` on the revision's head and move the ref; returns (commit SHA, PR number or None).
 
         Committing to a branch that does not exist creates it (from ``parent_commit`` or the default branch).
+        A commit that changes no file on an existing head records nothing and returns that head (HUB_API.md
+        leaves this open); one that opens a pull request or creates a branch still does.
         """
         with self.lock:
             refs = self.refs(repo)
@@ -293,7 +295,8 @@ class Store:
             else:
                 base = head if head is not None else refs["branches"][DEFAULT_BRANCH]
 
-            files: dict[str, dict[str, Any]] = dict(self.commit(repo, base)["files"])
+            base_files = self.commit(repo, base)["files"]
+            files: dict[str, dict[str, Any]] = dict(base_files)
             for op in ops:
                 if op.kind == "add":
                     assert op.blob is not None
@@ -309,6 +312,11 @@ class Store:
                     for p in doomed:
                         del files[p]
 
+            if files == base_files and not create_pr and head == base:
+                # Nothing changes (every file re-sent as it is): like huggingface_hub, which skips such a commit
+                # client-side, answer the current head rather than record an empty commit.
+                logger.info("no-op commit on %s@%s: head %s kept", repo.repo_id, revision, head[:10])
+                return head, None
             sha = self._write_commit(repo, base, files, title, description)
             pr_num: int | None = None
             if create_pr:
