@@ -7,6 +7,8 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# the local Hub server needs a token for writes; tests' HubServer() and clients (HF_TOKEN) share this one
+os.environ.setdefault("OTFUSION_HUB_TOKEN", "test-token-not-secret")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

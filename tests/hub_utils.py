@@ -10,18 +10,21 @@ import textwrap
 from pathlib import Path
 
 CLIENT_TIMEOUT_S = 180
+#: The local server's token in tests: conftest exports it as $OTFUSION_HUB_TOKEN, which every `HubServer()`
+#: started without `token=` uses, and every client below sends it as HF_TOKEN.
+TEST_TOKEN = "test-token-not-secret"
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def client_env(hub_url: str, home: Path, **extra: str) -> dict[str, str]:
-    """The environment of a client of the local server: a throwaway HF_HOME, no token, no Xet."""
+    """The environment of a client of the local server: a throwaway HF_HOME, the test token, no Xet."""
     env = {
         k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_")) and k != "TRANSFORMERS_OFFLINE"
     }
     env.update(
         HF_ENDPOINT=hub_url,
         HF_HUB_DISABLE_XET="1",
-        HF_TOKEN="test-token-not-secret",
+        HF_TOKEN=TEST_TOKEN,
         HF_HOME=str(home),
         HF_HUB_DISABLE_TELEMETRY="1",
         HF_HUB_DISABLE_PROGRESS_BARS="1",

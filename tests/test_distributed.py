@@ -20,7 +20,7 @@ from hf_otfusion.cli import main
 from hf_otfusion.engine.distributed import models_on, owned_batches, resolve_device
 from hf_otfusion.engine.plan import resolve_plan
 from hf_otfusion.engine.statistics import collect_statistics
-from hf_otfusion.hub_server import HubServer
+from hf_otfusion.hub.server import HubServer
 
 WORKER = Path(__file__).with_name("distributed_worker.py")
 SAMPLES, BATCH_SIZE = 19, 4  # 5 batches, the last one of 3 samples: 3 batches on process 0, 2 on process 1

@@ -284,7 +284,7 @@ def test_metric_input_errors_name_the_metric():
 
 def test_a_stopped_hub_server_cannot_start_again(tmp_path):
     from hf_otfusion import HubServerStateError, UnsafeHostError
-    from hf_otfusion.hub_server import HubServer
+    from hf_otfusion.hub.server import HubServer
 
     server = HubServer(tmp_path)
     server.stop()

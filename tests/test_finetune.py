@@ -238,7 +238,7 @@ print("RESULT " + json.dumps({
 def test_cli_finetunes_a_fused_model_from_the_hub_and_pushes_it_with_its_card(tmp_path):
     from hub_utils import client_env, run_python
 
-    from hf_otfusion.hub_server import HubServer
+    from hf_otfusion.hub.server import HubServer
 
     with HubServer(tmp_path / "store") as server:
         work = tmp_path / "work"

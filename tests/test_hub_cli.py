@@ -17,7 +17,7 @@ import transformers as T
 from hub_utils import client_env, run_cli, run_python
 from huggingface_hub import ModelCard
 
-from hf_otfusion.hub_server import HubServer
+from hf_otfusion.hub.server import HubServer
 
 HEADER_READ_BYTES = 100_001  # what HfApi.get_safetensors_metadata fetches of a weight file (Range 0-100000)
 

@@ -21,14 +21,15 @@ from pathlib import Path
 
 import pytest
 
-from hf_otfusion.hub_server import HubServer, commit_sha
+from hf_otfusion.hub.server import HubServer, commit_sha
 
 CLIENT_TIMEOUT_S = 120
+TOKEN = "hub-server-test-token"  # not the conftest default: proves `token=` reaches the checks
 
 
 @pytest.fixture
 def hub(tmp_path: Path, caplog: pytest.LogCaptureFixture):
-    with HubServer(tmp_path / "hub-root") as server:
+    with HubServer(tmp_path / "hub-root", token=TOKEN) as server:
         yield server
     # The real clients must only have used routes the server implements.
     records = caplog.get_records("setup") + caplog.get_records("call")
@@ -36,8 +37,9 @@ def hub(tmp_path: Path, caplog: pytest.LogCaptureFixture):
     assert not unsupported, unsupported
 
 
-def run_client(hub: HubServer, tmp_path: Path, script: str) -> dict:
-    """Run ``script`` in a subprocess whose huggingface_hub talks to ``hub``; return its RESULT json."""
+def run_client(hub: HubServer, tmp_path: Path, script: str, token: str | None = TOKEN) -> dict:
+    """Run ``script`` in a subprocess whose huggingface_hub talks to ``hub`` with HF_TOKEN=``token`` (None: no
+    token at all); return its RESULT json."""
     env = {
         k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_")) and k != "TRANSFORMERS_OFFLINE"
     }
@@ -45,12 +47,13 @@ def run_client(hub: HubServer, tmp_path: Path, script: str) -> dict:
     env.update(
         HF_ENDPOINT=hub.url,
         HF_HUB_DISABLE_XET="1",
-        HF_TOKEN="dummy",
         HF_HOME=str(home),
         HF_HUB_DISABLE_TELEMETRY="1",
         HF_HUB_DISABLE_PROGRESS_BARS="1",
         TOKENIZERS_PARALLELISM="false",
     )
+    if token is not None:
+        env["HF_TOKEN"] = token
     prelude = "import json, sys\ndef result(obj):\n    print('RESULT ' + json.dumps(obj))\n"
     proc = subprocess.run(
         [sys.executable, "-c", prelude + textwrap.dedent(script)],
@@ -291,9 +294,12 @@ def test_injected_commit_failure_raises_and_leaves_repo_unchanged(hub: HubServer
 
 # ------------------------------------------------------------------------------------------- stdlib checks
 def _request(
-    url: str, method: str = "GET", body: bytes | None = None, headers: dict | None = None
+    url: str, method: str = "GET", body: bytes | None = None, headers: dict | None = None, token: str | None = TOKEN
 ) -> tuple[int, dict, bytes]:
-    req = urllib.request.Request(url, data=body, method=method, headers=headers or {})
+    headers = dict(headers or {})
+    if token is not None:
+        headers["Authorization"] = f"Bearer {token}"
+    req = urllib.request.Request(url, data=body, method=method, headers=headers)
     try:
         with urllib.request.urlopen(req, timeout=30) as resp:
             return resp.status, dict(resp.headers), resp.read()
@@ -369,7 +375,7 @@ def test_refuses_non_loopback_host(tmp_path: Path, host: str) -> None:
 
 
 def test_stop_is_prompt_and_idempotent(tmp_path: Path) -> None:
-    server = HubServer(tmp_path, host="localhost").start()
+    server = HubServer(tmp_path, host="localhost", token=TOKEN).start()
     assert server.url.startswith("http://127.0.0.1:")
     assert _request(f"{server.url}/api/whoami-v2")[0] == 200
     server.stop()
@@ -392,3 +398,283 @@ def test_download_log_tells_header_reads_from_downloads_and_409_names_the_repo(h
     body = json.dumps({"name": "r3", "organization": "ns", "type": "model"}).encode()
     status, _, raw = _request(f"{hub.url}/api/repos/create", "POST", body=body)
     assert status == 409 and json.loads(raw)["url"] == f"{hub.url}/ns/r3"
+
+
+# --------------------------------------------------------------------------------------------- hardening
+def test_writes_and_private_reads_need_the_token(hub: HubServer) -> None:
+    """No token: writes are 401, private (and missing) repos are 401 RepoNotFound; a wrong token is 401."""
+    create = json.dumps({"name": "open", "organization": "ns", "type": "model"}).encode()
+    status, headers, raw = _request(f"{hub.url}/api/repos/create", "POST", create, token=None)
+    assert status == 401 and "token" in json.loads(raw)["error"]
+    status, _, raw = _request(f"{hub.url}/api/repos/create", "POST", create, token="wrong")
+    assert status == 401 and json.loads(raw)["error"] == "Invalid credentials in Authorization header"
+    assert not (hub.root / "repos" / "model" / "ns" / "open").exists()
+    _create(hub, "ns", "open")
+    line = {"key": "header", "value": {"summary": "sneaky"}}
+    commit_url = f"{hub.url}/api/models/ns/open/commit/main"
+    assert _request(commit_url, "POST", json.dumps(line).encode(), token=None)[0] == 401
+    assert _request(f"{hub.url}/api/models/ns/open/branch/dev", "POST", b"{}", token=None)[0] == 401
+    assert len(json.loads(_request(f"{hub.url}/api/models/ns/open/commits/main")[2])) == 1  # nothing applied
+
+    private = json.dumps({"name": "secret", "organization": "ns", "type": "model", "private": True}).encode()
+    assert _request(f"{hub.url}/api/repos/create", "POST", private)[0] == 200
+    sha = _commit(hub, "ns/secret", {"w.bin": b"weights"})
+    for url in (f"{hub.url}/api/models/ns/secret", f"{hub.url}/ns/secret/resolve/{sha}/w.bin"):
+        status, headers, raw = _request(url, token=None)
+        assert (status, headers["X-Error-Code"]) == (401, "RepoNotFound") and b"weights" not in raw
+    # a missing repo looks the same to an anonymous client, so a private repo's existence does not leak
+    status, headers, _ = _request(f"{hub.url}/api/models/ns/missing", token=None)
+    assert (status, headers["X-Error-Code"]) == (401, "RepoNotFound")
+    assert _request(f"{hub.url}/api/models/ns/missing")[0] == 404
+    assert _request(f"{hub.url}/ns/secret/resolve/{sha}/w.bin")[2] == b"weights"
+    # public reads and whoami need no token
+    assert _request(f"{hub.url}/api/models/ns/open", token=None)[0] == 200
+    assert _request(f"{hub.url}/api/whoami-v2", token=None)[0] == 200
+
+
+def test_real_client_without_or_with_explicit_token(hub: HubServer, tmp_path: Path) -> None:
+    """huggingface_hub without HF_TOKEN can read public repos only; `token=` as an argument writes."""
+    out = run_client(
+        hub,
+        tmp_path,
+        f"""
+        from huggingface_hub import HfApi, hf_hub_download
+        from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
+
+        owner = HfApi(token={TOKEN!r})
+        owner.create_repo("ns/pub")
+        owner.upload_file(path_or_fileobj=b"public", path_in_repo="f.txt", repo_id="ns/pub")
+        owner.create_repo("ns/priv", private=True)
+        owner.upload_file(path_or_fileobj=b"private", path_in_repo="f.txt", repo_id="ns/priv")
+
+        anon = HfApi(token=False)
+        try:
+            anon.create_repo("ns/anon")
+            write = None
+        except HfHubHTTPError as e:
+            write = e.response.status_code
+        try:
+            anon.model_info("ns/priv")
+            private = None
+        except RepositoryNotFoundError as e:
+            private = e.response.status_code
+        public = open(hf_hub_download("ns/pub", "f.txt", token=False, cache_dir="c1"), "rb").read().decode()
+        mine = open(hf_hub_download("ns/priv", "f.txt", token={TOKEN!r}, cache_dir="c2"), "rb").read().decode()
+        result(dict(write=write, private=private, public=public, mine=mine))
+        """,
+        token=None,
+    )
+    assert out == {"write": 401, "private": 401, "public": "public", "mine": "private"}
+
+
+def _raw(hub: HubServer, headers: dict[str, str], method: str = "GET", path: str = "/api/whoami-v2"):
+    """One request with exactly these headers (no Host unless given), over http.client."""
+    import http.client
+
+    host, port = hub.url.removeprefix("http://").rsplit(":", 1)
+    conn = http.client.HTTPConnection(host, int(port), timeout=10)
+    try:
+        conn.putrequest(method, path, skip_host=True, skip_accept_encoding=True)
+        for key, value in headers.items():
+            conn.putheader(key, value)
+        conn.endheaders()
+        resp = conn.getresponse()
+        return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
+    finally:
+        conn.close()
+
+
+def test_host_must_be_loopback_and_cross_origin_requests_are_refused(hub: HubServer) -> None:
+    """DNS rebinding and CSRF from a web page: foreign Host is 421, foreign Origin 403, no CORS headers."""
+    port = hub.url.rsplit(":", 1)[1]
+    for host in (f"127.0.0.1:{port}", f"localhost:{port}", f"LOCALHOST:{port}", f"[::1]:{port}"):
+        assert _raw(hub, {"Host": host})[0] == 200, host
+    for host in (f"evil.example:{port}", "127.0.0.1", f"127.0.0.1:{int(port) + 1}", f"192.168.1.2:{port}"):
+        assert _raw(hub, {"Host": host})[0] == 421, host
+    assert _raw(hub, {})[0] == 400  # no Host at all
+    own = f"127.0.0.1:{port}"
+    assert _raw(hub, {"Host": own, "Origin": f"http://{own}"})[0] == 200
+    answers = [
+        _raw(hub, {"Host": own, "Origin": origin}, method)
+        for origin in ("http://evil.example", "null", f"http://localhost:{port}", f"https://{own}")
+        for method in ("GET", "POST")
+    ]
+    assert {status for status, _, _ in answers} == {403}
+    answers.append(_raw(hub, {"Host": own, "Origin": "http://evil.example", "Access-Control-Request-Method": "POST"},
+                        "OPTIONS"))  # fmt: skip
+    assert answers[-1][0] >= 400
+    assert not [k for _, headers, _ in answers for k in headers if k.startswith("access-control-")]
+
+
+class _CLIServer:
+    """`otfusion-hub serve-hub --port 0` in a subprocess; the first lines it prints give the URL (and token)."""
+
+    def __init__(self, root: Path, *args: str, env_token: str | None = None) -> None:
+        env = {k: v for k, v in os.environ.items() if k != "OTFUSION_HUB_TOKEN"}
+        if env_token is not None:
+            env["OTFUSION_HUB_TOKEN"] = env_token
+        command = [sys.executable, "-m", "hf_otfusion.cli", "serve-hub", "--port", "0", "--root", str(root), *args]
+        self.process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=env)
+        generated = "--token" not in args and env_token is None  # then a third line prints the token
+        self.lines = [self.process.stdout.readline() for _ in range(3 if generated else 2)]
+        self.url = self.lines[0].split(" at ")[1].split()[0]
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(timeout=10)
+
+
+def _create_status(url: str, token: str | None) -> int:
+    body = json.dumps({"name": "r", "organization": "ns", "type": "model", "private": False}).encode()
+    return _request(f"{url}/api/repos/create", "POST", body, token=token)[0]
+
+
+def test_serve_hub_prints_a_generated_token_or_takes_one(tmp_path: Path) -> None:
+    server = _CLIServer(tmp_path / "a")
+    try:
+        token = server.lines[2].rsplit(": ", 1)[1].strip()
+        assert f"HF_TOKEN={token}" in server.lines[1] and len(token) > 20
+        assert _create_status(server.url, None) == 401 and _create_status(server.url, token) == 200
+    finally:
+        server.stop()
+    for args, env_token in ((("--token", "given-token"), None), ((), "given-token")):
+        server = _CLIServer(tmp_path / "b", *args, env_token=env_token)
+        try:
+            assert "given-token" not in "".join(server.lines)  # a chosen token is not echoed
+            assert _create_status(server.url, "wrong") == 401
+            assert _create_status(server.url, "given-token") in (200, 409)
+        finally:
+            server.stop()
+
+
+def _peak_rss_kib(pid: int) -> int:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(next(line for line in status.splitlines() if line.startswith("VmHWM:")).split()[1])
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads the server's peak RSS from /proc")
+def test_a_100_mib_upload_streams_to_disk(tmp_path: Path) -> None:
+    """The server's peak RSS grows by far less than the upload: base64 is decoded into the blob as it arrives."""
+    import http.client
+
+    size, block = 100 * 2**20, 3 * 2**20  # blocks of 3 MiB: whole base64 quanta, padding only at the end
+    pattern = hashlib.sha256(b"seed").digest() * (block // 32)
+    server = _CLIServer(tmp_path / "root", "--token", TOKEN)
+    try:
+        assert _create_status(server.url, TOKEN) == 200
+        _commit(server, "ns/r", {"warm-up.bin": b"x" * 1000})  # every code path imported before the baseline
+        before = _peak_rss_kib(server.process.pid)
+
+        head = json.dumps({"key": "header", "value": {"summary": "big"}}).encode() + b"\n"
+        head += b'{"key": "file", "value": {"content": "'
+        tail = b'", "path": "big.bin", "encoding": "base64"}}\n'
+        sizes = [min(block, size - start) for start in range(0, size, block)]
+        digest = hashlib.sha256()
+
+        def body():
+            yield head
+            for n in sizes:
+                digest.update(pattern[:n])
+                yield base64.b64encode(pattern[:n])
+            yield tail
+
+        length = len(head) + 4 * -(-size // 3) + len(tail)
+        conn = http.client.HTTPConnection(
+            server.url.removeprefix("http://").split(":")[0], int(server.url.rsplit(":", 1)[1]), timeout=60
+        )
+        headers = {"Content-Length": str(length), "Authorization": f"Bearer {TOKEN}"}
+        conn.request("POST", "/api/models/ns/r/commit/main", body=body(), headers=headers)
+        resp = conn.getresponse()
+        answer = resp.read()
+        conn.close()
+        assert resp.status == 200, answer
+        growth_mib = (_peak_rss_kib(server.process.pid) - before) / 1024
+        print(f"server peak RSS growth during a 100 MiB upload: {growth_mib:.1f} MiB")
+        assert growth_mib < 150
+        blob = tmp_path / "root" / "blobs" / digest.hexdigest()[:2] / digest.hexdigest()
+        assert blob.stat().st_size == size
+        status, _, raw = _request(f"{server.url}/ns/r/resolve/main/big.bin", headers={"Range": f"bytes={size - 10}-"})
+        assert (status, raw) == (206, pattern[: sizes[-1]][-10:])
+        assert not list((tmp_path / "root" / "tmp").iterdir())  # spool and partial blob files are gone
+    finally:
+        server.stop()
+
+
+def test_streamed_commit_lines_decode_escapes_and_reject_malformed_ones(hub: HubServer) -> None:
+    _create(hub, "ns", "s")
+    text = ('line é 😀 "quoted" \\ back\n' * 60_000)[:1_500_000]  # > 1 MiB: spooled to disk as it arrives
+    lines = [
+        {"key": "header", "value": {"summary": "text", "description": "d\u00e9", "parentCommit": None}},
+        {"key": "file", "value": {"path": "t.txt", "content": text, "encoding": "utf-8"}},
+        {"key": "file", "value": {"content": base64.b64encode(b"small").decode(), "path": "s.bin"}},
+    ]
+    url = f"{hub.url}/api/models/ns/s/commit/main"
+    body = b"".join(json.dumps(line).encode() + b"\n" for line in lines)  # ASCII with \\u escapes
+    assert _request(url, "POST", body)[0] == 200
+    assert _request(f"{hub.url}/ns/s/resolve/main/t.txt")[2] == text.encode()
+    assert _request(f"{hub.url}/ns/s/resolve/main/s.bin")[2] == b"small"
+    head = json.dumps(lines[0]).encode() + b"\n"
+    malformed = [
+        b'{"key": "file", "value": {"path": "x", "content": "QQ==QQ=="}}',
+        b'{"key": "file", "value": ',
+        b'{"key": "file" "value": {}}',
+        b'["not", "an", "object"]',
+        b'{"key": "header", "value": {"a": tru}}',
+    ]
+    for bad in malformed:
+        status, _, raw = _request(url, "POST", head + bad + b"\n")
+        assert status == 400, (bad, raw)
+    assert len(json.loads(_request(f"{hub.url}/api/models/ns/s/commits/main")[2])) == 2
+    assert not list((hub.root / "tmp").iterdir())
+
+
+def test_stalled_connections_do_not_create_unbounded_threads(tmp_path: Path) -> None:
+    """Connections that never send a request hold at most max_workers threads; the next ones get 503."""
+    import socket
+    import threading
+    import time
+
+    baseline = threading.active_count()
+    with HubServer(tmp_path, token=TOKEN, max_workers=3, busy_wait_s=0.3) as server:
+        host, port = server.url.removeprefix("http://").rsplit(":", 1)
+        stalled = [socket.create_connection((host, int(port)), timeout=10) for _ in range(8)]
+        try:
+            peak, deadline = 0, time.monotonic() + 3.5  # 5 refusals x 0.3 s, with slack for a slow machine
+            answers: list[bytes] = []
+            for sock in stalled[3:]:
+                answers.append(sock.recv(200))
+                peak = max(peak, threading.active_count() - baseline)
+            while time.monotonic() < deadline and peak < 4:
+                peak = max(peak, threading.active_count() - baseline)
+                time.sleep(0.05)
+            assert peak <= 1 + 3, peak  # the accept loop's thread and three workers
+            assert all(a.startswith(b"HTTP/1.1 503 ") for a in answers), answers
+        finally:
+            for sock in stalled:
+                sock.close()
+        # closing the stalled connections frees their workers: the server answers again
+        assert _request(f"{server.url}/api/whoami-v2")[0] == 200
+
+
+def test_a_commit_that_changes_nothing_returns_the_head_without_a_new_commit(hub: HubServer, tmp_path: Path) -> None:
+    _create(hub, "ns", "same")
+    head = _commit(hub, "ns/same", {"a.bin": b"a", "b.bin": b"b"})
+    assert _commit(hub, "ns/same", {"a.bin": b"a"}, message="again") == head
+    assert len(json.loads(_request(f"{hub.url}/api/models/ns/same/commits/main")[2])) == 2
+    assert _commit(hub, "ns/same", {"a.bin": b"changed"}) != head
+    out = run_client(
+        hub,
+        tmp_path,
+        """
+        import os
+        from huggingface_hub import HfApi
+
+        api = HfApi()
+        os.makedirs("folder")
+        open("folder/w.bin", "wb").write(b"weights")
+        first = api.upload_folder(repo_id="ns/same", folder_path="folder").oid
+        second = api.upload_folder(repo_id="ns/same", folder_path="folder").oid
+        result(dict(first=first, second=second, commits=len(api.list_repo_commits("ns/same"))))
+        """,
+    )
+    assert out["first"] == out["second"] and out["commits"] == 4

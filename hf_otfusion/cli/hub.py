@@ -27,6 +27,8 @@ def add_parsers(commands) -> None:
     serve.add_argument("--port", type=count(0, 65535), default=8765, help="TCP port on 127.0.0.1; point clients "
                        "at it with HF_ENDPOINT=http://127.0.0.1:PORT (default: 8765; 0 picks a free port)")  # fmt: skip
     serve.add_argument("--root", type=Path, required=True, help="directory holding the repositories")
+    serve.add_argument("--token", help="token clients must send (HF_TOKEN) to write and to read private repos "
+                       "(default: $OTFUSION_HUB_TOKEN, else a random one, printed at start)")  # fmt: skip
 
 
 def run_push(args: argparse.Namespace) -> int:
@@ -60,10 +62,10 @@ def push_output(folder: Path, repo_id: str, options, commit_message: str | None 
 
 
 def run_serve_hub(args: argparse.Namespace) -> int:
-    from ..hub_server import serve
+    from ..hub.server import serve
 
     try:
-        serve(args.root, args.port)
+        serve(args.root, args.port, token=args.token)
     except OSError as error:
         if error.errno is None:
             raise
