@@ -414,7 +414,10 @@ def _is_weight_file(name: str) -> bool:
 
 
 def _is_text(config: dict[str, Any]) -> bool:
-    return "vocab_size" in config and "image_size" not in config
+    """Whether the model reads text (its alignment data is tokenised), from its spec's `modality`."""
+    from ..engine.tasks import modality_of
+
+    return modality_of(str(config.get("model_type"))) == "text"
 
 
 def quality_record(result) -> dict:
