@@ -31,6 +31,9 @@ FAMILIES = {
     "deit-teacher": (T.DeiTForImageClassificationWithTeacher, lambda: T.DeiTConfig(**IMAGE, num_labels=3)),
     "deit-cls": (T.DeiTForImageClassification, lambda: T.DeiTConfig(**IMAGE, num_labels=3)),
     "deit-base": (T.DeiTModel, lambda: T.DeiTConfig(**IMAGE)),
+    "roberta-seqcls": (T.RobertaForSequenceClassification, lambda: T.RobertaConfig(**TEXT, num_labels=3)),
+    "roberta-mlm": (T.RobertaForMaskedLM, lambda: T.RobertaConfig(**TEXT)),
+    "roberta-base": (T.RobertaModel, lambda: T.RobertaConfig(**TEXT)),
 }
 
 
@@ -56,7 +59,7 @@ def inputs_for(model: T.PreTrainedModel, batch: int = 8, seed: int = 0) -> dict[
     """Model inputs; text batches have padding at the end of some rows."""
     generator = torch.Generator().manual_seed(seed)
     config = model.config
-    if config.model_type == "bert":
+    if getattr(config, "vocab_size", None):  # text
         ids = torch.randint(1, config.vocab_size, (batch, 12), generator=generator)
         mask = torch.ones_like(ids)
         mask[batch // 2 :, 8:] = 0

@@ -27,7 +27,7 @@ def _raw(model_type: str) -> dict:
 
 
 def test_shipped_specs():
-    assert available_specs() == ["bert", "deit", "vit"]
+    assert available_specs() == ["bert", "deit", "roberta", "vit"]
 
 
 def test_every_listed_architecture_resolves_with_full_coverage(family):
@@ -53,6 +53,16 @@ def test_unknown_keys_are_rejected():
     raw = _raw("bert")
     raw["hook"] = {}
     with pytest.raises(SpecError, match=r"unknown key\(s\) \['hook'\]"):
+        AlignmentSpec.from_dict(raw)
+
+
+def test_modality_is_required_and_is_text_or_image():
+    raw = _raw("bert")
+    del raw["modality"]
+    with pytest.raises(SpecError, match=r"missing key\(s\) \['modality'\]"):
+        AlignmentSpec.from_dict(raw)
+    raw["modality"] = "audio"
+    with pytest.raises(SpecError, match=r"modality must be one of \['image', 'text'\].*got 'audio'"):
         AlignmentSpec.from_dict(raw)
 
 

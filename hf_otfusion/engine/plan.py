@@ -47,6 +47,15 @@ class FusionPlan:
     residual_norms: dict[str, list[str]] = field(default_factory=dict)  # norm module -> modules reading it
     output_norm: str | None = None  # the residual norm whose output is the encoder's output
     repair_sites: dict[str, str] = field(default_factory=dict)  # module -> the parameter taking the shift
+    layers: dict[str, int] = field(default_factory=dict)  # parameter -> its layer, for those bound by a `{i}` pattern
+
+    def parameter_group(self, name: str) -> str:
+        """`layer i` for a parameter of layer i, else `embeddings` (before the first layer) or `head` (after it)."""
+        if name in self.layers:
+            return f"layer {self.layers[name]}"
+        first = next((param for param in self.parameters if param in self.layers), None)
+        names = list(self.parameters)
+        return "embeddings" if first is None or names.index(name) < names.index(first) else "head"
 
     @property
     def stream(self) -> str | None:
@@ -110,7 +119,7 @@ def resolve_plan(model: PreTrainedModel, spec: AlignmentSpec | None = None) -> F
     num_layers = _config_int(config, spec.layers, "layers")
     base = base_prefix(model)
 
-    bound = _expand_parameters(spec, base, num_layers)
+    bound, layer_of = _expand_parameters(spec, base, num_layers)
     params = dict(model.named_parameters())  # deduplicated: a tied weight appears once
     uncovered = [name for name in params if name not in bound]
     if uncovered:
@@ -182,6 +191,7 @@ def resolve_plan(model: PreTrainedModel, spec: AlignmentSpec | None = None) -> F
     return FusionPlan(
         spec.model_type, architecture, num_layers, spaces, parameters, hooks, residual_norms,
         output_norm if output_norm in residual_norms else None, repair_sites,
+        {name: layer_of[name] for name in params if name in layer_of},
     )  # fmt: skip
 
 
@@ -191,8 +201,10 @@ def _present(template: str, base: str, layer: int | None, modules: dict) -> list
     return [name] if name in modules else []
 
 
-def _expand_parameters(spec: AlignmentSpec, base: str, num_layers: int) -> dict[str, tuple]:
+def _expand_parameters(spec: AlignmentSpec, base: str, num_layers: int) -> tuple[dict[str, tuple], dict[str, int]]:
+    """Every name the spec's patterns expand to, with its axis bindings, and the layer of the `{i}` ones."""
     bound: dict[str, tuple] = {}
+    layer_of: dict[str, int] = {}
     for pattern, axes in spec.parameters.items():
         for layer in _layers_of(pattern, num_layers):
             name = _fill(pattern, base, layer)
@@ -201,7 +213,9 @@ def _expand_parameters(spec: AlignmentSpec, base: str, num_layers: int) -> dict[
                     f"Parameter {name} is bound twice in the {spec.model_type!r} spec.", parameters=[name]
                 )
             bound[name] = tuple(None if axis is None else axis.format(layer) for axis in axes)
-    return bound
+            if layer is not None:
+                layer_of[name] = layer
+    return bound, layer_of
 
 
 def _expand_spaces(spec: AlignmentSpec, config, num_layers: int) -> dict[str, Space]:

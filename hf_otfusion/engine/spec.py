@@ -3,6 +3,28 @@
 A spec is the only place that knows an architecture. It is a YAML file (see `specs/bert.yaml`) validated
 strictly into the frozen dataclasses below: unknown keys, undeclared spaces and malformed axis entries fail
 with a `SpecError` naming the entry. Adding an architecture means adding a spec file.
+
+Keys (required unless marked optional):
+
+- `model_type`: the `config.model_type` the spec is for; the file is `specs/<model_type>.yaml`.
+- `architectures`: the model classes it covers (each must have its every parameter bound).
+- `modality`: `text` or `image`, what the model reads. It decides the Hub pipeline tag of a bare encoder
+  (`feature-extraction` or `image-feature-extraction`) and whether alignment data is tokenised (`max_length`).
+  The task of a head class (pipeline tag, Auto class, classifier or not) is not in the spec: it comes from
+  transformers' own `MODEL_FOR_*_MAPPING_NAMES` tables (`hf_otfusion.engine.tasks`).
+- `layers`: the config key holding the number of layers; `{i}` in any name below runs over them. The
+  parameters bound by a `{i}` pattern are the layers' parameters (the per-layer groups of the readiness report);
+  the other parameters are the embeddings (before the first layer) or the head (after the last).
+- `spaces`: name -> `{size, heads?, stream?, scaled_dot_product?}` (see `SpaceSpec`), in flow order. The
+  order also lists the kinds of space (the name before `.{i}`) in the model card's diagnostics table.
+- `parameters`: parameter name pattern -> one entry per axis: a space name (the axis holds its units), `in:SPACE`
+  (the axis reads them) or null (not aligned). `{base}` is the base-model prefix, empty in the bare model.
+- `hooks`: space -> the modules whose outputs are that space's units (activation costs and statistics).
+- `residual_norms` (optional, pre-LN only): norm -> the modules that read its output.
+- `output_norm` (optional): the residual norm whose output is the encoder's output.
+- `repair` (optional): module -> the parameter that takes the shift when its output statistics are restored.
+
+Patterns naming a module or parameter the model lacks (a pooler, a second head) are skipped for that model.
 """
 
 from __future__ import annotations
@@ -19,7 +41,8 @@ from ..errors import SpecError, UnsupportedArchitectureError
 LAYER = "{i}"
 BASE = "{base}"
 _INPUT_PREFIX = "in:"
-_TOP_KEYS = {"model_type", "architectures", "layers", "spaces", "parameters", "hooks"}
+_TOP_KEYS = {"model_type", "architectures", "modality", "layers", "spaces", "parameters", "hooks"}
+MODALITIES = ("image", "text")
 _OPTIONAL_KEYS = {"residual_norms", "output_norm", "repair"}
 _SPACE_KEYS = {"size", "heads", "stream", "scaled_dot_product"}
 
@@ -74,6 +97,7 @@ class AlignmentSpec:
 
     model_type: str
     architectures: tuple[str, ...]
+    modality: str
     layers: str
     spaces: tuple[SpaceSpec, ...]
     parameters: dict[str, tuple[AxisBinding | None, ...]]
@@ -81,6 +105,11 @@ class AlignmentSpec:
     residual_norms: dict[str, tuple[str, ...]] = field(default_factory=dict)
     output_norm: str | None = None
     repair: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def space_kinds(self) -> tuple[str, ...]:
+        """The kinds of space (`residual`, `heads`, `qk`, ...: names without their layer), in declaration order."""
+        return tuple(dict.fromkeys(space.name.split(".")[0] for space in self.spaces))
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], source: str = "<dict>") -> AlignmentSpec:
@@ -91,6 +120,13 @@ class AlignmentSpec:
         missing = sorted(_TOP_KEYS - set(raw))
         if missing:
             raise SpecError(f"{source}: missing key(s) {missing}.", spec=source, key=missing[0])
+        if raw["modality"] not in MODALITIES:
+            raise SpecError(
+                f"{source}: modality must be one of {list(MODALITIES)} (what the model reads), "
+                f"got {raw['modality']!r}.",
+                spec=source,
+                key="modality",
+            )
 
         spaces = []
         for name, body in raw["spaces"].items():
@@ -172,6 +208,7 @@ class AlignmentSpec:
         return cls(
             model_type=str(raw["model_type"]),
             architectures=tuple(raw["architectures"]),
+            modality=str(raw["modality"]),
             layers=str(raw["layers"]),
             spaces=tuple(spaces),
             parameters=parameters,

@@ -138,11 +138,6 @@ def _provenance(job: FuseJob, checked: Preflight, result, evaluation) -> Provena
     parents = checked.parents
     anchor_config = parents[checked.anchor].config
     data = checked.alignment_data.to_dict() if checked.alignment_data else None
-    data_flags = {}
-    if data is not None:
-        data_flags = {"text_column": job.text_column, "image_column": job.image_column}
-        if job.text_column or _is_text(anchor_config):
-            data_flags["max_length"] = job.max_length
     options = {"dtype": job.dtype, "max_shard_size": job.max_shard_size}
     return Provenance(
         parents=[p.to_dict() for p in parents],
@@ -186,10 +181,6 @@ def _finish(job: FuseJob, stage: StagedOutput, anchor: Parent, provenance: Prove
 def _is_weight_file(name: str) -> bool:
     """`model.safetensors`, its shards (`model-00001-of-00003.safetensors`) and their index."""
     return name.startswith("model") and (name.endswith(".safetensors") or name.endswith(".safetensors.index.json"))
-
-
-def _is_text(config: dict[str, Any]) -> bool:
-    return "vocab_size" in config and "image_size" not in config
 
 
 def quality_record(result) -> dict:

@@ -11,7 +11,6 @@ activation correlation of matched units.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -35,8 +34,6 @@ from ..engine.transport import TransportMap
 SAME_BASE_IDENTITY = 0.5
 # Alignment that removes at least this share of the relative L2 distance found a real correspondence.
 ALIGNMENT_GAIN = 0.1
-
-_LAYER = re.compile(r"(?:^|\.)layers?\.(\d+)\.")
 
 
 @dataclass
@@ -184,12 +181,9 @@ class _Accumulator:
         return relative, cosine, float(disagree / self.signed) if self.signed else 0.0
 
 
-def parameter_group(name: str) -> str:
-    """`layer i` for encoder layers, `embeddings`, or `head` for what follows the encoder."""
-    match = _LAYER.search(name)
-    if match:
-        return f"layer {match.group(1)}"
-    return "embeddings" if "embeddings" in name else "head"
+def parameter_group(name: str, plan: FusionPlan) -> str:
+    """`layer i` for the parameters the spec binds with `{i}`, `embeddings` before them, `head` after them."""
+    return plan.parameter_group(name)
 
 
 def weight_distances(
@@ -207,7 +201,7 @@ def weight_distances(
     groups: dict[str, tuple[_Accumulator, _Accumulator]] = {}
     total = (_Accumulator(), _Accumulator())
     for name, anchor_tensor in anchor_params.items():
-        before, after = groups.setdefault(parameter_group(name), (_Accumulator(), _Accumulator()))
+        before, after = groups.setdefault(parameter_group(name, anchor_plan), (_Accumulator(), _Accumulator()))
         axes = plan.parameters[name]
         for piece in pieces(anchor_tensor.shape, axes):  # large tensors in slices: no whole float64 copies
             b = anchor_tensor[piece].detach().double()

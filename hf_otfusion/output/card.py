@@ -14,6 +14,9 @@ from pathlib import Path
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from ..engine.spec import load_spec
+from ..engine.tasks import task_of
+from ..errors import SpecError, UnsupportedArchitectureError
 from .provenance import Provenance
 
 TEMPLATE_PATH = Path(str(files("hf_otfusion.model_cards") / "fused_model_card.md"))  # top-level model_cards/
@@ -21,23 +24,14 @@ CARD_TAGS = ("merge", "model-fusion", "optimal-transport", "hf-otfusion")
 FUSED_ROW = "fused"
 VANILLA_ROW = "vanilla average"
 
-# architecture suffix -> (pipeline tag, the Auto class that loads it); the first matching suffix wins
-_HEADS = (
-    ("ForImageClassificationWithTeacher", "image-classification", "AutoModelForImageClassification"),
-    ("ForImageClassification", "image-classification", "AutoModelForImageClassification"),
-    ("ForSequenceClassification", "text-classification", "AutoModelForSequenceClassification"),
-    ("ForMaskedLM", "fill-mask", "AutoModelForMaskedLM"),
-)
-_IMAGE_MODEL_TYPES = ("vit", "deit")
-_SPACE_ORDER = ("residual", "heads", "qk", "vo", "mlp", "pooler")
-
 
 def pipeline_and_auto_class(architecture: str, model_type: str) -> tuple[str, str]:
-    """The Hub pipeline tag of an architecture and the `transformers` Auto class that loads it."""
-    for suffix, tag, auto_class in _HEADS:
-        if architecture.endswith(suffix):
-            return tag, auto_class
-    return ("image-feature-extraction" if model_type in _IMAGE_MODEL_TYPES else "feature-extraction"), "AutoModel"
+    """The Hub pipeline tag of an architecture and the `transformers` Auto class that loads it.
+
+    Read from transformers' auto tables and the spec's `modality` (see `hf_otfusion.engine.tasks`).
+    """
+    task = task_of(architecture, model_type)
+    return task.pipeline_tag, task.auto_class
 
 
 def build_card_data(provenance: Provenance, licenses: list[str | None], model_name: str) -> ModelCardData:
@@ -235,7 +229,8 @@ def _diagnostics_text(provenance: Provenance) -> str:
     """Per parent and layer, `transport cost / softness` of each space kind (heads, qk, vo, mlp, ...)."""
     if not provenance.diagnostics:
         return f"No transport problem was solved (`method={provenance.config['method']}` does not align)."
-    kinds = sorted({d["space"].split(".")[0] for d in provenance.diagnostics}, key=_space_rank)
+    order = _space_order(provenance.model_type)
+    kinds = sorted({d["space"].split(".")[0] for d in provenance.diagnostics}, key=lambda k: _space_rank(k, order))
     cells: dict[tuple[int, str], dict[str, str]] = {}
     for d in provenance.diagnostics:
         kind = d["space"].split(".")[0]
@@ -278,8 +273,16 @@ def _quality_text(provenance: Provenance) -> str:
     return "\n".join(lines)
 
 
-def _space_rank(kind: str) -> tuple[int, str]:
-    return (_SPACE_ORDER.index(kind) if kind in _SPACE_ORDER else len(_SPACE_ORDER), kind)
+def _space_order(model_type: str) -> tuple[str, ...]:
+    """The kinds of space in the order the spec declares them (flow order); none known without a spec."""
+    try:
+        return load_spec(model_type).space_kinds
+    except (UnsupportedArchitectureError, SpecError):
+        return ()
+
+
+def _space_rank(kind: str, order: tuple[str, ...]) -> tuple[int, str]:
+    return (order.index(kind) if kind in order else len(order), kind)
 
 
 def _layer_rank(layer: str) -> tuple[int, int]:

@@ -20,13 +20,12 @@ from transformers import PreTrainedModel, default_data_collator
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from ..checkpoints import ModelOrPath, load_parent
+from ..engine.tasks import task_of
 from ..errors import TrainingDataError, UnsupportedTaskError
 from .metrics import load_metric
 
 # a row's model: a model or checkpoint, or a function that builds one when the row is scored
 RowModel = ModelOrPath | Callable[[], PreTrainedModel]
-
-CLASSIFICATION_HEADS = ("ForSequenceClassification", "ForImageClassification", "ForImageClassificationWithTeacher")
 
 
 @dataclass
@@ -81,9 +80,12 @@ class EvaluationTable:
 
 
 def check_classifier(model: PreTrainedModel) -> None:
-    """Raises `UnsupportedTaskError` unless the model is a sequence or image classifier."""
+    """Raises `UnsupportedTaskError` unless the model is a sequence or image classifier.
+
+    A classifier is a class transformers' auto tables list as its model type's sequence or image classifier.
+    """
     name = type(model).__name__
-    if not name.endswith(CLASSIFICATION_HEADS):
+    if not task_of(name, model.config.model_type).classifier:
         raise UnsupportedTaskError(
             f"{name} has no classification head; hf_otfusion evaluates and finetunes *ForSequenceClassification "
             "and *ForImageClassification models. Load the checkpoint with such a class (a new head is added) first.",

@@ -22,6 +22,7 @@ from transformers import PreTrainedModel
 
 from ..checkpoints import ModelOrPath, load_parent
 from ..config import FinetuneConfig  # FinetuneConfig re-exported: hf_otfusion.train.finetune API
+from ..engine.tasks import takes_labels, trainable_sibling
 from ..errors import UnsupportedTaskError
 from ..output.card import pipeline_and_auto_class
 from ..output.provenance import CONFIG_FILE, PROVENANCE_FILE
@@ -182,12 +183,16 @@ def finetune(
 def check_trainable(model: PreTrainedModel) -> None:
     """Raises `UnsupportedTaskError` unless the model is a classifier that computes a loss from `labels`."""
     check_classifier(model)
-    if type(model).__name__.endswith("WithTeacher"):
+    if not takes_labels(type(model)):  # DeiT's distillation model: its second head is trained against a teacher
+        name = type(model).__name__
+        sibling = trainable_sibling(name, model.config.model_type)
+        fix = (
+            f"Finetune it as {sibling}.from_pretrained(<checkpoint>), which keeps the backbone and the class head."
+            if sibling
+            else "Load the checkpoint with a classifier class that takes labels first."
+        )
         raise UnsupportedTaskError(
-            f"{type(model).__name__} takes no labels (its distillation head is trained against a teacher). "
-            "Finetune it as DeiTForImageClassification.from_pretrained(<checkpoint>), which keeps the backbone and "
-            "the class head.",
-            model_class=type(model).__name__,
+            f"{name} takes no labels, so it computes no loss to train on. {fix}", model_class=name
         )
 
 
