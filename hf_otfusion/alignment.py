@@ -132,7 +132,7 @@ def align_parents(
         inputs = [str(p.location if isinstance(p, Checkpoint) else p) for p in parents if not _is_model(p)]
         target = check_output_dir(out, overwrite=overwrite, inputs=inputs, flag="out")
     alignment = align_models(parents, config, data=data, spec=spec, progress=progress, device=device)
-    if target is not None:
+    if target is not None and _main_process():  # under torchrun / accelerate launch, the main process writes
         write_aligned(alignment, outputs, target, overwrite=overwrite)
     return alignment.models
 
@@ -388,6 +388,12 @@ def _kinds(maps: dict[str, TransportMap]) -> dict[str, str]:
     for space, transport in maps.items():
         kinds.setdefault(space.split(".")[0], set()).add(transport.kind)
     return {space: ", ".join(sorted(found)) for space, found in sorted(kinds.items())}
+
+
+def _main_process() -> bool:
+    from .engine.distributed import is_main_process, process_state
+
+    return is_main_process(process_state(None))
 
 
 def _is_model(parent: Any) -> bool:

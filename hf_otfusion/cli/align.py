@@ -125,10 +125,14 @@ def run_align(args: argparse.Namespace) -> int:
         )
         for parent in parents
     ])  # fmt: skip
+    from ..alignment import _main_process
+
+    if not _main_process():
+        return 0  # under torchrun / accelerate launch, only the main process writes the output (and pushes)
     target = check_output_dir(args.out, overwrite=args.overwrite, inputs=inputs)  # again: aligning took a while
     write_aligned(alignment, outputs, target, overwrite=args.overwrite)
     kinds = ", ".join(f"{space}: {'/'.join(found)}" for space, found in alignment.map_kinds().items())
-    print(f"Maps ({'function-preserving'}): {kinds or 'none'}")
+    print(f"Maps (function-preserving): {kinds or 'none'}")
     for k, output in enumerate(outputs):
         role = " (the anchor, re-saved)" if k == anchor else ""
         print(f"Aligned {output.label} -> {args.out / output.name}{role}")
