@@ -76,7 +76,7 @@ def add_parsers(commands) -> None:
 
 
 def run_align(args: argparse.Namespace) -> int:
-    from ..alignment import AlignedOutput, align_models, check_exact_config, unique_names, write_aligned
+    from ..alignment import AlignedOutput, _main_process, align_models, check_exact_config, unique_names, write_aligned
     from ..config import FusionConfig
     from ..data import DataSource, load_processor
     from ..errors import EmptyAlignmentDataError
@@ -125,8 +125,6 @@ def run_align(args: argparse.Namespace) -> int:
         )
         for parent in parents
     ])  # fmt: skip
-    from ..alignment import _main_process
-
     if not _main_process():
         return 0  # under torchrun / accelerate launch, only the main process writes the output (and pushes)
     target = check_output_dir(args.out, overwrite=args.overwrite, inputs=inputs)  # again: aligning took a while
