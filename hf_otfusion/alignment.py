@@ -202,7 +202,11 @@ def align_models(
     progress: bool = True,
     device: str | torch.device | None = None,
 ) -> Alignment:
-    """The aligned parents with the maps and the resolved config (see `align_parents`, which writes them)."""
+    """The aligned parents with the maps and the resolved config (see `align_parents`, which writes them).
+
+    Costs one `fuse_with_diagnostics` run (checks, statistics pass, solves, and its average, which is dropped)
+    plus one more load of each parent given as a checkpoint; every aligned parent is then held in memory.
+    """
     from .fusion import _aligned_copy, fuse_with_diagnostics
 
     config = config or FusionConfig()
