@@ -17,6 +17,7 @@ _EXPORTS = {
     "FusionResult": "fusion",
     "fuse": "fusion",
     "fuse_with_diagnostics": "fusion",
+    "align_parents": "alignment",
     "FinetuneConfig": "train.finetune",
     "FinetuneResult": "train.finetune",
     "finetune": "train.finetune",
@@ -94,6 +95,7 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
+    from .alignment import align_parents
     from .checkpoints import Checkpoint
     from .config import FusionConfig
     from .data import DataSource, encode_dataset, load_dataset_source

@@ -1,7 +1,7 @@
 """`otfusion-hub`: fuse checkpoints from the command line, and serve a local Hub for offline work.
 
-One module per group of commands (`fuse`, `train`, `hub`), their shared flag builders in `flags`; this module
-builds the parser from them and turns every error into one `error: ...` line and an exit code.
+One module per group of commands (`fuse`, `align`, `train`, `hub`), their shared flag builders in `flags`; this
+module builds the parser from them and turns every error into one `error: ...` line and an exit code.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import logging
 import os
 import sys
 
-from . import fuse, hub, train
+from . import align, fuse, hub, train
 from .flags import Parser
 
 EXIT_CODES = """exit codes:
@@ -33,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     fuse.add_parsers(commands)
+    align.add_parsers(commands)
     train.add_parsers(commands)
     hub.add_parsers(commands)
     for command in commands.choices.values():  # `--debug` after the command too; SUPPRESS keeps one given before
@@ -55,14 +56,14 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     level = logging.ERROR if secondary else logging.WARNING if getattr(args, "quiet", False) else logging.INFO
     logging.getLogger("hf_otfusion").setLevel(level)
-    if args.command in ("fuse", "inspect", "finetune", "eval"):  # the commands that load models
+    if args.command in ("fuse", "align", "inspect", "finetune", "eval"):  # the commands that load models
         from .progress import hide_weight_loading_bars
 
         hide_weight_loading_bars()
     from ..errors import FusionError
 
     commands = {"push": hub.run_push, "finetune": train.run_finetune, "eval": train.run_eval,
-                "inspect": fuse.run_inspect, "serve-hub": hub.run_serve_hub,
+                "inspect": fuse.run_inspect, "serve-hub": hub.run_serve_hub, "align": align.run_align,
                 "fuse": lambda args: fuse.run_fuse(args, argv)}  # fmt: skip
     try:
         return commands[args.command](args)

@@ -63,15 +63,17 @@ def config_help(cls: type, name: str, shown_default: str | None = None, rules: d
     return f"{text} (default: {default}{bounds})".replace("%", "%%")  # argparse formats help with %
 
 
-def add_config_flags(group, cls: type, shown_defaults: dict[str, str] | None = None) -> None:
+def add_config_flags(group, cls: type, shown_defaults: dict[str, str] | None = None, only=None) -> None:
     """One flag per field of the config dataclass `cls` (`--reg` for `reg`), with `config_help` text.
 
     Every flag defaults to None, so that only the flags given override a `--config` file. The kind of value
-    comes from the field's type annotation.
+    comes from the field's type annotation. `only`: the names of the fields to add (default: all).
     """
     from ..config import _CHOICES
 
     for field, kind in _typed_fields(cls):
+        if only is not None and field.name not in only:
+            continue
         flag = "--" + field.name.replace("_", "-")
         help_text = config_help(cls, field.name, (shown_defaults or {}).get(field.name))
         if field.name in _CHOICES:

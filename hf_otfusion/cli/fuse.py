@@ -32,6 +32,9 @@ EXAMPLES = """examples:
   # do the parents need alignment, or are they fine-tunes of one base? (per-layer distances + advice)
   otfusion-hub inspect ./model-a ./model-b
 
+  # every parent aligned onto the anchor (function-preserving), to merge with mergekit (see `align --help`)
+  otfusion-hub align ./model-a ./model-b --out aligned
+
   # fine-tunes of one base: RegMean on alignment data, or task arithmetic against the shared base
   otfusion-hub fuse ./ft-a ./ft-b --out merged --method regmean --data ./align-ds
   otfusion-hub fuse ./ft-a ./ft-b --out merged --method task-arithmetic --base ./base-model --scale 0.5
