@@ -306,7 +306,7 @@ def run_one(spec: dict) -> None:
     import hf_otfusion
     from hf_otfusion import FusionConfig, fuse_with_diagnostics
     from hf_otfusion import fusion as fusion_module
-    from hf_otfusion.engine import maps as maps_module
+    from hf_otfusion.engine import solve as solve_module
     from hf_otfusion.engine import statistics as statistics_module
 
     _emit(
@@ -355,9 +355,9 @@ def run_one(spec: dict) -> None:
             setattr(fusion_module, function, probe.wrap_stage(stage, getattr(fusion_module, function)))
             wrapped.append(f"fusion.{function}")
     for function, batched in (("solve_transport", False), ("solve_transport_batch", True)):
-        if hasattr(maps_module, function):
-            setattr(maps_module, function, probe.wrap_solver(getattr(maps_module, function), batched))
-            wrapped.append(f"maps.{function}")
+        if hasattr(solve_module, function):
+            setattr(solve_module, function, probe.wrap_solver(getattr(solve_module, function), batched))
+            wrapped.append(f"solve.{function}")
     if hasattr(statistics_module.UnitStatistics, "update"):
         statistics_module.UnitStatistics.update = probe.wrap_update(statistics_module.UnitStatistics.update)
         wrapped.append("UnitStatistics.update")

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -84,7 +85,7 @@ class Alignment:
 
 
 def align_parents(
-    parents: list[ModelOrPath],
+    parents: Sequence[ModelOrPath],
     config: FusionConfig | None = None,
     *,
     data=None,
@@ -194,7 +195,7 @@ def check_exact_maps(maps: dict[int, dict[str, TransportMap]]) -> None:
 
 
 def align_models(
-    parents: list[ModelOrPath],
+    parents: Sequence[ModelOrPath],
     config: FusionConfig | None = None,
     *,
     data=None,
@@ -215,7 +216,7 @@ def align_models(
         spec = load_spec(spec)
     # `fuse`'s own maps (its checks, plan, statistics pass and solves); its average is not used
     result = fuse_with_diagnostics(parents, data, config, spec=spec, progress=progress, device=device)
-    result.model = None
+    result.model = None  # type: ignore[assignment]  # its average is not used
     resolved, anchor = result.config, config.anchor
     check_exact_maps(result.maps)
     rotated = resolved.residual == "orthogonal"
@@ -256,8 +257,10 @@ def write_aligned(alignment: Alignment, outputs: list[AlignedOutput], target: Pa
         for k, (model, output) in enumerate(zip(alignment.models, outputs, strict=True)):
             folder = stage.path / output.name
             model.save_pretrained(folder)  # safetensors
-            for name in output.processor_files:
-                shutil.copyfile(output.processor_dir / name, folder / name)
+            source = output.processor_dir
+            if source is not None:
+                for name in output.processor_files:
+                    shutil.copyfile(source / name, folder / name)
             (folder / ALIGNMENT_CONFIG_FILE).write_text(yaml.safe_dump(alignment.config.to_dict(), sort_keys=False))
             card = aligned_card(alignment, outputs, k)
             card.save(folder / "README.md")

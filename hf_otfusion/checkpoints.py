@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import transformers
@@ -64,10 +65,11 @@ class Checkpoint:
 
         name = self.name or self.location
         try:
-            model, info = self.saved_class().from_pretrained(
+            loaded: Any = self.saved_class().from_pretrained(
                 self.location, use_safetensors=self.use_safetensors, output_loading_info=True,
                 trust_remote_code=self.trust_remote_code,
             )  # fmt: skip
+            model, info = loaded  # a pair: with output_loading_info
         except (SafetensorError, OSError, RuntimeError, ValueError) as error:
             raise CorruptCheckpointError(
                 f"Parent {name} could not be loaded: {error}", path=self.location, source=name

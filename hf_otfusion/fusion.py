@@ -6,6 +6,7 @@ import copy
 import gc
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -111,7 +112,7 @@ class _FusionRun:
 
 
 def fuse(
-    models: list[ModelOrPath],
+    models: Sequence[ModelOrPath],
     data=None,
     config: FusionConfig | None = None,
     *,
@@ -125,7 +126,7 @@ def fuse(
 
 
 def fuse_with_diagnostics(
-    models: list[ModelOrPath],
+    models: Sequence[ModelOrPath],
     data=None,
     config: FusionConfig | None = None,
     *,
@@ -169,10 +170,10 @@ def fuse_with_diagnostics(
             weights or missing alignment data; each message says what to do.
     """
     config = config or FusionConfig()
-    device = resolve_device(device)
-    process = process_state(device)  # None unless this is one of several launched processes
-    if process is not None and device is not None and device.type == "cuda":
-        device = process.device  # this process's own GPU
+    where = resolve_device(device)
+    process = process_state(where)  # None unless this is one of several launched processes
+    if process is not None and where is not None and where.type == "cuda":
+        where = process.device  # this process's own GPU
     timings: dict[str, float] = {}
     started = time.perf_counter()
     # OT and vanilla averaging load checkpoints one at a time (`_align_and_average`): check and plan them on
@@ -199,7 +200,7 @@ def fuse_with_diagnostics(
             "data=<datasets.Dataset or DataLoader of model inputs>, or use FusionConfig(cost='weights') for "
             "data-free alignment (method='interpolate' for a data-free same-base merge)."
         )
-    run = _FusionRun(list(models), parents, plans, data, config, weights, timings, progress, device, process, spec)
+    run = _FusionRun(list(models), parents, plans, data, config, weights, timings, progress, where, process, spec)
     timings["plan"] = time.perf_counter() - started
     if streamed:
         return _fuse_into_target(run) if config.target is not None else _align_and_average(run)
@@ -221,7 +222,9 @@ def _merge_same_base(run: _FusionRun, base: ModelOrPath | None) -> FusionResult:
     if config.method == "task-arithmetic":  # the ancestor joins the alignment as one more model, never averaged
         if base is None and config.base is None:
             raise FusionError("method='task-arithmetic' needs the parents' shared ancestor: set FusionConfig.base.")
-        base_model = base_in_anchor_class(load_parent(base or config.base), parents[anchor])
+        ancestor = base if base is not None else config.base
+        assert ancestor is not None
+        base_model = base_in_anchor_class(load_parent(ancestor), parents[anchor])
     models = [*parents, base_model.model] if base_model and aligns else parents
     plans = run.plans + [resolve_plan(model, run.spec) for model in models[len(parents) :]]
     timings["plan"] += time.perf_counter() - started
@@ -252,6 +255,7 @@ def _fuse_into_target(run: _FusionRun) -> FusionResult:
     """Fusion into `config.target`: the anchor compressed into the target shape (`hf_otfusion.methods.target`) becomes
     the anchor of an ordinary fusion of every parent, the original anchor included, with weight 0 itself."""
     started = time.perf_counter()
+    assert run.config.target is not None
     basis = target_basis(
         load_parent(run.sources[run.anchor]), run.config.target, run.data, run.config, spec=run.spec,
         anchor_index=run.anchor, progress=run.progress, device=run.device, process=run.process,
@@ -309,8 +313,8 @@ def _align_and_average(run: _FusionRun) -> FusionResult:
             release(group)
     if run.config.refine_steps:
         started = time.perf_counter()
-        members = [k for k, weight in enumerate(run.weights) if weight > 0 or k == anchor]
-        tensors = {k: _fusion_parameters(obtain(k), run.plans[k], run.config) for k in members}
+        weighted = [k for k, weight in enumerate(run.weights) if weight > 0 or k == anchor]
+        tensors = {k: _fusion_parameters(obtain(k), run.plans[k], run.config) for k in weighted}
         result.refine = refine_maps(
             obtain(anchor), run.plans[anchor], tensors,
             result.maps, run.weights, run.data, steps=run.config.refine_steps, learning_rate=run.config.refine_lr,
@@ -327,8 +331,8 @@ def _align_and_average(run: _FusionRun) -> FusionResult:
         anchor_norm = (own[f"{output_norm}.weight"].clone(), own[f"{output_norm}.bias"].clone())
     fused = anchor_model if from_checkpoint[anchor] else copy.deepcopy(anchor_model)
     for i, group in enumerate(groups):
-        members = ([anchor] if i == 0 else []) + group
-        params = {k: _fusion_parameters(obtain(k), run.plans[k], run.config) for k in members}
+        indices = ([anchor] if i == 0 else []) + group
+        params = {k: _fusion_parameters(obtain(k), run.plans[k], run.config) for k in indices}
         _build_fused_model(fused, params, run.plans, result.maps, run.weights, accumulate=i > 0)
         del params
         release(group)

@@ -9,7 +9,6 @@ import torch
 import transformers as T
 from conftest import build, inputs_for, outputs
 from datasets import Dataset
-from hf_otfusion.hub.server import HubServer
 from hub_utils import client_env, run_cli, run_python
 from huggingface_hub import ModelCard
 
@@ -18,6 +17,7 @@ from hf_otfusion.alignment import align_models
 from hf_otfusion.cli import main
 from hf_otfusion.engine.permute import rotate_model
 from hf_otfusion.errors import FusionError
+from hf_otfusion.hub.server import HubServer
 
 OUTPUT_TOLERANCE = 1e-5  # max |logits of the aligned parent - logits of the parent|
 PARAMETER_TOLERANCE = 1e-6  # max |mean of aligned parents - fused| per tensor, relative to max(1, max |fused|)

@@ -15,11 +15,12 @@ import torch
 from conftest import build, inputs_for
 from safetensors.torch import load_file
 
-from hf_otfusion import DeviceUnavailableError, FusionConfig, fuse
+from hf_otfusion import FusionConfig, fuse
 from hf_otfusion.cli import main
 from hf_otfusion.engine.distributed import models_on, owned_batches, resolve_device
 from hf_otfusion.engine.plan import resolve_plan
 from hf_otfusion.engine.statistics import collect_statistics
+from hf_otfusion.errors import DeviceUnavailableError
 from hf_otfusion.hub.server import HubServer
 
 WORKER = Path(__file__).with_name("distributed_worker.py")

@@ -8,17 +8,15 @@ import pytest
 import torch
 from conftest import build, inputs_for
 
-from hf_otfusion import (
+from hf_otfusion import FusionConfig, FusionError, fuse
+from hf_otfusion.errors import (
     DepthMismatchError,
     EmptyAlignmentDataError,
-    FusionConfig,
-    FusionError,
     IncompatibleModelsError,
     LabelSetMismatchError,
     ModelTypeMismatchError,
     NonFiniteWeightsError,
     VocabularyMismatchError,
-    fuse,
 )
 
 
@@ -228,7 +226,7 @@ def test_no_bare_builtin_errors_are_raised_in_the_package():
     ],
 )
 def test_bad_config_values_name_their_field_and_value(kwargs, field):
-    from hf_otfusion import InvalidConfigError
+    from hf_otfusion.errors import InvalidConfigError
 
     with pytest.raises(InvalidConfigError) as caught:
         FusionConfig(**kwargs)
@@ -237,7 +235,7 @@ def test_bad_config_values_name_their_field_and_value(kwargs, field):
 
 
 def test_unknown_config_keys_and_an_anchor_out_of_range_are_invalid_config_errors():
-    from hf_otfusion import InvalidConfigError
+    from hf_otfusion.errors import InvalidConfigError
 
     with pytest.raises(InvalidConfigError) as caught:
         FusionConfig.from_dict({"regularisation": 0.1})
@@ -262,8 +260,8 @@ def test_incompatible_parents_carry_the_values_that_differ():
 def test_solver_errors_are_transport_errors():
     import numpy as np
 
-    from hf_otfusion import TransportError
     from hf_otfusion.engine.transport import TransportMap, solve_transport
+    from hf_otfusion.errors import TransportError
 
     uniform = np.full(3, 1 / 3)
     with pytest.raises(TransportError, match="either a dense plan or a permutation"):
@@ -274,7 +272,7 @@ def test_solver_errors_are_transport_errors():
 
 
 def test_metric_input_errors_name_the_metric():
-    from hf_otfusion import MetricInputError
+    from hf_otfusion.errors import MetricInputError
     from hf_otfusion.train.metrics import load_metric
 
     with pytest.raises(MetricInputError, match="average='median' is not one of") as caught:
@@ -283,7 +281,7 @@ def test_metric_input_errors_name_the_metric():
 
 
 def test_a_stopped_hub_server_cannot_start_again(tmp_path):
-    from hf_otfusion import HubServerStateError, UnsafeHostError
+    from hf_otfusion.errors import HubServerStateError, UnsafeHostError
     from hf_otfusion.hub.server import HubServer
 
     server = HubServer(tmp_path)
@@ -297,8 +295,8 @@ def test_a_stopped_hub_server_cannot_start_again(tmp_path):
 
 
 def test_a_missing_data_source_and_an_unsafe_parent_carry_what_was_asked_for(tmp_path):
-    from hf_otfusion import DataSourceError, UnsafeCheckpointError
     from hf_otfusion.data import DataSource
+    from hf_otfusion.errors import DataSourceError, UnsafeCheckpointError
     from hf_otfusion.hub.parents import resolve_parent
 
     with pytest.raises(

@@ -8,8 +8,9 @@ import dataclasses
 import pytest
 
 from hf_otfusion.cli import build_parser
-from hf_otfusion.config import FinetuneConfig, FusionConfig
+from hf_otfusion.config import FusionConfig
 from hf_otfusion.docstrings import field_docs
+from hf_otfusion.train.config import FinetuneConfig
 
 
 def subcommands() -> dict[str, argparse.ArgumentParser]:

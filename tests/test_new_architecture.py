@@ -13,8 +13,9 @@ import transformers as T
 from conftest import build, inputs_for, outputs, relative_error
 from huggingface_hub import ModelCard
 
-from hf_otfusion import FusionConfig, fuse, load_spec, resolve_plan
+from hf_otfusion import FusionConfig, fuse, load_spec
 from hf_otfusion.cli import main
+from hf_otfusion.engine.plan import resolve_plan
 from hf_otfusion.engine.tasks import modality_of, task_of, trainable_sibling
 from hf_otfusion.output.card import pipeline_and_auto_class
 from hf_otfusion.output.provenance import Provenance

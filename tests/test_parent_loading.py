@@ -9,9 +9,10 @@ import pytest
 import torch
 from conftest import build, inputs_for
 
-from hf_otfusion import FusionConfig, NonFiniteWeightsError, fuse, fuse_with_diagnostics, permute_model
+from hf_otfusion import FusionConfig, fuse, fuse_with_diagnostics, permute_model
 from hf_otfusion import fusion as fusion_module
 from hf_otfusion.engine import align
+from hf_otfusion.errors import NonFiniteWeightsError
 
 
 def _tracked(model, loaded: list):
@@ -98,7 +99,7 @@ def test_tensors_mixed_in_pieces_equal_tensors_mixed_whole(monkeypatch):
 def test_a_checkpoint_missing_a_weight_is_refused_not_randomly_filled(checkpoints, tmp_path):
     from safetensors.torch import load_file, save_file
 
-    from hf_otfusion import CorruptCheckpointError
+    from hf_otfusion.errors import CorruptCheckpointError
 
     _, paths = checkpoints
     weights = load_file(f"{paths[1]}/model.safetensors")

@@ -9,15 +9,10 @@ import transformers as T
 import yaml
 from conftest import FAMILIES, build
 
-from hf_otfusion import (
-    SpecError,
-    UncoveredParameterError,
-    UnsupportedArchitectureError,
-    available_specs,
-    load_spec,
-    resolve_plan,
-)
+from hf_otfusion import available_specs, load_spec
+from hf_otfusion.engine.plan import resolve_plan
 from hf_otfusion.engine.spec import AlignmentSpec
+from hf_otfusion.errors import SpecError, UncoveredParameterError, UnsupportedArchitectureError
 
 
 def _raw(model_type: str) -> dict:

@@ -9,8 +9,9 @@ import pytest
 import torch
 from conftest import build, inputs_for
 
+from hf_otfusion.engine.passes import token_selection
 from hf_otfusion.engine.plan import resolve_plan
-from hf_otfusion.engine.statistics import UnitStatistics, collect_statistics, token_selection
+from hf_otfusion.engine.statistics import UnitStatistics, collect_statistics
 
 
 def _collect(models, batches, **kwargs):
@@ -132,7 +133,7 @@ def test_statistics_memory_does_not_grow_with_the_number_of_samples(family):
 
 
 def test_unit_statistics_start_empty_and_refuse_a_cost():
-    from hf_otfusion import EmptyAlignmentDataError
+    from hf_otfusion.errors import EmptyAlignmentDataError
 
     with pytest.raises(EmptyAlignmentDataError, match="No token"):
         UnitStatistics.zeros(3, 3).cost()

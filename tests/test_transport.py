@@ -7,8 +7,8 @@ import pytest
 import torch
 from conftest import build, inputs_for, outputs, relative_error
 
-from hf_otfusion import FusionConfig, fuse, fuse_with_diagnostics, solve_transport
-from hf_otfusion.engine.transport import TransportMap, cost_scale
+from hf_otfusion import FusionConfig, fuse, fuse_with_diagnostics
+from hf_otfusion.engine.transport import TransportMap, cost_scale, solve_transport
 
 
 def test_identity_cost_gives_the_identity_permutation():

@@ -50,13 +50,13 @@ def config_help(cls: type, name: str, shown_default: str | None = None, rules: d
     The text comes from the class's `Args:` section (see `hf_otfusion.docstrings`), so the CLI says what the
     API documentation says. A default of None or False is left out: the entry says what leaving it out means.
     """
-    from ..config import FIELD_RULES, field_default
+    from ..config import field_default
     from ..docstrings import field_docs
 
     text = field_docs(cls)[name]
     field = next(f for f in dataclasses.fields(cls) if f.name == name)
     default = shown_default if shown_default is not None else field_default(field)
-    rule = (rules if rules is not None else FIELD_RULES[cls]).get(name)
+    rule = (rules if rules is not None else cls.number_rules).get(name)
     bounds = f"; must {rule.describe()}" if rule is not None and rule.low is not None else ""
     if default is None or default is False or default is dataclasses.MISSING:
         return (f"{text} (must {rule.describe()})" if bounds else text).replace("%", "%%")

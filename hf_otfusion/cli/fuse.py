@@ -103,6 +103,7 @@ def run_fuse(args: argparse.Namespace, argv: list[str]) -> int:
 
     from ..config import FusionConfig, load_config_file
     from ..job.fuse_job import FuseJob
+    from ..job.run import run_job
     from .progress import silence_progress_bars
 
     job_values, config_values = FuseJob.split_dict(load_config_file(args.config) if args.config else {})
@@ -126,7 +127,7 @@ def run_fuse(args: argparse.Namespace, argv: list[str]) -> int:
         print(checked.describe(job.config, job.out, job.push_to_hub))
         print("Dry run: pre-flight passed; no weights were downloaded and nothing was written.")
         return 0
-    result = job.run(checked)
+    result = run_job(job, checked)
     from ..engine.distributed import is_main_process, process_state
 
     if not is_main_process(process_state(None)):

@@ -30,7 +30,7 @@ def add_parsers(commands) -> None:
 
 
 def _add_finetune_parser(commands) -> None:
-    from ..config import FinetuneConfig  # not .finetune: building the parser must not import torch
+    from ..train.config import FinetuneConfig  # not .finetune: building the parser must not import torch
 
     finetune = commands.add_parser(
         "finetune",

@@ -10,7 +10,7 @@ on the main process, and broadcast (`broadcast_from_main`). Run alone, none of t
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
@@ -119,7 +119,7 @@ def broadcast_from_main(obj: Any, process: PartialState | None) -> Any:
 
 
 @contextmanager
-def models_on(models: list[torch.nn.Module], device: torch.device | None) -> Iterator[None]:
+def models_on(models: Sequence[torch.nn.Module], device: torch.device | None) -> Iterator[None]:
     """Runs the block with the models moved to `device`, then puts back their original tensors.
 
     Putting back the very tensors the models held (rather than copying back from the device) keeps the host

@@ -85,7 +85,7 @@ def rotate_model(
     params = named_tensors(model)
     if residual:
         params = reparameterise(params, plan)
-        maps[plan.stream] = TransportMap.from_orthogonal(
-            random_rotation_fixing_ones(plan.spaces[plan.stream].size, rng)
-        )
+        stream = plan.stream
+        assert stream is not None  # reparameterise refuses a plan without a residual stream
+        maps[stream] = TransportMap.from_orthogonal(random_rotation_fixing_ones(plan.spaces[stream].size, rng))
     return model_with_tensors(model, align_parameters(params, plan, maps))

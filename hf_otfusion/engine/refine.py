@@ -27,8 +27,8 @@ from transformers import PreTrainedModel
 
 from ..errors import FusionError
 from .align import align_tensor
+from .passes import batch_size_of, batches
 from .plan import FusionPlan
-from .statistics import _batch_size, _batches
 from .transport import TransportMap, complement_basis
 
 logger = logging.getLogger(__name__)
@@ -115,15 +115,13 @@ def refine_maps(
             "refine_steps refines orthogonal maps, and this fusion has none: use residual='orthogonal' (pre-LN "
             "models) and/or within_heads='orthogonal'."
         )
-    batches = list(
-        _batches(data, model, statistics_options.get("batch_size", 8), statistics_options.get("num_samples"))
-    )
-    held_back = batches[HELD_BACK_EVERY - 1 :: HELD_BACK_EVERY]
-    training = [batch for i, batch in enumerate(batches) if i % HELD_BACK_EVERY != HELD_BACK_EVERY - 1]
+    loaded = list(batches(data, model, statistics_options.get("batch_size", 8), statistics_options.get("num_samples")))
+    held_back = loaded[HELD_BACK_EVERY - 1 :: HELD_BACK_EVERY]
+    training = [batch for i, batch in enumerate(loaded) if i % HELD_BACK_EVERY != HELD_BACK_EVERY - 1]
     if not held_back or not training:
         raise FusionError(
             f"refine_steps needs at least {HELD_BACK_EVERY} batches of alignment data (every {HELD_BACK_EVERY}th is "
-            f"held back to decide when to stop); got {len(batches)}. Pass more data or lower batch_size."
+            f"held back to decide when to stop); got {len(loaded)}. Pass more data or lower batch_size."
         )
     model.eval()
     # each parent's tensors in the anchor's basis under the closed-form maps: Δ = I reproduces today's fusion
@@ -131,8 +129,8 @@ def refine_maps(
         k: {name: align_tensor(t, plan.parameters[name], maps.get(k, {})).float() for name, t in tensors.items()}
         for k, tensors in params.items()
     }
-    targets = [_ensemble(model, aligned, weights, batch) for batch in batches]
-    target_of = {id(batch): target for batch, target in zip(batches, targets, strict=True)}
+    targets = [_ensemble(model, aligned, weights, batch) for batch in loaded]
+    target_of = {id(batch): target for batch, target in zip(loaded, targets, strict=True)}
     refined = [(k, space) for k, names in spaces.items() for space in names]
     rotations = torch.nn.ModuleList(
         _Rotation(plan.spaces[space].size, plan.spaces[space].num_heads, fixes_ones=plan.spaces[space].stream)
@@ -167,8 +165,8 @@ def refine_maps(
     def held_back_loss() -> float:
         with torch.no_grad():
             return float(
-                sum(loss_on(batch).item() * _batch_size(batch) for batch in held_back)
-                / sum(map(_batch_size, held_back))
+                sum(loss_on(batch).item() * batch_size_of(batch) for batch in held_back)
+                / sum(map(batch_size_of, held_back))
             )
 
     optimiser = torch.optim.Adam(rotations.parameters(), lr=learning_rate)
@@ -192,7 +190,7 @@ def refine_maps(
                 target_of[id(batch)], reduction="sum",
             ).item()
             for batch in held_back
-        ) / sum(map(_batch_size, held_back))  # fmt: skip
+        ) / sum(map(batch_size_of, held_back))  # fmt: skip
     if best > anchor_loss:
         logger.warning(
             "After refinement the fused model is further from the parents' ensemble on held-back data than the "

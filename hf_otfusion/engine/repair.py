@@ -26,8 +26,8 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from .distributed import models_on
+from .passes import DataPass, TokenSelection, forward_hooks
 from .plan import FusionPlan
-from .statistics import _batches, _select_tokens
 
 # a unit whose fused standard deviation is below this keeps its scale (nothing to restore from a dead unit)
 DEAD_UNIT_STD = 1e-8
@@ -139,37 +139,29 @@ def site_moments(
 ) -> dict[str, UnitMoments]:
     """Per-unit moments of each site's outputs over the data (padding excluded, the statistics' token selection)."""
     moments = {site: UnitMoments(0, np.zeros(0), np.zeros(0)) for site in sites}
-    selection = {
-        "mask": None, "tokens": statistics_options.get("tokens", "all"),
-        "tokens_per_sample": statistics_options.get("tokens_per_sample"), "cache": {},
-    }  # fmt: skip
+    selection = TokenSelection(statistics_options.get("tokens", "all"), statistics_options.get("tokens_per_sample"))
 
     def record(site: str):
         def hook(module, inputs, output):
-            moments[site].update(_select_tokens(output, selection))
+            moments[site].update(selection(output))
             if site == stop_after:
                 raise _StopForward
 
         return hook
 
     modules = dict(model.named_modules())
-    handles = [modules[site].register_forward_hook(record(site)) for site in sites]
     model.eval()
-    try:
-        with models_on([model], device), torch.inference_mode():
-            target = next(model.parameters()).device
-            batch_size, num_samples = statistics_options.get("batch_size", 8), statistics_options.get("num_samples")
-            for batch in _batches(data, model, batch_size, num_samples):
-                selection["mask"], selection["cache"] = batch.get("attention_mask"), {}
-                if target.type != "cpu":
-                    batch = {key: value.to(target) for key, value in batch.items()}
+    with models_on([model], device), forward_hooks([(modules[site], record(site)) for site in sites]):
+        data_pass = DataPass(
+            data, model, batch_size=statistics_options.get("batch_size", 8),
+            num_samples=statistics_options.get("num_samples"), selection=selection,
+        )  # fmt: skip
+        with torch.inference_mode():
+            for batch in data_pass:
                 try:
                     model(**batch)
                 except _StopForward:
                     pass
-    finally:
-        for handle in handles:
-            handle.remove()
     return moments
 
 

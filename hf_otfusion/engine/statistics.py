@@ -10,19 +10,18 @@ whatever the number of samples, and statistics from several data shards combine 
 from __future__ import annotations
 
 import copy
-import inspect
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from ..errors import EmptyAlignmentDataError, InvalidConfigError
-from .distributed import all_reduce_sum_, gather_objects, owned_batches
+from .distributed import all_reduce_sum_, gather_objects
+from .passes import DataPass, TokenSelection, forward_hooks
 from .plan import FusionPlan
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -178,7 +177,7 @@ def collect_statistics(
             `pixel_values`; other columns are ignored), a `torch.utils.data.DataLoader`, or any iterable of
             batch dicts.
         keys: hook module -> statistics key (see `statistics_keys`); default: one key per hook.
-        tokens, tokens_per_sample: which token positions count (see `token_selection`).
+        tokens, tokens_per_sample: which token positions count (see `passes.token_selection`).
         process: the accelerate state of a multi-process launch: this process runs only its share of the
             batches (`distributed.owned_batches`) and the statistics returned are the sums over every
             process, identical on all of them. A collective call: every process must make it.
@@ -192,17 +191,17 @@ def collect_statistics(
     keys = keys or statistics_keys(plans[anchor], per_hook_spaces=set(plans[anchor].hooks))
     stats: ActivationStatistics = {k: {} for k in range(len(models)) if k != anchor}
     anchor_outputs: dict[str, torch.Tensor] = {}
-    selection = {"mask": None, "tokens": tokens, "tokens_per_sample": tokens_per_sample, "cache": {}}
+    selection = TokenSelection(tokens, tokens_per_sample)
 
     def record_anchor(name: str):
         def hook(module, inputs, output):
-            anchor_outputs[name] = _select_tokens(output, selection)
+            anchor_outputs[name] = selection(output)
 
         return hook
 
     def record_parent(k: int, name: str):
         def hook(module, inputs, output):
-            acts = _select_tokens(output, selection)
+            acts = selection(output)
             target, key = anchor_outputs[name], keys[name]
             if key not in stats[k]:
                 stats[k][key] = UnitStatistics.zeros(acts.shape[1], target.shape[1], acts.device)
@@ -210,37 +209,23 @@ def collect_statistics(
 
         return hook
 
-    handles = []
-    try:
-        for k, model in enumerate(models):
-            modules = dict(model.named_modules())
-            for name in sorted(keys):
-                callback = record_anchor(name) if k == anchor else record_parent(k, name)
-                handles.append(modules[name].register_forward_hook(callback))
-            model.eval()
-        order = [anchor] + [k for k in range(len(models)) if k != anchor]
-        seen = 0
-        device = next(models[anchor].parameters()).device
-        shard = (process.process_index, process.num_processes) if process is not None else None
-        with torch.inference_mode():
-            for batch in tqdm(
-                _batches(data, models[anchor], batch_size, num_samples, shard),
-                desc="activation statistics",
-                unit="batch",
-                total=_num_batches(data, batch_size, num_samples, shard),
-                disable=not progress,
-            ):
-                # the token mask stays on the host: selecting with it never waits on the GPU
-                selection["mask"], selection["cache"] = batch.get("attention_mask"), {}
-                if device.type != "cpu":
-                    batch = {key: value.to(device, non_blocking=True) for key, value in batch.items()}
-                for k in order:
-                    models[k](**batch)
-                anchor_outputs.clear()
-                seen += _batch_size(batch)
-    finally:
-        for handle in handles:
-            handle.remove()
+    hooks = []
+    for k, model in enumerate(models):
+        modules = dict(model.named_modules())
+        for name in sorted(keys):
+            hooks.append((modules[name], record_anchor(name) if k == anchor else record_parent(k, name)))
+        model.eval()
+    order = [anchor] + [k for k in range(len(models)) if k != anchor]
+    data_pass = DataPass(
+        data, models[anchor], batch_size=batch_size, num_samples=num_samples, process=process, selection=selection,
+        progress=progress, description="activation statistics",
+    )  # fmt: skip
+    with forward_hooks(hooks), torch.inference_mode():
+        for batch in data_pass:
+            for k in order:
+                models[k](**batch)
+            anchor_outputs.clear()
+    seen = data_pass.seen
     stats = {k: {key: stat.to_host() for key, stat in per_parent.items()} for k, per_parent in stats.items()}
     if process is not None and process.num_processes > 1:
         seen = reduce_statistics(stats, seen, process)
@@ -297,103 +282,6 @@ def reduce_statistics(stats: ActivationStatistics, seen: int, process: PartialSt
         offset += n_a + n_b
     all_reduce_sum_([s.comoment for s in entries], process)  # the large ones one at a time, in place
     return seen
-
-
-def token_selection(
-    shape: tuple[int, int], attention_mask: torch.Tensor | None, tokens: str, tokens_per_sample: int | None
-) -> torch.Tensor:
-    """Boolean (batch, sequence) mask of the token positions whose activations enter the statistics.
-
-    Padding (zeros of `attention_mask`) never counts. `tokens="first"` keeps position 0; otherwise every
-    non-padding token, or, with `tokens_per_sample=k`, k of each sample's non-padding tokens evenly spaced
-    from its first to its last. The choice depends on each sample alone, so it is the same in any batching.
-    """
-    batch, length = shape
-    if attention_mask is not None and tuple(attention_mask.shape) == (batch, length):
-        valid = attention_mask.bool()
-    else:
-        valid = torch.ones(batch, length, dtype=torch.bool)
-    if tokens == "first":
-        keep = torch.zeros(batch, length, dtype=torch.bool)
-        keep[:, 0] = True
-        return keep
-    if tokens_per_sample is None:
-        return valid
-    rank = valid.long().cumsum(1) - 1  # each token's index among its sample's non-padding tokens
-    last = (valid.sum(1, keepdim=True) - 1).clamp(min=0)
-    steps = torch.arange(tokens_per_sample) / max(tokens_per_sample - 1, 1)
-    targets = torch.round(steps[None, :] * last).long()  # (batch, k) ranks; covers every rank when count <= k
-    chosen = torch.zeros(batch, length, dtype=torch.bool).scatter_(1, targets, True)
-    return valid & chosen.gather(1, rank.clamp(min=0))
-
-
-def _select_tokens(output, selection: dict) -> torch.Tensor:
-    """The hooked activations as (tokens, units), keeping the positions `token_selection` picks.
-
-    `selection` holds the batch's attention mask and token options, and caches one mask per sequence shape
-    (hooks of one batch share it).
-    """
-    if isinstance(output, tuple | list):
-        output = output[0]
-    output = output.detach().float()
-    if output.ndim == 2:  # (batch, units), e.g. a pooler
-        return output
-    shape = tuple(output.shape[:2])
-    if shape not in selection["cache"]:
-        selection["cache"][shape] = token_selection(
-            shape, selection["mask"], selection["tokens"], selection["tokens_per_sample"]
-        )
-    return output[selection["cache"][shape]]
-
-
-def _batches(
-    data, model: PreTrainedModel, batch_size: int, num_samples: int | None, shard: tuple[int, int] | None = None
-) -> Iterator[dict]:
-    """Yields model-input batches, truncated to `num_samples` samples in total.
-
-    With `shard=(process_index, num_processes)`, only this process's batches (`distributed.owned_batches`):
-    a Dataset selects their rows before loading; other iterables are read in full and the rest skipped.
-    """
-    accepted = set(inspect.signature(model.forward).parameters)
-    if hasattr(data, "column_names") and hasattr(data, "with_format"):  # a datasets.Dataset
-        columns = [c for c in data.column_names if c in accepted]
-        if num_samples is not None:
-            data = data.select(range(min(num_samples, len(data))))
-        if shard is not None:
-            owned = owned_batches(-(-len(data) // batch_size), *shard)
-            data = data.select([i for b in owned for i in range(b * batch_size, min((b + 1) * batch_size, len(data)))])
-            shard = None
-        data = torch.utils.data.DataLoader(data.with_format("torch", columns=columns), batch_size=batch_size)
-    remaining = num_samples
-    for index, batch in enumerate(data):
-        batch = {key: value for key, value in dict(batch).items() if key in accepted and key != "labels"}
-        if remaining is not None:
-            if remaining <= 0:
-                return
-            size = _batch_size(batch)
-            if size > remaining:
-                batch = {key: value[:remaining] for key, value in batch.items()}
-            remaining -= min(size, remaining)
-        if shard is None or index % shard[1] == shard[0]:
-            yield batch
-
-
-def _num_batches(data, batch_size: int, num_samples: int | None, shard: tuple[int, int] | None = None) -> int | None:
-    """How many batches `_batches` will yield, when the data knows its length (for the progress bar)."""
-    if not hasattr(data, "__len__"):
-        return None
-    if hasattr(data, "column_names"):  # a datasets.Dataset: counted in samples
-        samples = len(data) if num_samples is None else min(len(data), num_samples)
-        total = -(-samples // batch_size)
-    elif num_samples is None:
-        total = len(data)
-    else:
-        return None
-    return total if shard is None else len(owned_batches(total, *shard))
-
-
-def _batch_size(batch: dict) -> int:
-    return len(next(iter(batch.values())))
 
 
 def _host(tensor: torch.Tensor) -> np.ndarray | torch.Tensor:

@@ -74,7 +74,7 @@ def push_folder(
         )  # fmt: skip
     # HfHubHTTPError's bases are the HTTP client's own error class (httpx's: connection refused or reset, timeouts and
     # server disconnects all derive from it) and OSError (what requests, and the file reads, raise)
-    except (*HfHubHTTPError.__bases__, ValueError) as error:
+    except (*HfHubHTTPError.__bases__, ValueError) as error:  # type: ignore[misc]  # a tuple of classes at run time
         raise PushError(
             f"Upload of {folder} to {repo_id} failed: {_short_error(error)}\nThe fused model is kept in {folder}; "
             f"retry the upload with:\n  {retry}",

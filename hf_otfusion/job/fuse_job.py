@@ -2,7 +2,7 @@
 
 The CLI flags and their help are generated from its fields, a `job.yaml` holds it whole, and the output's
 `fusion_job.yaml` records it pinned. It checks itself (`check_options`, `check_output`, `preflight`) before
-anything large happens; `run` hands the checked job to `job.run`. Light to import: `--help` builds from it.
+anything large happens; `job.run.run_job` runs it. Light to import: `--help` builds from it.
 """
 
 from __future__ import annotations
@@ -154,14 +154,16 @@ class FuseJob:
         config = self.config
         if checked.base is not None:
             config = replace(config, base=checked.base.pinned)
-        pinned = {
-            "parents": [parent.pinned for parent in checked.parents],
-            "data": checked.alignment_data.pinned if checked.alignment_data else None,
-            "split": checked.alignment_data.split if checked.alignment_data else None,
-            "eval_data": checked.eval_data.pinned if checked.eval_data else self.eval_data,
-            "eval_split": checked.eval_data.split if checked.eval_data else self.eval_split,
-        }
-        return replace(self, config=config, **pinned)
+        data, evaluation = checked.alignment_data, checked.eval_data
+        return replace(
+            self,
+            config=config,
+            parents=[parent.pinned for parent in checked.parents],
+            data=data.pinned if data else None,
+            split=data.split if data else None,
+            eval_data=evaluation.pinned if evaluation else self.eval_data,
+            eval_split=evaluation.split if evaluation else self.eval_split,
+        )
 
     def command_line(self, config_file: str | None = None) -> str:
         """The `otfusion-hub fuse` command of this job: its job fields as flags, its config from `config_file`.
@@ -184,16 +186,6 @@ class FuseJob:
     def load(cls, path: str | Path) -> FuseJob:
         """A job from a YAML (or JSON) file, as `otfusion-hub fuse --config job.yaml` reads it."""
         return cls.from_dict(load_config_file(path))
-
-    def run(self, checked: Preflight | None = None):
-        """Pre-flight (unless `checked` is given), download, fuse, evaluate and write `out` (see `job.run`).
-
-        Returns:
-            The `FusionResult`; its model is the one written, loaded back from `out`.
-        """
-        from .run import run_job
-
-        return run_job(self, checked)
 
     def check_output(self) -> Path:
         """The resolved `out`, once writing there destroys nothing (see `output_dir.check_output_dir`)."""

@@ -36,7 +36,7 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 
 
 def run_job(job: FuseJob, checked: Preflight | None = None):
-    """Pre-flight (unless `checked` is given), download, fuse, evaluate and write `out`; returns the `FusionResult`.
+    """Runs `job` (pre-flight unless `checked` is given, download, fuse, evaluate, write `out`): a `FusionResult`.
 
     Everything is written into a temporary sibling of `out`, renamed into place at the end, so a failure
     never leaves a half-written output. The result's model is the one written, loaded back from `out`.
@@ -52,8 +52,9 @@ def run_job(job: FuseJob, checked: Preflight | None = None):
     sources = [parent_checkpoint(p, trust_remote_code=job.trust_remote_code) for p in parents]
     base = load_parent_model(checked.base, trust_remote_code=job.trust_remote_code) if checked.base else None
     processor = None
-    if parents[anchor].processor_files:
-        processor = load_processor(parents[anchor].directory, trust_remote_code=job.trust_remote_code)
+    directory = parents[anchor].directory
+    if parents[anchor].processor_files and directory is not None:
+        processor = load_processor(directory, trust_remote_code=job.trust_remote_code)
     label2id = sources[anchor].config().label2id
     alignment = _encoded(job, checked.alignment_data, processor, label2id)
     result = fuse_with_diagnostics(
@@ -65,12 +66,12 @@ def run_job(job: FuseJob, checked: Preflight | None = None):
     with stage_output(out, overwrite=job.overwrite) as stage:  # swapped into place by `_finish`
         staging = stage.path
         if job.dtype is not None:
-            result.model.to(DTYPES[job.dtype])
+            result.model.to(DTYPES[job.dtype])  # type: ignore[arg-type]  # transformers types .to loosely
         check_fused_finite(result.model, job.dtype)  # a NaN model is never written, hence never pushed
         result.model.save_pretrained(staging, max_shard_size=job.max_shard_size)
         # the fused model is freed here: the steps below load it, and the parents, when they need them, so
         # that no step holds more than two models
-        result.model = None
+        result.model = None  # type: ignore[assignment]  # freed: set to the written model at the end
         fused = Checkpoint(str(staging), name="the fused model")
         evaluation = None
         if checked.eval_data is not None:
@@ -131,7 +132,8 @@ def _evaluate(job: FuseJob, checked: Preflight, sources, fused, processor, label
         vanilla = FusionConfig(method="vanilla", anchor=job.config.anchor, weights=job.config.weights)
         rows[VANILLA_ROW] = lambda: fuse_with_diagnostics(sources, config=vanilla, progress=False).model
     rows[FUSED_ROW] = fused
-    return evaluate_models(rows, dataset, split=str(checked.eval_data.split), progress=job.progress).to_dict()
+    split = checked.eval_data.split if checked.eval_data else None
+    return evaluate_models(rows, dataset, split=str(split), progress=job.progress).to_dict()
 
 
 def _provenance(job: FuseJob, checked: Preflight, result, evaluation) -> Provenance:
@@ -167,6 +169,7 @@ def _finish(job: FuseJob, stage: StagedOutput, anchor: Parent, provenance: Prove
     from ..output.card import render_card
 
     out, staging = Path(job.out), stage.path
+    assert anchor.directory is not None  # downloaded
     for name in anchor.processor_files:  # the anchor's tokenizer / image processor, byte for byte
         shutil.copyfile(anchor.directory / name, staging / name)
     (staging / CONFIG_FILE).write_text(yaml.safe_dump(job.config.to_dict(), sort_keys=False))

@@ -16,11 +16,10 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
-from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from ..engine.distributed import all_reduce_sum_
-from ..engine.statistics import _batch_size, _batches, _num_batches, token_selection
+from ..engine.passes import DataPass, TokenSelection, forward_hooks
 from ..errors import EmptyAlignmentDataError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -118,7 +117,7 @@ def collect_gram_statistics(
     """Runs `model` over the alignment data and accumulates the input Gram of each linear layer.
 
     Token positions are chosen as for the activation statistics (padding never counts; see
-    `statistics.token_selection`); inputs of shape (batch, features), such as a pooler's, count one row per
+    `passes.token_selection`); inputs of shape (batch, features), such as a pooler's, count one row per
     sample. Layers fed the same tensor (query, key and value) share one product per batch.
 
     Args:
@@ -136,51 +135,32 @@ def collect_gram_statistics(
     names = sorted(mergeable_linears(model) if layers is None else layers)
     device = next(model.parameters()).device
     stats = GramStatistics({name: LayerGram.zeros(modules[name].in_features, device) for name in names})
-    state: dict = {"mask": None, "masks": {}, "last": (None, None)}
-
-    def select(x: torch.Tensor) -> torch.Tensor:
-        x = x.detach().float()
-        if x.ndim == 2:
-            return x
-        shape = tuple(x.shape[:2])
-        if shape not in state["masks"]:
-            state["masks"][shape] = token_selection(shape, state["mask"], tokens, tokens_per_sample)
-        return x[state["masks"][shape]]
+    selection = TokenSelection(tokens, tokens_per_sample)
+    last: dict = {"input": None, "gram": None}  # the latest layer input and its product
 
     def record(name: str):
         def hook(module, args, kwargs):
             x = args[0] if args else kwargs["input"]
             # query, key and value read one tensor in a row: one product for the three. Holding the tensor
             # keeps its memory from being reused, so identity is a safe test.
-            if state["last"][0] is not x:
-                state["last"] = (x, LayerGram.of_batch(select(x)))
-            stats.layers[name].merge_(state["last"][1])
+            if last["input"] is not x:
+                last["input"], last["gram"] = x, LayerGram.of_batch(selection(x))
+            stats.layers[name].merge_(last["gram"])
 
         return hook
 
-    handles = [modules[name].register_forward_pre_hook(record(name), with_kwargs=True) for name in names]
-    seen = 0
-    shard = (process.process_index, process.num_processes) if process is not None else None
+    data_pass = DataPass(
+        data, model, batch_size=batch_size, num_samples=num_samples, process=process, selection=selection,
+        progress=progress, description=description,
+    )  # fmt: skip
+    model.eval()
     try:
-        model.eval()
-        with torch.inference_mode():
-            for batch in tqdm(
-                _batches(data, model, batch_size, num_samples, shard),
-                desc=description,
-                unit="batch",
-                total=_num_batches(data, batch_size, num_samples, shard),
-                disable=not progress,
-            ):
-                # the token mask stays on the host, as in the activation statistics
-                state["mask"], state["masks"], state["last"] = batch.get("attention_mask"), {}, (None, None)
-                if device.type != "cpu":
-                    batch = {key: value.to(device, non_blocking=True) for key, value in batch.items()}
+        with forward_hooks([(modules[name], record(name)) for name in names], before=True), torch.inference_mode():
+            for batch in data_pass:
                 model(**batch)
-                seen += _batch_size(batch)
     finally:
-        for handle in handles:
-            handle.remove()
-        state["last"] = (None, None)
+        last.clear()  # the last batch's input is not held after the pass
+    seen = data_pass.seen
     for layer in stats.layers.values():
         layer.total, layer.gram = layer.total.cpu(), layer.gram.cpu()
     if process is not None and process.num_processes > 1:  # raw sums: adding them over processes is exact

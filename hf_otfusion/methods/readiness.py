@@ -11,7 +11,7 @@ activation correlation of matched units.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -296,7 +296,7 @@ def recommend(
 
 
 def readiness_report(
-    models: list[ModelOrPath],
+    models: Sequence[ModelOrPath],
     data: Iterable | None = None,
     config: FusionConfig | None = None,
     *,
@@ -381,6 +381,7 @@ def readiness_report(
 
 def _unit_mean(values: list[tuple[float | None, int]]) -> float | None:
     """Unit-weighted mean, `None` when any value is missing or there are none."""
-    if not values or any(value is None for value, _ in values):
+    known = [(value, n) for value, n in values if value is not None]
+    if not values or len(known) < len(values):
         return None
-    return float(sum(value * n for value, n in values) / sum(n for _, n in values))
+    return float(sum(value * n for value, n in known) / sum(n for _, n in known))

@@ -40,12 +40,13 @@ import ot
 import torch
 from transformers import PretrainedConfig, PreTrainedModel
 
-from ..config import FusionConfig
+from ..config import FusionConfig, parse_target
 from ..engine.align import align_parameters, align_tensor
 from ..engine.compatibility import check_finite
 from ..engine.distributed import models_on, resolve_device
-from ..engine.maps import SpaceDiagnostics, feature_parameters, head_pair_costs, logit_scale, mean_squares, solve_heads
+from ..engine.maps import SpaceDiagnostics, feature_parameters, logit_scale
 from ..engine.plan import FusionPlan, Space, named_tensors, resolve_plan
+from ..engine.solve import head_pair_costs, mean_squares, solve_heads
 from ..engine.spec import AlignmentSpec, load_spec
 from ..engine.statistics import collect_statistics, statistics_keys
 from ..engine.transport import TransportMap, importance_marginal, solve_transport
@@ -114,9 +115,10 @@ def compress(
     This is the basis that fusion into a target uses, and a one-model compression baseline in its own right.
     `config` supplies the cost (`activations` needs `data`), the activation-pass options and `marginals`.
     """
-    config = dataclasses.replace(config or FusionConfig(), target=target)
-    device = resolve_device(device)
-    return target_basis(model, config.target, data, config, spec=spec, progress=progress, device=device).model
+    config = dataclasses.replace(config or FusionConfig(), target=parse_target(target))
+    assert config.target is not None
+    resolved = resolve_device(device)
+    return target_basis(model, config.target, data, config, spec=spec, progress=progress, device=resolved).model
 
 
 def target_basis(
@@ -128,7 +130,7 @@ def target_basis(
     spec: AlignmentSpec | None = None,
     anchor_index: int = 0,
     progress: bool = True,
-    device: torch.device | str | None = None,
+    device: torch.device | None = None,
     process=None,
 ) -> CompressionResult:
     """The anchor compressed into the target shape: the basis every parent is aligned onto.
@@ -284,7 +286,7 @@ class _SelfCosts:
 def _target_model(anchor: PreTrainedModel, target: dict[str, int], spec: AlignmentSpec) -> PreTrainedModel:
     config = target_config(anchor, target, spec)
     dtype = next(anchor.parameters()).dtype
-    return type(anchor)(config).to(dtype).eval()
+    return type(anchor)(config).to(dtype).eval()  # type: ignore[arg-type]  # transformers types .to loosely
 
 
 def _resolve_target_plan(basis: PreTrainedModel, spec: AlignmentSpec, target: dict[str, int]) -> FusionPlan:

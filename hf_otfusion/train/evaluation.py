@@ -13,6 +13,7 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -115,7 +116,7 @@ def check_dataset(dataset, model: PreTrainedModel) -> None:
         )
     if len(dataset) == 0:
         raise TrainingDataError("The data has no examples; check the split name and any sample cap.", columns=columns)
-    num_labels = model.config.num_labels
+    num_labels: int = model.config.num_labels  # type: ignore[assignment]  # always set for a classifier
     labels = np.asarray(dataset.with_format("numpy")["labels"][:])
     low, high = int(labels.min()), int(labels.max())
     if low < 0 or high >= num_labels:
@@ -125,7 +126,8 @@ def check_dataset(dataset, model: PreTrainedModel) -> None:
             labels=(low, high),
         )
     names = getattr(dataset.features["labels"], "names", None)
-    model_names = [model.config.id2label[i] for i in range(num_labels)]
+    id2label: dict[Any, str] = dict(model.config.id2label or {})
+    model_names = [id2label[i] for i in range(num_labels)]
     if names and model_names != [f"LABEL_{i}" for i in range(num_labels)] and list(names) != model_names:
         raise TrainingDataError(
             f"The data's label names {list(names)} differ from the model's id2label {model_names}; "

@@ -15,18 +15,18 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 from transformers import PreTrainedModel
 
 from ..checkpoints import ModelOrPath, load_parent
-from ..config import FinetuneConfig  # FinetuneConfig re-exported: hf_otfusion.train.finetune API
 from ..engine.tasks import takes_labels, trainable_sibling
 from ..errors import UnsupportedTaskError
 from ..output.card import pipeline_and_auto_class
 from ..output.provenance import CONFIG_FILE, PROVENANCE_FILE
 from ..output.staging import check_output_dir, stage_output, staging_path
+from .config import FinetuneConfig  # FinetuneConfig re-exported: hf_otfusion.train.finetune API
 from .evaluation import check_classifier, check_dataset, data_collator, evaluate_model
 from .metrics import load_metric
 
@@ -147,11 +147,12 @@ def finetune(
     try:
         before = score(model) if eval_data is not None and config.evaluate_before else None
         train_output = trainer.train()
-        after = score(trainer.model) if eval_data is not None else None
+        trained = cast(PreTrainedModel, trainer.model)  # the model given, trained in place
+        after = score(trained) if eval_data is not None else None
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     result = FinetuneResult(
-        model=trainer.model,
+        model=trained,
         config=config,
         metrics_before=before,
         metrics_after=after,
@@ -209,7 +210,7 @@ def run_record(
     result: FinetuneResult, source, data_name, num_train, eval_name, eval_data, world_size: int
 ) -> dict[str, Any]:
     """The finetuning run as a JSON-safe dict: what the card shows and `finetune_runs.json` keeps."""
-    from .. import __version__
+    from importlib.metadata import version
 
     return {
         "source": source,
@@ -224,7 +225,7 @@ def run_record(
         "before": result.metrics_before,
         "after": result.metrics_after,
         "config": result.config.to_dict(),
-        "hf_otfusion_version": __version__,
+        "hf_otfusion_version": version("hf-otfusion"),
     }
 
 

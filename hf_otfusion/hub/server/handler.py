@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import logging
 from http.server import BaseHTTPRequestHandler
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import parse_qs, urlsplit
 
 from .blobs import CHUNK
@@ -19,8 +19,25 @@ from .responses import Response, header_safe, json_response
 from .routes import Routes
 
 if TYPE_CHECKING:
-    from .server import HubServer, _HTTPServer
+    from .guard import Guard
     from .storage import Store
+
+
+class ServedHub(Protocol):
+    """What a request handler needs from the `HubServer` it runs in (a protocol, so that the handler does not
+    import the server that imports it)."""
+
+    store: Store
+    guard: Guard
+    url: str
+    max_commit_bytes: int
+
+    def _record(self, method: str, path: str) -> None: ...
+
+    def _record_download(self, path: str, size: int) -> None: ...
+
+    def _take_commit_failure(self) -> bool: ...
+
 
 logger = logging.getLogger("hf_otfusion.hub.server")
 
@@ -31,7 +48,7 @@ MAX_JSON_BODY_BYTES = 16 * 2**20
 class Handler(Routes, BaseHTTPRequestHandler):
     """Routes one HTTP request to the store. HTTP/1.1 keep-alive, so every answer carries Content-Length."""
 
-    server: _HTTPServer
+    server: Any  # the server's `_HTTPServer`, whose `hub` is the `ServedHub`
     protocol_version = "HTTP/1.1"
     server_version = "hf-otfusion-hub/0.1"
     timeout = 120  # seconds a connection may stall; keeps idle keep-alive threads from living forever
@@ -56,7 +73,7 @@ class Handler(Routes, BaseHTTPRequestHandler):
         self._dispatch("PUT")
 
     @property
-    def hub(self) -> HubServer:
+    def hub(self) -> ServedHub:
         return self.server.hub
 
     @property
