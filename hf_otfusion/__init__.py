@@ -18,6 +18,8 @@ _EXPORTS = {
     "fuse": "fusion",
     "fuse_with_diagnostics": "fusion",
     "align_parents": "alignment",
+    "merge_tasks": "multitask",
+    "MultiTaskResult": "multitask",
     "FinetuneConfig": "train.finetune",
     "FinetuneResult": "train.finetune",
     "finetune": "train.finetune",
@@ -141,6 +143,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from .methods.readiness import ReadinessReport, readiness_report
     from .methods.same_base import merge_parameters, regmean_linear
     from .methods.target import compress
+    from .multitask import MultiTaskResult, merge_tasks
     from .output.card import render_card
     from .output.provenance import Provenance
     from .train.evaluation import EvaluationTable, evaluate_model, evaluate_models
