@@ -224,11 +224,18 @@ def task_outputs(parents: list[ModelOrPath], task_names: list[str] | None = None
     Raises:
         InvalidConfigError: `task_names` of the wrong length, repeated, or not a plain folder name.
     """
+    from .data import is_repo_id
+
     outputs = []
     for k, parent in enumerate(parents):
         output = _describe(parent, k)
         if _is_model(parent) and output.name == f"parent-{k}":
             output = replace(output, name=f"task-{k}")
+        if isinstance(parent, Checkpoint) and parent.name and parent.name != parent.location:
+            # a downloaded Hub parent (`user/model@sha` in a snapshot directory): named by its repository
+            repo = parent.name.partition("@")[0]
+            hub = is_repo_id(repo) and not Path(repo).exists()
+            output = replace(output, name=Path(repo).name, label=parent.name, repo_id=repo if hub else None)
         outputs.append(output)
     if task_names is None:
         return unique_names(outputs)

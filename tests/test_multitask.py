@@ -216,3 +216,44 @@ def test_aligned_multi_task_merge_recovers_a_permuted_copy(tasks):
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
     assert (wrong - expected).abs().max() > 0.1
     assert not torch.equal(result.models["b"].classifier.weight, permuted.classifier.weight)
+
+
+def test_cli_multi_task_writes_one_checkpoint_per_task(tmp_path, tuned, tasks, capsys):
+    from hf_otfusion.cli import main
+
+    paths = []
+    for name, model in (("base", bare_encoder_of(tuned)), ("ft-nli", tasks[0]), ("ft-stars", tasks[1])):
+        model.save_pretrained(tmp_path / name)
+        paths.append(str(tmp_path / name))
+    out = tmp_path / "merged"
+    common = ["fuse", *paths[1:], "--out", str(out), "--method", "task-arithmetic", "--base", paths[0], "-q"]
+    assert main([*common, "--multi-task", "--dry-run"]) == 0  # the pre-flight checks encoders, not label sets
+    assert main([*common, "--multi-task", "--task-names", "nli", "stars", "--scale", "0.5"]) == 0
+    assert "Multi-task merge written to" in capsys.readouterr().out
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "nli", "stars"]
+    expected = merge_tasks(tasks, FusionConfig(method="task-arithmetic", scale=0.5), base=bare_encoder_of(tuned),
+                           task_names=["nli", "stars"], progress=False)  # fmt: skip
+    for name, parent in zip(("nli", "stars"), tasks, strict=True):
+        model = T.AutoModelForSequenceClassification.from_pretrained(out / name)
+        assert model.config.id2label == parent.config.id2label
+        assert torch.equal(model.classifier.weight, parent.classifier.weight)
+        for (key, a), (_, b) in zip(encoder_of(model).items(), encoder_of(expected.models[name]).items(), strict=True):
+            assert torch.equal(a, b), key
+        assert "multi-task" in ModelCard.load(out / name / "README.md").data.tags
+    # without --multi-task the label sets are refused with the hint; the mode's limits are said before any work
+    assert main([*common, "--out", str(tmp_path / "plain")]) == 2
+    assert "--multi-task" in capsys.readouterr().err
+    assert main(["fuse", *paths[1:], "--out", str(tmp_path / "x"), "--multi-task", "--cost", "weights", "-q"]) == 2
+    assert "same-base --method" in capsys.readouterr().err
+    assert main([*common, "--out", str(tmp_path / "y"), "--task-names", "a", "b"]) == 2
+    assert "add --multi-task" in capsys.readouterr().err
+    assert not (tmp_path / "plain").exists() and not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_multi_task_job_fields_round_trip_as_flags():
+    from hf_otfusion import FuseJob
+
+    job = FuseJob.from_dict({"parents": ["a", "b"], "out": "m", "multi_task": True, "task_names": ["x", "y"],
+                             "method": "interpolate"})  # fmt: skip
+    assert "--multi-task --task-names x y" in job.command_line()
+    assert FuseJob.from_dict(job.to_dict()).task_names == ["x", "y"]
