@@ -257,3 +257,32 @@ def test_multi_task_job_fields_round_trip_as_flags():
                              "method": "interpolate"})  # fmt: skip
     assert "--multi-task --task-names x y" in job.command_line()
     assert FuseJob.from_dict(job.to_dict()).task_names == ["x", "y"]
+
+
+@pytest.mark.parametrize(
+    ("family", "auto_class", "tag"),
+    [
+        ("vit-cls", T.AutoModelForImageClassification, "image-classification"),
+        ("roberta-seqcls", T.AutoModelForSequenceClassification, "text-classification"),
+        ("deit-teacher", None, "image-classification"),
+    ],
+)
+def test_other_families_keep_every_head_parameter_outside_the_base_model(tmp_path, family, auto_class, tag):
+    parents = [build(family, seed=0, num_labels=3), build(family, seed=1, num_labels=4)]
+    result = merge_tasks(parents, FusionConfig(method="interpolate"), task_names=["a", "b"], out=tmp_path / "m",
+                         progress=False)  # fmt: skip
+    prefix = parents[0].base_model_prefix + "."
+    expected_head = [name for name, _ in parents[0].named_parameters() if not name.startswith(prefix)]
+    assert result.heads["a"] == expected_head and expected_head  # RoBERTa: classifier.dense too; DeiT: two heads
+    shared = [name for name, _ in parents[0].named_parameters() if name.startswith(prefix)]
+    for name in shared:
+        a, b = (model.get_parameter(name) for model in result.models.values())
+        average = (parents[0].get_parameter(name).double() + parents[1].get_parameter(name).double()) / 2
+        assert torch.equal(a, b) and (a.double() - average).abs().max() <= 1e-6, name
+    for model, parent in zip(result.models.values(), parents, strict=True):
+        assert all(torch.equal(model.get_parameter(n), parent.get_parameter(n)) for n in expected_head)
+    for name, parent in zip("ab", parents, strict=True):
+        assert ModelCard.load(tmp_path / "m" / name / "README.md").data.pipeline_tag == tag
+        if auto_class is not None:
+            loaded = auto_class.from_pretrained(tmp_path / "m" / name)
+            assert type(loaded) is type(parent) and loaded.config.num_labels == parent.config.num_labels
