@@ -46,7 +46,7 @@ from .methods.same_base import SAME_BASE_METHODS
 
 logger = logging.getLogger(__name__)
 
-#: what each task folder's merge config is saved as (the fusion's `fusion_config.yaml`)
+#: the tags of every task card (with the model type)
 CARD_TAGS = ("merge", "multi-task", "hf-otfusion")
 
 
