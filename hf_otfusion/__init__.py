@@ -24,6 +24,8 @@ _EXPORTS = {
     "readiness_report": "methods.readiness",
     "ReadinessReport": "methods.readiness",
     "compress": "methods.target",
+    "merge_tasks": "multitask",
+    "MultiTaskResult": "multitask",
     "finetune": "train.finetune",
     "FinetuneConfig": "train.config",
     "FinetuneResult": "train.finetune",
@@ -66,6 +68,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs; tests/test_p
     from .job.run import run_job
     from .methods.readiness import ReadinessReport, readiness_report
     from .methods.target import compress
+    from .multitask import MultiTaskResult, merge_tasks
     from .train.config import FinetuneConfig
     from .train.evaluation import EvaluationTable, evaluate_model, evaluate_models
     from .train.finetune import FinetuneResult, finetune

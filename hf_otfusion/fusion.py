@@ -28,7 +28,7 @@ from .engine.reparameterise import check_rotatable, reparameterise, restore_outp
 from .engine.spec import AlignmentSpec
 from .engine.statistics import collect_statistics, statistics_keys
 from .engine.transport import TransportMap
-from .errors import EmptyAlignmentDataError, FusionError
+from .errors import EmptyAlignmentDataError, FusionError, InvalidConfigError
 from .methods.same_base import SAME_BASE_METHODS, base_in_anchor_class, merge_parameters, parent_grams
 from .methods.target import target_basis
 
@@ -100,6 +100,7 @@ class _FusionRun:
     device: torch.device | None
     process: Any  # accelerate's PartialState in a multi-process launch, else None
     spec: AlignmentSpec | None
+    parent_data: list[Any] | None = None  # RegMean: each parent's own Gram data (a multi-task merge)
 
     @property
     def anchor(self) -> int:
@@ -134,6 +135,7 @@ def fuse_with_diagnostics(
     base: ModelOrPath | None = None,
     progress: bool = True,
     device: str | torch.device | None = None,
+    parent_data: list | None = None,
 ) -> FusionResult:
     """Aligns every parent onto the anchor with optimal transport, then averages in the anchor's basis.
 
@@ -157,6 +159,9 @@ def fuse_with_diagnostics(
         device: where the statistics forward passes (and Sinkhorn solves) run: `"cuda"`, `"cpu"`, `"auto"`
             (CUDA when available); `None` leaves the models where they are. Models are moved there for the
             pass and get their original tensors back afterwards.
+        parent_data: `regmean` only: each parent's own data for its Gram statistics, one entry per parent, in
+            place of `data` (`data` still serves the alignment of `align="ot"`). `merge_tasks` passes each
+            task's data here.
 
     Launched on several processes (`torchrun --nproc_per_node N`, `accelerate launch`), every process runs
     this same call: each takes its share of the alignment batches, the statistics are summed over processes,
@@ -170,6 +175,13 @@ def fuse_with_diagnostics(
             weights or missing alignment data; each message says what to do.
     """
     config = config or FusionConfig()
+    if parent_data is not None and (config.method != "regmean" or len(parent_data) != len(models)):
+        raise InvalidConfigError(
+            f"parent_data gives each parent its own RegMean data: it needs method='regmean' (got "
+            f"{config.method!r}) and one entry per parent ({len(models)}, got {len(parent_data)}).",
+            field="parent_data",
+            value=len(parent_data),
+        )
     where = resolve_device(device)
     process = process_state(where)  # None unless this is one of several launched processes
     if process is not None and where is not None and where.type == "cuda":
@@ -193,14 +205,19 @@ def fuse_with_diagnostics(
     check_finite([parents[k] for k in in_memory], in_memory)
     aligns = config.method == "ot" or config.align == "ot"
     needs_data = aligns and config.cost == "activations"
-    if config.needs_data and data is None:
+    if parent_data is not None and any(d is None for d in parent_data):
+        missing = [k for k, d in enumerate(parent_data) if d is None]
+        raise EmptyAlignmentDataError(f"method=regmean needs every parent's data; parent(s) {missing} have none.")
+    if config.needs_data and data is None and (parent_data is None or needs_data or config.repair != "none"):
         reason = "method=regmean" if config.method == "regmean" else "cost=activations" if needs_data else "repair"
         raise EmptyAlignmentDataError(
             f"{reason} needs alignment data: pass "
             "data=<datasets.Dataset or DataLoader of model inputs>, or use FusionConfig(cost='weights') for "
             "data-free alignment (method='interpolate' for a data-free same-base merge)."
         )
-    run = _FusionRun(list(models), parents, plans, data, config, weights, timings, progress, where, process, spec)
+    run = _FusionRun(
+        list(models), parents, plans, data, config, weights, timings, progress, where, process, spec, parent_data
+    )
     timings["plan"] = time.perf_counter() - started
     if streamed:
         return _fuse_into_target(run) if config.target is not None else _align_and_average(run)
@@ -238,7 +255,7 @@ def _merge_same_base(run: _FusionRun, base: ModelOrPath | None) -> FusionResult:
         started = time.perf_counter()
         grams = parent_grams(
             parents, params, plans, result.maps, run.data, config, run.progress, device=run.device,
-            process=run.process,
+            process=run.process, parent_data=run.parent_data,
         )  # fmt: skip
         timings["gram"] = time.perf_counter() - started
 

@@ -91,7 +91,8 @@ def add_config_flags(group, cls: type, shown_defaults: dict[str, str] | None = N
 def add_job_flags(parser: argparse.ArgumentParser, cls: type, rules: dict, choices: dict) -> None:
     """The flags of a run's typed model (`FuseJob`): one per field, grouped by the field's `group` metadata.
 
-    A `list[str]` field is the positional argument; a `bool` field is a switch (`--overwrite`); an `int` field
+    A `list[str]` field without a `group` is the positional argument (`parents`), one with a group a flag taking
+    one or more values (`--task-names a b`); a `bool` field is a switch (`--overwrite`); an `int` field
     checks its `rules` entry as the flag's usage error. Fields with `flag: False` metadata, and a nested config
     (flagged by `add_config_flags`), are left out. Every flag defaults to None, so that only the flags given
     override a `--config` job file.
@@ -101,13 +102,15 @@ def add_job_flags(parser: argparse.ArgumentParser, cls: type, rules: dict, choic
         if not field.metadata.get("flag", True) or dataclasses.is_dataclass(kind):
             continue
         help_text = config_help(cls, field.name, rules=rules)
-        if kind is list:
+        name = field.metadata.get("group")
+        if kind is list and name is None:
             parser.add_argument(field.name, nargs="*", default=None, help=help_text)
             continue
-        name = field.metadata.get("group")
         target = parser if name is None else groups.setdefault(name, parser.add_argument_group(name))
         flag = "--" + field.name.replace("_", "-")
-        if kind is bool:
+        if kind is list:
+            target.add_argument(flag, nargs="+", default=None, metavar=field.metadata.get("metavar"), help=help_text)
+        elif kind is bool:
             target.add_argument(flag, action="store_true", default=None, help=help_text)
         elif field.name in choices:
             target.add_argument(flag, choices=choices[field.name], default=None, help=help_text)

@@ -39,6 +39,11 @@ EXAMPLES = """examples:
   otfusion-hub fuse ./ft-a ./ft-b --out merged --method regmean --data ./align-ds
   otfusion-hub fuse ./ft-a ./ft-b --out merged --method task-arithmetic --base ./base-model --scale 0.5
 
+  # fine-tunes of one base for different tasks (other label sets): one merged encoder, each task's own head,
+  # written as merged/nli/ and merged/sentiment/ (see merge_tasks)
+  otfusion-hub fuse ./ft-nli ./ft-sst --out merged --method task-arithmetic --base ./base-model --multi-task \
+      --task-names nli sentiment
+
   # a Hub-compatible server on 127.0.0.1 for trying Hub workflows offline
   otfusion-hub serve-hub --port 8765 --root ./hub-data
 """
@@ -134,6 +139,9 @@ def run_fuse(args: argparse.Namespace, argv: list[str]) -> int:
         return 0  # under torchrun / accelerate launch, only the main process writes the output (and pushes)
     if not args.quiet:
         print(result.summary())
+    if job.multi_task:
+        print(f"Multi-task merge written to {job.out}: {', '.join(job.out.name + '/' + t for t in result.task_names)}")
+        return 0
     if job.eval_data:
         from ..output.card import results_text
         from ..output.provenance import Provenance

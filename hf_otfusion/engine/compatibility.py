@@ -61,7 +61,9 @@ def check_compatible(models: list[PreTrainedModel], plans: list[FusionPlan], anc
             raise LabelSetMismatchError(
                 f"Parent {k} predicts labels {labels} but the anchor predicts {ref_labels}. Class logits are "
                 "averaged row by row, so label sets and orders must match; remap the classifier rows (and "
-                "id2label) of one parent, or fuse the base models and train a new head.",
+                "id2label) of one parent, or fuse the base models and train a new head. Parents fine-tuned for "
+                "different tasks from one base keep their own heads with a multi-task merge: "
+                "hf_otfusion.merge_tasks(parents, config) (CLI: otfusion-hub fuse ... --multi-task).",
                 label_sets=(labels, ref_labels),
                 parent=k,
             )

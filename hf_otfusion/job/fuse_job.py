@@ -25,6 +25,7 @@ if TYPE_CHECKING:  # pragma: no cover
 DTYPE_NAMES = ("float32", "float16", "bfloat16")
 #: the flag groups of `otfusion-hub fuse --help`, by field
 DATA, OUTPUT, SAFETY, HUB = "alignment and evaluation data", "compute and output", "safety", "Hub"
+MULTI_TASK = "multi-task merge"
 
 
 @dataclass
@@ -55,6 +56,11 @@ class FuseJob:
         device: where the statistics pass runs: cpu, cuda, auto (default: cpu).
         dtype: dtype of the saved fused weights (default: the anchor's).
         max_shard_size: shard model.safetensors above this size, with an index.
+        multi_task: merge only the shared encoder and keep every parent's own head (parents fine-tuned from one
+            base for different tasks, e.g. different label sets), writing one checkpoint per task under
+            --out/<task>/ and --out/README.md (see hf_otfusion.merge_tasks); needs a same-base --method.
+        task_names: with --multi-task, each task's folder name (default: the parents' directory or repository
+            names, made unique).
         overwrite: replace an existing non-empty --out.
         allow_pickle: load pickle (.bin) weights when a parent has no safetensors; unpickling can run code, so
             only for authors you trust.
@@ -83,6 +89,8 @@ class FuseJob:
     device: str | None = field(default=None, metadata={"group": OUTPUT})
     dtype: str | None = field(default=None, metadata={"group": OUTPUT})
     max_shard_size: str = field(default="5GB", metadata={"group": OUTPUT})
+    multi_task: bool = field(default=False, metadata={"group": MULTI_TASK})
+    task_names: list[str] | None = field(default=None, metadata={"group": MULTI_TASK, "metavar": "NAME"})
     overwrite: bool = field(default=False, metadata={"group": SAFETY, "recorded": False})
     allow_pickle: bool = field(default=False, metadata={"group": SAFETY})
     trust_remote_code: bool = field(default=False, metadata={"group": SAFETY})
@@ -179,7 +187,8 @@ class FuseJob:
             value, default = getattr(self, f.name), field_default(f)
             if f.name == "out" or value != default:
                 flag = "--" + f.name.replace("_", "-")
-                words += [flag] if value is True else [flag, str(value)]
+                values = [str(v) for v in value] if isinstance(value, list) else [str(value)]
+                words += [flag] if value is True else [flag, *values]
         return shlex.join(words)
 
     @classmethod
@@ -204,6 +213,30 @@ class FuseJob:
             )
         parse_shard_size(self.max_shard_size)
         resolve_device(self.device)
+        if self.multi_task:
+            from ..methods.same_base import SAME_BASE_METHODS
+
+            given = {
+                f"--method {self.config.method}": self.config.method not in SAME_BASE_METHODS,
+                "--eval-data": self.eval_data is not None,
+                "--dtype": self.dtype is not None,
+                "--push-to-hub": self.push_to_hub is not None,
+            }
+            unsupported = [flag for flag, present in given.items() if present]
+            if unsupported:
+                raise InvalidConfigError(
+                    f"--multi-task does not take {', '.join(unsupported)} yet: it merges the shared encoder with a "
+                    f"same-base --method (interpolate, task-arithmetic, regmean) and writes one checkpoint per task "
+                    "in the parents' dtype; evaluate and push the task folders separately.",
+                    field="multi_task",
+                    value=unsupported,
+                )
+        elif self.task_names is not None:
+            raise InvalidConfigError(
+                "--task-names names the tasks of --multi-task; add --multi-task or drop it.",
+                field="task_names",
+                value=self.task_names,
+            )
 
     def preflight(self) -> Preflight:
         """Everything that can fail before a weight download (see `job.preflight`), and what it resolved."""
@@ -220,7 +253,7 @@ class FuseJob:
                 "--cost weights for a data-free fusion."
             )
         flags = dict(allow_pickle=self.allow_pickle, trust_remote_code=self.trust_remote_code)
-        checked = preflight(self.parents, self.config, **flags)
+        checked = preflight(self.parents, self.config, multi_task=self.multi_task, **flags)
         base = resolve_parent(self.config.base, **flags) if self.config.base else None
         alignment = None
         if self.data is not None and self.config.needs_data:

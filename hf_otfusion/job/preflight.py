@@ -96,11 +96,13 @@ def preflight(
     *,
     allow_pickle: bool = False,
     trust_remote_code: bool = False,
+    multi_task: bool = False,
 ) -> Preflight:
     """Resolves every parent and checks they can be fused, from configs and headers only (no weights fetched).
 
     The spec is resolved on meta-device models built from the configs, and `check_compatible` runs on those, so
-    depth, vocabulary, label set and unaligned-shape mismatches surface before any download.
+    depth, vocabulary, label set and unaligned-shape mismatches surface before any download. With `multi_task`,
+    the parents' encoders are checked (`multitask.encoder_view`): their heads and label sets may differ.
 
     Raises:
         FusionError: any `resolve_parent` error, or an `IncompatibleModelsError` / `UnsupportedArchitectureError`
@@ -109,6 +111,10 @@ def preflight(
     check_parent_count(len(sources), config)  # before the Hub is contacted
     parents = [resolve_parent(s, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code) for s in sources]
     models = [_meta_model(parent, trust_remote_code) for parent in parents]
+    if multi_task:
+        from ..multitask import encoder_view
+
+        models = [encoder_view(model, k) for k, model in enumerate(models)]
     plans = prepare(models, config).plans
     download = sum(w.size for p in parents if p.on_hub for w in p.weight_files)
     return Preflight(parents=parents, anchor=config.anchor, plans=plans, download_bytes=download)

@@ -46,6 +46,8 @@ def run_job(job: FuseJob, checked: Preflight | None = None):
     from ..fusion import fuse_with_diagnostics
 
     checked = checked or job.preflight()
+    if job.multi_task:
+        return _run_multi_task(job, checked)
     parents, anchor = checked.parents, checked.anchor
     download_parents([*parents, *([checked.base] if checked.base else [])], anchor, progress=job.progress)
     # checkpoints, not models: `fuse` loads each when its turn comes, holding two models at a time
@@ -88,6 +90,32 @@ def run_job(job: FuseJob, checked: Preflight | None = None):
         _finish(job, stage, parents[anchor], provenance)
     result.model = Checkpoint(str(out)).load()  # the weights as written (in `dtype`)
     return result
+
+
+def _run_multi_task(job: FuseJob, checked: Preflight):
+    """`--multi-task`: `merge_tasks` on the downloaded parents, writing `out/<task>/` and `out/README.md`.
+
+    One `--data` serves every task (RegMean's Gram statistics, an activation-cost alignment); the Python API
+    takes one data set per task.
+    """
+    from ..multitask import merge_tasks
+
+    for parent in checked.parents:  # each task folder gets its own parent's tokenizer / image processor
+        download_parents([parent], anchor=0, progress=job.progress)
+    if checked.base:
+        download_parents([checked.base], anchor=-1, progress=job.progress)
+    sources = [parent_checkpoint(p, trust_remote_code=job.trust_remote_code) for p in checked.parents]
+    base = load_parent_model(checked.base, trust_remote_code=job.trust_remote_code) if checked.base else None
+    anchor = checked.parents[checked.anchor]
+    processor = None
+    if anchor.processor_files and anchor.directory is not None:
+        processor = load_processor(anchor.directory, trust_remote_code=job.trust_remote_code)
+    alignment = _encoded(job, checked.alignment_data, processor, sources[checked.anchor].config().label2id)
+    return merge_tasks(
+        sources, job.config, base=base, data=None if alignment is None else [alignment] * len(sources),
+        task_names=job.task_names, out=job.check_output(), overwrite=job.overwrite, progress=job.progress,
+        device=job.device,
+    )  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------- steps

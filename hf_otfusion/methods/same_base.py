@@ -135,6 +135,7 @@ def parent_grams(
     *,
     device: torch.device | None = None,
     process: PartialState | None = None,
+    parent_data: list[Iterable] | None = None,
 ) -> list[GramStatistics]:
     """The input Gram matrices of every mergeable linear layer of each parent, in the anchor's basis.
 
@@ -142,8 +143,11 @@ def parent_grams(
     which is exact for soft maps too (a soft map does not act on inputs as a simple change of basis).
 
     Args:
+        data: the inputs every parent is measured on.
         device: where the forward passes run (`None`: where the models are).
         process: the accelerate state of a multi-process launch (see `collect_gram_statistics`).
+        parent_data: each parent's own inputs instead of `data`, one per parent (a multi-task merge measures
+            each task's model on its task's data).
     """
     anchor_model = parents[config.anchor]
     layers = sorted(mergeable_linears(anchor_model))
@@ -154,7 +158,7 @@ def parent_grams(
             grams.append(
                 collect_gram_statistics(
                     model,
-                    data,
+                    data if parent_data is None else parent_data[k],
                     layers=layers,
                     progress=progress,
                     description=f"Gram statistics, parent {k}",

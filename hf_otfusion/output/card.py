@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 from importlib.resources import files
 from pathlib import Path
+from typing import Any
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
@@ -80,7 +81,7 @@ def render_card(
         model_name=model_name,
         architecture=provenance.architecture,
         num_parents=len(provenance.parents),
-        method_text=_method_text(provenance),
+        method_text=method_text(provenance.config, provenance.anchor),
         parent_rows=_parent_rows(provenance),
         base_text=_base_text(provenance),
         config_rows=[(f"`{key}`", f"`{value}`") for key, value in provenance.config.items()],
@@ -118,12 +119,12 @@ def _eval_results(provenance: Provenance, pipeline_tag: str) -> list[EvalResult]
     ]
 
 
-def _method_text(provenance: Provenance) -> str:
-    config = provenance.config
+def method_text(config: dict[str, Any], anchor: int) -> str:
+    """The card's "How:" sentence for a `FusionConfig.to_dict()` whose anchor is parent `anchor`."""
     weights = config.get("weights") or "uniform"
     aligned = (
         f"the units of every parent (residual dimensions, attention heads, within-head dimensions, MLP neurons) "
-        f"were first matched to the anchor's (parent {provenance.anchor}) by optimal transport ({config['solver']} "
+        f"were first matched to the anchor's (parent {anchor}) by optimal transport ({config['solver']} "
         f"solver, {config['cost']}-based ground cost)"
     )
     texts = {

@@ -1,0 +1,288 @@
+"""Multi-task merging: one merged encoder for fine-tunes with different heads, each task keeping its own head."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import transformers as T
+from conftest import build, inputs_for
+from huggingface_hub import ModelCard
+from test_merging import bare_encoder_of, finetune_of
+
+from hf_otfusion import FusionConfig, fuse, merge_tasks
+from hf_otfusion.errors import (
+    DepthMismatchError,
+    IncompatibleModelsError,
+    InvalidConfigError,
+    LabelSetMismatchError,
+    NonFiniteWeightsError,
+)
+from hf_otfusion.multitask import encoder_view
+
+LABELS = {"nli": ["entailment", "neutral", "contradiction"], "stars": ["1", "2", "3", "4", "5"]}
+
+
+def task_model(base: T.BertForSequenceClassification, labels: list[str], seed: int) -> T.BertForSequenceClassification:
+    """A stand-in for a fine-tune for a task: the base's encoder with a small update, a new random head."""
+    config = copy.deepcopy(base.config)
+    config.num_labels = len(labels)
+    config.id2label = dict(enumerate(labels))
+    config.label2id = {label: i for i, label in enumerate(labels)}
+    model = T.BertForSequenceClassification(config).eval()
+    model.bert.load_state_dict(finetune_of(base, seed=seed).bert.state_dict())
+    generator = torch.Generator().manual_seed(100 + seed)
+    with torch.no_grad():
+        for param in model.classifier.parameters():
+            param.copy_(0.3 * torch.randn(param.shape, generator=generator))
+    return model
+
+
+@pytest.fixture(scope="module")
+def tuned():
+    return build("bert-seqcls", seed=5)
+
+
+@pytest.fixture(scope="module")
+def tasks(tuned):
+    return [task_model(tuned, LABELS["nli"], seed=1), task_model(tuned, LABELS["stars"], seed=2)]
+
+
+def encoder_of(model: T.PreTrainedModel) -> dict[str, torch.Tensor]:
+    return {name: param for name, param in model.bert.named_parameters()}
+
+
+def test_each_task_keeps_its_head_byte_for_byte_and_shares_one_encoder(tasks):
+    result = merge_tasks(tasks, FusionConfig(method="interpolate"), task_names=["nli", "stars"], progress=False)
+    assert result.task_names == ["nli", "stars"]
+    assert result.heads == {"nli": ["classifier.weight", "classifier.bias"], "stars": ["classifier.weight",
+                                                                                        "classifier.bias"]}  # fmt: skip
+    for (name, model), parent in zip(result.models.items(), tasks, strict=True):
+        assert type(model) is T.BertForSequenceClassification and model is not parent
+        assert model.config.id2label == parent.config.id2label and model.config.num_labels == parent.config.num_labels
+        for head in result.heads[name]:
+            assert torch.equal(model.get_parameter(head), parent.get_parameter(head)), (name, head)
+    first, second = (encoder_of(model) for model in result.models.values())
+    assert first.keys() == second.keys() and len(first) == len(list(tasks[0].bert.parameters()))
+    for name in first:
+        assert torch.equal(first[name], second[name]), name
+        assert first[name].data_ptr() != second[name].data_ptr()  # each task model owns its tensors
+    # the parents the caller holds are unchanged
+    assert not torch.equal(encoder_of(tasks[0])["encoder.layer.0.output.dense.weight"],
+                           first["encoder.layer.0.output.dense.weight"])  # fmt: skip
+
+
+def test_interpolated_encoder_is_the_weighted_average_of_the_parents(tasks):
+    weights = [1.0, 3.0]
+    result = merge_tasks(tasks, FusionConfig(method="interpolate", weights=weights), progress=False)
+    merged = encoder_of(next(iter(result.models.values())))
+    parents = [encoder_of(model) for model in tasks]
+    for name, tensor in merged.items():
+        expected = 0.25 * parents[0][name].double() + 0.75 * parents[1][name].double()
+        assert (tensor.double() - expected).abs().max() <= 1e-6, name
+    # and the logits are each task's own head on the merged encoder
+    inputs = inputs_for(tasks[0])
+    for model, parent in zip(result.models.values(), tasks, strict=True):
+        with torch.no_grad():
+            logits = model(**inputs).logits
+            pooled = model.bert(**inputs).pooler_output
+        assert logits.shape[-1] == parent.config.num_labels
+        torch.testing.assert_close(logits, parent.classifier(pooled), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("bare_base", [True, False])
+def test_task_arithmetic_encoder_is_base_plus_scaled_task_vectors(tuned, tasks, bare_base):
+    base = bare_encoder_of(tuned) if bare_base else tuned  # a 3-label classifier base: its head is ignored
+    config = FusionConfig(method="task-arithmetic", scale=0.4, weights=[1.0, 0.5])
+    result = merge_tasks(tasks, config, base=base, progress=False)
+    start = {name: param.double() for name, param in (base if bare_base else base.bert).named_parameters()}
+    parents = [encoder_of(model) for model in tasks]
+    for model in result.models.values():
+        for name, tensor in encoder_of(model).items():
+            vectors = [w * (p[name].double() - start[name]) for w, p in zip(config.weights, parents, strict=True)]
+            assert (tensor.double() - (start[name] + 0.4 * sum(vectors))).abs().max() <= 1e-6, name
+    for model, parent in zip(result.models.values(), tasks, strict=True):
+        assert torch.equal(model.classifier.weight, parent.classifier.weight)
+
+
+def test_ties_options_reach_the_encoder_merge(tuned, tasks):
+    base = bare_encoder_of(tuned)
+    ties = merge_tasks(tasks, FusionConfig(method="task-arithmetic", task_vector="ties", density=0.2), base=base,
+                       progress=False)  # fmt: skip
+    plain = merge_tasks(tasks, FusionConfig(method="task-arithmetic"), base=base, progress=False)
+    name = "encoder.layer.1.intermediate.dense.weight"
+    trimmed = encoder_of(next(iter(ties.models.values())))[name]
+    moved = (trimmed != base.get_parameter(name)).float().mean().item()
+    assert 0.2 <= moved <= 0.45  # each vector keeps 20 % of the entries; their union is what moves
+    assert not torch.equal(trimmed, encoder_of(next(iter(plain.models.values())))[name])
+
+
+def test_regmean_measures_each_parent_on_its_own_data(tasks):
+    own = [[inputs_for(model, seed=s + 10 * k) for s in range(6)] for k, model in enumerate(tasks)]
+    result = merge_tasks(tasks, FusionConfig(method="regmean"), data=own, progress=False)
+    swapped = merge_tasks(tasks, FusionConfig(method="regmean"), data=own[::-1], progress=False)
+    same = merge_tasks(tasks, FusionConfig(method="regmean"), data=[own[0], own[0]], progress=False)
+    name = "encoder.layer.0.intermediate.dense.weight"
+    merged = [encoder_of(next(iter(r.models.values())))[name] for r in (result, swapped, same)]
+    assert not torch.allclose(merged[0], merged[1], atol=1e-4) and not torch.allclose(merged[0], merged[2], atol=1e-4)
+    # the same data for both parents is what fuse's RegMean does on that data (the head is not merged here)
+    reference = fuse([encoder_view(model) for model in tasks], data=own[0], config=FusionConfig(method="regmean"),
+                     progress=False)  # fmt: skip
+    torch.testing.assert_close(merged[2], reference.get_parameter(name), rtol=0, atol=1e-6)
+    for model, parent in zip(result.models.values(), tasks, strict=True):
+        assert torch.equal(model.classifier.bias, parent.classifier.bias)
+    with pytest.raises(InvalidConfigError, match="one entry per parent"):
+        merge_tasks(tasks, FusionConfig(method="regmean"), data=own[0], progress=False)
+
+
+def test_written_tasks_load_with_their_labels_and_cards_parse(tmp_path, tuned, tasks):
+    sources = []
+    for name, model in zip(("nli-model", "stars-model"), tasks, strict=True):
+        model.save_pretrained(tmp_path / name)
+        sources.append(str(tmp_path / name))
+    out = tmp_path / "merged"
+    result = merge_tasks(sources, FusionConfig(method="task-arithmetic", scale=0.5), base=bare_encoder_of(tuned),
+                         out=out, progress=False)  # fmt: skip
+    assert result.out == out and result.task_names == ["nli-model", "stars-model"]
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "nli-model", "stars-model"]
+    overview = (out / "README.md").read_text()
+    assert "[nli-model](nli-model/)" in overview and "[stars-model](stars-model/)" in overview
+    loaded = []
+    for name, parent in zip(result.task_names, tasks, strict=True):
+        model = T.AutoModelForSequenceClassification.from_pretrained(out / name).eval()
+        assert type(model) is T.BertForSequenceClassification
+        assert model.config.num_labels == parent.config.num_labels and model.config.id2label == parent.config.id2label
+        assert torch.equal(model.classifier.weight, parent.classifier.weight)
+        card = ModelCard.load(out / name / "README.md")
+        assert card.data.pipeline_tag == "text-classification" and "multi-task" in card.data.tags
+        assert f"Task **{name}** of a multi-task merge" in card.text and "task arithmetic" in card.text
+        assert all(source in card.text for source in sources)
+        assert (out / name / "fusion_config.yaml").is_file()
+        loaded.append(model)
+    for (key, a), (_, b) in zip(encoder_of(loaded[0]).items(), encoder_of(loaded[1]).items(), strict=True):
+        assert torch.equal(a, b), key
+    with pytest.raises(Exception, match="exists and is not empty"):
+        merge_tasks(sources, FusionConfig(method="interpolate"), out=out, progress=False)
+
+
+def test_task_names_default_unique_and_are_checked(tasks):
+    result = merge_tasks([tasks[0], tasks[0]], FusionConfig(method="interpolate"), progress=False)
+    assert len(set(result.task_names)) == 2
+    for names, message in ((["a"], "1 task names for 2 parents"), (["a", "a"], "repeat a name"),
+                           (["a", "../b"], "not a plain folder name")):  # fmt: skip
+        with pytest.raises(InvalidConfigError, match=message):
+            merge_tasks(tasks, FusionConfig(method="interpolate"), task_names=names, progress=False)
+
+
+def test_parents_whose_encoders_differ_are_refused(tasks):
+    wide = T.BertForSequenceClassification(T.BertConfig(**{**tasks[0].config.to_dict(), "hidden_size": 48,
+                                                           "num_labels": 5}))  # fmt: skip
+    with pytest.raises(IncompatibleModelsError, match="needs parents of one shape|axis"):
+        merge_tasks([tasks[0], wide], FusionConfig(method="interpolate"), progress=False)
+    deep = build("bert-seqcls", seed=3, num_hidden_layers=3)
+    with pytest.raises(DepthMismatchError):
+        merge_tasks([tasks[0], deep], FusionConfig(method="interpolate"), progress=False)
+    with pytest.raises(IncompatibleModelsError, match="bare encoder"):
+        merge_tasks([tasks[0], tasks[1].bert], FusionConfig(method="interpolate"), progress=False)
+    with pytest.raises(InvalidConfigError, match="same-base method"):
+        merge_tasks(tasks, FusionConfig(method="ot", cost="weights"), progress=False)
+    broken = copy.deepcopy(tasks[1])
+    with torch.no_grad():
+        broken.classifier.bias[0] = float("nan")
+    with pytest.raises(NonFiniteWeightsError, match="classifier.bias"):
+        merge_tasks([tasks[0], broken], FusionConfig(method="interpolate"), progress=False)
+
+
+def test_fuse_still_refuses_different_label_sets_and_points_to_merge_tasks(tasks):
+    with pytest.raises(LabelSetMismatchError, match=r"merge_tasks.*--multi-task"):
+        fuse(tasks, config=FusionConfig(method="interpolate"), progress=False)
+
+
+def test_aligned_multi_task_merge_recovers_a_permuted_copy(tasks):
+    from hf_otfusion import permute_model
+
+    permuted = permute_model(tasks[1], seed=4)
+    config = FusionConfig(method="interpolate", align="ot", cost="weights")
+    result = merge_tasks([tasks[0], permuted], config, task_names=["a", "b"], progress=False)
+    assert set(result.encoder.maps) == {1}
+    unpermuted = merge_tasks(tasks, FusionConfig(method="interpolate"), task_names=["a", "b"], progress=False)
+    unaligned = merge_tasks([tasks[0], permuted], FusionConfig(method="interpolate"), task_names=["a", "b"],
+                            progress=False)  # fmt: skip
+    inputs = inputs_for(tasks[0])
+    with torch.no_grad():
+        # the permuted parent's head was moved with its maps: task b reads the aligned encoder correctly
+        got, expected, wrong = (r.models["b"](**inputs).logits for r in (result, unpermuted, unaligned))
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    assert (wrong - expected).abs().max() > 0.1
+    assert not torch.equal(result.models["b"].classifier.weight, permuted.classifier.weight)
+
+
+def test_cli_multi_task_writes_one_checkpoint_per_task(tmp_path, tuned, tasks, capsys):
+    from hf_otfusion.cli import main
+
+    paths = []
+    for name, model in (("base", bare_encoder_of(tuned)), ("ft-nli", tasks[0]), ("ft-stars", tasks[1])):
+        model.save_pretrained(tmp_path / name)
+        paths.append(str(tmp_path / name))
+    out = tmp_path / "merged"
+    common = ["fuse", *paths[1:], "--out", str(out), "--method", "task-arithmetic", "--base", paths[0], "-q"]
+    assert main([*common, "--multi-task", "--dry-run"]) == 0  # the pre-flight checks encoders, not label sets
+    assert main([*common, "--multi-task", "--task-names", "nli", "stars", "--scale", "0.5"]) == 0
+    assert "Multi-task merge written to" in capsys.readouterr().out
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "nli", "stars"]
+    expected = merge_tasks(tasks, FusionConfig(method="task-arithmetic", scale=0.5), base=bare_encoder_of(tuned),
+                           task_names=["nli", "stars"], progress=False)  # fmt: skip
+    for name, parent in zip(("nli", "stars"), tasks, strict=True):
+        model = T.AutoModelForSequenceClassification.from_pretrained(out / name)
+        assert model.config.id2label == parent.config.id2label
+        assert torch.equal(model.classifier.weight, parent.classifier.weight)
+        for (key, a), (_, b) in zip(encoder_of(model).items(), encoder_of(expected.models[name]).items(), strict=True):
+            assert torch.equal(a, b), key
+        assert "multi-task" in ModelCard.load(out / name / "README.md").data.tags
+    # without --multi-task the label sets are refused with the hint; the mode's limits are said before any work
+    assert main([*common, "--out", str(tmp_path / "plain")]) == 2
+    assert "--multi-task" in capsys.readouterr().err
+    assert main(["fuse", *paths[1:], "--out", str(tmp_path / "x"), "--multi-task", "--cost", "weights", "-q"]) == 2
+    assert "same-base --method" in capsys.readouterr().err
+    assert main([*common, "--out", str(tmp_path / "y"), "--task-names", "a", "b"]) == 2
+    assert "add --multi-task" in capsys.readouterr().err
+    assert not (tmp_path / "plain").exists() and not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_multi_task_job_fields_round_trip_as_flags():
+    from hf_otfusion import FuseJob
+
+    job = FuseJob.from_dict({"parents": ["a", "b"], "out": "m", "multi_task": True, "task_names": ["x", "y"],
+                             "method": "interpolate"})  # fmt: skip
+    assert "--multi-task --task-names x y" in job.command_line()
+    assert FuseJob.from_dict(job.to_dict()).task_names == ["x", "y"]
+
+
+@pytest.mark.parametrize(
+    ("family", "auto_class", "tag"),
+    [
+        ("vit-cls", T.AutoModelForImageClassification, "image-classification"),
+        ("roberta-seqcls", T.AutoModelForSequenceClassification, "text-classification"),
+        ("deit-teacher", None, "image-classification"),
+    ],
+)
+def test_other_families_keep_every_head_parameter_outside_the_base_model(tmp_path, family, auto_class, tag):
+    parents = [build(family, seed=0, num_labels=3), build(family, seed=1, num_labels=4)]
+    result = merge_tasks(parents, FusionConfig(method="interpolate"), task_names=["a", "b"], out=tmp_path / "m",
+                         progress=False)  # fmt: skip
+    prefix = parents[0].base_model_prefix + "."
+    expected_head = [name for name, _ in parents[0].named_parameters() if not name.startswith(prefix)]
+    assert result.heads["a"] == expected_head and expected_head  # RoBERTa: classifier.dense too; DeiT: two heads
+    shared = [name for name, _ in parents[0].named_parameters() if name.startswith(prefix)]
+    for name in shared:
+        a, b = (model.get_parameter(name) for model in result.models.values())
+        average = (parents[0].get_parameter(name).double() + parents[1].get_parameter(name).double()) / 2
+        assert torch.equal(a, b) and (a.double() - average).abs().max() <= 1e-6, name
+    for model, parent in zip(result.models.values(), parents, strict=True):
+        assert all(torch.equal(model.get_parameter(n), parent.get_parameter(n)) for n in expected_head)
+    for name, parent in zip("ab", parents, strict=True):
+        assert ModelCard.load(tmp_path / "m" / name / "README.md").data.pipeline_tag == tag
+        if auto_class is not None:
+            loaded = auto_class.from_pretrained(tmp_path / "m" / name)
+            assert type(loaded) is type(parent) and loaded.config.num_labels == parent.config.num_labels
