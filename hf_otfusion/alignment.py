@@ -273,7 +273,7 @@ def aligned_card(alignment: Alignment, outputs: list[AlignedOutput], index: int)
     """The model card of aligned parent `index`: what it is, its maps, why it keeps its function, how to merge."""
     from huggingface_hub import ModelCard, ModelCardData
 
-    from .output.card import pipeline_and_auto_class
+    from .output.card import pipeline_and_auto_class, usage_section
 
     model, output = alignment.models[index], outputs[index]
     anchor = alignment.config.anchor
@@ -353,14 +353,7 @@ merged/` there (`merge_method: ties` or `slerp` work the same way on these direc
 {recipe}
 ```
 
-## Usage
-
-```python
-from transformers import {auto_class}
-
-model = {auto_class}.from_pretrained("{output.name}")  # this directory, or the repository it was pushed to
-```
-"""
+{usage_section(auto_class, output.name)}"""
     return ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")
 
 

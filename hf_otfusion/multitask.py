@@ -296,7 +296,7 @@ def task_card(result: MultiTaskResult, outputs: list[AlignedOutput], index: int,
     """The model card of task `index`: which task of which merge, the method, the parents, its labels."""
     from huggingface_hub import ModelCard, ModelCardData
 
-    from .output.card import pipeline_and_auto_class
+    from .output.card import pipeline_and_auto_class, usage_section
 
     name, model = list(result.models.items())[index]
     output = outputs[index]
@@ -353,14 +353,7 @@ the parent **{output.label}**, {kept}. Every task folder of this merge holds the
 {config_yaml}
 ```
 
-## Usage
-
-```python
-from transformers import {auto_class}
-
-model = {auto_class}.from_pretrained("{name}")  # this directory, or the repository it was pushed to
-```
-"""
+{usage_section(auto_class, name)}"""
     return ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")
 
 

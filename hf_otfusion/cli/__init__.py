@@ -23,9 +23,12 @@ EXIT_CODES = """exit codes:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from ..engine.spec import available_specs  # the families are the shipped spec files, not a list kept here
+
     parser = Parser(
         prog="otfusion-hub",
-        description="Fuse Hugging Face transformers (BERT, ViT, DeiT) with optimal-transport alignment.",
+        description=f"Fuse Hugging Face transformers ({', '.join(available_specs())}) with optimal-transport "
+        "alignment.",
         epilog=fuse.EXAMPLES + "\n" + EXIT_CODES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

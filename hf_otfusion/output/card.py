@@ -288,3 +288,15 @@ def _space_rank(kind: str, order: tuple[str, ...]) -> tuple[int, str]:
 
 def _layer_rank(layer: str) -> tuple[int, int]:
     return (0, -1) if not re.fullmatch(r"\d+", layer) else (1, int(layer))
+
+
+def usage_section(auto_class: str, location: str) -> str:
+    """A card's "## Usage" section: the model loaded with its Auto class from `location` (a directory or repo)."""
+    return f"""## Usage
+
+```python
+from transformers import {auto_class}
+
+model = {auto_class}.from_pretrained("{location}")  # this directory, or the repository it was pushed to
+```
+"""
