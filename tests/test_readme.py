@@ -66,9 +66,26 @@ def digits():
     return splits["train"].select(range(64)), splits["test"].select(range(32))
 
 
+def _multitask_checkpoints(root) -> None:
+    """Tiny stand-ins for the multi-task block: a BERT base and two fine-tunes of it with 3 and 5 labels."""
+    import torch
+    from conftest import build
+
+    base = build("bert-base", seed=0)
+    base.save_pretrained(root / "bert-base")
+    for name, labels in (("ft-nli", 3), ("ft-sst", 5)):
+        tuned = build("bert-seqcls", seed=labels, num_labels=labels)
+        tuned.bert.load_state_dict(base.state_dict())
+        with torch.no_grad():
+            for param in tuned.bert.parameters():
+                param.add_(0.01 * torch.randn_like(param))
+        tuned.save_pretrained(root / name)
+
+
 def test_readme_python_blocks_run_with_tiny_stand_ins(digits, tmp_path, monkeypatch):
     train, test = digits
     monkeypatch.chdir(tmp_path)
+    _multitask_checkpoints(tmp_path)  # the fine-tunes and base that the multi-task block names
     offline = [block for block in BLOCKS if "user/" not in block]
     assert len(offline) >= 2
     namespace = {"alignment_dataset": train.remove_columns("labels"), "train_dataset": train,
@@ -78,3 +95,4 @@ def test_readme_python_blocks_run_with_tiny_stand_ins(digits, tmp_path, monkeypa
     assert (tmp_path / "fused" / "model.safetensors").is_file()
     assert (tmp_path / "fused-ft" / "model.safetensors").is_file()
     assert namespace["result"].steps == 2 and "fused" in str(namespace["table"])
+    assert (tmp_path / "merged" / "nli" / "model.safetensors").is_file()  # the multi-task block
