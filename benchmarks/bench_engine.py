@@ -26,7 +26,7 @@ Targets (from the issue; a 2-core machine): whole weight-based fusion < 60 s, ac
 peak RSS < 4 GB.
 
 Instrumentation only wraps functions from the outside, in the child process, and only those that exist
-(fusion.collect_statistics, fusion.compute_maps, fusion.align_parameters, fusion._build_fused_model,
+(fusion.collect_statistics, fusion.compute_maps, fusion.align_parameters, fusion.average_into,
 maps.solve_transport, maps.solve_transport_batch, UnitStatistics.update); the package runs exactly as
 `fuse_with_diagnostics` runs it. Each run records a hash of the package sources it imported, since the
 package may change between runs.
@@ -347,7 +347,8 @@ def run_one(spec: dict) -> None:
         "collect_statistics": "statistics",
         "compute_maps": "maps",
         "align_parameters": "apply+average",  # older engines: align every parent, then average
-        "_build_fused_model": "apply+average",
+        "average_into": "apply+average",
+        "_build_fused_model": "apply+average",  # engines before engine/average.py
     }
     wrapped = []
     for function, stage in stages.items():

@@ -16,7 +16,8 @@ from transformers import PreTrainedModel
 
 from .checkpoints import ModelOrPath, load_parent, skeleton
 from .config import FusionConfig
-from .engine.align import align_tensor, pieces
+from .engine.align import align_tensor
+from .engine.average import average_into
 from .engine.compatibility import check_finite, check_same_widths
 from .engine.distributed import broadcast_from_main, is_main_process, models_on, process_state, resolve_device
 from .engine.maps import SpaceDiagnostics, compute_maps, per_hook_spaces
@@ -350,7 +351,7 @@ def _align_and_average(run: _FusionRun) -> FusionResult:
     for i, group in enumerate(groups):
         indices = ([anchor] if i == 0 else []) + group
         params = {k: _fusion_parameters(obtain(k), run.plans[k], run.config) for k in indices}
-        _build_fused_model(fused, params, run.plans, result.maps, run.weights, accumulate=i > 0)
+        average_into(fused, params, run.plans, result.maps, run.weights, accumulate=i > 0)
         del params
         release(group)
     result.model = fused
@@ -437,30 +438,3 @@ def _maps_onto_anchor(
     maps, diagnostics = broadcast_from_main((maps, diagnostics), run.process)
     timings["maps"] = timings.get("maps", 0.0) + time.perf_counter() - started
     return maps, diagnostics
-
-
-def _build_fused_model(
-    fused: PreTrainedModel,
-    params: dict[int, dict[str, torch.Tensor]],
-    plans: list[FusionPlan],
-    maps: dict[int, dict[str, TransportMap]],
-    weights: list[float],
-    accumulate: bool = False,
-) -> None:
-    """Writes into `fused`, tensor by tensor, the weighted sum of the aligned tensors of the parents in `params`.
-
-    The first call gets the anchor among `params` and overwrites `fused`, which may be the anchor itself (each
-    piece is read before it is written); `accumulate=True` adds more parents to what `fused` already holds.
-    Parents are aligned one piece of one tensor at a time while mixing (`align.pieces`), so no aligned copy of a
-    whole parent, nor a float64 copy of a whole large tensor, ever exists.
-    """
-    with torch.no_grad():
-        for name, param in fused.named_parameters():
-            for piece in pieces(param.shape, plans[min(params)].parameters[name]):
-                target = param[piece]  # a view: writing it writes the parameter
-                mixed = target.double() if accumulate else torch.zeros(target.shape, dtype=torch.float64)
-                for k in sorted(params):
-                    tensor = params[k][name][piece]
-                    axes = plans[k].parameters[name]
-                    mixed.add_(align_tensor(tensor, axes, maps[k]) if k in maps else tensor.double(), alpha=weights[k])
-                target.copy_(mixed.to(param.dtype))

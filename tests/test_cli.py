@@ -381,7 +381,7 @@ def test_cli_holds_at_most_two_models_at_any_step(parents, align_data, tmp_path,
 
     peaks = {}  # stage -> models held at each call
     stages = {
-        "statistics": (fusion, "collect_statistics"), "average": (fusion, "_build_fused_model"),
+        "statistics": (fusion, "collect_statistics"), "average": (fusion, "average_into"),
         "evaluation": (evaluation, "evaluate_model"), "readiness": (readiness, "weight_distances"),
     }  # fmt: skip
     for stage, (module, function) in stages.items():

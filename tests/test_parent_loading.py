@@ -55,7 +55,7 @@ def test_three_checkpoints_fuse_holding_at_most_two_models(checkpoints, monkeypa
         return sum(ref() is not None for ref in loaded)
 
     peaks = {"statistics": 0, "average": 0}
-    for stage, function in (("statistics", "collect_statistics"), ("average", "_build_fused_model")):
+    for stage, function in (("statistics", "collect_statistics"), ("average", "average_into")):
         original = getattr(fusion_module, function)
 
         def counted(*args, _stage=stage, _original=original, **kwargs):
