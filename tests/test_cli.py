@@ -132,6 +132,7 @@ def test_a_job_file_with_parents_and_data_is_the_whole_fusion(parents, align_dat
     assert provenance.job == recorded
     card = (tmp_path / "fused" / "README.md").read_text()
     assert "otfusion-hub fuse --config fusion_job.yaml --out fused" in card
+    assert "[arXiv:2310.05719](https://arxiv.org/abs/2310.05719)" in card  # the method's paper, linked
     # the recorded job rebuilds the same bytes; flags override the file (here: only where to write)
     assert main(["fuse", "--config", "fused/fusion_job.yaml", "--out", "again", "-q"]) == 0
     assert (tmp_path / "fused" / "model.safetensors").read_bytes() == (
