@@ -294,3 +294,17 @@ def test_readme_hub_blocks_run_against_the_local_hub(hub, tmp_path):
     assert proc.returncode == 0, proc.stderr[-6000:]
     assert re.search(r"^[0-9a-f]{40}$", proc.stdout, re.M)  # the pushed commit
     assert (tmp_path / "fused" / "model.safetensors").is_file()
+
+
+def test_a_push_that_changes_nothing_says_so_and_keeps_the_head(hub, tmp_path):
+    env = client_env(hub.url, tmp_path / "home")
+    folder = tmp_path / "model"
+    from conftest import build
+
+    build("vit-cls").save_pretrained(folder)
+    first = run_cli(["push", str(folder), "ns/unchanged", "-q"], env, tmp_path)
+    second = run_cli(["push", str(folder), "ns/unchanged", "-q"], env, tmp_path)
+    assert first.returncode == 0 and second.returncode == 0, first.stderr[-3000:] + second.stderr[-3000:]
+    assert first.stdout.startswith("Pushed ") and second.stdout.startswith("No changes: ns/unchanged@main")
+    shas = [re.search(r"^commit: ([0-9a-f]{40})$", p.stdout, re.M).group(1) for p in (first, second)]
+    assert shas[0] == shas[1]  # the head the first push made, no empty commit on top

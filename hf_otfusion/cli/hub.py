@@ -55,7 +55,10 @@ def push_output(folder: Path, repo_id: str, options, commit_message: str | None 
     except PushError as error:
         print(f"error: {error}", file=sys.stderr)
         return 3
-    print(f"Pushed {folder} to {pushed.repo_url} (revision {pushed.revision})")
+    if not pushed.changed:
+        print(f"No changes: {pushed.repo_id}@{pushed.revision} already holds the files of {folder}; nothing committed")
+    else:
+        print(f"Pushed {folder} to {pushed.repo_url} (revision {pushed.revision})")
     print(f"commit: {pushed.commit_sha}")
     print(f"url: {pushed.pr_url or pushed.commit_url}")
     return 0

@@ -15,7 +15,11 @@ from ..errors import PushError
 
 @dataclass
 class PushResult:
-    """Where an upload landed: the commit SHA and its URLs (`pr_url` for `create_pr`)."""
+    """Where an upload landed: the commit SHA and its URLs (`pr_url` for `create_pr`).
+
+    `changed` is False when the branch already held exactly these files: no commit was made, and `commit_sha`
+    is the branch's head as it was.
+    """
 
     repo_id: str
     revision: str
@@ -23,6 +27,7 @@ class PushResult:
     commit_url: str
     repo_url: str
     pr_url: str | None = None
+    changed: bool = True
 
 
 def push_command(folder: str | Path, repo_id: str, *, private: bool = False, revision: str | None = None,
@@ -68,6 +73,7 @@ def push_folder(
         repo_url = api.create_repo(repo_id, private=private, exist_ok=True)
         if revision and revision != "main":  # a new branch, or the base of a pull request, must exist first
             api.create_branch(repo_id, branch=revision, exist_ok=True)
+        before = _head(api, repo_id, revision or "main")
         info = api.upload_folder(
             repo_id=repo_id, folder_path=folder, revision=revision, create_pr=create_pr,
             commit_message=commit_message or f"Upload fused model ({folder.name}) with hf_otfusion",
@@ -84,8 +90,18 @@ def push_folder(
         ) from error
     return PushResult(
         repo_id=repo_id, revision=revision or "main", commit_sha=info.oid, commit_url=info.commit_url,
-        repo_url=str(repo_url), pr_url=info.pr_url,
+        repo_url=str(repo_url), pr_url=info.pr_url, changed=create_pr or info.oid != before,
     )  # fmt: skip
+
+
+def _head(api, repo_id: str, revision: str) -> str | None:
+    """The commit `revision` of `repo_id` points at now, or None for a branch that does not exist yet."""
+    from huggingface_hub.errors import RevisionNotFoundError
+
+    try:
+        return api.repo_info(repo_id, revision=revision).sha
+    except RevisionNotFoundError:
+        return None
 
 
 def _short_error(error: BaseException) -> str:
