@@ -1,13 +1,19 @@
 """Pre-flight reads the safetensors headers and catches what loading would: a file cut short or with bytes appended
-(its length must be exactly 8 + header + data), before any weight is downloaded."""
+(its length must be exactly 8 + header + data), and tensors missing or misshapen against the config's model, all
+before any weight is downloaded; well-formed parents (tied MLM decoder, sharded saves) pass."""
 
 from __future__ import annotations
 
 import pytest
+import torch
 from conftest import build
+from safetensors.torch import load_file, save_file
 
 from hf_otfusion import permute_model
 from hf_otfusion.cli import main
+from hf_otfusion.errors import CorruptCheckpointError
+from hf_otfusion.hub.parents import resolve_parent
+from hf_otfusion.job.preflight import _meta_model, check_tensors
 
 
 def run(argv: list[str]) -> int:
@@ -50,3 +56,74 @@ def test_a_weight_file_of_the_wrong_length_fails_the_dry_run(parents, capsys, ed
     assert f"model.safetensors is {actual:,} bytes but its header describes {len(data):,} bytes" in line
     assert how in line and "Re-download it, or re-export it with save_pretrained" in line
     assert line.startswith("error: Parent 'b': model.safetensors is")
+
+
+def test_a_missing_tensor_fails_the_dry_run_naming_it(parents, capsys):
+    path = parents / "b" / "model.safetensors"
+    weights = load_file(path)
+    del weights["classifier.bias"]
+    save_file(weights, path, metadata={"format": "pt"})
+    line = dry_run_error(parents, capsys)
+    assert "does not hold the weights its config describes (ViTForImageClassification)" in line
+    assert "missing: 1 (classifier.bias)" in line
+
+
+def test_a_misshapen_tensor_fails_the_dry_run_naming_it_and_both_shapes(parents, capsys):
+    path = parents / "b" / "model.safetensors"
+    weights = load_file(path)
+    weights["classifier.weight"] = torch.zeros(4, 32)
+    save_file(weights, path, metadata={"format": "pt"})
+    line = dry_run_error(parents, capsys)
+    assert "wrong shape: 1 (classifier.weight [4, 32] (expected [3, 32]))" in line
+
+
+def test_many_missing_tensors_are_counted_and_the_first_few_named(tmp_path):
+    build("bert-seqcls").save_pretrained(tmp_path / "p")
+    weights = load_file(tmp_path / "p" / "model.safetensors")
+    weights = {k: v for k, v in weights.items() if ".layer.1." not in k}
+    save_file(weights, tmp_path / "p" / "model.safetensors", metadata={"format": "pt"})
+    parent = resolve_parent(str(tmp_path / "p"))
+    with pytest.raises(CorruptCheckpointError, match=r"missing: 16 \(bert\.encoder\.layer\.1\..*, \.\.\. 11 more\)"):
+        check_tensors(parent, _meta_model(parent, False))
+
+
+@pytest.mark.parametrize("family", ["bert-mlm", "roberta-mlm", "bert-seqcls", "vit-cls", "deit-teacher"])
+@pytest.mark.parametrize("shard", [None, "50KB"])
+def test_well_formed_parents_pass_tied_decoders_and_shards_included(tmp_path, family, shard):
+    model = build(family)
+    model.save_pretrained(tmp_path / "p", **({"max_shard_size": shard} if shard else {}))
+    names = {p.name for p in (tmp_path / "p").iterdir()}
+    assert ("model.safetensors.index.json" in names) == (shard is not None)
+    parent = resolve_parent(str(tmp_path / "p"))
+    if family.endswith("mlm"):  # the tied decoder copy is not saved, yet nothing is missing
+        assert not any(name.endswith("decoder.weight") for name in parent.tensors)
+    check_tensors(parent, _meta_model(parent, False))
+
+
+def test_a_tied_mlm_pair_fuses_through_the_dry_run(tmp_path, monkeypatch, capsys):
+    parent = build("bert-mlm")
+    parent.save_pretrained(tmp_path / "a", max_shard_size="50KB")
+    permute_model(parent, seed=1).save_pretrained(tmp_path / "b")
+    monkeypatch.chdir(tmp_path)
+    assert run(["fuse", "a", "b", "--out", "fused", "--cost", "weights", "--dry-run"]) == 0
+    assert "nothing was written" in capsys.readouterr().out
+    assert not (tmp_path / "fused").exists()
+
+
+def test_the_real_minilm_checkpoint_passes_its_saved_position_ids_ignored(caplog):
+    from test_real_checkpoint import minilm_dir
+
+    parent = resolve_parent(str(minilm_dir()))
+    assert "embeddings.position_ids" in parent.tensors  # a non-persistent buffer, saved by an older transformers
+    check_tensors(parent, _meta_model(parent, False))
+    assert "has no place for" not in caplog.text
+
+
+def test_unexpected_tensors_alone_are_a_warning_as_transformers_ignores_them(tmp_path, caplog):
+    build("vit-cls").save_pretrained(tmp_path / "p")
+    weights = load_file(tmp_path / "p" / "model.safetensors")
+    weights["extra.head.weight"] = torch.zeros(2)
+    save_file(weights, tmp_path / "p" / "model.safetensors", metadata={"format": "pt"})
+    parent = resolve_parent(str(tmp_path / "p"))
+    check_tensors(parent, _meta_model(parent, False))
+    assert "holds 1 tensor(s) ViTForImageClassification has no place for, ignored: extra.head.weight" in caplog.text
