@@ -127,3 +127,44 @@ def test_unexpected_tensors_alone_are_a_warning_as_transformers_ignores_them(tmp
     parent = resolve_parent(str(tmp_path / "p"))
     check_tensors(parent, _meta_model(parent, False))
     assert "holds 1 tensor(s) ViTForImageClassification has no place for, ignored: extra.head.weight" in caplog.text
+
+
+def test_bare_encoders_saved_without_their_pooler_fuse_through_the_cli(tmp_path, monkeypatch, capsys):
+    from conftest import FAMILIES, inputs_for, randomise, relative_error
+
+    from hf_otfusion.checkpoints import Checkpoint
+
+    model_class, make_config = FAMILIES["bert-base"]
+    parent = randomise(model_class(make_config(), add_pooling_layer=False), seed=0)
+    parent.save_pretrained(tmp_path / "a")
+    permute_model(parent, seed=1).save_pretrained(tmp_path / "b")
+    assert not any("pooler" in name for name in load_file(tmp_path / "a" / "model.safetensors"))
+    monkeypatch.chdir(tmp_path)
+    assert run(["fuse", "a", "b", "--out", "fused", "--cost", "weights", "--dry-run"]) == 0  # no missing pooler
+    assert run(["fuse", "a", "b", "--out", "fused", "--cost", "weights", "--solver", "exact", "-q"]) == 0, (
+        capsys.readouterr().err
+    )
+    assert Checkpoint("a").skeleton().pooler is None
+    fused = Checkpoint("fused").load()  # built without a pooler too: nothing missing
+    assert fused.pooler is None
+    batch = inputs_for(parent)
+    with torch.no_grad():
+        expected, got = parent(**batch).last_hidden_state, fused(**batch).last_hidden_state
+    assert relative_error(got, expected) < 1e-4  # the permuted copy is recovered
+
+
+@pytest.mark.parametrize("family", ["bert-base", "roberta-base", "vit-base", "deit-base"])
+def test_every_bare_encoder_saved_without_its_pooler_passes_pre_flight_and_loads(tmp_path, family):
+    from conftest import FAMILIES
+
+    from hf_otfusion.checkpoints import Checkpoint
+
+    model_class, make_config = FAMILIES[family]
+    model_class(make_config(), add_pooling_layer=False).save_pretrained(tmp_path / "p")
+    parent = resolve_parent(str(tmp_path / "p"))
+    model = _meta_model(parent, False)
+    assert model.pooler is None
+    check_tensors(parent, model)
+    assert Checkpoint(str(tmp_path / "p")).load().pooler is None
+    model_class(make_config()).save_pretrained(tmp_path / "with")  # with a pooler saved, it is built and loaded
+    assert Checkpoint(str(tmp_path / "with")).load().pooler is not None

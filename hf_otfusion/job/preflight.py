@@ -16,7 +16,7 @@ from pathlib import Path
 import transformers
 from transformers import PreTrainedModel
 
-from ..checkpoints import weightless_model
+from ..checkpoints import init_kwargs, weightless_model
 from ..config import FusionConfig
 from ..data import DataSource
 from ..engine.plan import FusionPlan
@@ -138,7 +138,8 @@ def _meta_model(parent: Parent, trust_remote_code: bool) -> PreTrainedModel:
             model_type=model_type,
         )
     config = transformers.AutoConfig.for_model(**parent.config)
-    return weightless_model(model_class_of(parent, trust_remote_code), config)
+    model_class = model_class_of(parent, trust_remote_code)
+    return weightless_model(model_class, config, **init_kwargs(model_class, list(parent.tensors)))
 
 
 def check_tensors(parent: Parent, model: PreTrainedModel) -> None:
