@@ -7,6 +7,7 @@ skeleton, the model built on the meta device from its config.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -64,10 +65,11 @@ class Checkpoint:
         from safetensors import SafetensorError
 
         name = self.name or self.location
+        model_class = self.saved_class()
         try:
-            loaded: Any = self.saved_class().from_pretrained(
+            loaded: Any = model_class.from_pretrained(
                 self.location, use_safetensors=self.use_safetensors, output_loading_info=True,
-                trust_remote_code=self.trust_remote_code,
+                trust_remote_code=self.trust_remote_code, **init_kwargs(model_class, self.tensor_names()),
             )  # fmt: skip
             model, info = loaded  # a pair: with output_loading_info
         except (SafetensorError, OSError, RuntimeError, ValueError) as error:
@@ -88,20 +90,51 @@ class Checkpoint:
     def skeleton(self) -> PreTrainedModel:
         """The model built from its config on the meta device: names and shapes, no weights, no memory."""
         config = self.config()
-        return weightless_model(self.saved_class(config), config)
+        model_class = self.saved_class(config)
+        return weightless_model(model_class, config, **init_kwargs(model_class, self.tensor_names()))
+
+    def tensor_names(self) -> list[str] | None:
+        """The names of the saved tensors, from a local checkpoint's safetensors index or header (else `None`)."""
+        import json
+
+        from safetensors import SafetensorError, safe_open
+
+        folder = Path(self.location)
+        try:
+            if (folder / "model.safetensors.index.json").is_file():
+                return list(json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"])
+            if (folder / "model.safetensors").is_file():
+                with safe_open(str(folder / "model.safetensors"), framework="pt") as handle:
+                    return list(handle.keys())
+        except (OSError, ValueError, KeyError, SafetensorError):
+            return None  # loading reports the unreadable file
+        return None
 
 
 ModelOrPath = PreTrainedModel | Checkpoint | str | Path
 
 
-def weightless_model(model_class: type[PreTrainedModel], config) -> PreTrainedModel:
+def init_kwargs(model_class: type[PreTrainedModel], tensor_names: list[str] | None) -> dict[str, Any]:
+    """`add_pooling_layer=False` for a bare encoder saved without its pooler (`BertModel(config, False)`), else {}.
+
+    The config does not record the choice; only the weight names do. Without it, loading would report the pooler
+    missing (transformers would fill it at random).
+    """
+    if not tensor_names or any("pooler" in name.split(".") for name in tensor_names):
+        return {}
+    if "add_pooling_layer" not in inspect.signature(model_class.__init__).parameters:
+        return {}
+    return {"add_pooling_layer": False}
+
+
+def weightless_model(model_class: type[PreTrainedModel], config, **kwargs: Any) -> PreTrainedModel:
     """`model_class` built from `config` on the meta device: every parameter's name and shape, no storage.
 
     The one way hf_otfusion builds a model from a config, for a checkpoint's skeleton and for the pre-flight's
-    models of Hub parents whose weights are not downloaded yet.
+    models of Hub parents whose weights are not downloaded yet; `kwargs` go to the constructor (`init_kwargs`).
     """
     with torch.device("meta"):
-        return model_class._from_config(config)
+        return model_class._from_config(config, **kwargs)
 
 
 def as_checkpoint(model: ModelOrPath) -> PreTrainedModel | Checkpoint:

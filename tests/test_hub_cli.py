@@ -226,12 +226,13 @@ def test_bad_inputs_fail_clearly_and_leave_nothing_behind(hub, tmp_path):
 
     incompatible = results["incompatible"]
     assert incompatible["code"] == 2 and "3 layers but the anchor (parent 0) has 2" in incompatible["err"]
-    # Pre-flight read only the safetensors headers (Range reads) of the incompatible pair, no whole weight file.
+    # Pre-flight read only the safetensors headers (Range reads: the header, then its 8-byte length prefix for the
+    # exact-size check) of the incompatible pair, no whole weight file.
     requests = hub.request_log[before_requests:]
     marker = requests.index(("GET", "/api/models/marker/incompatible-done"))
     weight_gets = [path for method, path in requests[:marker] if method == "GET" and path.endswith(".safetensors")]
-    assert sorted(weight_gets) == ["/ns/a/resolve/" + commits["ns/a"] + "/model.safetensors",
-                                   "/ns/deep/resolve/" + commits["ns/deep"] + "/model.safetensors"]  # fmt: skip
+    assert sorted(weight_gets) == 2 * ["/ns/a/resolve/" + commits["ns/a"] + "/model.safetensors"] + 2 * [
+        "/ns/deep/resolve/" + commits["ns/deep"] + "/model.safetensors"]  # fmt: skip
     served = [(path, size) for path, size in hub.download_log[before_downloads:] if path.endswith(".safetensors")]
     served = served[: len(weight_gets)]  # the file bodies those GETs received, in order
     assert [path for path, _ in served] == weight_gets
@@ -250,7 +251,7 @@ def test_bad_inputs_fail_clearly_and_leave_nothing_behind(hub, tmp_path):
         "unknown-repo": "no model repository 'ns/nope'",
         "unknown-revision": "ns/b has no revision 'no-such-branch'",
         "corrupt": "ns/corrupt@",
-        "truncated": "is not a valid safetensors file",
+        "truncated": "the file is truncated. Re-upload it",
         "pickle": "--allow-pickle",
         "remote-code": "--trust-remote-code",
         "existing": "o-existing exists and is not empty",
@@ -261,6 +262,9 @@ def test_bad_inputs_fail_clearly_and_leave_nothing_behind(hub, tmp_path):
         assert results[name]["code"] == 2, (name, results[name])
         assert message in results[name]["err"], (name, results[name]["err"])
     assert "corrupt or not safetensors" in results["corrupt"]["err"]
+    # caught in pre-flight, from the header and the file size, not after downloading it
+    assert re.search(r"ns/truncated@[0-9a-f]{40}: model.safetensors is [\d,]+ bytes but its header describes",
+                     results["truncated"]["err"])  # fmt: skip
     dry = results["dry-run"]
     assert dry["code"] == 0 and f"ns/b@{commits['ns/b']}" in dry["out"]
     assert re.search(r"Alignment data: ns/align@[0-9a-f]{40} \(hub\), split train, rows all", dry["out"])

@@ -68,6 +68,7 @@ class Parent:
         weight_files: the weight files to load (shards listed by an index file are listed themselves).
         processor_files: tokenizer / image-processor files present in the checkpoint.
         num_parameters: tensor elements counted from the safetensors headers (`None` for pickle weights).
+        tensors: every tensor's name and shape, from the safetensors headers (empty for pickle weights).
         license: the `license` of the parent's model card, when it has one.
         directory: where the files are on disk: the local directory, or the download snapshot once fetched.
     """
@@ -84,6 +85,7 @@ class Parent:
     num_parameters: int | None = None
     license: str | None = None
     directory: Path | None = None
+    tensors: dict[str, tuple[int, ...]] = field(default_factory=dict, repr=False)
 
     @property
     def on_hub(self) -> bool:
@@ -103,6 +105,7 @@ class Parent:
         record = asdict(self)
         record.pop("config")
         record.pop("directory")
+        record.pop("tensors")
         record["path"] = str(self.path) if self.path else None
         record["architecture"] = (self.config.get("architectures") or [None])[0]
         record["model_type"] = self.config.get("model_type")
@@ -154,7 +157,9 @@ def _resolve_local(source: str, path: Path, allow_pickle: bool) -> Parent:
     parent.weight_files = [WeightFile(name, (path / name).stat().st_size) for name in names]
     parent.processor_files = [name for name in files if name in PROCESSOR_FILES]
     if parent.weight_format == "safetensors":
-        parent.num_parameters = sum(_verify_safetensors(path / name, source) for name in names)
+        for name in names:
+            parent.tensors.update(_verify_safetensors(path / name, source))
+        parent.num_parameters = _count(parent.tensors)
     parent.directory = parent.path
     parent.license = _card_license(path / "README.md")
     return parent
@@ -222,7 +227,6 @@ def _resolve_hub(source: str, repo_id: str, revision: str | None, allow_pickle: 
                 "or not safetensors; re-upload it (save_pretrained writes valid files).",
                 source=source,
             ) from error
-        count = 0
         for weight in parent.weight_files:
             if weight.name.endswith(".json"):
                 continue  # the shard index; its shards are listed themselves
@@ -232,16 +236,38 @@ def _resolve_hub(source: str, repo_id: str, revision: str | None, allow_pickle: 
                     f"Parent {parent.pinned}: no safetensors header for {weight.name}.", path=weight.name, source=source
                 )
             data_end = max((t.data_offsets[1] for t in header.tensors.values()), default=0)
-            if weight.size and weight.size < data_end + 8:
-                raise CorruptCheckpointError(
-                    f"Parent {parent.pinned}: {weight.name} is {weight.size} bytes but its header describes "
-                    f"{data_end} bytes of tensor data; the file is truncated, re-upload it.",
-                    path=weight.name,
-                    source=source,
-                )
-            count += sum(t.parameter_count for t in header.tensors.values())
-        parent.num_parameters = count
+            if weight.size:  # exactly 8 + header + data, or the download would be refused
+                expected = 8 + _hub_header_length(api, repo_id, weight.name, commit) + data_end
+                if weight.size != expected:
+                    how = "truncated" if weight.size < expected else "longer than its header describes"
+                    raise CorruptCheckpointError(
+                        f"Parent {parent.pinned}: {weight.name} is {weight.size:,} bytes but its header describes "
+                        f"{expected:,} bytes; the file is {how}. Re-upload it (re-export it with save_pretrained).",
+                        path=weight.name,
+                        source=source,
+                    )
+            parent.tensors.update({name: tuple(t.shape) for name, t in header.tensors.items()})
+        parent.num_parameters = _count(parent.tensors)
     return parent
+
+
+def _hub_header_length(api, repo_id: str, name: str, commit: str) -> int:
+    """N, the header length a Hub safetensors file starts with: its first 8 bytes, one Range request."""
+    from huggingface_hub import constants, hf_hub_url
+    from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
+
+    url = hf_hub_url(repo_id, name, revision=commit, endpoint=api.endpoint)
+    response = get_session().get(
+        url,
+        headers={**build_hf_headers(), "range": "bytes=0-7"},
+        timeout=constants.HF_HUB_DOWNLOAD_TIMEOUT,
+    )
+    hf_raise_for_status(response)
+    return int.from_bytes(response.content[:8], "little")
+
+
+def _count(tensors: dict[str, tuple[int, ...]]) -> int:
+    return sum(int(torch.Size(shape).numel()) for shape in tensors.values())
 
 
 def _weight_names(source: str, files: list[str], allow_pickle: bool, read_index) -> tuple[str, list[str]]:
@@ -276,19 +302,43 @@ def _weight_names(source: str, files: list[str], allow_pickle: bool, read_index)
     )
 
 
-def _verify_safetensors(path: Path, source: str) -> int:
-    """Number of tensor elements in a local safetensors file; opening it checks the header and the file length."""
+def _verify_safetensors(path: Path, source: str) -> dict[str, tuple[int, ...]]:
+    """The tensor names and shapes of a local safetensors file, once its length and header are checked.
+
+    A safetensors file is 8 bytes (little-endian u64 header length N), N bytes of JSON header, then the tensor
+    data; its length must be exactly 8 + N + the largest end offset in the header. A file cut short (or with bytes
+    appended) in transit is refused here, naming both lengths, before safetensors itself opens it.
+    """
     from safetensors import SafetensorError, safe_open
 
     if path.suffix == ".json":
-        return 0
+        return {}
+    actual = path.stat().st_size
+    with open(path, "rb") as handle:
+        prefix = handle.read(8)
+        length = int.from_bytes(prefix, "little") if len(prefix) == 8 else None
+        raw = handle.read(length) if length is not None and length <= actual else b""
+    try:
+        header = json.loads(raw) if length is not None and len(raw) == length else None
+    except ValueError:
+        header = None
+    if isinstance(header, dict):
+        ends = [
+            t.get("data_offsets", [0, 0])[1] for k, t in header.items() if k != "__metadata__" and isinstance(t, dict)
+        ]
+        expected = 8 + length + max([int(e) for e in ends if isinstance(e, int)], default=0)
+        if actual != expected:
+            how = "truncated" if actual < expected else f"{actual - expected} bytes longer than its header describes"
+            raise CorruptCheckpointError(
+                f"Parent {source!r}: {path.name} is {actual:,} bytes but its header describes {expected:,} bytes "
+                f"(8 + {length:,} header + tensor data); the file is {how}. Re-download it, or re-export it with "
+                "save_pretrained.",
+                path=path,
+                source=source,
+            )
     try:
         with safe_open(str(path), framework="pt") as handle:
-            total = 0
-            for name in handle.keys():
-                shape = handle.get_slice(name).get_shape()
-                total += int(torch.Size(shape).numel())
-            return total
+            return {name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()}
     except SafetensorError as error:
         raise CorruptCheckpointError(
             f"Parent {source!r}: {path.name} is not a valid safetensors file ({error}); it is corrupt or truncated, "

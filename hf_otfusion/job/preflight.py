@@ -8,20 +8,24 @@ configs. Only when all of that passes are the weights downloaded, pinned to the 
 
 from __future__ import annotations
 
+import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import transformers
 from transformers import PreTrainedModel
 
-from ..checkpoints import weightless_model
+from ..checkpoints import init_kwargs, weightless_model
 from ..config import FusionConfig
 from ..data import DataSource
 from ..engine.plan import FusionPlan
 from ..engine.prepare import check_parent_count, prepare
 from ..engine.spec import available_specs
-from ..errors import UnsupportedArchitectureError
+from ..errors import CorruptCheckpointError, UnsupportedArchitectureError
 from ..hub.parents import Parent, model_class_of, resolve_parent
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -102,15 +106,19 @@ def preflight(
 
     The spec is resolved on meta-device models built from the configs, and `check_compatible` runs on those, so
     depth, vocabulary, label set and unaligned-shape mismatches surface before any download. With `multi_task`,
-    the parents' encoders are checked (`multitask.encoder_view`): their heads and label sets may differ.
+    the parents' encoders are checked (`multitask.encoder_view`): their heads and label sets may differ. Each
+    parent's safetensors headers are compared with its full meta model first (`check_tensors`), so a missing or
+    misshapen weight fails here, not when the downloaded weights are loaded.
 
     Raises:
-        FusionError: any `resolve_parent` error, or an `IncompatibleModelsError` / `UnsupportedArchitectureError`
-            naming the parent and the fix.
+        FusionError: any `resolve_parent` error, a `CorruptCheckpointError` from `check_tensors`, or an
+            `IncompatibleModelsError` / `UnsupportedArchitectureError` naming the parent and the fix.
     """
     check_parent_count(len(sources), config)  # before the Hub is contacted
     parents = [resolve_parent(s, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code) for s in sources]
     models = [_meta_model(parent, trust_remote_code) for parent in parents]
+    for parent, model in zip(parents, models, strict=True):
+        check_tensors(parent, model)
     if multi_task:
         from ..multitask import encoder_view
 
@@ -130,4 +138,93 @@ def _meta_model(parent: Parent, trust_remote_code: bool) -> PreTrainedModel:
             model_type=model_type,
         )
     config = transformers.AutoConfig.for_model(**parent.config)
-    return weightless_model(model_class_of(parent, trust_remote_code), config)
+    model_class = model_class_of(parent, trust_remote_code)
+    return weightless_model(model_class, config, **init_kwargs(model_class, list(parent.tensors)))
+
+
+def check_tensors(parent: Parent, model: PreTrainedModel) -> None:
+    """The safetensors headers hold every weight `model` needs, each with its shape, as loading would find them.
+
+    Compared like for like with what `from_pretrained` does: the checkpoint's names are renamed by transformers'
+    conversion rules and base-model prefix (a bare `BertModel` file under `bert.`), tied copies (an MLM decoder
+    tied to the word embeddings) need only one side saved, and non-persistent buffers are neither expected nor
+    refused (older files hold `position_ids`). Other tensors the model has no place for are named with the
+    missing ones, and alone are only a warning, as transformers ignores them (a file saved from
+    `BertForPreTraining` under a `BertForMaskedLM` config holds a next-sentence head).
+
+    Raises:
+        CorruptCheckpointError: tensors are missing or have another shape than the config gives them.
+    """
+    if parent.weight_format != "safetensors" or not parent.tensors:
+        return
+    expected = {name: tuple(value.shape) for name, value in model.state_dict().items()}
+    saved, converted = _renamed(parent.tensors, model, expected)
+    tied = getattr(model, "all_tied_weights_keys", None) or getattr(model, "_tied_weights_keys", None) or {}
+    pairs = tied.items() if isinstance(tied, dict) else [(name,) for name in tied]  # a list: the tied copies
+    for pair in pairs:  # one side of a tie saved is both sides loaded (the other shares its tensor)
+        present = [name for name in pair if name in saved]
+        for name in pair:
+            if present and name not in saved and name in expected:
+                saved[name] = expected[name]
+    missing = [] if converted else sorted(set(expected) - set(saved))
+    shapes = sorted(f"{n} {list(saved[n])} (expected {list(expected[n])})"
+                    for n in set(expected) & set(saved) if saved[n] != expected[n] and n not in converted)  # fmt: skip
+    buffers = {name for name, _ in model.named_buffers()}  # non-persistent ones (position_ids) some files hold
+    ignored = [re.compile(p) for p in getattr(model, "_keys_to_ignore_on_load_unexpected", None) or []]
+    unexpected = sorted(n for n in set(saved) - set(expected) - buffers if not any(p.search(n) for p in ignored))
+    if missing or shapes:
+        parts = [f"{label}: {len(names)} ({_first(names)})" for label, names in
+                 (("missing", missing), ("wrong shape", shapes), ("unexpected", unexpected)) if names]  # fmt: skip
+        raise CorruptCheckpointError(
+            f"Parent {parent.name} does not hold the weights its config describes ({model.__class__.__name__}): "
+            f"{'; '.join(parts)}. The checkpoint is incomplete or was saved from another class or config; re-export "
+            "it with save_pretrained.",
+            path=parent.pinned,
+            source=parent.source,
+        )
+    if unexpected:
+        logger.warning("Parent %s holds %d tensor(s) %s has no place for, ignored: %s", parent.name,
+                       len(unexpected), model.__class__.__name__, _first(unexpected))  # fmt: skip
+
+
+def _first(names: list[str], count: int = 5) -> str:
+    return ", ".join(names[:count]) + (f", ... {len(names) - count} more" if len(names) > count else "")
+
+
+def _renamed(
+    tensors: dict[str, tuple[int, ...]], model: PreTrainedModel, expected: dict
+) -> tuple[dict[str, tuple[int, ...]], set[str]]:
+    """The checkpoint's tensor names as transformers would load them, and the names a converter produced.
+
+    A converter (e.g. one fused qkv tensor split into three) changes shapes and counts, so those names are
+    exempt from the shape and completeness checks.
+    """
+    prefix = getattr(model, "base_model_prefix", "") or None
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, rename_source_key
+
+        transforms = get_model_conversion_mapping(model)
+        converters = [t for t in transforms if isinstance(t, WeightConverter)]
+        renamings = [t for t in transforms if not isinstance(t, WeightConverter)]
+    except (ImportError, AttributeError, TypeError):  # another transformers: only the base-model prefix
+        rename_source_key, renamings, converters = None, [], []
+    renamed: dict[str, tuple[int, ...]] = {}
+    converted: set[str] = set()
+    for name, shape in tensors.items():
+        if rename_source_key is not None:
+            new, pattern = rename_source_key(name, renamings, converters, prefix, expected)
+        else:
+            new, pattern = _with_prefix(name, prefix, expected), None
+        renamed[new] = shape
+        if pattern is not None:
+            converted.add(new)
+    return renamed, converted
+
+
+def _with_prefix(name: str, prefix: str | None, expected: dict) -> str:
+    if prefix and name.startswith(f"{prefix}.") and name[len(prefix) + 1 :] in expected:
+        return name[len(prefix) + 1 :]
+    if prefix and f"{prefix}.{name}" in expected:
+        return f"{prefix}.{name}"
+    return name
