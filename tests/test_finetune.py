@@ -86,11 +86,13 @@ def test_finetuned_checkpoint_keeps_the_fusion_card_and_provenance_and_adds_the_
     assert not list(tmp_path.glob(".*partial"))
 
     card = ModelCard.load(out / "README.md")
+    # a local source has no Hub id to name: the card keeps the lineage its source's card gave
     assert card.data.base_model == ["ns/a", "ns/b"] and card.data.base_model_relation == "merge"
     assert card.data.tags == ["merge", "hf-otfusion", "finetuned"]
     assert card.data.pipeline_tag == "image-classification"
     results = {(r.metric_type, r.metric_name): r.metric_value for r in card.data.eval_results}
-    assert results[("accuracy", None)] == 0.5  # the fused model's result is kept
+    assert ("accuracy", None) not in results  # the fused model's result is not this model's: only in the text
+    assert len(results) == 2
     assert results[("accuracy", "accuracy after finetuning")] == pytest.approx(result.metrics_after["accuracy"])
     assert results[("loss", "loss after finetuning")] == pytest.approx(result.metrics_after["loss"], abs=1e-6)
     assert FUSED_TEXT.strip() in card.text
@@ -229,6 +231,9 @@ code = main(["finetune", "ns/fused", "--data", "ns/bars", "--split", "train", "-
 card = ModelCard.load("ns/fused-ft")
 print("RESULT " + json.dumps({
     "code": code, "commit": commit, "text": card.text, "base_model": card.data.base_model,
+    "relation": card.data.base_model_relation, "dataset_commit": api.dataset_info("ns/bars").sha,
+    "results": [(r.dataset_type, r.dataset_split, r.dataset_revision, r.metric_type, r.metric_name)
+                for r in card.data.eval_results or []],
     "datasets": card.data.datasets, "files": sorted(api.list_repo_files("ns/fused-ft")),
     "provenance": open(hf_hub_download("ns/fused-ft", "fusion_provenance.json")).read(),
 }))
@@ -250,7 +255,13 @@ def test_cli_finetunes_a_fused_model_from_the_hub_and_pushes_it_with_its_card(tm
     assert {"model.safetensors", "README.md", "preprocessor_config.json", "fusion_provenance.json",
             "fusion_config.yaml", "finetune_runs.json"} <= set(result["files"])  # fmt: skip
     assert result["provenance"] == (work / "fused" / "fusion_provenance.json").read_text()
-    assert result["base_model"] == ["ns/a", "ns/b"] and result["datasets"] == ["ns/bars"]
+    # the finetuned model's parent is the fused checkpoint; its model-index holds only its own results
+    assert result["base_model"] == "ns/fused" and result["relation"] == "finetune"
+    assert result["datasets"] == ["ns/bars"]
+    assert [r[3] for r in result["results"]] == ["accuracy", "loss"]
+    for dataset_type, split, revision, _, name in result["results"]:
+        assert (dataset_type, split, revision) == ("ns/bars", "test", result["dataset_commit"])
+        assert name.endswith("after finetuning")
     assert FUSED_TEXT.strip() in result["text"]
     assert f"from `ns/fused@{result['commit']}`" in result["text"]
     assert "Training data: ns/bars@" in result["text"] and "(split train) (64 examples)" in result["text"]

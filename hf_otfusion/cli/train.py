@@ -115,6 +115,12 @@ def _encoded_split(args, source: str, split: str | None, num_samples: int | None
     return encode_rows(args, data_source, label2id, processor), data_source
 
 
+def _card_dataset(source) -> dict:
+    """The evaluation data as a card's `EvalResult` names it: the Hub id (or path), the split, the commit."""
+    where = source.hub_id or source.source
+    return {"type": where, "name": where, "split": source.split, "revision": source.commit}
+
+
 def _describe(source) -> str:
     return f"{source.pinned} (split {source.split})"
 
@@ -148,6 +154,7 @@ def run_finetune(args: argparse.Namespace) -> int:
         source_dir=parent.directory, data_name=_describe(train_source),
         eval_name=_describe(eval_source) if eval_source else None, overwrite=args.overwrite,
         hub_datasets=[s.hub_id for s in (train_source, eval_source) if s is not None and s.hub_id],
+        base_model=parent.repo_id, eval_dataset=_card_dataset(eval_source) if eval_source else None,
         progress=not args.quiet,
     )  # fmt: skip
     if not is_main_process(process_state(None)):

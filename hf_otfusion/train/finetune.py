@@ -71,6 +71,8 @@ def finetune(
     data_name: str = "training data",
     eval_name: str | None = None,
     hub_datasets: list[str] | None = None,
+    base_model: str | None = None,
+    eval_dataset: dict[str, Any] | None = None,
     overwrite: bool = False,
     progress: bool = True,
     **training_args,
@@ -92,6 +94,10 @@ def finetune(
             provenance files; both default to `model` when it is a local directory.
         data_name / eval_name: how the card names the data (a Hub id, a path, a description).
         hub_datasets: Hub ids of the data sets used, listed under the card's `datasets:` metadata.
+        base_model: the Hub id of the model finetuned; the card then names it as `base_model` with
+            `base_model_relation: finetune` (in place of what the source's card named, e.g. a fusion's parents).
+        eval_dataset: the evaluation data for the card's results: `type` (a Hub id or path), `name`, `split`,
+            `revision` (the commit); default: `eval_name`.
         overwrite: replace a non-empty `output_dir` (refused otherwise, before any training).
         progress: show progress bars and training-loss logs.
         **training_args: any `TrainingArguments` field, overriding the recipe (e.g. `use_cpu=True`).
@@ -173,6 +179,7 @@ def finetune(
         (stage.path / "training_args.bin").unlink(missing_ok=True)
         run = run_record(result, source, data_name, len(train_data), eval_name, eval_data, args.world_size)
         run["hub_datasets"] = list(hub_datasets or [])
+        run["base_model"], run["eval_dataset"] = base_model, eval_dataset
         write_provenance(stage.path, source_dir, run)
         update_model_card(source_dir / "README.md" if source_dir else None, run, model).save(
             str(stage.path / "README.md")
@@ -265,21 +272,26 @@ def update_model_card(card_path: str | Path | None, run: dict[str, Any], model: 
     if run.get("hub_datasets"):
         data.datasets = list(dict.fromkeys([*(data.datasets or []), *run["hub_datasets"]]))
     data.pipeline_tag = data.pipeline_tag or pipeline_and_auto_class(type(model).__name__, model.config.model_type)[0]
+    if run.get("base_model"):  # this model's own parent: the finetuned checkpoint, not what it was made from
+        data.base_model, data.base_model_relation = run["base_model"], "finetune"
+    # the model-index describes this model only: results of the source (a fusion's) stay in the card's text
+    data.eval_results = None
     if run["after"] is not None:
         data.model_name = data.model_name or "finetuned-model"
-        results = list(data.eval_results or [])
-        for metric in ("accuracy", "loss"):
-            results.append(
-                EvalResult(
-                    task_type=data.pipeline_tag,
-                    dataset_type=run["eval_data"],
-                    dataset_name=run["eval_data"],
-                    metric_type=metric,
-                    metric_name=f"{metric} after finetuning",
-                    metric_value=round(float(run["after"][metric]), 6),
-                )
+        dataset = run.get("eval_dataset") or {"type": run["eval_data"], "name": run["eval_data"]}
+        data.eval_results = [
+            EvalResult(
+                task_type=data.pipeline_tag,
+                dataset_type=dataset["type"],
+                dataset_name=dataset.get("name") or dataset["type"],
+                dataset_split=dataset.get("split"),
+                dataset_revision=dataset.get("revision"),
+                metric_type=metric,
+                metric_name=f"{metric} after finetuning",
+                metric_value=round(float(run["after"][metric]), 6),
             )
-        data.eval_results = results
+            for metric in ("accuracy", "loss")
+        ]
     previous = card.text.count("\n## Finetuning")
     heading = "## Finetuning" if previous == 0 else f"## Finetuning (run {previous + 1})"
     card.text = card.text.rstrip() + "\n\n" + finetuning_section(heading, run) + "\n"
