@@ -100,6 +100,21 @@ def vector_metrics(a: torch.Tensor, b: torch.Tensor) -> dict:
     }
 
 
+def ot_alignment(parents: dict, config, maps: dict) -> dict:
+    """Share of B's encoder units OT matched to the same index of A, and the weight distance before/after."""
+    from hf_otfusion import readiness_report
+    from hf_otfusion.multitask import encoder_view
+
+    views = [encoder_view(model, k) for k, model in enumerate(parents.values())]
+    report = readiness_report(views, config=config, maps=maps, progress=False)
+    overall = report.overall[0]
+    return {
+        "units_kept_in_place": report.identity_fraction[1],
+        "relative_l2_before": overall.relative_l2_before,
+        "relative_l2_after": overall.relative_l2_after,
+    }
+
+
 def correlations(rows: list[dict]) -> dict:
     """Spearman and Pearson of each merged-vs-task metric with the normalised accuracy, over all merge rows."""
     from scipy import stats
@@ -198,6 +213,8 @@ def main(argv: list[str] | None = None) -> None:
         metrics = {t: vector_metrics(merged_tau, tau[t]) for t in TASKS}
         rows.append({"method": label, "accuracy": accuracy, "seconds": round(seconds, 1), "config": config.to_dict(),
                      "vs_task_vector": metrics})  # fmt: skip
+        if config.align == "ot":  # how far OT moved B's encoder units (the maps of this merge, data-free)
+            rows[-1]["ot_alignment"] = ot_alignment(parents, config, result.encoder.maps)
         log(f"{label}: " + ", ".join(f"{t} {a:.4f}" for t, a in accuracy.items()) + f" ({seconds:.1f} s)")
         del result
 
@@ -297,6 +314,14 @@ def markdown(results: dict) -> str:
         f"Best merge: **{' = '.join(tied)}**, mean normalised accuracy {100 * best['normalised_mean']:.1f} % "
         f"(A {100 * best['normalised']['A']:.1f} %, B {100 * best['normalised']['B']:.1f} %). "
         f"Target (≥ {100 * results['target']['normalised_mean']:.0f} % on average): **{met}**.",
+        "",
+        *[
+            f"{row['method']}: OT kept {100 * row['ot_alignment']['units_kept_in_place']:.1f} % of B's encoder units "
+            f"in place; weight-space relative L2 of B to A {row['ot_alignment']['relative_l2_before']:.3f} before "
+            f"alignment, {row['ot_alignment']['relative_l2_after']:.3f} after."
+            for row in results["rows"]
+            if "ot_alignment" in row
+        ],
         "",
         "## Readiness-style metrics (encoder task vectors τ = θ − θ_base)",
         "",
