@@ -197,7 +197,7 @@ class FuseJob:
         return cls.from_dict(load_config_file(path))
 
     def check_output(self) -> Path:
-        """The resolved `out`, once writing there destroys nothing (see `output_dir.check_output_dir`)."""
+        """The resolved `out`, once writing there destroys nothing (see `output.staging.check_output_dir`)."""
         inputs = [*self.parents, *(p for p in (self.config.base, self.data, self.eval_data) if p)]
         return check_output_dir(self.out, overwrite=self.overwrite, inputs=inputs)
 

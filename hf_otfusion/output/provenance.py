@@ -31,17 +31,17 @@ class Provenance:
     """The record behind a fused checkpoint; `to_json`/`from_json` round-trip it.
 
     Attributes:
-        parents: one `hub.Parent.to_dict()` per parent (source, repo, revision, commit, weight files + sha256).
+        parents: one `hub.parents.Parent.to_dict()` per parent (source, repo, revision, commit, weight files + sha256).
         anchor: index of the parent whose config and basis the fused model has.
         architecture / model_type: of the fused model.
         config: `FusionConfig.to_dict()`.
         base: the pinned shared ancestor for task arithmetic, as a parent record, or `None`.
         alignment_data / eval_data: `data.DataSource.to_dict()` or `None`.
         evaluation: an evaluation table (`{"split", "rows": [{"name", "accuracy", "loss", ...}]}`) or `None`.
-        diagnostics: one dict per solved space and parent (`maps.SpaceDiagnostics.to_dict()`).
+        diagnostics: one dict per solved space and parent (`engine.maps.SpaceDiagnostics.to_dict()`).
         quality: what the quality steps did: `map_kinds` (space kind -> the kinds of map it got), `repair` (one
-            dict per repaired site) and `refine` (`refine.RefineReport.to_dict()`), or `None`.
-        readiness: the merge-readiness report of the parents (`readiness.ReadinessReport.to_dict()`) or `None`.
+            dict per repaired site) and `refine` (`engine.refine.RefineReport.to_dict()`), or `None`.
+        readiness: the merge-readiness report of the parents (`methods.readiness.ReadinessReport.to_dict()`) or `None`.
         timings: seconds per stage.
         outputs: sha256 of each weight file written.
         command: the command line as run; reproduce: the same fusion pinned to commit SHAs, as flags.
