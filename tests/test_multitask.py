@@ -240,14 +240,24 @@ def test_cli_multi_task_writes_one_checkpoint_per_task(tmp_path, tuned, tasks, c
         for (key, a), (_, b) in zip(encoder_of(model).items(), encoder_of(expected.models[name]).items(), strict=True):
             assert torch.equal(a, b), key
         assert "multi-task" in ModelCard.load(out / name / "README.md").data.tags
-    # without --multi-task the label sets are refused with the hint; the mode's limits are said before any work
-    assert main([*common, "--out", str(tmp_path / "plain")]) == 2
+    # the plain command (no --multi-task): a same-base method on parents with different label sets merges per task
+    assert main([*common, "--out", str(tmp_path / "plain")]) == 0
+    assert sorted(p.name for p in (tmp_path / "plain").iterdir()) == ["README.md", "ft-nli", "ft-stars"]
+    plain = {name: T.AutoModelForSequenceClassification.from_pretrained(tmp_path / "plain" / name)
+             for name in ("ft-nli", "ft-stars")}  # fmt: skip
+    assert torch.equal(plain["ft-nli"].classifier.weight, tasks[0].classifier.weight)
+    for (key, a), (_, b) in zip(
+        encoder_of(plain["ft-nli"]).items(), encoder_of(plain["ft-stars"]).items(), strict=True
+    ):
+        assert torch.equal(a, b), key
+    # OT fusion averages the heads too, so different label sets are refused, with the hint; limits fail before work
+    assert main(["fuse", *paths[1:], "--out", str(tmp_path / "ot"), "--cost", "weights", "-q"]) == 2
     assert "--multi-task" in capsys.readouterr().err
     assert main(["fuse", *paths[1:], "--out", str(tmp_path / "x"), "--multi-task", "--cost", "weights", "-q"]) == 2
     assert "same-base --method" in capsys.readouterr().err
     assert main([*common, "--out", str(tmp_path / "y"), "--task-names", "a", "b"]) == 2
     assert "add --multi-task" in capsys.readouterr().err
-    assert not (tmp_path / "plain").exists() and not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+    assert not (tmp_path / "ot").exists() and not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
 
 
 def test_multi_task_job_fields_round_trip_as_flags():

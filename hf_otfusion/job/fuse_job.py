@@ -8,6 +8,7 @@ anything large happens; `job.run.run_job` runs it. Light to import: `--help` bui
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import shlex
 from dataclasses import dataclass, field, replace
@@ -15,11 +16,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..config import FusionConfig, NumberRule, check_numbers, field_default, load_config_file
-from ..errors import EmptyAlignmentDataError, FusionError, InvalidConfigError
+from ..errors import EmptyAlignmentDataError, FusionError, InvalidConfigError, LabelSetMismatchError
 from ..output.staging import check_output_dir
 
 if TYPE_CHECKING:  # pragma: no cover
     from .preflight import Preflight
+
+logger = logging.getLogger(__name__)
 
 #: the `dtype` values accepted (torch dtypes of the same names)
 DTYPE_NAMES = ("float32", "float16", "bfloat16")
@@ -253,7 +256,21 @@ class FuseJob:
                 "--cost weights for a data-free fusion."
             )
         flags = dict(allow_pickle=self.allow_pickle, trust_remote_code=self.trust_remote_code)
-        checked = preflight(self.parents, self.config, multi_task=self.multi_task, **flags)
+        try:
+            checked = preflight(self.parents, self.config, multi_task=self.multi_task, **flags)
+        except LabelSetMismatchError:
+            from ..methods.same_base import SAME_BASE_METHODS
+
+            if self.multi_task or self.config.method not in SAME_BASE_METHODS:
+                raise
+            # fine-tunes of one base with different heads, merged by a same-base method: one checkpoint per task
+            logger.info(
+                "The parents predict different label sets: merging their shared encoder and keeping each head, one "
+                "checkpoint per task under --out (the --multi-task mode)."
+            )
+            self.multi_task = True
+            self.check_options()  # what the multi-task mode does not take yet fails now, before any download
+            checked = preflight(self.parents, self.config, multi_task=True, **flags)
         base = resolve_parent(self.config.base, **flags) if self.config.base else None
         alignment = None
         if self.data is not None and self.config.needs_data:
