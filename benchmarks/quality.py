@@ -46,31 +46,42 @@ PRE_LN = {"vit", "deit"}
 PERMUTATIONS = dict(residual="shared", within_heads="permutation")
 
 
-def rows_for(family: str, refine_steps: int) -> list[tuple[str, dict]]:
-    """(name, FusionConfig fields) of every fused row, in the order the table shows them."""
+def rows_for(family: str, refine_steps: int) -> list[tuple[str, str, dict]]:
+    """(key for --rows, name, FusionConfig fields) of every fused row, in the order the table shows them."""
     best_name, best = TODAYS_BEST[family]
     rows = [
-        ("vanilla average", dict(method="vanilla")),
-        ("vanilla + repair", dict(method="vanilla", repair="all")),
-        ("before: OT exact, activations (permutations)", PERMUTATIONS),
-        (f"before, best in paper_table: {best_name}", {**PERMUTATIONS, **best}),
-        ("+ repair (all sites)", dict(PERMUTATIONS, repair="all")),
-        ("+ within-head rotations", dict(PERMUTATIONS, within_heads="orthogonal")),
-        ("+ within-head rotations + repair", dict(PERMUTATIONS, within_heads="orthogonal", repair="all")),
+        ("vanilla", "vanilla average", dict(method="vanilla")),
+        ("vanilla-repair", "vanilla + repair", dict(method="vanilla", repair="all")),
+        ("permutations", "before: OT exact, activations (permutations)", PERMUTATIONS),
+        ("paper-best", f"before, best in paper_table: {best_name}", {**PERMUTATIONS, **best}),
+        ("repair", "+ repair (all sites)", dict(PERMUTATIONS, repair="all")),
+        ("within", "+ within-head rotations", dict(PERMUTATIONS, within_heads="orthogonal")),
+        (
+            "within-repair",
+            "+ within-head rotations + repair",
+            dict(PERMUTATIONS, within_heads="orthogonal", repair="all"),
+        ),
     ]
     if family in PRE_LN:
         rows += [
-            ("+ orthogonal residual", dict(PERMUTATIONS, residual="orthogonal")),
+            ("residual", "+ orthogonal residual", dict(PERMUTATIONS, residual="orthogonal")),
             (
+                "residual-repair-writers",
                 "+ orthogonal residual + repair (residual writers)",
                 dict(PERMUTATIONS, residual="orthogonal", repair="residual"),
             ),
-            ("+ orthogonal residual + repair (all sites)", dict(PERMUTATIONS, residual="orthogonal", repair="all")),
             (
+                "residual-repair",
+                "+ orthogonal residual + repair (all sites)",
+                dict(PERMUTATIONS, residual="orthogonal", repair="all"),
+            ),
+            (
+                "default",
                 "+ orthogonal residual + within-head (today's default)",
                 dict(residual="orthogonal", within_heads="orthogonal"),
             ),
             (
+                "default-repair",
                 "+ orthogonal residual + within-head + repair",
                 dict(residual="orthogonal", within_heads="orthogonal", repair="all"),
             ),
@@ -80,8 +91,12 @@ def rows_for(family: str, refine_steps: int) -> list[tuple[str, dict]]:
     )
     label = "orthogonal residual + within-head" if family in PRE_LN else "within-head (today's default)"
     rows += [
-        (f"+ {label} + refine {refine_steps}", dict(rotations, refine_steps=refine_steps)),
-        (f"+ {label} + refine {refine_steps} + repair", dict(rotations, refine_steps=refine_steps, repair="all")),
+        ("refine", f"+ {label} + refine {refine_steps}", dict(rotations, refine_steps=refine_steps)),
+        (
+            "refine-repair",
+            f"+ {label} + refine {refine_steps} + repair",
+            dict(rotations, refine_steps=refine_steps, repair="all"),
+        ),
     ]
     return rows
 
@@ -139,7 +154,9 @@ def run_family(family: str, args, cache: dict, log) -> dict:
     log(f"[{family}] parents " + ", ".join(pct(p["test"]["accuracy"]) for p in report["parents"])
         + f"; ensemble {pct(report['ensemble']['test']['accuracy'])}")  # fmt: skip
     models = {}
-    for name, fields in rows_for(family, args.refine_steps):
+    for key, name, fields in rows_for(family, args.refine_steps):
+        if args.rows is not None and key not in args.rows:
+            continue
         config = FusionConfig(batch_size=args.batch_size, **fields)
         with PeakMemory() as memory:
             fuse_started = time.perf_counter()
@@ -168,8 +185,9 @@ def run_family(family: str, args, cache: dict, log) -> dict:
     )  # fmt: skip
     finetuned = {}
     if args.finetune_fraction > 0:
-        for name, model in ((f"fused ({best})", models[best]), ("vanilla average", models["vanilla average"]),
-                            ("parent seed 0", parents[0]), ("parent seed 1", parents[1])):  # fmt: skip
+        starts = [(f"fused ({best})", models[best]), ("vanilla average", models.get("vanilla average")),
+                  ("parent seed 0", parents[0]), ("parent seed 1", parents[1])]  # fmt: skip
+        for name, model in ((name, model) for name, model in starts if model is not None):
             finetuned[name] = finetune_and_score(model, splits, finetune_config)
             log(f"[{family}] finetuned {name}: test {pct(finetuned[name]['test']['accuracy'])}")
     report["finetune"] = {"budget_steps": budget, "parent_steps": records[0]["steps"],
@@ -259,6 +277,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--refine-steps", type=int, default=500, help="FusionConfig.refine_steps of the refine rows")
     parser.add_argument("--finetune-fraction", type=float, default=0.1, help="finetune budget / a parent's steps")
     parser.add_argument("--finetune-lr-scale", type=float, default=0.25, help="finetune lr / a parent's peak lr")
+    parser.add_argument(
+        "--rows", nargs="+", metavar="KEY", choices=[key for key, _, _ in rows_for("vit", 0)],
+        help="fuse only these rows (keys: vanilla, vanilla-repair, permutations, paper-best, repair, within, "
+        "within-repair, residual, residual-repair-writers, residual-repair, default, default-repair, refine, "
+        "refine-repair); the parents and their ensemble always; default: every row",
+    )  # fmt: skip
     parser.add_argument("--eval-samples", type=int, help="cap the validation and test rows (quick looks only)")
     parser.add_argument("--parents", type=Path, default=HERE / "parents", help="directory of <family>-seed<k>/")
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
