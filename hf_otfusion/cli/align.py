@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 from pathlib import Path
 
 from .flags import SEED, add_config_flags, add_encoding_options, add_push_options
@@ -83,16 +82,12 @@ def run_align(args: argparse.Namespace) -> int:
     from ..hub.parents import download_parents, parent_checkpoint
     from ..job.preflight import preflight
     from ..output.staging import check_output_dir
-    from .flags import encode_rows
+    from .flags import config_values, encode_rows
     from .fuse import fuse_config
     from .hub import push_output
     from .progress import silence_progress_bars
 
-    values = load_config_file(args.config) if args.config else {}
-    for field in dataclasses.fields(FusionConfig):
-        flag_value = getattr(args, field.name, None)
-        if flag_value is not None:
-            values[field.name] = flag_value
+    values = config_values(args, FusionConfig, load_config_file(args.config) if args.config else {})
     config = fuse_config(values, has_data=args.data is not None)
     check_exact_config(config)
     if args.quiet:

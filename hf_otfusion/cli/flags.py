@@ -88,6 +88,19 @@ def add_config_flags(group, cls: type, shown_defaults: dict[str, str] | None = N
             group.add_argument(flag, type=kind, default=None, help=help_text)
 
 
+def config_values(args: argparse.Namespace, cls: type, values: dict | None = None) -> dict:
+    """`values` (e.g. a `--config` file's) with every field of `cls` that a flag of `add_config_flags` gave.
+
+    Those flags default to None, so a flag left out keeps the file's value.
+    """
+    values = dict(values or {})
+    for field in dataclasses.fields(cls):
+        given = getattr(args, field.name, None)  # None also for a field the command has no flag for (`only=`)
+        if given is not None:
+            values[field.name] = given
+    return values
+
+
 def add_job_flags(parser: argparse.ArgumentParser, cls: type, rules: dict, choices: dict) -> None:
     """The flags of a run's typed model (`FuseJob`): one per field, grouped by the field's `group` metadata.
 

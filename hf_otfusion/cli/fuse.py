@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 from pathlib import Path
 
 from ..errors import FusionError
-from .flags import add_config_flags, add_encoding_options, add_job_flags, config_help, count, encode_rows
+from .flags import (
+    add_config_flags,
+    add_encoding_options,
+    add_job_flags,
+    config_help,
+    config_values,
+    count,
+    encode_rows,
+)
 from .hub import push_output
 
 EXAMPLES = """examples:
@@ -111,17 +118,15 @@ def run_fuse(args: argparse.Namespace, argv: list[str]) -> int:
     from ..job.run import run_job
     from .progress import silence_progress_bars
 
-    job_values, config_values = FuseJob.split_dict(load_config_file(args.config) if args.config else {})
+    job_values, from_file = FuseJob.split_dict(load_config_file(args.config) if args.config else {})
     for name in FuseJob.flag_fields():
         if getattr(args, name) not in (None, []):
             job_values[name] = getattr(args, name)
-    for field in dataclasses.fields(FusionConfig):
-        if getattr(args, field.name) is not None:
-            config_values[field.name] = getattr(args, field.name)
+    fusion_values = config_values(args, FusionConfig, from_file)
     for name, flag in (("parents", "PARENTS arguments"), ("out", "--out")):
         if not job_values.get(name):
             raise FusionError(f"fuse needs {name}: give {flag}, or `{name}:` in a --config job file.")
-    config = fuse_config(config_values, has_data=job_values.get("data") is not None)
+    config = fuse_config(fusion_values, has_data=job_values.get("data") is not None)
     if args.quiet:
         silence_progress_bars()
     job = FuseJob.from_dict(

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 from pathlib import Path
 
-from .flags import add_config_flags, add_data_options, add_push_options, count, encode_rows
+from .flags import add_config_flags, add_data_options, add_push_options, config_values, count, encode_rows
 from .hub import push_output
 
 FINETUNE_EXAMPLES = """examples:
@@ -132,11 +131,9 @@ def run_finetune(args: argparse.Namespace) -> int:
     from ..train.finetune import FinetuneConfig, finetune
     from .progress import silence_progress_bars
 
-    values = load_config_file(args.config) if args.config else {}
-    for field in dataclasses.fields(FinetuneConfig):
-        if getattr(args, field.name) is not None:
-            values[field.name] = getattr(args, field.name)
-    config = FinetuneConfig.from_dict(values)
+    config = FinetuneConfig.from_dict(
+        config_values(args, FinetuneConfig, load_config_file(args.config) if args.config else {})
+    )
     inputs = [args.model, args.data, *([args.eval_data] if args.eval_data else [])]
     check_output_dir(args.out, overwrite=args.overwrite, inputs=inputs)  # before any download or training
     if args.quiet:
