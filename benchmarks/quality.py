@@ -93,6 +93,11 @@ def rows_for(family: str, refine_steps: int) -> list[tuple[str, str, dict]]:
     rows += [
         ("refine", f"+ {label} + refine {refine_steps}", dict(rotations, refine_steps=refine_steps)),
         (
+            "refine-permutations",
+            f"+ {label} + refine {refine_steps} with FFN permutations",
+            dict(rotations, refine_steps=refine_steps, refine_permutations=True),
+        ),
+        (
             "refine-repair",
             f"+ {label} + refine {refine_steps} + repair",
             dict(rotations, refine_steps=refine_steps, repair="all"),

@@ -180,6 +180,9 @@ class FusionConfig:
             labels); every fifth batch is held back and the best maps on it are kept (see
             `hf_otfusion.engine.refine`). 0 (default) turns it off. Needs a model with logits and orthogonal maps.
         refine_lr: Adam's learning rate for `refine_steps`.
+        refine_permutations: with `refine_steps`, also let the FFN units' permutations change during refinement
+            (a hard permutation forward, a straight-through gradient to learned scores; heads and the residual
+            stream keep theirs). Off by default.
         repair: after averaging, move each fused unit's activation mean and standard deviation on the
             alignment data to the weighted average of its aligned parent units' (REPAIR, Jordan et al. 2023):
             averaging imperfectly correlated units shrinks their variance. `residual` repairs the modules that
@@ -219,6 +222,7 @@ class FusionConfig:
     within_heads: str = "auto"
     refine_steps: int = 0
     refine_lr: float = 0.01
+    refine_permutations: bool = False
     weights: list[float] | None = None
     batch_size: int = 8
     num_samples: int | None = None

@@ -336,7 +336,8 @@ def _align_and_average(run: _FusionRun) -> FusionResult:
         result.refine = refine_maps(
             obtain(anchor), run.plans[anchor], tensors,
             result.maps, run.weights, run.data, steps=run.config.refine_steps, learning_rate=run.config.refine_lr,
-            statistics_options=run.config.statistics_options(), progress=run.progress,
+            statistics_options=run.config.statistics_options(), permutations=run.config.refine_permutations,
+            progress=run.progress,
         )  # fmt: skip
         run.timings["refine"] = time.perf_counter() - started
 

@@ -21,6 +21,7 @@ import time
 from dataclasses import asdict, dataclass
 
 import torch
+from scipy.optimize import linear_sum_assignment
 from torch.func import functional_call
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
@@ -33,6 +34,7 @@ from .transport import TransportMap, complement_basis
 
 logger = logging.getLogger(__name__)
 
+PERMUTATION_MARGIN = 1.0  # a permutation's starting score lead: Adam steps of ~lr each must overcome it to swap
 HELD_BACK_EVERY = 5  # every fifth batch of the alignment data decides which refined maps are kept
 EVALUATE_EVERY = 10  # steps between two held-back evaluations
 
@@ -82,6 +84,26 @@ class _Rotation(torch.nn.Module):
         return rotation
 
 
+class _Permutation(torch.nn.Module):
+    """A hard permutation Π in the forward pass whose gradient reaches learned scores (straight-through).
+
+    Scores start at `PERMUTATION_MARGIN` on the diagonal, so Π starts at the identity (the closed-form matching);
+    the forward pass uses the assignment that maximises the scores (`linear_sum_assignment`), and the backward
+    pass hands Π's gradient to the scores unchanged. Two units swap once the gradient has pushed their cross
+    scores past their own, which keeps every fused model on the path an exact average of permuted parents.
+    """
+
+    def __init__(self, size: int):
+        super().__init__()
+        self.scores = torch.nn.Parameter(PERMUTATION_MARGIN * torch.eye(size))
+
+    def forward(self) -> torch.Tensor:
+        rows, cols = linear_sum_assignment(self.scores.detach().numpy(), maximize=True)
+        hard = torch.zeros_like(self.scores)
+        hard[rows, cols] = 1.0
+        return hard + self.scores - self.scores.detach()
+
+
 def refine_maps(
     model: PreTrainedModel,
     plan: FusionPlan,
@@ -93,6 +115,7 @@ def refine_maps(
     steps: int,
     learning_rate: float,
     statistics_options: dict,
+    permutations: bool = False,
     progress: bool = True,
 ) -> RefineReport:
     """Refines every orthogonal map in `maps` in place (see the module docstring) and returns what it did.
@@ -104,12 +127,21 @@ def refine_maps(
         maps: `maps[k][space]` for every non-anchor parent k; its orthogonal maps are replaced by refined ones.
         weights: the parents' averaging weights.
         data: the alignment data; `statistics_options` gives its batching and sample cap.
+        permutations: also refine the permutations of spaces outside the heads and the stream (the FFN units),
+            straight-through (`_Permutation`).
 
     Raises:
         FusionError: no map to refine, too little data to hold a batch back, or a model without logits.
     """
     started = time.perf_counter()
-    spaces = {k: [s for s, t in parent_maps.items() if t.kind == "orthogonal"] for k, parent_maps in maps.items()}
+
+    def refined_kind(space: str, transport: TransportMap) -> bool:
+        if transport.kind == "orthogonal":
+            return True
+        plain = not plan.spaces[space].stream and plan.spaces[space].num_heads is None
+        return permutations and transport.kind == "permutation" and plain
+
+    spaces = {k: [s for s, t in parent_maps.items() if refined_kind(s, t)] for k, parent_maps in maps.items()}
     if not any(spaces.values()):
         raise FusionError(
             "refine_steps refines orthogonal maps, and this fusion has none: use residual='orthogonal' (pre-LN "
@@ -134,7 +166,9 @@ def refine_maps(
     refined = [(k, space) for k, names in spaces.items() for space in names]
     rotations = torch.nn.ModuleList(
         _Rotation(plan.spaces[space].size, plan.spaces[space].num_heads, fixes_ones=plan.spaces[space].stream)
-        for _, space in refined
+        if maps[k][space].kind == "orthogonal"
+        else _Permutation(plan.spaces[space].size)
+        for k, space in refined
     )
     moving = {
         name for name, axes in plan.parameters.items() if any(a is not None and _moves(a.space, spaces) for a in axes)
@@ -199,6 +233,10 @@ def refine_maps(
         )  # fmt: skip
     with torch.no_grad():
         for (k, space), rotation in zip(refined, rotations, strict=True):
+            if isinstance(rotation, _Permutation):  # Π[σ[j], j] = 1 after the closed-form perm: composed perm[σ]
+                sigma = rotation().argmax(dim=0).numpy()
+                maps[k][space] = TransportMap.from_permutation(maps[k][space].permutation[sigma])
+                continue
             closed_form = maps[k][space].output_matrix()
             maps[k][space] = TransportMap.from_orthogonal(closed_form @ rotation().double().numpy())
     return RefineReport(steps, best_step, before, best, float(anchor_loss), time.perf_counter() - started)
