@@ -678,3 +678,51 @@ def test_a_commit_that_changes_nothing_returns_the_head_without_a_new_commit(hub
         """,
     )
     assert out["first"] == out["second"] and out["commits"] == 4
+
+
+def test_model_info_reads_card_data_pipeline_and_tags_from_the_readme_at_that_revision(
+    hub: HubServer, tmp_path: Path
+) -> None:
+    """Like the Hub, repo info indexes the README's front matter of the revision asked for."""
+    out = run_client(
+        hub,
+        tmp_path,
+        """
+        from huggingface_hub import HfApi, ModelCardData
+
+        api = HfApi()
+        api.create_repo("ns/carded")
+        card = (
+            "---\\nlicense: mit\\nlibrary_name: transformers\\npipeline_tag: image-classification\\n"
+            "tags: [merge, vision]\\nbase_model: [ns/a, ns/b]\\nbase_model_relation: merge\\n"
+            "datasets: [ns/images]\\n---\\n# carded\\nSee [the paper](https://arxiv.org/abs/2310.05719).\\n"
+        )
+        first = api.upload_file(path_or_fileobj=card.encode(), path_in_repo="README.md", repo_id="ns/carded").oid
+        api.upload_file(path_or_fileobj=b"---\\nlicense: apache-2.0\\n---\\n", path_in_repo="README.md",
+                        repo_id="ns/carded")
+        old, new = api.model_info("ns/carded", revision=first), api.model_info("ns/carded")
+        api.create_repo("ns/plain")
+        api.upload_file(path_or_fileobj=b"no front matter", path_in_repo="README.md", repo_id="ns/plain")
+        api.create_repo("ns/data", repo_type="dataset")
+        api.upload_file(path_or_fileobj=b"---\\nlicense: cc-by-4.0\\ntags: [tabular]\\n---\\n",
+                        path_in_repo="README.md", repo_id="ns/data", repo_type="dataset")
+        plain, data = api.model_info("ns/plain"), api.dataset_info("ns/data")
+        result(dict(
+            card_type=type(old.card_data).__name__, card=old.card_data.to_dict(), pipeline=old.pipeline_tag,
+            library=old.library_name, tags=old.tags, new_license=new.card_data.license, new_tags=new.tags,
+            new_pipeline=new.pipeline_tag, plain=[plain.card_data, plain.tags],
+            data=[data.card_data.license, data.tags],
+        ))
+        """,
+    )
+    assert out["card_type"] == "ModelCardData"
+    assert out["card"]["base_model"] == ["ns/a", "ns/b"] and out["card"]["license"] == "mit"
+    assert out["pipeline"] == "image-classification" and out["library"] == "transformers"
+    assert out["tags"] == [
+        "merge", "vision", "transformers", "dataset:ns/images", "base_model:ns/a", "base_model:merge:ns/a",
+        "base_model:ns/b", "base_model:merge:ns/b", "arxiv:2310.05719", "license:mit",
+    ]  # fmt: skip
+    assert out["new_license"] == "apache-2.0" and out["new_tags"] == ["license:apache-2.0"]
+    assert out["new_pipeline"] is None  # the newer card has none: nothing is carried over from the old one
+    assert out["plain"] == [None, []]
+    assert out["data"] == ["cc-by-4.0", ["tabular", "license:cc-by-4.0"]]
