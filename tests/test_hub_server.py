@@ -726,3 +726,70 @@ def test_model_info_reads_card_data_pipeline_and_tags_from_the_readme_at_that_re
     assert out["new_pipeline"] is None  # the newer card has none: nothing is carried over from the old one
     assert out["plain"] == [None, []]
     assert out["data"] == ["cc-by-4.0", ["tabular", "license:cc-by-4.0"]]
+
+
+def test_dataset_push_to_hub_and_load_dataset_round_trip(hub: HubServer, tmp_path: Path) -> None:
+    """`datasets` pushes its parquet shards through LFS (batch + PUT + `lfsFile`) and loads them back."""
+    out = run_client(
+        hub,
+        tmp_path,
+        """
+        from datasets import Dataset, load_dataset
+        from huggingface_hub import HfApi
+
+        rows = {"text": ["a cat", "a dog", "a bird", "a fish"], "label": [0, 1, 2, 1]}
+        Dataset.from_dict(rows).push_to_hub("ns/data")
+        loaded = load_dataset("ns/data", split="train")
+        Dataset.from_dict(rows).push_to_hub("ns/data")  # the same shard again: stored already, not re-sent
+        files = {f.path: f.lfs for f in HfApi().list_repo_tree("ns/data", repo_type="dataset", recursive=True)
+                 if hasattr(f, "lfs")}
+        result(dict(rows=loaded.to_dict(), files={p: lfs and {"size": lfs.size} for p, lfs in files.items()}))
+        """,
+    )
+    assert out["rows"] == {"text": ["a cat", "a dog", "a bird", "a fish"], "label": [0, 1, 2, 1]}
+    shard = "data/train-00000-of-00001.parquet"
+    assert out["files"][shard]["size"] > 0 and out["files"]["README.md"] is None  # binary shard in LFS, card not
+    puts = [path for method, path in hub.request_log if method == "PUT"]
+    assert len(puts) == 1 and puts[0].startswith("/api/lfs-upload/")
+    assert ("POST", "/datasets/ns/data.git/info/lfs/objects/batch") in hub.request_log
+
+
+def test_lfs_uploads_need_the_token_a_signed_url_and_the_announced_content(hub: HubServer) -> None:
+    """The batch API needs the token; the upload URL is the token's stand-in, bound to one oid and size."""
+    _create(hub, "ns", "big")
+    data = bytes(range(256)) * 64
+    oid = hashlib.sha256(data).hexdigest()
+    batch_url = f"{hub.url}/ns/big.git/info/lfs/objects/batch"
+    request = json.dumps({"operation": "upload", "transfers": ["basic"], "objects": [{"oid": oid, "size": len(data)}]})
+    assert _request(batch_url, "POST", request.encode(), token=None)[0] == 401
+    status, _, raw = _request(batch_url, "POST", request.encode())
+    assert status == 200, raw
+    (answer,) = json.loads(raw)["objects"]
+    href = answer["actions"]["upload"]["href"]
+    assert href.startswith(f"{hub.url}/api/lfs-upload/{oid}?")
+
+    blob = hub.root / "blobs" / oid[:2] / oid
+    other = bytes(reversed(data))
+    assert _request(href, "PUT", other, token=None)[0] == 400  # content that is not the announced oid
+    assert not blob.exists() and not (hub.root / "blobs" / hashlib.sha256(other).hexdigest()[:2]).exists()
+    assert _request(href.replace("signature=", "signature=0"), "PUT", data, token=None)[0] == 403
+    assert _request(href.replace(f"size={len(data)}", "size=1"), "PUT", data[:1], token=None)[0] == 403
+    signed_long_ago = hub.guard.sign(oid, str(len(data)), "1")
+    expired = f"{hub.url}/api/lfs-upload/{oid}?size={len(data)}&expires=1&signature={signed_long_ago}"
+    assert _request(expired, "PUT", data, token=None)[0] == 403  # signed, but long ago
+    assert not blob.exists()
+    assert _request(href, "PUT", data, token=None)[0] == 200
+    assert blob.read_bytes() == data
+    status, _, raw = _request(batch_url, "POST", request.encode())
+    assert "actions" not in json.loads(raw)["objects"][0]  # stored: the client skips the upload
+
+    commit_url = f"{hub.url}/api/models/ns/big/commit/main"
+    head = {"key": "header", "value": {"summary": "weights"}}
+    for lfs_oid, expected in ((hashlib.sha256(b"never sent").hexdigest(), 422), (oid, 200)):
+        line = {"key": "lfsFile", "value": {"path": "w.bin", "algo": "sha256", "oid": lfs_oid, "size": len(data)}}
+        body = b"".join(json.dumps(item).encode() + b"\n" for item in (head, line))
+        assert _request(commit_url, "POST", body)[0] == expected
+    assert _request(f"{hub.url}/ns/big/resolve/main/w.bin")[2] == data
+    (entry,) = json.loads(_request(f"{hub.url}/api/models/ns/big/tree/main")[2])
+    pointer = f"version https://git-lfs.github.com/spec/v1\noid sha256:{oid}\nsize {len(data)}\n"
+    assert entry["lfs"] == {"oid": oid, "size": len(data), "pointerSize": len(pointer)}

@@ -14,9 +14,11 @@ message "Invalid credentials in Authorization header", so a client with a stale 
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import os
 import secrets
+import time
 from email.message import Message
 
 from ...errors import InvalidConfigError
@@ -67,6 +69,17 @@ class Guard:
         if scheme.lower() != "bearer" or not hmac.compare_digest(credentials.strip().encode(), self.token.encode()):
             raise HubError(401, INVALID_CREDENTIALS)
         return True
+
+    def sign(self, *parts: str) -> str:
+        """An HMAC of ``parts`` keyed by the token: the authority of a URL the client later uses without one."""
+        return hmac.new(self.token.encode(), "\0".join(parts).encode(), hashlib.sha256).hexdigest()
+
+    def check_upload(self, oid: str, size: str, expires: str, signature: str) -> None:
+        """Refuse an LFS upload URL (see ``lfs``) that this server did not sign, or that has expired."""
+        if not hmac.compare_digest(signature.encode(), self.sign(oid, size, expires).encode()):
+            raise HubError(403, "LFS upload URL not signed by this server: ask the batch endpoint for a new one")
+        if not expires.isdigit() or int(expires) < time.time():
+            raise HubError(403, "LFS upload URL expired: ask the batch endpoint for a new one")
 
 
 def unauthorized(what: str) -> HubError:

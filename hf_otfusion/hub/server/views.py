@@ -14,6 +14,7 @@ from typing import Any
 import yaml
 
 from .errors import HubError
+from .lfs import pointer_size
 from .storage import Repo, Store, canonical
 
 #: Largest README / config read to fill repo info (a bigger one is served, just not indexed).
@@ -24,7 +25,12 @@ _ARXIV_LINK = re.compile(r"arxiv\.org/(?:abs|pdf)/(\d{4}\.\d{4,5})")
 
 
 def file_entry(path: str, entry: dict[str, Any]) -> dict[str, Any]:
-    return {"type": "file", "path": path, "size": entry["size"], "oid": entry["oid"]}
+    """A tree / paths-info entry; an LFS file also names its object (``RepoFile.lfs`` on the client)."""
+    out = {"type": "file", "path": path, "size": entry["size"], "oid": entry["oid"]}
+    if entry.get("lfs"):
+        pointer = pointer_size(entry["sha256"], entry["size"])
+        out["lfs"] = {"oid": entry["sha256"], "size": entry["size"], "pointerSize": pointer}
+    return out
 
 
 def dir_entry(files: dict[str, dict[str, Any]], path: str) -> dict[str, Any]:
