@@ -789,7 +789,27 @@ def test_lfs_uploads_need_the_token_a_signed_url_and_the_announced_content(hub: 
         line = {"key": "lfsFile", "value": {"path": "w.bin", "algo": "sha256", "oid": lfs_oid, "size": len(data)}}
         body = b"".join(json.dumps(item).encode() + b"\n" for item in (head, line))
         assert _request(commit_url, "POST", body)[0] == expected
-    assert _request(f"{hub.url}/ns/big/resolve/main/w.bin")[2] == data
+    status, headers, raw = _request(f"{hub.url}/ns/big/resolve/main/w.bin")
+    assert raw == data and headers["X-Linked-Etag"] == f'"{oid}"' and headers["X-Linked-Size"] == str(len(data))
     (entry,) = json.loads(_request(f"{hub.url}/api/models/ns/big/tree/main")[2])
     pointer = f"version https://git-lfs.github.com/spec/v1\noid sha256:{oid}\nsize {len(data)}\n"
     assert entry["lfs"] == {"oid": oid, "size": len(data), "pointerSize": len(pointer)}
+
+
+@pytest.mark.parametrize(
+    ("path", "content", "size", "mode"),
+    [
+        ("README.md", b"# a card\n", None, "regular"),
+        ("notes.txt", "caf\u00e9 ".encode() * 200, 513, "regular"),  # a sample may cut a character in two
+        ("model.safetensors", b'{"__metadata__": {}}', None, "lfs"),  # tracked by suffix, text-looking or not
+        ("weights.raw", b"\x08\x00\x00\x00\x00\x00\x00\x00{}", None, "lfs"),  # a NUL byte: binary
+        ("latin.txt", b"caf\xe9", None, "lfs"),  # not UTF-8: binary to git
+        ("big.json", b"{}", 10 * 2**20 + 1, "lfs"),  # too large to sit in git
+        ("empty.bin", b"", None, "regular"),  # the client sends empty files regularly anyway
+    ],
+)
+def test_preupload_sends_binary_large_and_tracked_files_to_lfs(path, content, size, mode) -> None:
+    from hf_otfusion.hub.server.lfs import upload_mode
+
+    sample = base64.b64encode(content[:512]).decode()
+    assert upload_mode(path, len(content) if size is None else size, sample) == mode

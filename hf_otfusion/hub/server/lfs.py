@@ -59,7 +59,8 @@ def upload_mode(path: str, size: int, sample_b64: Any) -> str:
         return "lfs"
     try:
         sample = base64.b64decode(sample_b64 or "", validate=True)
-        codecs.getincrementaldecoder("utf-8")().decode(sample, final=False)  # a cut last character is fine
+        # a last character cut by the end of the sample is fine, unless the sample is the whole file
+        codecs.getincrementaldecoder("utf-8")().decode(sample, final=len(sample) >= size)
     except (binascii.Error, ValueError, TypeError):
         return "lfs"
     return "lfs" if b"\0" in sample else "regular"

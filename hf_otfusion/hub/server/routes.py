@@ -324,6 +324,9 @@ class Routes:
             "Content-Type": "application/octet-stream",
             "Cache-Control": "no-cache" if sha != revision else "public, max-age=31536000, immutable",
         }
+        if entry.get("lfs"):  # as on the Hub: the client names (and checks) an LFS file's cache blob by sha256
+            headers["X-Linked-Etag"] = f'"{entry["sha256"]}"'
+            headers["X-Linked-Size"] = str(size)
         byte_range = None if head else parse_range(self.headers.get("Range"), size)
         if byte_range is None:
             return Response(200, headers, file=self.store.blobs.path(entry["sha256"]), length=size)
