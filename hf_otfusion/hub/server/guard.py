@@ -4,7 +4,10 @@ Binding to loopback is not enough on a developer machine: any web page the user 
 send requests to ``127.0.0.1`` (CSRF), and a DNS-rebinding page can even read the answers under its own host
 name. So every request must name the server by a loopback ``Host`` (with its port), a browser's ``Origin``
 must be the server's own, and no CORS headers are ever sent. Writes, and reads of private repos, need the
-server's bearer token (``HF_TOKEN`` on the client), which a page cannot know.
+server's bearer token (``HF_TOKEN`` on the client), which a page cannot know. The one write without it is the
+``PUT`` of an LFS object, which the client sends with no ``Authorization`` header (on the Hub it goes to a
+presigned storage URL): its URL carries an HMAC keyed by the token instead (``sign`` / ``check_upload``), handed
+out only to token holders by the LFS batch endpoint.
 
 Missing or private repos are answered to an unauthenticated client with 401 and ``X-Error-Code: RepoNotFound``,
 as the real Hub does, so that the answer does not tell a private repo from a missing one; ``huggingface_hub``
