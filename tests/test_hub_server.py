@@ -678,3 +678,138 @@ def test_a_commit_that_changes_nothing_returns_the_head_without_a_new_commit(hub
         """,
     )
     assert out["first"] == out["second"] and out["commits"] == 4
+
+
+def test_model_info_reads_card_data_pipeline_and_tags_from_the_readme_at_that_revision(
+    hub: HubServer, tmp_path: Path
+) -> None:
+    """Like the Hub, repo info indexes the README's front matter of the revision asked for."""
+    out = run_client(
+        hub,
+        tmp_path,
+        """
+        from huggingface_hub import HfApi, ModelCardData
+
+        api = HfApi()
+        api.create_repo("ns/carded")
+        card = (
+            "---\\nlicense: mit\\nlibrary_name: transformers\\npipeline_tag: image-classification\\n"
+            "tags: [merge, vision]\\nbase_model: [ns/a, ns/b]\\nbase_model_relation: merge\\n"
+            "datasets: [ns/images]\\n---\\n# carded\\nSee [the paper](https://arxiv.org/abs/2310.05719).\\n"
+        )
+        first = api.upload_file(path_or_fileobj=card.encode(), path_in_repo="README.md", repo_id="ns/carded").oid
+        api.upload_file(path_or_fileobj=b"---\\nlicense: apache-2.0\\n---\\n", path_in_repo="README.md",
+                        repo_id="ns/carded")
+        old, new = api.model_info("ns/carded", revision=first), api.model_info("ns/carded")
+        api.create_repo("ns/plain")
+        api.upload_file(path_or_fileobj=b"no front matter", path_in_repo="README.md", repo_id="ns/plain")
+        api.create_repo("ns/data", repo_type="dataset")
+        api.upload_file(path_or_fileobj=b"---\\nlicense: cc-by-4.0\\ntags: [tabular]\\n---\\n",
+                        path_in_repo="README.md", repo_id="ns/data", repo_type="dataset")
+        plain, data = api.model_info("ns/plain"), api.dataset_info("ns/data")
+        result(dict(
+            card_type=type(old.card_data).__name__, card=old.card_data.to_dict(), pipeline=old.pipeline_tag,
+            library=old.library_name, tags=old.tags, new_license=new.card_data.license, new_tags=new.tags,
+            new_pipeline=new.pipeline_tag, plain=[plain.card_data, plain.tags],
+            data=[data.card_data.license, data.tags],
+        ))
+        """,
+    )
+    assert out["card_type"] == "ModelCardData"
+    assert out["card"]["base_model"] == ["ns/a", "ns/b"] and out["card"]["license"] == "mit"
+    assert out["pipeline"] == "image-classification" and out["library"] == "transformers"
+    assert out["tags"] == [
+        "merge", "vision", "transformers", "dataset:ns/images", "base_model:ns/a", "base_model:merge:ns/a",
+        "base_model:ns/b", "base_model:merge:ns/b", "arxiv:2310.05719", "license:mit",
+    ]  # fmt: skip
+    assert out["new_license"] == "apache-2.0" and out["new_tags"] == ["license:apache-2.0"]
+    assert out["new_pipeline"] is None  # the newer card has none: nothing is carried over from the old one
+    assert out["plain"] == [None, []]
+    assert out["data"] == ["cc-by-4.0", ["tabular", "license:cc-by-4.0"]]
+
+
+def test_dataset_push_to_hub_and_load_dataset_round_trip(hub: HubServer, tmp_path: Path) -> None:
+    """`datasets` pushes its parquet shards through LFS (batch + PUT + `lfsFile`) and loads them back."""
+    out = run_client(
+        hub,
+        tmp_path,
+        """
+        from datasets import Dataset, load_dataset
+        from huggingface_hub import HfApi
+
+        rows = {"text": ["a cat", "a dog", "a bird", "a fish"], "label": [0, 1, 2, 1]}
+        Dataset.from_dict(rows).push_to_hub("ns/data")
+        loaded = load_dataset("ns/data", split="train")
+        Dataset.from_dict(rows).push_to_hub("ns/data")  # the same shard again: stored already, not re-sent
+        files = {f.path: f.lfs for f in HfApi().list_repo_tree("ns/data", repo_type="dataset", recursive=True)
+                 if hasattr(f, "lfs")}
+        result(dict(rows=loaded.to_dict(), files={p: lfs and {"size": lfs.size} for p, lfs in files.items()}))
+        """,
+    )
+    assert out["rows"] == {"text": ["a cat", "a dog", "a bird", "a fish"], "label": [0, 1, 2, 1]}
+    shard = "data/train-00000-of-00001.parquet"
+    assert out["files"][shard]["size"] > 0 and out["files"]["README.md"] is None  # binary shard in LFS, card not
+    puts = [path for method, path in hub.request_log if method == "PUT"]
+    assert len(puts) == 1 and puts[0].startswith("/api/lfs-upload/")
+    assert ("POST", "/datasets/ns/data.git/info/lfs/objects/batch") in hub.request_log
+
+
+def test_lfs_uploads_need_the_token_a_signed_url_and_the_announced_content(hub: HubServer) -> None:
+    """The batch API needs the token; the upload URL is the token's stand-in, bound to one oid and size."""
+    _create(hub, "ns", "big")
+    data = bytes(range(256)) * 64
+    oid = hashlib.sha256(data).hexdigest()
+    batch_url = f"{hub.url}/ns/big.git/info/lfs/objects/batch"
+    request = json.dumps({"operation": "upload", "transfers": ["basic"], "objects": [{"oid": oid, "size": len(data)}]})
+    assert _request(batch_url, "POST", request.encode(), token=None)[0] == 401
+    status, _, raw = _request(batch_url, "POST", request.encode())
+    assert status == 200, raw
+    (answer,) = json.loads(raw)["objects"]
+    href = answer["actions"]["upload"]["href"]
+    assert href.startswith(f"{hub.url}/api/lfs-upload/{oid}?")
+
+    blob = hub.root / "blobs" / oid[:2] / oid
+    other = bytes(reversed(data))
+    assert _request(href, "PUT", other, token=None)[0] == 400  # content that is not the announced oid
+    assert not blob.exists() and not (hub.root / "blobs" / hashlib.sha256(other).hexdigest()[:2]).exists()
+    assert _request(href.replace("signature=", "signature=0"), "PUT", data, token=None)[0] == 403
+    assert _request(href.replace(f"size={len(data)}", "size=1"), "PUT", data[:1], token=None)[0] == 403
+    signed_long_ago = hub.guard.sign(oid, str(len(data)), "1")
+    expired = f"{hub.url}/api/lfs-upload/{oid}?size={len(data)}&expires=1&signature={signed_long_ago}"
+    assert _request(expired, "PUT", data, token=None)[0] == 403  # signed, but long ago
+    assert not blob.exists()
+    assert _request(href, "PUT", data, token=None)[0] == 200
+    assert blob.read_bytes() == data
+    status, _, raw = _request(batch_url, "POST", request.encode())
+    assert "actions" not in json.loads(raw)["objects"][0]  # stored: the client skips the upload
+
+    commit_url = f"{hub.url}/api/models/ns/big/commit/main"
+    head = {"key": "header", "value": {"summary": "weights"}}
+    for lfs_oid, expected in ((hashlib.sha256(b"never sent").hexdigest(), 422), (oid, 200)):
+        line = {"key": "lfsFile", "value": {"path": "w.bin", "algo": "sha256", "oid": lfs_oid, "size": len(data)}}
+        body = b"".join(json.dumps(item).encode() + b"\n" for item in (head, line))
+        assert _request(commit_url, "POST", body)[0] == expected
+    status, headers, raw = _request(f"{hub.url}/ns/big/resolve/main/w.bin")
+    assert raw == data and headers["X-Linked-Etag"] == f'"{oid}"' and headers["X-Linked-Size"] == str(len(data))
+    (entry,) = json.loads(_request(f"{hub.url}/api/models/ns/big/tree/main")[2])
+    pointer = f"version https://git-lfs.github.com/spec/v1\noid sha256:{oid}\nsize {len(data)}\n"
+    assert entry["lfs"] == {"oid": oid, "size": len(data), "pointerSize": len(pointer)}
+
+
+@pytest.mark.parametrize(
+    ("path", "content", "size", "mode"),
+    [
+        ("README.md", b"# a card\n", None, "regular"),
+        ("notes.txt", "caf\u00e9 ".encode() * 200, 513, "regular"),  # a sample may cut a character in two
+        ("model.safetensors", b'{"__metadata__": {}}', None, "lfs"),  # tracked by suffix, text-looking or not
+        ("weights.raw", b"\x08\x00\x00\x00\x00\x00\x00\x00{}", None, "lfs"),  # a NUL byte: binary
+        ("latin.txt", b"caf\xe9", None, "lfs"),  # not UTF-8: binary to git
+        ("big.json", b"{}", 10 * 2**20 + 1, "lfs"),  # too large to sit in git
+        ("empty.bin", b"", None, "regular"),  # the client sends empty files regularly anyway
+    ],
+)
+def test_preupload_sends_binary_large_and_tracked_files_to_lfs(path, content, size, mode) -> None:
+    from hf_otfusion.hub.server.lfs import upload_mode
+
+    sample = base64.b64encode(content[:512]).decode()
+    assert upload_mode(path, len(content) if size is None else size, sample) == mode

@@ -69,7 +69,7 @@ class Parent:
         processor_files: tokenizer / image-processor files present in the checkpoint.
         num_parameters: tensor elements counted from the safetensors headers (`None` for pickle weights).
         tensors: every tensor's name and shape, from the safetensors headers (empty for pickle weights).
-        license: the `license` of the parent's model card, when it has one.
+        license: the `license` of the parent's model card (or, without one, a `license` key in its config).
         directory: where the files are on disk: the local directory, or the download snapshot once fetched.
     """
 
@@ -137,6 +137,8 @@ def resolve_parent(source: str, *, allow_pickle: bool = False, trust_remote_code
                 source=source,
             )
         parent = _resolve_hub(source, repo_id, revision or None, allow_pickle)
+    if parent.license is None and isinstance(parent.config.get("license"), str):
+        parent.license = parent.config["license"]  # a few configs name it; the card's metadata wins
     _check_remote_code(parent, trust_remote_code)
     return parent
 

@@ -13,6 +13,7 @@ Pushing the finished directory is a separate step (`hub.push.push_folder`), so a
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -32,6 +33,8 @@ from .preflight import Preflight
 if TYPE_CHECKING:  # pragma: no cover
     from .fuse_job import FuseJob
 
+logger = logging.getLogger(__name__)
+
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -49,6 +52,7 @@ def run_job(job: FuseJob, checked: Preflight | None = None):
     if job.multi_task:
         return _run_multi_task(job, checked)
     parents, anchor = checked.parents, checked.anchor
+    _warn_license_conflict(parents)
     download_parents([*parents, *([checked.base] if checked.base else [])], anchor, progress=job.progress)
     # checkpoints, not models: `fuse` loads each when its turn comes, holding two models at a time
     sources = [parent_checkpoint(p, trust_remote_code=job.trust_remote_code) for p in parents]
@@ -119,6 +123,15 @@ def _run_multi_task(job: FuseJob, checked: Preflight):
 
 
 # ------------------------------------------------------------------------------------------- steps
+def _warn_license_conflict(parents: list[Parent]) -> None:
+    """Says, before any weight is downloaded, that the parents' licences differ (the card repeats it)."""
+    from ..output.card import license_conflict
+
+    note = license_conflict([p.license for p in parents], [p.name for p in parents])
+    if note is not None:
+        logger.warning(note)
+
+
 def _encoded(job: FuseJob, source: DataSource | None, processor, label2id):
     if source is None:
         return None

@@ -9,6 +9,7 @@ per-layer diagnostics, a usage snippet, the exact command and the package versio
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from importlib.resources import files
 from pathlib import Path
 from typing import Any
@@ -40,7 +41,6 @@ def build_card_data(provenance: Provenance, licenses: list[str | None], model_na
     pipeline_tag, _ = pipeline_and_auto_class(provenance.architecture, provenance.model_type)
     hub_parents = [p["repo_id"] for p in provenance.parents if p.get("repo_id")]
     datasets = [d["repo_id"] for d in (provenance.alignment_data, provenance.eval_data) if d and d.get("kind") == "hub"]
-    known = {license for license in licenses}
     data = ModelCardData(
         model_name=model_name,
         base_model=hub_parents or None,
@@ -49,10 +49,42 @@ def build_card_data(provenance: Provenance, licenses: list[str | None], model_na
         pipeline_tag=pipeline_tag,
         tags=[*CARD_TAGS, provenance.model_type],
         datasets=list(dict.fromkeys(datasets)) or None,
-        license=known.pop() if len(known) == 1 and None not in known else None,  # inherited only when all agree
+        license=inherited_license(licenses),
         eval_results=_eval_results(provenance, pipeline_tag) or None,
     )
     return data
+
+
+def inherited_license(licenses: Sequence[str | None]) -> str | None:
+    """The licence the fused model's metadata declares: the parents' one when they all declare the same.
+
+    Otherwise `license` is left out rather than set to `other`: on the Hub `other` means "a custom licence that
+    `license_name` / `license_link` define", which would claim the fused weights have a licence of their own.
+    They have none that we can know; the combination of the parents' licences is for the user to judge, and a
+    card without a licence says exactly that (the Hub shows it as unknown). `license_conflict` writes why.
+    """
+    known = set(licenses)
+    return known.pop() if len(known) == 1 and None not in known else None
+
+
+def license_conflict(licenses: Sequence[str | None], names: Sequence[str] | None = None) -> str | None:
+    """The sentence (for the log and the card) saying the parents' licences differ, or `None` when they agree.
+
+    Parents that declare no licence count as different from one that does: their terms are unknown, so the
+    fused model cannot simply inherit the other's. Nothing is said when no parent declares a licence at all.
+
+    Args:
+        licenses: each parent's licence (`None` when its card has none).
+        names: each parent's name for the message (defaults to `parent k`).
+    """
+    if inherited_license(licenses) is not None or all(license is None for license in licenses):
+        return None
+    names = names or [f"parent {k}" for k in range(len(licenses))]
+    each = ", ".join(f"{name}: {license or 'none declared'}" for name, license in zip(names, licenses, strict=True))
+    return (
+        f"The parents' licences differ ({each}), so this card declares no `license`: check that the licences are "
+        "compatible, and which one applies to the fused weights, before using or sharing them."
+    )
 
 
 def render_card(
@@ -68,12 +100,14 @@ def render_card(
         provenance: the fusion's record.
         repo_id: the Hub repo (or local directory) the usage snippet loads from.
         model_name: the card's title and `model-index` name; defaults to the last part of `repo_id`.
-        licenses: each parent's licence (`None` when unknown); the card inherits one only when all agree.
+        licenses: each parent's licence (`None` when unknown); the card inherits one only when all agree, and
+            says that the licences differ otherwise (`license_conflict`).
     """
     repo_id = repo_id or "path/to/fused-model"
     model_name = model_name or repo_id.rstrip("/").split("/")[-1]
     licenses = licenses if licenses is not None else [p.get("license") for p in provenance.parents]
     card_data = build_card_data(provenance, licenses, model_name)
+    names = [str(p.get("repo_id") or p.get("path") or f"parent {k}") for k, p in enumerate(provenance.parents)]
     _, auto_class = pipeline_and_auto_class(provenance.architecture, provenance.model_type)
     return ModelCard.from_template(
         card_data,
@@ -81,6 +115,7 @@ def render_card(
         model_name=model_name,
         architecture=provenance.architecture,
         num_parents=len(provenance.parents),
+        license_text=license_conflict(licenses, names if len(names) == len(licenses) else None) or "",
         method_text=method_text(provenance.config, provenance.anchor),
         parent_rows=_parent_rows(provenance),
         base_text=_base_text(provenance),

@@ -50,8 +50,12 @@ class Blobs:
         """Store bytes under their sha256 and return the file entry a commit records for them."""
         return self.put_stream(iter((data,)))
 
-    def put_stream(self, chunks: Iterable[bytes]) -> dict[str, Any]:
-        """Store a stream of bytes, written to disk as it comes (an upload is never whole in memory)."""
+    def put_stream(self, chunks: Iterable[bytes], expect_sha256: str | None = None) -> dict[str, Any]:
+        """Store a stream of bytes, written to disk as it comes (an upload is never whole in memory).
+
+        With ``expect_sha256`` (an LFS upload, named by its hash before it is sent), content that hashes to
+        anything else is refused and never enters the store.
+        """
         fd, name = tempfile.mkstemp(dir=self.tmp, prefix="blob-")
         tmp = Path(name)
         try:
@@ -62,6 +66,8 @@ class Blobs:
                     size += len(chunk)
                     f.write(chunk)
             sha256 = digest.hexdigest()
+            if expect_sha256 is not None and sha256 != expect_sha256:
+                raise HubError(400, f"Uploaded content has sha256 {sha256}, not the announced {expect_sha256}")
             # the git oid hashes the size first, known only now: a second pass over the (page-cached) file
             entry = {"sha256": sha256, "size": size, "oid": git_blob_oid(size, _file_chunks(tmp))}
             target = self.path(sha256)
@@ -75,11 +81,17 @@ class Blobs:
             raise
         return entry
 
-    def existing(self, sha256: str) -> dict[str, Any]:
-        """File entry for a blob already stored (an ``lfsFile`` commit line refers to content by sha256)."""
+    def existing(self, sha256: str, size: int | None = None) -> dict[str, Any]:
+        """File entry for a blob already stored (an ``lfsFile`` commit line refers to content by sha256).
+
+        Raises:
+            HubError: 422 when no such blob was uploaded (or it has another ``size`` than the line says).
+        """
         sha256 = sha256.lower()
         path = self.path(sha256)
         if not re.fullmatch(r"[0-9a-f]{64}", sha256) or not path.is_file():
-            raise HubError(422, f"Unknown LFS object {sha256}: this server only accepts regular uploads")
-        size = path.stat().st_size
-        return {"sha256": sha256, "size": size, "oid": git_blob_oid(size, _file_chunks(path))}
+            raise HubError(422, f"Unknown LFS object {sha256}: upload it through the LFS batch endpoint first")
+        stored = path.stat().st_size
+        if size is not None and size != stored:
+            raise HubError(422, f"LFS object {sha256} has {stored} bytes, not {size}")
+        return {"sha256": sha256, "size": stored, "oid": git_blob_oid(stored, _file_chunks(path))}

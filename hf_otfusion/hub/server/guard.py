@@ -4,7 +4,10 @@ Binding to loopback is not enough on a developer machine: any web page the user 
 send requests to ``127.0.0.1`` (CSRF), and a DNS-rebinding page can even read the answers under its own host
 name. So every request must name the server by a loopback ``Host`` (with its port), a browser's ``Origin``
 must be the server's own, and no CORS headers are ever sent. Writes, and reads of private repos, need the
-server's bearer token (``HF_TOKEN`` on the client), which a page cannot know.
+server's bearer token (``HF_TOKEN`` on the client), which a page cannot know. The one write without it is the
+``PUT`` of an LFS object, which the client sends with no ``Authorization`` header (on the Hub it goes to a
+presigned storage URL): its URL carries an HMAC keyed by the token instead (``sign`` / ``check_upload``), handed
+out only to token holders by the LFS batch endpoint.
 
 Missing or private repos are answered to an unauthenticated client with 401 and ``X-Error-Code: RepoNotFound``,
 as the real Hub does, so that the answer does not tell a private repo from a missing one; ``huggingface_hub``
@@ -14,9 +17,11 @@ message "Invalid credentials in Authorization header", so a client with a stale 
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import os
 import secrets
+import time
 from email.message import Message
 
 from ...errors import InvalidConfigError
@@ -67,6 +72,17 @@ class Guard:
         if scheme.lower() != "bearer" or not hmac.compare_digest(credentials.strip().encode(), self.token.encode()):
             raise HubError(401, INVALID_CREDENTIALS)
         return True
+
+    def sign(self, *parts: str) -> str:
+        """An HMAC of ``parts`` keyed by the token: the authority of a URL the client later uses without one."""
+        return hmac.new(self.token.encode(), "\0".join(parts).encode(), hashlib.sha256).hexdigest()
+
+    def check_upload(self, oid: str, size: str, expires: str, signature: str) -> None:
+        """Refuse an LFS upload URL (see ``lfs``) that this server did not sign, or that has expired."""
+        if not hmac.compare_digest(signature.encode(), self.sign(oid, size, expires).encode()):
+            raise HubError(403, "LFS upload URL not signed by this server: ask the batch endpoint for a new one")
+        if not expires.isdigit() or int(expires) < time.time():
+            raise HubError(403, "LFS upload URL expired: ask the batch endpoint for a new one")
 
 
 def unauthorized(what: str) -> HubError:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler
 from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import parse_qs, urlsplit
@@ -167,6 +168,16 @@ class Handler(Routes, BaseHTTPRequestHandler):
         if not isinstance(obj, dict):
             raise HubError(400, "Request body must be a JSON object")
         return obj
+
+    def _body_chunks(self) -> Iterator[bytes]:
+        """The request body, read from the socket in pieces (for uploads streamed straight to disk)."""
+        while self._unread > 0:
+            chunk = self.rfile.read(min(CHUNK, self._unread))
+            if not chunk:
+                self.close_connection = True
+                raise HubError(400, "Truncated request body")
+            self._unread -= len(chunk)
+            yield chunk
 
     def _drain(self) -> None:
         while self._unread > 0:

@@ -12,7 +12,7 @@ import logging
 from typing import Any
 from urllib.parse import parse_qs, unquote
 
-from . import views
+from . import lfs, views
 from .errors import HubError
 from .guard import unauthorized
 from .ndjson import NDJSONReader, Spooled, decode_base64_chunks
@@ -22,6 +22,7 @@ from .storage import DEFAULT_BRANCH, REPO_TYPES, SHORT_SHA_RE, Op, Repo, clean_r
 logger = logging.getLogger("hf_otfusion.hub.server")
 
 _TYPE_BY_COLLECTION = {collection: repo_type for repo_type, (collection, _) in REPO_TYPES.items()}
+_LFS_BATCH = ["info", "lfs", "objects", "batch"]
 _TYPE_BY_URL_PREFIX = {prefix.rstrip("/"): repo_type for repo_type, (_, prefix) in REPO_TYPES.items() if prefix}
 
 
@@ -40,6 +41,8 @@ class Routes:
             segs = segs[1:]
         if len(segs) >= 5 and segs[2] == "resolve" and method in ("GET", "HEAD"):
             return self._resolve(repo_type, segs, method == "HEAD")
+        if method == "POST" and len(segs) == 6 and segs[1].endswith(".git") and segs[2:] == _LFS_BATCH:
+            return self._lfs_batch(repo_type, unquote(segs[0]), unquote(segs[1])[: -len(".git")])
         raise self._unsupported(method, raw_path)
 
     def _unsupported(self, method: str, raw_path: str) -> HubError:
@@ -80,6 +83,8 @@ class Routes:
             )
         if route == ("GET", "agent-harnesses"):  # huggingface_hub's best-effort user-agent registry
             return json_response({"standardEnvVars": [], "harnesses": {}})
+        if method == "PUT" and len(segs) == 2 and segs[0] == lfs.UPLOAD_ROUTE.strip("/").split("/")[-1]:
+            return self._lfs_upload(segs[1], query)
         if route == ("POST", "validate-yaml"):
             self._read_json()
             return json_response({})
@@ -170,7 +175,8 @@ class Routes:
         return json_response(out)
 
     def _preupload(self, repo: Repo, revision: str) -> Response:
-        """Answer ``regular`` for every file (no LFS protocol) + current oid: unchanged files get skipped."""
+        """Each file's upload mode (``lfs.upload_mode``) and current oid, by which the client skips unchanged
+        files: the git blob SHA-1 for a regular file, the sha256 for an LFS one (what the client compares)."""
         body = self._read_json()
         try:
             files = self.store.commit(repo, self.store.resolve(repo, revision))["files"]
@@ -181,9 +187,11 @@ class Routes:
             path = item.get("path") if isinstance(item, dict) else None
             if not isinstance(path, str):
                 raise HubError(400, "Each preupload entry needs a 'path'")
-            entry: dict[str, Any] = {"path": path, "uploadMode": "regular", "shouldIgnore": False}
+            size = item.get("size")
+            mode = lfs.upload_mode(path, size if isinstance(size, int) else 0, item.get("sample"))
+            entry: dict[str, Any] = {"path": path, "uploadMode": mode, "shouldIgnore": False}
             if path in files:
-                entry["oid"] = files[path]["oid"]
+                entry["oid"] = files[path]["sha256" if mode == "lfs" else "oid"]
             out.append(entry)
         return json_response({"files": out})
 
@@ -260,7 +268,11 @@ class Routes:
             ops.append(Op("add", path, blob))
         elif key == "lfsFile":
             path = clean_repo_path(value.get("path"))
-            ops.append(Op("add", path, self.store.blobs.existing(str(value.get("oid")))))
+            if value.get("algo", "sha256") != "sha256":
+                raise HubError(400, f"Unsupported LFS hash {value.get('algo')!r} for {path}")
+            size = value.get("size")
+            blob = self.store.blobs.existing(str(value.get("oid")), size if isinstance(size, int) else None)
+            ops.append(Op("add", path, {**blob, "lfs": True}))
         elif key == "deletedFile":
             ops.append(Op("delete_file", clean_repo_path(value.get("path"))))
         elif key == "deletedFolder":
@@ -268,6 +280,29 @@ class Routes:
         else:
             raise HubError(400, f"Unknown commit line key {key!r}")
         return None
+
+    def _lfs_batch(self, repo_type: str, namespace: str, name: str) -> Response:
+        """The LFS batch API (``lfs.batch_answer``): where to upload each object, for token holders only."""
+        self._require_token("An LFS upload")
+        self._repo(repo_type, namespace, name)
+        body = self._read_json()
+        try:
+            answer = lfs.batch_answer(
+                body, self.store.blobs, self.hub.guard, self._base_url(), self.hub.max_commit_bytes
+            )
+        except ValueError as error:
+            raise HubError(422, str(error)) from None
+        return json_response(answer, headers={"Content-Type": lfs.LFS_CONTENT_TYPE})
+
+    def _lfs_upload(self, oid: str, query: dict[str, list[str]]) -> Response:
+        """``PUT`` of an LFS object to the signed URL the batch API gave: streamed into the blob store."""
+        size, expires, signature = (query.get(key, [""])[0] for key in ("size", "expires", "signature"))
+        self.hub.guard.check_upload(oid, size, expires, signature)  # the URL's signature stands for the token
+        if str(self._unread) != size:
+            raise HubError(400, f"LFS upload of {oid}: Content-Length {self._unread} is not the signed size {size}")
+        self.store.blobs.put_stream(self._body_chunks(), expect_sha256=oid)
+        logger.info("LFS object %s stored (%s bytes)", oid[:10], size)
+        return Response(200)
 
     def _resolve(self, repo_type: str, segs: list[str], head: bool) -> Response:
         repo = self._repo(repo_type, unquote(segs[0]), unquote(segs[1]))
@@ -289,6 +324,9 @@ class Routes:
             "Content-Type": "application/octet-stream",
             "Cache-Control": "no-cache" if sha != revision else "public, max-age=31536000, immutable",
         }
+        if entry.get("lfs"):  # as on the Hub: the client names (and checks) an LFS file's cache blob by sha256
+            headers["X-Linked-Etag"] = f'"{entry["sha256"]}"'
+            headers["X-Linked-Size"] = str(size)
         byte_range = None if head else parse_range(self.headers.get("Range"), size)
         if byte_range is None:
             return Response(200, headers, file=self.store.blobs.path(entry["sha256"]), length=size)

@@ -8,14 +8,29 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from typing import Any
 
+import yaml
+
 from .errors import HubError
+from .lfs import pointer_size
 from .storage import Repo, Store, canonical
+
+#: Largest README / config read to fill repo info (a bigger one is served, just not indexed).
+MAX_INDEXED_FILE = 2**20
+# the same front-matter block `huggingface_hub.repocard` reads
+_YAML_BLOCK = re.compile(r"^(\s*---(?:\r\n|\r|\n))([\S\s]*?)((?:\r\n|\r|\n)---[ \t]*(\r\n|\n|$))")
+_ARXIV_LINK = re.compile(r"arxiv\.org/(?:abs|pdf)/(\d{4}\.\d{4,5})")
 
 
 def file_entry(path: str, entry: dict[str, Any]) -> dict[str, Any]:
-    return {"type": "file", "path": path, "size": entry["size"], "oid": entry["oid"]}
+    """A tree / paths-info entry; an LFS file also names its object (``RepoFile.lfs`` on the client)."""
+    out = {"type": "file", "path": path, "size": entry["size"], "oid": entry["oid"]}
+    if entry.get("lfs"):
+        pointer = pointer_size(entry["sha256"], entry["size"])
+        out["lfs"] = {"oid": entry["sha256"], "size": entry["size"], "pointerSize": pointer}
+    return out
 
 
 def dir_entry(files: dict[str, dict[str, Any]], path: str) -> dict[str, Any]:
@@ -65,21 +80,76 @@ def repo_info(store: Store, repo: Repo, revision: str) -> dict[str, Any]:
         "gated": False,
         "downloads": 0,
         "likes": 0,
-        "tags": [],
+        "tags": [],  # filled from the card below, as the Hub does
         "lastModified": commit["date"],
         "createdAt": meta["createdAt"],
         "usedStorage": sum(e["size"] for e in files.values()),
         "siblings": [{"rfilename": p, "size": e["size"], "blobId": e["oid"]} for p, e in sorted(files.items())],
     }
-    config = files.get("config.json")
-    if repo.repo_type == "model" and config is not None and config["size"] <= 2**20:
+    config = _small_file(store, files, "config.json")
+    if repo.repo_type == "model" and config is not None:
         try:  # lets `pipeline()` and similar callers see the architecture without a download
-            cfg = json.loads(store.blobs.path(config["sha256"]).read_bytes())
+            cfg = json.loads(config)
             info["config"] = {k: cfg[k] for k in ("architectures", "model_type") if k in cfg}
             info["library_name"] = "transformers"
-        except (OSError, ValueError, TypeError):
+        except (ValueError, TypeError, AttributeError):
             pass
+    readme = _small_file(store, files, "README.md")
+    if readme is not None:
+        info.update(card_fields(readme.decode("utf-8", "replace"), repo.repo_type, info.get("library_name")))
     return info
+
+
+def card_fields(readme: str, repo_type: str, library_name: str | None = None) -> dict[str, Any]:
+    """``cardData``, ``tags``, ``pipeline_tag`` and ``library_name`` of a repo, from its README, as the Hub has them.
+
+    The Hub indexes the card's YAML front matter: the client builds ``ModelInfo.card_data`` from ``cardData``,
+    and search, the model page and ``list_models(filter=...)`` work on ``tags``, which the Hub derives from the
+    metadata (the card's own tags, the library, ``dataset:``, ``base_model:``, ``license:`` and ``arxiv:`` tags
+    for linked papers). A card whose front matter is not a YAML mapping is indexed as having none, like the Hub
+    does after its ``validate-yaml`` warning.
+    """
+    match = _YAML_BLOCK.search(readme)
+    try:
+        data = yaml.safe_load(match.group(2)) if match else None
+    except yaml.YAMLError:
+        data = None
+    out: dict[str, Any] = {}
+    data = data if isinstance(data, dict) else {}
+    if data:
+        out["cardData"] = data
+    if repo_type == "model" and isinstance(data.get("pipeline_tag"), str):
+        out["pipeline_tag"] = data["pipeline_tag"]
+    if repo_type == "model" and isinstance(data.get("library_name"), str):
+        out["library_name"] = library_name = data["library_name"]
+    tags = [str(tag) for tag in _as_list(data.get("tags"))]
+    if library_name:
+        tags.append(library_name)
+    tags += [f"dataset:{d}" for d in _as_list(data.get("datasets"))]
+    for base in _as_list(data.get("base_model")):
+        relation = data.get("base_model_relation")
+        tags += [f"base_model:{base}"] + ([f"base_model:{relation}:{base}"] if isinstance(relation, str) else [])
+    tags += [f"arxiv:{paper}" for paper in _ARXIV_LINK.findall(readme)]
+    tags += [f"license:{license}" for license in _as_list(data.get("license"))]
+    out["tags"] = list(dict.fromkeys(tags))
+    return out
+
+
+def _as_list(value: Any) -> list[Any]:
+    """A metadata field that may be one value or a list of them, as a list of its scalar values."""
+    values = value if isinstance(value, list) else [value]
+    return [v for v in values if isinstance(v, (str, int, float)) and not isinstance(v, bool)]
+
+
+def _small_file(store: Store, files: dict[str, dict[str, Any]], path: str) -> bytes | None:
+    """The bytes of ``path`` in a commit when it exists and is small enough to index, else ``None``."""
+    entry = files.get(path)
+    if entry is None or entry["size"] > MAX_INDEXED_FILE:
+        return None
+    try:
+        return store.blobs.path(entry["sha256"]).read_bytes()
+    except OSError:
+        return None
 
 
 def repo_refs(store: Store, repo: Repo, include_prs: bool) -> dict[str, Any]:
