@@ -145,8 +145,7 @@ def run_fuse(args: argparse.Namespace, argv: list[str]) -> int:
     if not args.quiet:
         print(result.summary())
     if job.multi_task:
-        print(f"Multi-task merge written to {job.out}: {', '.join(job.out.name + '/' + t for t in result.task_names)}")
-        return 0
+        return _report_multi_task(job, result.task_names)
     if job.eval_data:
         from ..output.card import results_text
         from ..output.provenance import Provenance
@@ -157,6 +156,25 @@ def run_fuse(args: argparse.Namespace, argv: list[str]) -> int:
         message = f"Fuse {', '.join(job.parents)} with hf_otfusion"
         return push_output(job.out, job.push_to_hub, job, commit_message=message)
     return 0
+
+
+def _report_multi_task(job, task_names: list[str]) -> int:
+    """Each task's evaluation (with --eval-data), where the tasks were written, then one push per task."""
+    from ..multitask import task_repo_id
+    from ..output.card import results_text
+    from ..output.provenance import Provenance
+
+    if job.eval_data:
+        for name in task_names:
+            print(f"Task {name}: {results_text(Provenance.load(job.out / name))}")
+    print(f"Multi-task merge written to {job.out}: {', '.join(job.out.name + '/' + t for t in task_names)}")
+    if not job.push_to_hub:
+        return 0
+    code = 0
+    for name in task_names:  # one repository per task (see task_repo_id); a failed push does not stop the others
+        message = f"Task {name} of a multi-task merge of {', '.join(job.parents)} with hf_otfusion"
+        code = max(code, push_output(job.out / name, task_repo_id(job.push_to_hub, name), job, commit_message=message))
+    return code
 
 
 def fuse_config(values: dict, has_data: bool):
