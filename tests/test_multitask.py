@@ -471,3 +471,63 @@ def test_base_with_head_is_the_base_encoder_under_the_parents_head(tuned, tasks)
                            tuned.bert.get_parameter("embeddings.word_embeddings.weight"))  # fmt: skip
     with pytest.raises(IncompatibleModelsError, match="does not hold the encoder"):
         base_with_head(build("bert-seqcls", seed=3, num_hidden_layers=3), tasks[1])
+
+
+def test_cli_multi_task_push_makes_one_loadable_repository_per_task(tmp_path, tuned, tasks):
+    """Through the local Hub server and the real huggingface_hub / transformers clients, in subprocesses."""
+    import json
+    import re
+
+    from hub_utils import client_env, run_cli, run_python
+    from safetensors.torch import load_file
+
+    from hf_otfusion.hub.server import HubServer
+
+    base, *parents = saved_parents(tmp_path, tuned, tasks)
+    evals = [saved_rows(tmp_path / f"eval-{k}", model, seed=30 + k, labels=True) for k, model in enumerate(tasks)]
+    with HubServer(tmp_path / "store") as server:
+        env = client_env(server.url, tmp_path / "home")
+        fuse = ["fuse", *parents, "--out", "merged", "--method", "task-arithmetic", "--base", base, "--multi-task",
+                "--task-names", "nli", "stars", "--eval-data", *evals, "--push-to-hub", "ns/merged", "-q"]  # fmt: skip
+        proc = run_cli(fuse, env, tmp_path)
+        assert proc.returncode == 0, proc.stderr[-6000:]
+        shas = re.findall(r"^commit: ([0-9a-f]{40})$", proc.stdout, re.M)
+        assert len(shas) == 2 and "Pushed merged/nli to" in proc.stdout and "Pushed merged/stars to" in proc.stdout
+        check = f"""
+            import json, torch
+            from huggingface_hub import HfApi, ModelCard, hf_hub_download
+            from transformers import AutoModelForSequenceClassification
+
+            found = {{}}
+            for task, sha in zip(("nli", "stars"), {shas!r}):
+                repo = "ns/merged-" + task
+                model = AutoModelForSequenceClassification.from_pretrained(repo, revision=sha)
+                torch.save(model.state_dict(), task + ".pt")
+                card = ModelCard.load(hf_hub_download(repo, "README.md", revision=sha))
+                found[task] = {{"files": sorted(HfApi().list_repo_files(repo)), "card": card.data.to_dict(),
+                               "text": card.text, "labels": model.config.id2label}}
+            print("RESULT " + json.dumps(found))
+            """
+        pulled = run_python(check, env, tmp_path)
+    assert pulled.returncode == 0, pulled.stderr[-6000:]
+    found = json.loads(pulled.stdout.split("RESULT ", 1)[1].splitlines()[0])
+    encoders = []
+    for task, parent in zip(("nli", "stars"), tasks, strict=True):
+        local = load_file(str(tmp_path / "merged" / task / "model.safetensors"))
+        hub = torch.load(tmp_path / f"{task}.pt")
+        assert hub.keys() >= local.keys() and all(torch.equal(hub[key], local[key]) for key in local), task
+        assert torch.equal(hub["classifier.weight"], parent.classifier.weight)
+        assert {int(i): label for i, label in found[task]["labels"].items()} == parent.config.id2label
+        encoders.append({key: value for key, value in hub.items() if key.startswith("bert.")})
+        assert {"config.json", "model.safetensors", "README.md", "fusion_job.yaml", "fusion_config.yaml",
+                "fusion_provenance.json"} <= set(found[task]["files"])  # fmt: skip
+        card = found[task]["card"]
+        assert "multi-task" in card["tags"] and card["pipeline_tag"] == "text-classification"
+        provenance = json.loads((tmp_path / "merged" / task / "fusion_provenance.json").read_text())
+        fused = next(row for row in provenance["evaluation"]["rows"] if row["name"] == "fused")
+        metric = card["model-index"][0]["results"][0]["metrics"][0]
+        assert metric["type"] == "accuracy" and metric["value"] == fused["accuracy"]
+        other = "stars" if task == "nli" else "nli"
+        assert f"({server.url}/ns/merged-{other})" in found[task]["text"]  # the sibling task, by its repository
+        assert f'from_pretrained("ns/merged-{task}")' in found[task]["text"]
+    assert all(torch.equal(encoders[0][key], encoders[1][key]) for key in encoders[0])

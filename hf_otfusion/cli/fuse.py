@@ -48,8 +48,13 @@ EXAMPLES = """examples:
 
   # fine-tunes of one base for different tasks (other label sets): one merged encoder, each task's own head,
   # written as merged/nli/ and merged/sentiment/ (see merge_tasks)
-  otfusion-hub fuse ./ft-nli ./ft-sst --out merged --method task-arithmetic --base ./base-model --multi-task \
+  otfusion-hub fuse ./ft-nli ./ft-sst --out merged --method task-arithmetic --base ./base-model --multi-task \\
       --task-names nli sentiment
+
+  # the same with each task's own data (in the parents' order): RegMean's Gram rows, each task scored on its own
+  # test set (merged vs own fine-tune), pushed as one repository per task: user/merged-nli, user/merged-sentiment
+  otfusion-hub fuse ./ft-nli ./ft-sst --out merged --method regmean --multi-task --task-names nli sentiment \\
+      --data ./nli-train ./sst-train --eval-data ./nli-test ./sst-test --push-to-hub user/merged
 
   # a Hub-compatible server on 127.0.0.1 for trying Hub workflows offline
   otfusion-hub serve-hub --port 8765 --root ./hub-data
