@@ -68,12 +68,14 @@ class RunRecord:
         repo_ids: task name -> the Hub repository the task is pushed to (`--push-to-hub`), which the cards link
             and load from; None: they link the sibling folders.
         max_shard_size: as for `save_pretrained`.
+        dtype: the `--dtype` the task models were cast to, if any (a non-finite value then names the cast).
     """
 
     job: dict[str, Any]
     provenance: dict[str, Provenance]
     repo_ids: dict[str, str] | None = None
     max_shard_size: str | int = "5GB"
+    dtype: str | None = None
 
 
 def task_repo_id(repo_id: str, task: str) -> str:
@@ -151,7 +153,9 @@ def merge_tasks(
             names (`task-K` for a model object without a name), made unique.
         out: when given, write `out/<task>/` for every task (safetensors, config, the parent's processor files
             when it is a local directory, `fusion_config.yaml`, a model card) and `out/README.md` linking them,
-            through one staging directory swapped into place (`hf_otfusion.output.staging`).
+            through one staging directory swapped into place (`hf_otfusion.output.staging`). A CLI run
+            (`otfusion-hub fuse --multi-task`) also records `fusion_job.yaml` and each task's
+            `fusion_provenance.json` (see `RunRecord`).
         overwrite: replace a non-empty `out`.
         spec, progress, device: as for `fuse`.
 
@@ -332,12 +336,11 @@ def write_tasks(
     and every task folder also get `fusion_job.yaml`, and every task folder its `fusion_provenance.json`. Nothing
     is written when a task model has a non-finite value.
     """
-    from .hub.parents import sha256_file
-    from .output.provenance import CONFIG_FILE, JOB_FILE
+    from .output.provenance import CONFIG_FILE, JOB_FILE, weight_hashes
     from .output.staging import check_fused_finite, stage_output
 
     for model in result.models.values():
-        check_fused_finite(model, str(model.dtype).removeprefix("torch."))
+        check_fused_finite(model, record.dtype if record is not None else None)
     config_yaml = yaml.safe_dump(result.config.to_dict(), sort_keys=False)
     job_yaml = yaml.safe_dump(record.job, sort_keys=False) if record is not None else None
     with stage_output(target, overwrite=overwrite) as stage:
@@ -352,7 +355,7 @@ def write_tasks(
             if record is not None:
                 (folder / JOB_FILE).write_text(job_yaml)  # a task pushed alone still holds its recipe
                 provenance = record.provenance[name]
-                provenance.outputs = {p.name: sha256_file(p) for p in sorted(folder.iterdir()) if _is_weights(p.name)}
+                provenance.outputs = weight_hashes(folder)
                 provenance.save(folder)
             task_card(result, outputs, k, base=base, record=record).save(folder / "README.md")
         (stage.path / "README.md").write_text(overview(result, outputs, base=base, record=record))
@@ -361,10 +364,6 @@ def write_tasks(
         stage.publish()
     logger.info("multi-task merge written to %s: %s", target, ", ".join(result.models))
     return target
-
-
-def _is_weights(name: str) -> bool:
-    return name.startswith("model") and name.endswith((".safetensors", ".safetensors.index.json"))
 
 
 def _method_line(result: MultiTaskResult, base) -> str:

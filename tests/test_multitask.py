@@ -410,9 +410,10 @@ def test_cli_multi_task_evaluates_each_task_against_its_fine_tune_and_base_head_
     out = tmp_path / "merged"
     common = ["fuse", *parents, "--method", "task-arithmetic", "--base", base, "--multi-task", "--task-names", "nli",
               "stars", "-q"]  # fmt: skip
-    assert main([*common, "--out", str(out), "--dry-run", "--eval-data", *evals]) == 0
+    assert main([*common, "--out", str(out), "--dry-run", "--eval-data", *evals, "--push-to-hub", "ns/m"]) == 0
     dry = capsys.readouterr().out
     assert f"Evaluation data 0: {evals[0]}" in dry and f"Evaluation data 1: {evals[1]}" in dry
+    assert "then pushed to ns/m-<task> (one repository per task)" in dry
     # a large scale moves the merge away from both fine-tunes, so that each row scores a different model
     assert main([*common, "--out", str(out), "--eval-data", *evals, "--dtype", "float16", "--scale", "6"]) == 0
     printed = capsys.readouterr().out

@@ -139,7 +139,12 @@ def run_fuse(args: argparse.Namespace, argv: list[str]) -> int:
     )
     checked = job.preflight()
     if args.dry_run:
-        print(checked.describe(job.config, job.out, job.push_to_hub))
+        push = job.push_to_hub
+        if push and job.multi_task:
+            from ..multitask import task_repo_id
+
+            push = f"{task_repo_id(push, '<task>')} (one repository per task)"
+        print(checked.describe(job.config, job.out, push))
         print("Dry run: pre-flight passed; no weights were downloaded and nothing was written.")
         return 0
     result = run_job(job, checked)

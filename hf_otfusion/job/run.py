@@ -25,8 +25,8 @@ from ..checkpoints import Checkpoint
 from ..config import FusionConfig
 from ..data import DataSource, encode_dataset, load_processor
 from ..errors import DataSourceError, FusionError
-from ..hub.parents import Parent, download_parents, load_parent_model, parent_checkpoint, sha256_file
-from ..output.provenance import CONFIG_FILE, JOB_FILE, Provenance, package_versions, utc_now
+from ..hub.parents import Parent, download_parents, load_parent_model, parent_checkpoint
+from ..output.provenance import CONFIG_FILE, JOB_FILE, Provenance, package_versions, utc_now, weight_hashes
 from ..output.staging import StagedOutput, check_fused_finite, stage_output
 from .preflight import Preflight
 
@@ -137,6 +137,7 @@ def _run_multi_task(job: FuseJob, checked: Preflight):
         provenance={},
         repo_ids={name: task_repo_id(job.push_to_hub, name) for name in result.task_names} if job.push_to_hub else None,
         max_shard_size=job.max_shard_size,
+        dtype=job.dtype,
     )
     for k, name in enumerate(result.task_names):
         evaluation = None
@@ -265,16 +266,11 @@ def _finish(job: FuseJob, stage: StagedOutput, anchor: Parent, provenance: Prove
         shutil.copyfile(anchor.directory / name, staging / name)
     (staging / CONFIG_FILE).write_text(yaml.safe_dump(job.config.to_dict(), sort_keys=False))
     (staging / JOB_FILE).write_text(yaml.safe_dump(provenance.job, sort_keys=False))
-    provenance.outputs = {p.name: sha256_file(p) for p in sorted(staging.iterdir()) if _is_weight_file(p.name)}
+    provenance.outputs = weight_hashes(staging)
     provenance.save(staging)
     card = render_card(provenance, repo_id=job.push_to_hub or str(out))
     card.save(staging / "README.md")
     stage.publish()
-
-
-def _is_weight_file(name: str) -> bool:
-    """`model.safetensors`, its shards (`model-00001-of-00003.safetensors`) and their index."""
-    return name.startswith("model") and (name.endswith(".safetensors") or name.endswith(".safetensors.index.json"))
 
 
 def quality_record(result) -> dict:
