@@ -366,7 +366,8 @@ def test_cli_multi_task_records_a_pinned_job_that_rebuilds_every_task_byte_for_b
         folder = out / task
         assert (folder / "fusion_job.yaml").read_text() == job_text  # a task pushed alone keeps its recipe
         provenance = Provenance.load(folder)
-        assert provenance.job == job and provenance.anchor == k and provenance.config["method"] == "regmean"
+        assert provenance.job == job and provenance.anchor == 0 and provenance.config["method"] == "regmean"
+        assert provenance.architecture == "BertForSequenceClassification"
         for record, path in zip(provenance.parents, parents, strict=True):
             assert record["weight_files"][0]["sha256"] == sha256(Path(path) / "model.safetensors")
         assert provenance.outputs == {"model.safetensors": sha256(folder / "model.safetensors")}

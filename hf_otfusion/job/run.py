@@ -144,9 +144,8 @@ def _run_multi_task(job: FuseJob, checked: Preflight):
         if checked.eval_sources:
             evaluation = _evaluate_task(job, checked, k, sources[k], base, result.models[name], processors[k])
         provenance = _provenance(job, checked, result.encoder, evaluation)
-        parent_config = checked.parents[k].config
-        provenance.anchor = k  # the parent whose head and config this task has
-        provenance.architecture = (parent_config.get("architectures") or ["?"])[0]
+        # the task's own class (its parent's); `anchor` stays the merge's, whose basis the shared encoder is in
+        provenance.architecture = (checked.parents[k].config.get("architectures") or ["?"])[0]
         if checked.data_sources:
             provenance.alignment_data = checked.data_sources[min(k, len(checked.data_sources) - 1)].to_dict()
         provenance.eval_data = checked.eval_sources[k].to_dict() if checked.eval_sources else None
