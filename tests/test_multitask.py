@@ -533,3 +533,22 @@ def test_cli_multi_task_push_makes_one_loadable_repository_per_task(tmp_path, tu
         assert f"({server.url}/ns/merged-{other})" in found[task]["text"]  # the sibling task, by its repository
         assert f'from_pretrained("ns/merged-{task}")' in found[task]["text"]
     assert all(torch.equal(encoders[0][key], encoders[1][key]) for key in encoders[0])
+
+
+def test_different_label_sets_take_the_multi_task_mode_with_one_data_source_per_parent(tmp_path, tuned, tasks):
+    import yaml
+
+    from hf_otfusion.cli import main
+
+    _, *parents = saved_parents(tmp_path, tuned, tasks)
+    data = [saved_rows(tmp_path / f"rows-{k}", model, seed=10 + k) for k, model in enumerate(tasks)]
+    out = tmp_path / "merged"
+    # no --multi-task: the label sets differ, so the per-parent --data count is checked once pre-flight knows it
+    assert main(["fuse", *parents, "--out", str(out), "--method", "regmean", "--data", *data, "-q"]) == 0
+    job = yaml.safe_load((out / "fusion_job.yaml").read_text())
+    assert job["multi_task"] is True and job["task_names"] == ["ft-nli", "ft-stars"] and job["data"] == data
+    again = tmp_path / "again"
+    assert main(["fuse", "--config", str(out / "fusion_job.yaml"), "--out", str(again), "-q"]) == 0
+    assert (again / "ft-stars" / "model.safetensors").read_bytes() == (
+        out / "ft-stars" / "model.safetensors"
+    ).read_bytes()
