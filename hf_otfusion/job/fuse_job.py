@@ -301,7 +301,7 @@ class FuseJob:
                 "checkpoint per task under --out (the --multi-task mode)."
             )
             self.multi_task = True
-            self.check_options()  # what the multi-task mode does not take fails now, before any download
+            self.check_options()  # a method the multi-task mode does not take fails now, before any download
             checked = preflight(self.parents, self.config, multi_task=True, **flags)
         self.check_source_counts()
         base = resolve_parent(self.config.base, **flags) if self.config.base else None
