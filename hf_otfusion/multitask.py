@@ -43,11 +43,49 @@ from .engine.spec import AlignmentSpec, load_spec
 from .errors import IncompatibleModelsError, InvalidConfigError
 from .fusion import FusionResult, fuse_with_diagnostics
 from .methods.same_base import SAME_BASE_METHODS
+from .output.provenance import Provenance
 
 logger = logging.getLogger(__name__)
 
 #: the tags of every task card (with the model type)
 CARD_TAGS = ("merge", "multi-task", "hf-otfusion")
+
+
+@dataclass
+class RunRecord:
+    """What an `otfusion-hub fuse` run records beside its task folders (the Python API writes none of it).
+
+    A multi-task output records its provenance like a single fused model, once per task, so that every task
+    folder, pushed alone to its own repository, still says exactly what made it and how to make it again.
+
+    Attributes:
+        job: the pinned job (`FuseJob.pinned(...).to_dict()`, task names included), written as `fusion_job.yaml`
+            at the top level and in every task folder: `otfusion-hub fuse --config fusion_job.yaml --out DIR`
+            rebuilds every task's weights byte for byte.
+        provenance: task name -> its `Provenance` (the parents and base pinned to commits with their weights'
+            sha256, the data, this task's evaluation, versions), written as the task's `fusion_provenance.json`
+            with the sha256 of the task's own weight files, and rendered in its card.
+        repo_ids: task name -> the Hub repository the task is pushed to (`--push-to-hub`), which the cards link
+            and load from; None: they link the sibling folders.
+        max_shard_size: as for `save_pretrained`.
+        dtype: the `--dtype` the task models were cast to, if any (a non-finite value then names the cast).
+    """
+
+    job: dict[str, Any]
+    provenance: dict[str, Provenance]
+    repo_ids: dict[str, str] | None = None
+    max_shard_size: str | int = "5GB"
+    dtype: str | None = None
+
+
+def task_repo_id(repo_id: str, task: str) -> str:
+    """The Hub repository of task `task` when a multi-task merge is pushed to `repo_id`: `<repo_id>-<task>`.
+
+    One repository per task rather than one with a folder per task: the Hub renders a repository's own card,
+    `model-index` and pipeline widget, and `from_pretrained(repo)` and `pipeline(model=repo)` load it, only at
+    the repository's root; a task in a subfolder would need `subfolder=` everywhere and get none of those.
+    """
+    return f"{repo_id}-{task}"
 
 
 @dataclass
@@ -115,7 +153,9 @@ def merge_tasks(
             names (`task-K` for a model object without a name), made unique.
         out: when given, write `out/<task>/` for every task (safetensors, config, the parent's processor files
             when it is a local directory, `fusion_config.yaml`, a model card) and `out/README.md` linking them,
-            through one staging directory swapped into place (`hf_otfusion.output.staging`).
+            through one staging directory swapped into place (`hf_otfusion.output.staging`). A CLI run
+            (`otfusion-hub fuse --multi-task`) also records `fusion_job.yaml` and each task's
+            `fusion_provenance.json` (see `RunRecord`).
         overwrite: replace a non-empty `out`.
         spec, progress, device: as for `fuse`.
 
@@ -218,6 +258,34 @@ def encoder_view(model: PreTrainedModel, index: int = 0) -> PreTrainedModel:
     return view
 
 
+def base_with_head(base: ModelOrPath, parent: ModelOrPath) -> PreTrainedModel:
+    """Task `parent`'s head on the `base`'s encoder, unmerged: the baseline a multi-task merge is measured against.
+
+    It scores what the head alone brings to the base encoder, so a merge that keeps most of the fine-tune's
+    accuracy above it is shown to keep what the fine-tune learnt in the encoder, not just the head.
+
+    Args:
+        base: the parents' shared ancestor: a bare encoder (`BertModel`) or a model with a head (ignored).
+        parent: the task's fine-tune (a model is copied, never changed).
+
+    Raises:
+        IncompatibleModelsError: the base's encoder does not have the parent's encoder parameters and shapes.
+    """
+    task = copy.deepcopy(parent) if _is_model(parent) else load_parent(parent)
+    ancestor = load_parent(base)
+    prefix, ancestor_prefix = base_prefix(task), base_prefix(ancestor)
+    if not prefix:
+        raise IncompatibleModelsError(f"{type(task).__name__} is a bare encoder, without a head; pass the fine-tune.")
+    encoder = getattr(ancestor, ancestor_prefix[:-1]) if ancestor_prefix else ancestor
+    try:
+        getattr(task, prefix[:-1]).load_state_dict(encoder.state_dict())
+    except RuntimeError as error:
+        raise IncompatibleModelsError(
+            f"The base ({type(ancestor).__name__}) does not hold the encoder of {type(task).__name__}: {error}"
+        ) from error
+    return task.eval()
+
+
 def task_outputs(parents: Sequence[ModelOrPath], task_names: list[str] | None = None) -> list[AlignedOutput]:
     """Each task's folder name, label, Hub id and processor files (see `alignment._describe`).
 
@@ -254,30 +322,45 @@ def task_outputs(parents: Sequence[ModelOrPath], task_names: list[str] | None = 
 
 
 def write_tasks(
-    result: MultiTaskResult, outputs: list[AlignedOutput], target: Path, *, overwrite: bool = False, base=None
+    result: MultiTaskResult,
+    outputs: list[AlignedOutput],
+    target: Path,
+    *,
+    overwrite: bool = False,
+    base=None,
+    record: RunRecord | None = None,
 ) -> Path:
     """Writes `target/<task>/` for every task and `target/README.md`, through one staging directory.
 
-    `target` is the path `output.staging.check_output_dir` returned. Nothing is written when a task model has a
-    non-finite value.
+    `target` is the path `output.staging.check_output_dir` returned. With a `record` (a CLI run), the top level
+    and every task folder also get `fusion_job.yaml`, and every task folder its `fusion_provenance.json`. Nothing
+    is written when a task model has a non-finite value.
     """
-    from .output.provenance import CONFIG_FILE
+    from .output.provenance import CONFIG_FILE, JOB_FILE, weight_hashes
     from .output.staging import check_fused_finite, stage_output
 
     for model in result.models.values():
-        check_fused_finite(model)
+        check_fused_finite(model, record.dtype if record is not None else None)
     config_yaml = yaml.safe_dump(result.config.to_dict(), sort_keys=False)
+    job_yaml = yaml.safe_dump(record.job, sort_keys=False) if record is not None else None
     with stage_output(target, overwrite=overwrite) as stage:
         for k, ((name, model), output) in enumerate(zip(result.models.items(), outputs, strict=True)):
             folder = stage.path / name
-            model.save_pretrained(folder)  # safetensors
+            model.save_pretrained(folder, max_shard_size=record.max_shard_size if record else "5GB")  # safetensors
             source = output.processor_dir
             if source is not None:
                 for file in output.processor_files:
                     shutil.copyfile(source / file, folder / file)
             (folder / CONFIG_FILE).write_text(config_yaml)
-            task_card(result, outputs, k, base=base).save(folder / "README.md")
-        (stage.path / "README.md").write_text(overview(result, outputs, base=base))
+            if record is not None:
+                (folder / JOB_FILE).write_text(job_yaml)  # a task pushed alone still holds its recipe
+                provenance = record.provenance[name]
+                provenance.outputs = weight_hashes(folder)
+                provenance.save(folder)
+            task_card(result, outputs, k, base=base, record=record).save(folder / "README.md")
+        (stage.path / "README.md").write_text(overview(result, outputs, base=base, record=record))
+        if job_yaml is not None:
+            (stage.path / JOB_FILE).write_text(job_yaml)
         stage.publish()
     logger.info("multi-task merge written to %s: %s", target, ", ".join(result.models))
     return target
@@ -292,17 +375,25 @@ def _method_line(result: MultiTaskResult, base) -> str:
     return text
 
 
-def task_card(result: MultiTaskResult, outputs: list[AlignedOutput], index: int, base=None):
-    """The model card of task `index`: which task of which merge, the method, the parents, its labels."""
+def task_card(
+    result: MultiTaskResult, outputs: list[AlignedOutput], index: int, base=None, record: RunRecord | None = None
+):
+    """The model card of task `index`: which task of which merge, the method, the parents, its labels; with a
+    `record`, also the parents pinned to commits, the data, this task's evaluation (in `model-index` too) and
+    the command that rebuilds it."""
     from huggingface_hub import ModelCard, ModelCardData
 
-    from .output.card import pipeline_and_auto_class, usage_section
+    from .output.card import _eval_results, pipeline_and_auto_class, usage_section
 
     name, model = list(result.models.items())[index]
     output = outputs[index]
     architecture = type(model).__name__
     pipeline_tag, auto_class = pipeline_and_auto_class(architecture, model.config.model_type)
     hub_parents = [o.repo_id for o in outputs if o.repo_id]
+    provenance = record.provenance[name] if record is not None else None
+    datasets = [
+        d["repo_id"] for d in (provenance.alignment_data, provenance.eval_data) if d and d.get("kind") == "hub"
+    ] if provenance else []  # fmt: skip
     data = ModelCardData(
         model_name=name,
         base_model=hub_parents or None,
@@ -310,7 +401,10 @@ def task_card(result: MultiTaskResult, outputs: list[AlignedOutput], index: int,
         library_name="transformers",
         pipeline_tag=pipeline_tag,
         tags=[*CARD_TAGS, model.config.model_type],
+        datasets=list(dict.fromkeys(datasets)) or None,
+        eval_results=(_eval_results(provenance, pipeline_tag) or None) if provenance else None,
     )
+    links = _task_links(result, record)
     prefix = result.encoder_prefix[name]
     aligned = index in result.encoder.maps
     head = ", ".join(f"`{p}`" for p in result.heads[name])
@@ -321,7 +415,7 @@ def task_card(result: MultiTaskResult, outputs: list[AlignedOutput], index: int,
     )
     rows = "\n".join(
         f"| {'**' + o.name + '**' if i == index else o.name} | {o.label} | {type(m).__name__} | "
-        f"{m.config.num_labels} | [{o.name}](../{o.name}/) |"
+        f"{m.config.num_labels} | {links[o.name]} |"
         for i, ((_, m), o) in enumerate(zip(result.models.items(), outputs, strict=True))
     )
     labels = "\n".join(f"| {i} | {label} |" for i, label in sorted((model.config.id2label or {}).items()))
@@ -337,7 +431,7 @@ the parent **{output.label}**, {kept}. Every task folder of this merge holds the
 
 ## Tasks of this merge
 
-| task | parent | class | labels | folder |
+| task | parent | class | labels | {"repository" if record and record.repo_ids else "folder"} |
 |---|---|---|---:|---|
 {rows}
 
@@ -346,22 +440,77 @@ the parent **{output.label}**, {kept}. Every task folder of this merge holds the
 | id | label |
 |---:|---|
 {labels}
-
+{_record_sections(provenance) if provenance else ""}
 ## Merge config
 
 ```yaml
 {config_yaml}
 ```
 
-{usage_section(auto_class, name)}"""
+{usage_section(auto_class, record.repo_ids[name] if record and record.repo_ids else name)}"""
     return ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")
 
 
-def overview(result: MultiTaskResult, outputs: list[AlignedOutput], base=None) -> str:
+def _task_links(result: MultiTaskResult, record: RunRecord | None) -> dict[str, str]:
+    """Each task's link from a card: its pushed repository, or its sibling folder."""
+    if record is not None and record.repo_ids:
+        from huggingface_hub import constants
+
+        return {name: f"[{repo}]({constants.ENDPOINT}/{repo})" for name, repo in record.repo_ids.items()}
+    return {name: f"[{name}](../{name}/)" for name in result.models}
+
+
+def _record_sections(provenance: Provenance) -> str:
+    """The pinned parents, base, data, evaluation and reproduce command of a task card (from its provenance)."""
+    from .output.card import _base_text, _data_text, _parent_rows, results_text
+
+    parents = "\n".join("| " + " | ".join(row) + " |" for row in _parent_rows(provenance))
+    out = (provenance.job or {}).get("out") or "merged"
+    return f"""
+## Parents (pinned)
+
+| # | role | parent | requested revision | commit | weight file | sha256 |
+|---:|---|---|---|---|---|---|
+{parents}
+
+{_base_text(provenance)}
+
+## Data
+
+{_data_text(provenance)}
+
+## Evaluation of this task
+
+{results_text(provenance)}
+
+## Reproduce
+
+Every task folder of this merge holds the same `fusion_job.yaml` (the whole run, pinned to commits); from the
+folder that holds it:
+
+```bash
+otfusion-hub fuse --config fusion_job.yaml --out {out}
+```
+
+As run: `{provenance.command}`
+"""
+
+
+def overview(result: MultiTaskResult, outputs: list[AlignedOutput], base=None, record: RunRecord | None = None) -> str:
     """The top-level `README.md` of a multi-task output: what was merged and a link to every task folder."""
+    pushed = record.repo_ids if record is not None and record.repo_ids else {}
     rows = "\n".join(
         f"| [{name}]({name}/) | {o.label} | {type(m).__name__} | {m.config.num_labels} |"
+        + (f" `{pushed[name]}` |" if pushed else "")
         for (name, m), o in zip(result.models.items(), outputs, strict=True)
+    )
+    header = "| task | parent | class | labels |" + (" pushed to |" if pushed else "")
+    rule = "|---|---|---|---:|" + ("---|" if pushed else "")
+    rebuild = (
+        "\n`fusion_job.yaml` is the whole run, pinned to commits: `otfusion-hub fuse --config fusion_job.yaml --out "
+        "DIR` rebuilds every task folder's weights byte for byte.\n"
+        if record is not None
+        else ""
     )
     return f"""# Multi-task merge
 
@@ -370,10 +519,10 @@ and each task's own head. Each folder is a standard checkpoint of its parent's c
 
 {_method_line(result, base)}
 
-| task | parent | class | labels |
-|---|---|---|---:|
+{header}
+{rule}
 {rows}
-"""
+{rebuild}"""
 
 
 def _location(parent: Any) -> str:

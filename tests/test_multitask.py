@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -230,7 +231,7 @@ def test_cli_multi_task_writes_one_checkpoint_per_task(tmp_path, tuned, tasks, c
     assert main([*common, "--multi-task", "--dry-run"]) == 0  # the pre-flight checks encoders, not label sets
     assert main([*common, "--multi-task", "--task-names", "nli", "stars", "--scale", "0.5"]) == 0
     assert "Multi-task merge written to" in capsys.readouterr().out
-    assert sorted(p.name for p in out.iterdir()) == ["README.md", "nli", "stars"]
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "fusion_job.yaml", "nli", "stars"]
     expected = merge_tasks(tasks, FusionConfig(method="task-arithmetic", scale=0.5), base=bare_encoder_of(tuned),
                            task_names=["nli", "stars"], progress=False)  # fmt: skip
     for name, parent in zip(("nli", "stars"), tasks, strict=True):
@@ -242,7 +243,8 @@ def test_cli_multi_task_writes_one_checkpoint_per_task(tmp_path, tuned, tasks, c
         assert "multi-task" in ModelCard.load(out / name / "README.md").data.tags
     # the plain command (no --multi-task): a same-base method on parents with different label sets merges per task
     assert main([*common, "--out", str(tmp_path / "plain")]) == 0
-    assert sorted(p.name for p in (tmp_path / "plain").iterdir()) == ["README.md", "ft-nli", "ft-stars"]
+    assert sorted(p.name for p in (tmp_path / "plain").iterdir()) == ["README.md", "ft-nli", "ft-stars",
+                                                                      "fusion_job.yaml"]  # fmt: skip
     plain = {name: T.AutoModelForSequenceClassification.from_pretrained(tmp_path / "plain" / name)
              for name in ("ft-nli", "ft-stars")}  # fmt: skip
     assert torch.equal(plain["ft-nli"].classifier.weight, tasks[0].classifier.weight)
@@ -267,6 +269,13 @@ def test_multi_task_job_fields_round_trip_as_flags():
                              "method": "interpolate"})  # fmt: skip
     assert "--multi-task --task-names x y" in job.command_line()
     assert FuseJob.from_dict(job.to_dict()).task_names == ["x", "y"]
+    # one data source is a string in a job file, as for a single fusion; one per parent, a list
+    single = FuseJob.from_dict({"parents": ["a", "b"], "out": "m", "data": "d", "eval_data": "e"})
+    assert (single.data, single.eval_data) == (["d"], ["e"])
+    assert (single.to_dict()["data"], single.to_dict()["eval_data"]) == ("d", "e")
+    several = FuseJob.from_dict({**job.to_dict(), "data": ["d1", "d2"], "eval_data": ["e1", "e2"]})
+    assert FuseJob.from_dict(several.to_dict()).data == ["d1", "d2"]
+    assert "--data d1 d2 --eval-data e1 e2" in several.command_line()
 
 
 @pytest.mark.parametrize(
@@ -296,3 +305,250 @@ def test_other_families_keep_every_head_parameter_outside_the_base_model(tmp_pat
         if auto_class is not None:
             loaded = auto_class.from_pretrained(tmp_path / "m" / name)
             assert type(loaded) is type(parent) and loaded.config.num_labels == parent.config.num_labels
+
+
+# ------------------------------------------------------------------------------ CLI runs: provenance, dtype, data
+def saved_parents(tmp_path, tuned, tasks) -> list[str]:
+    """The base and the two task fine-tunes as checkpoint directories: base, ft-nli, ft-stars."""
+    paths = []
+    for name, model in (("base", bare_encoder_of(tuned)), ("ft-nli", tasks[0]), ("ft-stars", tasks[1])):
+        model.save_pretrained(tmp_path / name)
+        paths.append(str(tmp_path / name))
+    return paths
+
+
+def saved_rows(path, model, seed: int, labels: bool = False) -> str:
+    """16 rows of model inputs as a save_to_disk directory; with `labels`, the model's own predictions, so that
+    the model scores exactly 1.0 on them and any other model its agreement with it."""
+    from datasets import Dataset
+
+    inputs = inputs_for(model, batch=16, seed=seed)
+    columns = {name: tensor.numpy() for name, tensor in inputs.items()}
+    if labels:
+        with torch.no_grad():
+            columns["labels"] = model(**inputs).logits.argmax(-1).numpy()
+    Dataset.from_dict(columns).save_to_disk(str(path))
+    return str(path)
+
+
+def sha256(path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_cli_multi_task_records_a_pinned_job_that_rebuilds_every_task_byte_for_byte(tmp_path, tuned, tasks):
+    import yaml
+
+    from hf_otfusion.cli import main
+    from hf_otfusion.output.provenance import Provenance
+
+    _, *parents = saved_parents(tmp_path, tuned, tasks)
+    data = [saved_rows(tmp_path / f"rows-{k}", model, seed=10 + k) for k, model in enumerate(tasks)]
+    out = tmp_path / "merged"
+    # RegMean with one --data per parent: each task's Gram matrices from its own rows
+    assert main(["fuse", *parents, "--out", str(out), "--method", "regmean", "--data", *data,
+                 "--multi-task", "--task-names", "nli", "stars", "-q"]) == 0  # fmt: skip
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "fusion_job.yaml", "nli", "stars"]
+    job_text = (out / "fusion_job.yaml").read_text()
+    job = yaml.safe_load(job_text)
+    assert job["parents"] == [str(Path(p).resolve()) for p in parents] and job["data"] == data
+    assert job["multi_task"] is True and job["task_names"] == ["nli", "stars"] and job["config"]["method"] == "regmean"
+    assert "fusion_job.yaml" in (out / "README.md").read_text()
+    from datasets import load_from_disk
+
+    own = [load_from_disk(path) for path in data]
+    expected = merge_tasks(tasks, FusionConfig(method="regmean"), data=own, task_names=["nli", "stars"],
+                           progress=False)  # fmt: skip
+    swapped = merge_tasks(tasks, FusionConfig(method="regmean"), data=own[::-1], progress=False)
+    name = "encoder.layer.0.intermediate.dense.weight"
+    for k, task in enumerate(("nli", "stars")):
+        folder = out / task
+        assert (folder / "fusion_job.yaml").read_text() == job_text  # a task pushed alone keeps its recipe
+        provenance = Provenance.load(folder)
+        assert provenance.job == job and provenance.anchor == 0 and provenance.config["method"] == "regmean"
+        assert provenance.architecture == "BertForSequenceClassification"
+        for record, path in zip(provenance.parents, parents, strict=True):
+            assert record["weight_files"][0]["sha256"] == sha256(Path(path) / "model.safetensors")
+        assert provenance.outputs == {"model.safetensors": sha256(folder / "model.safetensors")}
+        assert provenance.alignment_data["source"] == data[k]  # the task's own rows
+        card = (folder / "README.md").read_text()
+        assert "## Parents (pinned)" in card and provenance.parents[1]["weight_files"][0]["sha256"] in card
+        assert "otfusion-hub fuse --config fusion_job.yaml --out" in card
+        written = T.AutoModelForSequenceClassification.from_pretrained(folder)
+        torch.testing.assert_close(written.bert.get_parameter(name), expected.models[task].bert.get_parameter(name),
+                                   rtol=0, atol=1e-6)  # fmt: skip
+    assert not torch.allclose(next(iter(swapped.models.values())).bert.get_parameter(name),
+                              expected.models["nli"].bert.get_parameter(name), atol=1e-4)  # fmt: skip
+
+    again = tmp_path / "again"
+    assert main(["fuse", "--config", str(out / "fusion_job.yaml"), "--out", str(again), "-q"]) == 0
+    for task in ("nli", "stars"):
+        assert (again / task / "model.safetensors").read_bytes() == (out / task / "model.safetensors").read_bytes()
+    # the pinned command of the provenance, run from a task folder (which holds fusion_config.yaml), also rebuilds
+    import shlex
+
+    words = shlex.split(Provenance.load(out / "nli").reproduce)
+    words[words.index("--out") + 1] = str(tmp_path / "from-flags")
+    words[words.index("--config") + 1] = str(out / "nli" / "fusion_config.yaml")
+    assert main([*words[1:], "-q"]) == 0
+    assert (tmp_path / "from-flags" / "stars" / "model.safetensors").read_bytes() == (
+        out / "stars" / "model.safetensors"
+    ).read_bytes()
+
+
+def test_cli_multi_task_evaluates_each_task_against_its_fine_tune_and_base_head_in_dtype(
+    tmp_path, tuned, tasks, capsys
+):
+    from safetensors import safe_open
+
+    from hf_otfusion.cli import main
+    from hf_otfusion.multitask import base_with_head
+    from hf_otfusion.output.provenance import Provenance
+
+    base, *parents = saved_parents(tmp_path, tuned, tasks)
+    evals = [saved_rows(tmp_path / f"eval-{k}", model, seed=30 + k, labels=True) for k, model in enumerate(tasks)]
+    out = tmp_path / "merged"
+    common = ["fuse", *parents, "--method", "task-arithmetic", "--base", base, "--multi-task", "--task-names", "nli",
+              "stars", "-q"]  # fmt: skip
+    assert main([*common, "--out", str(out), "--dry-run", "--eval-data", *evals, "--push-to-hub", "ns/m"]) == 0
+    dry = capsys.readouterr().out
+    assert f"Evaluation data 0: {evals[0]}" in dry and f"Evaluation data 1: {evals[1]}" in dry
+    assert "then pushed to ns/m-<task> (one repository per task)" in dry
+    # a large scale moves the merge away from both fine-tunes, so that each row scores a different model
+    assert main([*common, "--out", str(out), "--eval-data", *evals, "--dtype", "float16", "--scale", "6"]) == 0
+    printed = capsys.readouterr().out
+    from datasets import load_from_disk
+
+    for k, task in enumerate(("nli", "stars")):
+        with safe_open(str(out / task / "model.safetensors"), "pt") as weights:
+            assert {weights.get_tensor(key).dtype for key in weights.keys()} == {torch.float16}
+        rows = load_from_disk(evals[k]).with_format("torch")[:]
+        inputs = {"input_ids": rows["input_ids"], "attention_mask": rows["attention_mask"]}
+        merged = T.AutoModelForSequenceClassification.from_pretrained(out / task, dtype=torch.float16).eval()
+        with torch.no_grad():
+            expected = {
+                "fused": (merged(**inputs).logits.argmax(-1) == rows["labels"]).float().mean().item(),
+                "base + this head": (base_with_head(base, tasks[k])(**inputs).logits.argmax(-1) == rows["labels"])
+                .float().mean().item(),
+            }  # fmt: skip
+        provenance = Provenance.load(out / task)
+        scores = {row["name"]: row["accuracy"] for row in provenance.evaluation["rows"]}
+        assert list(scores) == [f"own fine-tune: {Path(parents[k]).resolve()}", "base + this head", "fused"]
+        assert scores[f"own fine-tune: {Path(parents[k]).resolve()}"] == 1.0  # the labels are its predictions
+        assert scores["fused"] == pytest.approx(expected["fused"], abs=1e-9)
+        assert scores["base + this head"] == pytest.approx(expected["base + this head"], abs=1e-9)
+        assert provenance.eval_data["source"] == evals[k] and provenance.options["dtype"] == "float16"
+        card = ModelCard.load(out / task / "README.md")
+        (result,) = [r for r in card.data.eval_results if r.metric_type == "accuracy"]
+        assert result.metric_value == scores["fused"] and result.dataset_name == Path(evals[k]).name
+        assert f"Task {task}: On `{evals[k]}`" in printed and f"| fused | {scores['fused']:.4f} |" in printed
+    # the merge and the base were scored, not copies of the fine-tune: they disagree with it on some rows
+    accuracies = [[row["accuracy"] for row in Provenance.load(out / t).evaluation["rows"]] for t in ("nli", "stars")]
+    assert max(fused for _, _, fused in accuracies) < 1.0 and min(base_head for _, base_head, _ in accuracies) < 1.0
+
+    # one source for two tasks with different labels, or a count that fits no parent list: refused before any work
+    refused = ["fuse", "--out", str(tmp_path / "refused"), "-q"]
+    for flags, message in (
+        ([*common[1:], "--eval-data", evals[0]], "1 --eval-data sources for 2 tasks; give one per task"),
+        ([*parents, "--multi-task", "--method", "regmean", "--data", *evals, evals[0]], "3 --data sources for 2 "
+         "parents; give one per parent, in their order, or one for all"),
+        ([parents[0], parents[0], "--cost", "weights", "--eval-data", *evals], "2 --eval-data sources for one fused "
+         "model; give one (one per parent is for --multi-task)"),
+    ):  # fmt: skip
+        assert main([*refused, *flags]) == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "refused").exists()
+
+
+def test_base_with_head_is_the_base_encoder_under_the_parents_head(tuned, tasks):
+    from hf_otfusion.multitask import base_with_head
+
+    for base in (bare_encoder_of(tuned), tuned):  # a bare encoder, or a model whose own head is ignored
+        model = base_with_head(base, tasks[1])
+        assert model is not tasks[1] and torch.equal(model.classifier.weight, tasks[1].classifier.weight)
+        for name, param in model.bert.named_parameters():
+            assert torch.equal(param, tuned.bert.get_parameter(name)), name
+    assert not torch.equal(tasks[1].bert.get_parameter("embeddings.word_embeddings.weight"),
+                           tuned.bert.get_parameter("embeddings.word_embeddings.weight"))  # fmt: skip
+    with pytest.raises(IncompatibleModelsError, match="does not hold the encoder"):
+        base_with_head(build("bert-seqcls", seed=3, num_hidden_layers=3), tasks[1])
+
+
+def test_cli_multi_task_push_makes_one_loadable_repository_per_task(tmp_path, tuned, tasks):
+    """Through the local Hub server and the real huggingface_hub / transformers clients, in subprocesses."""
+    import json
+    import re
+
+    from hub_utils import client_env, run_cli, run_python
+    from safetensors.torch import load_file
+
+    from hf_otfusion.hub.server import HubServer
+
+    base, *parents = saved_parents(tmp_path, tuned, tasks)
+    evals = [saved_rows(tmp_path / f"eval-{k}", model, seed=30 + k, labels=True) for k, model in enumerate(tasks)]
+    with HubServer(tmp_path / "store") as server:
+        env = client_env(server.url, tmp_path / "home")
+        fuse = ["fuse", *parents, "--out", "merged", "--method", "task-arithmetic", "--base", base, "--multi-task",
+                "--task-names", "nli", "stars", "--eval-data", *evals, "--push-to-hub", "ns/merged", "-q"]  # fmt: skip
+        proc = run_cli(fuse, env, tmp_path)
+        assert proc.returncode == 0, proc.stderr[-6000:]
+        shas = re.findall(r"^commit: ([0-9a-f]{40})$", proc.stdout, re.M)
+        assert len(shas) == 2 and "Pushed merged/nli to" in proc.stdout and "Pushed merged/stars to" in proc.stdout
+        check = f"""
+            import json, torch
+            from huggingface_hub import HfApi, ModelCard, hf_hub_download
+            from transformers import AutoModelForSequenceClassification
+
+            found = {{}}
+            for task, sha in zip(("nli", "stars"), {shas!r}):
+                repo = "ns/merged-" + task
+                model = AutoModelForSequenceClassification.from_pretrained(repo, revision=sha)
+                torch.save(model.state_dict(), task + ".pt")
+                card = ModelCard.load(hf_hub_download(repo, "README.md", revision=sha))
+                found[task] = {{"files": sorted(HfApi().list_repo_files(repo)), "card": card.data.to_dict(),
+                               "text": card.text, "labels": model.config.id2label}}
+            print("RESULT " + json.dumps(found))
+            """
+        pulled = run_python(check, env, tmp_path)
+    assert pulled.returncode == 0, pulled.stderr[-6000:]
+    found = json.loads(pulled.stdout.split("RESULT ", 1)[1].splitlines()[0])
+    encoders = []
+    for task, parent in zip(("nli", "stars"), tasks, strict=True):
+        local = load_file(str(tmp_path / "merged" / task / "model.safetensors"))
+        hub = torch.load(tmp_path / f"{task}.pt")
+        assert hub.keys() >= local.keys() and all(torch.equal(hub[key], local[key]) for key in local), task
+        assert torch.equal(hub["classifier.weight"], parent.classifier.weight)
+        assert {int(i): label for i, label in found[task]["labels"].items()} == parent.config.id2label
+        encoders.append({key: value for key, value in hub.items() if key.startswith("bert.")})
+        assert {"config.json", "model.safetensors", "README.md", "fusion_job.yaml", "fusion_config.yaml",
+                "fusion_provenance.json"} <= set(found[task]["files"])  # fmt: skip
+        card = found[task]["card"]
+        assert "multi-task" in card["tags"] and card["pipeline_tag"] == "text-classification"
+        provenance = json.loads((tmp_path / "merged" / task / "fusion_provenance.json").read_text())
+        fused = next(row for row in provenance["evaluation"]["rows"] if row["name"] == "fused")
+        metric = card["model-index"][0]["results"][0]["metrics"][0]
+        assert metric["type"] == "accuracy" and metric["value"] == fused["accuracy"]
+        other = "stars" if task == "nli" else "nli"
+        assert f"({server.url}/ns/merged-{other})" in found[task]["text"]  # the sibling task, by its repository
+        assert f'from_pretrained("ns/merged-{task}")' in found[task]["text"]
+    assert all(torch.equal(encoders[0][key], encoders[1][key]) for key in encoders[0])
+
+
+def test_different_label_sets_take_the_multi_task_mode_with_one_data_source_per_parent(tmp_path, tuned, tasks):
+    import yaml
+
+    from hf_otfusion.cli import main
+
+    _, *parents = saved_parents(tmp_path, tuned, tasks)
+    data = [saved_rows(tmp_path / f"rows-{k}", model, seed=10 + k) for k, model in enumerate(tasks)]
+    out = tmp_path / "merged"
+    # no --multi-task: the label sets differ, so the per-parent --data count is checked once pre-flight knows it
+    assert main(["fuse", *parents, "--out", str(out), "--method", "regmean", "--data", *data, "-q"]) == 0
+    job = yaml.safe_load((out / "fusion_job.yaml").read_text())
+    assert job["multi_task"] is True and job["task_names"] == ["ft-nli", "ft-stars"] and job["data"] == data
+    again = tmp_path / "again"
+    assert main(["fuse", "--config", str(out / "fusion_job.yaml"), "--out", str(again), "-q"]) == 0
+    assert (again / "ft-stars" / "model.safetensors").read_bytes() == (
+        out / "ft-stars" / "model.safetensors"
+    ).read_bytes()

@@ -48,8 +48,13 @@ EXAMPLES = """examples:
 
   # fine-tunes of one base for different tasks (other label sets): one merged encoder, each task's own head,
   # written as merged/nli/ and merged/sentiment/ (see merge_tasks)
-  otfusion-hub fuse ./ft-nli ./ft-sst --out merged --method task-arithmetic --base ./base-model --multi-task \
+  otfusion-hub fuse ./ft-nli ./ft-sst --out merged --method task-arithmetic --base ./base-model --multi-task \\
       --task-names nli sentiment
+
+  # the same with each task's own data (in the parents' order): RegMean's Gram rows, each task scored on its own
+  # test set (merged vs own fine-tune), pushed as one repository per task: user/merged-nli, user/merged-sentiment
+  otfusion-hub fuse ./ft-nli ./ft-sst --out merged --method regmean --multi-task --task-names nli sentiment \\
+      --data ./nli-train ./sst-train --eval-data ./nli-test ./sst-test --push-to-hub user/merged
 
   # a Hub-compatible server on 127.0.0.1 for trying Hub workflows offline
   otfusion-hub serve-hub --port 8765 --root ./hub-data
@@ -134,7 +139,12 @@ def run_fuse(args: argparse.Namespace, argv: list[str]) -> int:
     )
     checked = job.preflight()
     if args.dry_run:
-        print(checked.describe(job.config, job.out, job.push_to_hub))
+        push = job.push_to_hub
+        if push and job.multi_task:
+            from ..multitask import task_repo_id
+
+            push = f"{task_repo_id(push, '<task>')} (one repository per task)"
+        print(checked.describe(job.config, job.out, push))
         print("Dry run: pre-flight passed; no weights were downloaded and nothing was written.")
         return 0
     result = run_job(job, checked)
@@ -145,8 +155,7 @@ def run_fuse(args: argparse.Namespace, argv: list[str]) -> int:
     if not args.quiet:
         print(result.summary())
     if job.multi_task:
-        print(f"Multi-task merge written to {job.out}: {', '.join(job.out.name + '/' + t for t in result.task_names)}")
-        return 0
+        return _report_multi_task(job, result.task_names)
     if job.eval_data:
         from ..output.card import results_text
         from ..output.provenance import Provenance
@@ -157,6 +166,25 @@ def run_fuse(args: argparse.Namespace, argv: list[str]) -> int:
         message = f"Fuse {', '.join(job.parents)} with hf_otfusion"
         return push_output(job.out, job.push_to_hub, job, commit_message=message)
     return 0
+
+
+def _report_multi_task(job, task_names: list[str]) -> int:
+    """Each task's evaluation (with --eval-data), where the tasks were written, then one push per task."""
+    from ..multitask import task_repo_id
+    from ..output.card import results_text
+    from ..output.provenance import Provenance
+
+    if job.eval_data:
+        for name in task_names:
+            print(f"Task {name}: {results_text(Provenance.load(job.out / name))}")
+    print(f"Multi-task merge written to {job.out}: {', '.join(job.out.name + '/' + t for t in task_names)}")
+    if not job.push_to_hub:
+        return 0
+    code = 0
+    for name in task_names:  # one repository per task (see task_repo_id); a failed push does not stop the others
+        message = f"Task {name} of a multi-task merge of {', '.join(job.parents)} with hf_otfusion"
+        code = max(code, push_output(job.out / name, task_repo_id(job.push_to_hub, name), job, commit_message=message))
+    return code
 
 
 def fuse_config(values: dict, has_data: bool):

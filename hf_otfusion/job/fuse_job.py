@@ -45,19 +45,23 @@ class FuseJob:
             checkpoint directories; two or more.
         out: output directory (refused if it exists and is not empty, unless --overwrite).
         config: the fusion's `FusionConfig`; `config.num_samples` also caps the alignment rows drawn.
-        data: alignment data (for --cost activations): a Hub dataset id[@revision], a save_to_disk directory, a
-            data directory (imagefolder, csv, ...) or data files.
+        data: alignment data (for --cost activations, --method regmean): a Hub dataset id[@revision], a
+            save_to_disk directory, a data directory (imagefolder, csv, ...) or data files; with --multi-task,
+            one source per parent in the parents' order (RegMean measures each parent's Gram matrices on its
+            own task's rows), or one for all.
         split: split of --data (default: the only split, or train).
         data_seed: seed of the row samples drawn with --num-samples and --eval-num-samples.
         text_column: column holding the text (default: detected).
         image_column: column holding the images (default: detected).
         label_column: column holding the labels (default: label/labels).
         max_length: tokenizer truncation/padding length.
-        eval_data: evaluate parents, vanilla average and fused model on this data.
+        eval_data: evaluate parents, vanilla average and fused model on this data; with --multi-task, one
+            source per task in the parents' order: each task's merged model, its own fine-tune and (with
+            --base) the base under its head.
         eval_split: split of --eval-data (default: the only split, or test).
         eval_num_samples: evaluate on this many rows (seeded by --data-seed).
         device: where the statistics pass runs: cpu, cuda, auto (default: cpu).
-        dtype: dtype of the saved fused weights (default: the anchor's).
+        dtype: dtype of the saved fused weights (default: the anchor's; with --multi-task, each parent's).
         max_shard_size: shard model.safetensors above this size, with an index.
         multi_task: merge only the shared encoder and keep every parent's own head (parents fine-tuned from one
             base for different tasks, e.g. different label sets), writing one checkpoint per task under
@@ -68,7 +72,8 @@ class FuseJob:
         allow_pickle: load pickle (.bin) weights when a parent has no safetensors; unpickling can run code, so
             only for authors you trust.
         trust_remote_code: allow parents whose model class is code in their repository (it runs on your machine).
-        push_to_hub: after a successful fusion, upload --out to this model repository in one commit.
+        push_to_hub: after a successful fusion, upload --out to this model repository in one commit; with
+            --multi-task, each task folder to its own repository REPO-<task>.
         private: create the --push-to-hub repository as private.
         revision: push to this branch (created if missing).
         create_pr: open a pull request instead of committing to the branch.
@@ -79,14 +84,14 @@ class FuseJob:
     parents: list[str]
     out: Path
     config: FusionConfig = field(default_factory=FusionConfig)
-    data: str | None = field(default=None, metadata={"group": DATA})
+    data: list[str] | None = field(default=None, metadata={"group": DATA, "metavar": "DATA"})
     split: str | None = field(default=None, metadata={"group": DATA})
     data_seed: int = field(default=0, metadata={"group": DATA})
     text_column: str | None = field(default=None, metadata={"group": DATA})
     image_column: str | None = field(default=None, metadata={"group": DATA})
     label_column: str | None = field(default=None, metadata={"group": DATA})
     max_length: int = field(default=128, metadata={"group": DATA})
-    eval_data: str | None = field(default=None, metadata={"group": DATA})
+    eval_data: list[str] | None = field(default=None, metadata={"group": DATA, "metavar": "DATA"})
     eval_split: str | None = field(default=None, metadata={"group": DATA})
     eval_num_samples: int | None = field(default=None, metadata={"group": DATA})
     device: str | None = field(default=None, metadata={"group": OUTPUT})
@@ -103,6 +108,13 @@ class FuseJob:
     create_pr: bool = field(default=False, metadata={"group": HUB})
     command: str = field(default="", metadata={"flag": False, "recorded": False})
     progress: bool = field(default=True, metadata={"flag": False, "recorded": False})
+
+    def __post_init__(self) -> None:
+        # one data source is a plain string in a job file (and in Python); the run reads a list throughout
+        for name in SOURCE_LISTS:
+            value = getattr(self, name)
+            if isinstance(value, str | Path):
+                setattr(self, name, [str(value)])
 
     # ------------------------------------------------------------------------------------ serialisation
     @classmethod
@@ -158,6 +170,9 @@ class FuseJob:
             if f.metadata.get("recorded", True):
                 value = getattr(self, f.name)
                 record[f.name] = value.to_dict() if f.name == "config" else str(value) if f.name == "out" else value
+        for name in SOURCE_LISTS:  # one source recorded as a string: the form a single fusion's job file had
+            if record.get(name) is not None and len(record[name]) == 1:
+                record[name] = record[name][0]
         return record
 
     def pinned(self, checked: Preflight) -> FuseJob:
@@ -165,15 +180,15 @@ class FuseJob:
         config = self.config
         if checked.base is not None:
             config = replace(config, base=checked.base.pinned)
-        data, evaluation = checked.alignment_data, checked.eval_data
+        data, evaluation = checked.data_sources, checked.eval_sources
         return replace(
             self,
             config=config,
             parents=[parent.pinned for parent in checked.parents],
-            data=data.pinned if data else None,
-            split=data.split if data else None,
-            eval_data=evaluation.pinned if evaluation else self.eval_data,
-            eval_split=evaluation.split if evaluation else self.eval_split,
+            data=[source.pinned for source in data] or None,
+            split=_one_split(data, None),
+            eval_data=[source.pinned for source in evaluation] or self.eval_data,
+            eval_split=_one_split(evaluation, self.eval_split),
         )
 
     def command_line(self, config_file: str | None = None) -> str:
@@ -201,7 +216,8 @@ class FuseJob:
 
     def check_output(self) -> Path:
         """The resolved `out`, once writing there destroys nothing (see `output.staging.check_output_dir`)."""
-        inputs = [*self.parents, *(p for p in (self.config.base, self.data, self.eval_data) if p)]
+        inputs = [*self.parents, *([self.config.base] if self.config.base else []), *(self.data or []),
+                  *(self.eval_data or [])]  # fmt: skip
         return check_output_dir(self.out, overwrite=self.overwrite, inputs=inputs)
 
     def check_options(self) -> None:
@@ -219,20 +235,13 @@ class FuseJob:
         if self.multi_task:
             from ..methods.same_base import SAME_BASE_METHODS
 
-            given = {
-                f"--method {self.config.method}": self.config.method not in SAME_BASE_METHODS,
-                "--eval-data": self.eval_data is not None,
-                "--dtype": self.dtype is not None,
-                "--push-to-hub": self.push_to_hub is not None,
-            }
-            unsupported = [flag for flag, present in given.items() if present]
-            if unsupported:
+            if self.config.method not in SAME_BASE_METHODS:
                 raise InvalidConfigError(
-                    f"--multi-task does not take {', '.join(unsupported)} yet: it merges the shared encoder with a "
-                    f"same-base --method (interpolate, task-arithmetic, regmean) and writes one checkpoint per task "
-                    "in the parents' dtype; evaluate and push the task folders separately.",
+                    f"--multi-task merges the shared encoder with a same-base --method (interpolate, "
+                    f"task-arithmetic, regmean), not --method {self.config.method}; add --align ot for parents "
+                    "trained apart.",
                     field="multi_task",
-                    value=unsupported,
+                    value=self.config.method,
                 )
         elif self.task_names is not None:
             raise InvalidConfigError(
@@ -240,6 +249,29 @@ class FuseJob:
                 field="task_names",
                 value=self.task_names,
             )
+
+    def check_source_counts(self) -> None:
+        """Raises `InvalidConfigError` unless a fusion has one --data and one --eval-data, and --multi-task one
+        --data per parent (or one for all) and one --eval-data per task, since each task has its own labels.
+
+        Run once the pre-flight knows whether the run is multi-task (different label sets make it so)."""
+        n = len(self.parents)
+        allowed = {"data": {1, n}, "eval_data": {n}} if self.multi_task else {"data": {1}, "eval_data": {1}}
+        for name, what in (("data", f"{n} parents"), ("eval_data", f"{n} tasks")):
+            sources = getattr(self, name)
+            if sources is None or len(sources) in allowed[name]:
+                continue
+            flag = "--" + name.replace("_", "-")
+            if not self.multi_task:
+                fix = "give one (one per parent is for --multi-task)"
+                what = "one fused model"
+            else:
+                fix = (
+                    "give one per parent, in their order, or one for all"
+                    if name == "data"
+                    else ("give one per task, in the parents' order")
+                )
+            raise InvalidConfigError(f"{len(sources)} {flag} sources for {what}; {fix}.", field=name, value=sources)
 
     def preflight(self) -> Preflight:
         """Everything that can fail before a weight download (see `job.preflight`), and what it resolved."""
@@ -269,28 +301,43 @@ class FuseJob:
                 "checkpoint per task under --out (the --multi-task mode)."
             )
             self.multi_task = True
-            self.check_options()  # what the multi-task mode does not take yet fails now, before any download
+            self.check_options()  # a method the multi-task mode does not take fails now, before any download
             checked = preflight(self.parents, self.config, multi_task=True, **flags)
+        self.check_source_counts()
         base = resolve_parent(self.config.base, **flags) if self.config.base else None
-        alignment = None
+        alignment: list[DataSource] = []
         if self.data is not None and self.config.needs_data:
-            alignment = DataSource.resolve(self.data, self.split, self.config.num_samples, self.data_seed)
-            alignment.choose_split()  # a missing split fails now, and --dry-run shows the one used
-        evaluation = None
+            for source in self.data:
+                alignment.append(DataSource.resolve(source, self.split, self.config.num_samples, self.data_seed))
+                alignment[-1].choose_split()  # a missing split fails now, and --dry-run shows the one used
+        evaluation: list[DataSource] = []
         if self.eval_data is not None:
             from ..output.card import pipeline_and_auto_class
 
-            task, _ = pipeline_and_auto_class(checked.anchor_plan.architecture, checked.anchor_plan.model_type)
-            if task not in ("image-classification", "text-classification"):
-                raise FusionError(
-                    f"--eval-data scores classifiers, but the parents are {checked.anchor_plan.architecture} ({task}); "
-                    "leave --eval-data out, or fuse classification checkpoints."
+            # the parents' own classes: with --multi-task, the plans are of their encoders
+            architectures = {
+                (p.config.get("architectures") or ["?"])[0]: p.config.get("model_type") for p in checked.parents
+            }
+            if not self.multi_task:
+                architectures = {checked.anchor_plan.architecture: checked.anchor_plan.model_type}
+            for architecture, model_type in architectures.items():
+                task, _ = pipeline_and_auto_class(architecture, str(model_type))
+                if task not in ("image-classification", "text-classification"):
+                    raise FusionError(
+                        f"--eval-data scores classifiers, but the parents are {architecture} ({task}); leave "
+                        "--eval-data out, or fuse classification checkpoints."
+                    )
+            for source in self.eval_data:
+                evaluation.append(
+                    DataSource.resolve(
+                        source, self.eval_split, self.eval_num_samples, self.data_seed, default_split="test"
+                    )
                 )
-            evaluation = DataSource.resolve(
-                self.eval_data, self.eval_split, self.eval_num_samples, self.data_seed, default_split="test"
-            )
-            evaluation.choose_split()
-        return replace(checked, base=base, alignment_data=alignment, eval_data=evaluation)
+                evaluation[-1].choose_split()
+        return replace(
+            checked, base=base, alignment_data=alignment[0] if alignment else None,
+            eval_data=evaluation[0] if evaluation else None, data_sources=alignment, eval_sources=evaluation,
+        )  # fmt: skip
 
 
 #: the numeric job options (the FusionConfig fields have their own table in `config`)
@@ -300,6 +347,15 @@ JOB_NUMBERS = {
     "eval_num_samples": NumberRule(int, 1, optional=True),
 }
 _SIZE_UNITS = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
+#: the fields that take one data source, or one per parent / task with --multi-task
+SOURCE_LISTS = ("data", "eval_data")
+
+
+def _one_split(sources: list, default: str | None) -> str | None:
+    """The split every source used (the one `--split` to record), else `default`: each source then picks its own
+    again, the same way, from its pinned revision."""
+    splits = {source.split for source in sources}
+    return splits.pop() if len(splits) == 1 else default
 
 
 def parse_shard_size(size: str | int) -> int:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import transformers
@@ -38,7 +38,9 @@ class Preflight:
         plans: each parent's resolved plan, from its meta-device model.
         download_bytes: the weight bytes still to download.
         base: the pinned task-arithmetic base, if any.
-        alignment_data / eval_data: the resolved data sources (split chosen), if any.
+        alignment_data / eval_data: the resolved data sources (split chosen), if any; with several (a multi-task
+            run: one per parent, one per task), the first.
+        data_sources / eval_sources: every resolved alignment / evaluation source, in the parents' order.
     """
 
     parents: list[Parent]
@@ -48,6 +50,8 @@ class Preflight:
     base: Parent | None = None
     alignment_data: DataSource | None = None
     eval_data: DataSource | None = None
+    data_sources: list[DataSource] = field(default_factory=list)
+    eval_sources: list[DataSource] = field(default_factory=list)
 
     @property
     def anchor_plan(self) -> FusionPlan:
@@ -59,8 +63,9 @@ class Preflight:
         lines = [self._describe_parents(config)]
         if self.base is not None:
             lines.append(f"Task-arithmetic base: {self.base.pinned}")
-        for label, source in (("Alignment data", self.alignment_data), ("Evaluation data", self.eval_data)):
-            if source is not None:
+        for kind, sources in (("Alignment data", self.data_sources), ("Evaluation data", self.eval_sources)):
+            for k, source in enumerate(sources):
+                label = f"{kind} {k}" if len(sources) > 1 else kind
                 cap = source.num_samples if source.num_samples is not None else "all"
                 split = source.split or "none (a single saved Dataset)"
                 lines.append(f"{label}: {source.pinned} ({source.kind}), split {split}, rows {cap}")

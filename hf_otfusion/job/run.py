@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -25,8 +26,8 @@ from ..checkpoints import Checkpoint
 from ..config import FusionConfig
 from ..data import DataSource, encode_dataset, load_processor
 from ..errors import DataSourceError, FusionError
-from ..hub.parents import Parent, download_parents, load_parent_model, parent_checkpoint, sha256_file
-from ..output.provenance import CONFIG_FILE, JOB_FILE, Provenance, package_versions, utc_now
+from ..hub.parents import Parent, download_parents, load_parent_model, parent_checkpoint
+from ..output.provenance import CONFIG_FILE, JOB_FILE, Provenance, package_versions, utc_now, weight_hashes
 from ..output.staging import StagedOutput, check_fused_finite, stage_output
 from .preflight import Preflight
 
@@ -36,6 +37,8 @@ if TYPE_CHECKING:  # pragma: no cover
 logger = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+#: the multi-task evaluation row of the base encoder under the task's own head (no merge)
+BASE_HEAD_ROW = "base + this head"
 
 
 def run_job(job: FuseJob, checked: Preflight | None = None):
@@ -97,12 +100,15 @@ def run_job(job: FuseJob, checked: Preflight | None = None):
 
 
 def _run_multi_task(job: FuseJob, checked: Preflight):
-    """`--multi-task`: `merge_tasks` on the downloaded parents, writing `out/<task>/` and `out/README.md`.
+    """`--multi-task`: `merge_tasks` on the downloaded parents, then `out/<task>/` and `out/README.md` written with
+    the run's record: `fusion_job.yaml` (pinned, task names included) at the top level and in every task folder,
+    and per task its `fusion_provenance.json`, its evaluation (`--eval-data`, one source per task) and card.
 
-    One `--data` serves every task (RegMean's Gram statistics, an activation-cost alignment); the Python API
-    takes one data set per task.
+    `--data` is one source per parent (RegMean's Gram pass on each task's own rows; an activation-cost alignment
+    runs every parent on the anchor's) or one for all. Returns the `MultiTaskResult`, its models in `--dtype`.
     """
-    from ..multitask import merge_tasks
+    from ..engine.distributed import is_main_process, process_state
+    from ..multitask import RunRecord, merge_tasks, task_outputs, task_repo_id, write_tasks
 
     for parent in checked.parents:  # each task folder gets its own parent's tokenizer / image processor
         download_parents([parent], anchor=0, progress=job.progress)
@@ -110,16 +116,55 @@ def _run_multi_task(job: FuseJob, checked: Preflight):
         download_parents([checked.base], anchor=-1, progress=job.progress)
     sources = [parent_checkpoint(p, trust_remote_code=job.trust_remote_code) for p in checked.parents]
     base = load_parent_model(checked.base, trust_remote_code=job.trust_remote_code) if checked.base else None
-    anchor = checked.parents[checked.anchor]
-    processor = None
-    if anchor.processor_files and anchor.directory is not None:
-        processor = load_processor(anchor.directory, trust_remote_code=job.trust_remote_code)
-    alignment = _encoded(job, checked.alignment_data, processor, sources[checked.anchor].config().label2id)
-    return merge_tasks(
-        sources, job.config, base=base, data=None if alignment is None else [alignment] * len(sources),
-        task_names=job.task_names, out=job.check_output(), overwrite=job.overwrite, progress=job.progress,
+    processors = [_processor(job, parent) for parent in checked.parents]
+    label2ids = [source.config().label2id for source in sources]
+    data, anchor = None, checked.anchor
+    if len(checked.data_sources) == 1:  # one source for every task: encoded once, with the anchor's processor
+        data = [_encoded(job, checked.data_sources[0], processors[anchor], label2ids[anchor])] * len(sources)
+    elif checked.data_sources:  # each parent's own rows, encoded with its own processor and labels
+        data = [_encoded(job, d, processors[k], label2ids[k]) for k, d in enumerate(checked.data_sources)]
+    result = merge_tasks(
+        sources, job.config, base=base, data=data, task_names=job.task_names, progress=job.progress,
         device=job.device,
     )  # fmt: skip
+    if not is_main_process(process_state(None)):
+        return result  # under torchrun / accelerate launch, only the main process writes the output
+    out = job.check_output()  # again: the merge took a while
+    if job.dtype is not None:
+        for model in result.models.values():
+            model.to(DTYPES[job.dtype])  # type: ignore[arg-type]  # transformers types .to loosely
+    outputs = task_outputs(sources, job.task_names)
+    pinned = replace(job.pinned(checked), multi_task=True, task_names=result.task_names)
+    reproduce = pinned.command_line(config_file=CONFIG_FILE)  # from a task folder, which holds fusion_config.yaml
+    record = RunRecord(
+        job=pinned.to_dict(),
+        provenance={},
+        repo_ids={name: task_repo_id(job.push_to_hub, name) for name in result.task_names} if job.push_to_hub else None,
+        max_shard_size=job.max_shard_size,
+        dtype=job.dtype,
+    )
+    for k, name in enumerate(result.task_names):
+        evaluation = None
+        if checked.eval_sources:
+            evaluation = _evaluate_task(job, checked, k, sources[k], base, result.models[name], processors[k])
+        provenance = _provenance(job, checked, result.encoder, evaluation)
+        # the task's own class (its parent's); `anchor` stays the merge's, whose basis the shared encoder is in
+        provenance.architecture = (checked.parents[k].config.get("architectures") or ["?"])[0]
+        if checked.data_sources:
+            provenance.alignment_data = checked.data_sources[min(k, len(checked.data_sources) - 1)].to_dict()
+        provenance.eval_data = checked.eval_sources[k].to_dict() if checked.eval_sources else None
+        provenance.reproduce, provenance.job = reproduce, record.job
+        record.provenance[name] = provenance
+    base_label = checked.base.pinned if checked.base else None
+    result.out = write_tasks(result, outputs, out, overwrite=job.overwrite, base=base_label, record=record)
+    return result
+
+
+def _processor(job: FuseJob, parent: Parent):
+    """A downloaded parent's tokenizer or image processor, or None when it ships none."""
+    if parent.processor_files and parent.directory is not None:
+        return load_processor(parent.directory, trust_remote_code=job.trust_remote_code)
+    return None
 
 
 # ------------------------------------------------------------------------------------------- steps
@@ -165,7 +210,7 @@ def _evaluate(job: FuseJob, checked: Preflight, sources, fused, processor, label
 
     dataset = _encoded(job, checked.eval_data, processor, label2id)
     if "labels" not in dataset.column_names:
-        raise FusionError(f"--eval-data {job.eval_data} has no label column; name it with --label-column.")
+        raise FusionError(f"--eval-data {checked.eval_data.pinned} has no label column; name it with --label-column.")
     rows: dict[str, Any] = {}
     for k, (parent, source) in enumerate(zip(checked.parents, sources, strict=True)):
         rows[f"parent {k}: {parent.name}"] = source
@@ -175,6 +220,24 @@ def _evaluate(job: FuseJob, checked: Preflight, sources, fused, processor, label
     rows[FUSED_ROW] = fused
     split = checked.eval_data.split if checked.eval_data else None
     return evaluate_models(rows, dataset, split=str(split), progress=job.progress).to_dict()
+
+
+def _evaluate_task(job: FuseJob, checked: Preflight, k: int, source, base, merged, processor) -> dict[str, Any]:
+    """Task `k`'s merged model next to its own fine-tune and, with a base, the base under that head, on the
+    task's `--eval-data` (encoded with its own parent's processor and labels)."""
+    from ..multitask import base_with_head
+    from ..output.card import FUSED_ROW
+    from ..train.evaluation import evaluate_models
+
+    data = checked.eval_sources[k]
+    dataset = _encoded(job, data, processor, source.config().label2id)
+    if "labels" not in dataset.column_names:
+        raise FusionError(f"--eval-data {data.pinned} has no label column; name it with --label-column.")
+    rows: dict[str, Any] = {f"own fine-tune: {checked.parents[k].name}": source}
+    if base is not None:
+        rows[BASE_HEAD_ROW] = lambda: base_with_head(base, source)
+    rows[FUSED_ROW] = merged
+    return evaluate_models(rows, dataset, split=str(data.split), progress=job.progress).to_dict()
 
 
 def _provenance(job: FuseJob, checked: Preflight, result, evaluation) -> Provenance:
@@ -215,16 +278,11 @@ def _finish(job: FuseJob, stage: StagedOutput, anchor: Parent, provenance: Prove
         shutil.copyfile(anchor.directory / name, staging / name)
     (staging / CONFIG_FILE).write_text(yaml.safe_dump(job.config.to_dict(), sort_keys=False))
     (staging / JOB_FILE).write_text(yaml.safe_dump(provenance.job, sort_keys=False))
-    provenance.outputs = {p.name: sha256_file(p) for p in sorted(staging.iterdir()) if _is_weight_file(p.name)}
+    provenance.outputs = weight_hashes(staging)
     provenance.save(staging)
     card = render_card(provenance, repo_id=job.push_to_hub or str(out))
     card.save(staging / "README.md")
     stage.publish()
-
-
-def _is_weight_file(name: str) -> bool:
-    """`model.safetensors`, its shards (`model-00001-of-00003.safetensors`) and their index."""
-    return name.startswith("model") and (name.endswith(".safetensors") or name.endswith(".safetensors.index.json"))
 
 
 def quality_record(result) -> dict:

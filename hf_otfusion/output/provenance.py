@@ -90,6 +90,15 @@ class Provenance:
         (Path(directory) / PROVENANCE_FILE).write_text(self.to_json())
 
 
+def weight_hashes(directory: str | Path) -> dict[str, str]:
+    """The sha256 of each weight file written in `directory` (a provenance's `outputs`): `model.safetensors`, its
+    shards (`model-00001-of-00003.safetensors`) and their index."""
+    from ..hub.parents import sha256_file
+
+    files = sorted(p for p in Path(directory).iterdir() if p.name.startswith("model"))
+    return {p.name: sha256_file(p) for p in files if p.name.endswith((".safetensors", ".safetensors.index.json"))}
+
+
 def package_versions() -> dict[str, str]:
     """Installed versions of the packages that shape a fusion, plus Python's."""
     versions = {"python": platform.python_version()}
