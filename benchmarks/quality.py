@@ -98,6 +98,11 @@ def rows_for(family: str, refine_steps: int) -> list[tuple[str, str, dict]]:
             dict(rotations, refine_steps=refine_steps, refine_permutations=True),
         ),
         (
+            "refine-norms",
+            f"+ {label} + refine {refine_steps} with norms",
+            dict(rotations, refine_steps=refine_steps, refine_norms=True),
+        ),
+        (
             "refine-repair",
             f"+ {label} + refine {refine_steps} + repair",
             dict(rotations, refine_steps=refine_steps, repair="all"),
@@ -162,6 +167,8 @@ def run_family(family: str, args, cache: dict, log) -> dict:
     for key, name, fields in rows_for(family, args.refine_steps):
         if args.rows is not None and key not in args.rows:
             continue
+        if fields.get("refine_steps") and args.refine_lr is not None:
+            fields = {**fields, "refine_lr": args.refine_lr}
         config = FusionConfig(batch_size=args.batch_size, **fields)
         with PeakMemory() as memory:
             fuse_started = time.perf_counter()
@@ -280,6 +287,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--text-align-samples", type=int, default=400, help="alignment articles (train split)")
     parser.add_argument("--batch-size", type=int, default=64, help="FusionConfig.batch_size of every row")
     parser.add_argument("--refine-steps", type=int, default=500, help="FusionConfig.refine_steps of the refine rows")
+    parser.add_argument("--refine-lr", type=float, help="FusionConfig.refine_lr of the refine rows (default: its own)")
     parser.add_argument("--finetune-fraction", type=float, default=0.1, help="finetune budget / a parent's steps")
     parser.add_argument("--finetune-lr-scale", type=float, default=0.25, help="finetune lr / a parent's peak lr")
     parser.add_argument(

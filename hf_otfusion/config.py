@@ -183,6 +183,9 @@ class FusionConfig:
         refine_permutations: with `refine_steps`, also let the FFN units' permutations change during refinement
             (a hard permutation forward, a straight-through gradient to learned scores; heads and the residual
             stream keep theirs). Off by default.
+        refine_norms: with `refine_steps`, also learn the fused model's LayerNorm weights and biases (the output
+            norm excepted), started at their average: a learned repair of each norm's per-channel scale and shift.
+            The result is then an average of aligned parents with learned norms. Off by default.
         repair: after averaging, move each fused unit's activation mean and standard deviation on the
             alignment data to the weighted average of its aligned parent units' (REPAIR, Jordan et al. 2023):
             averaging imperfectly correlated units shrinks their variance. `residual` repairs the modules that
@@ -223,6 +226,7 @@ class FusionConfig:
     refine_steps: int = 0
     refine_lr: float = 0.01
     refine_permutations: bool = False
+    refine_norms: bool = False
     weights: list[float] | None = None
     batch_size: int = 8
     num_samples: int | None = None

@@ -337,7 +337,7 @@ def _align_and_average(run: _FusionRun) -> FusionResult:
             obtain(anchor), run.plans[anchor], tensors,
             result.maps, run.weights, run.data, steps=run.config.refine_steps, learning_rate=run.config.refine_lr,
             statistics_options=run.config.statistics_options(), permutations=run.config.refine_permutations,
-            progress=run.progress,
+            norms=run.config.refine_norms, progress=run.progress,
         )  # fmt: skip
         run.timings["refine"] = time.perf_counter() - started
 
@@ -355,6 +355,11 @@ def _align_and_average(run: _FusionRun) -> FusionResult:
         average_into(fused, params, run.plans, result.maps, run.weights, accumulate=i > 0)
         del params
         release(group)
+    if result.refine is not None and result.refine.learned:  # learned norms replace their average
+        own = dict(fused.named_parameters())
+        with torch.no_grad():
+            for name, tensor in result.refine.learned.items():
+                own[name].copy_(tensor.to(own[name].dtype))
     result.model = fused
     run.timings["apply"] = time.perf_counter() - started
     if run.config.repair != "none":

@@ -207,14 +207,14 @@ def test_refinement_never_raises_the_held_back_loss_and_keeps_the_maps_orthogona
     assert not np.allclose(closed_form.maps[1]["residual"].output_matrix(), residual)
 
 
-@pytest.mark.parametrize("permutations", [False, True])
-def test_refinement_of_a_rotated_copy_stays_exact(permutations):
+@pytest.mark.parametrize("option", [None, "refine_permutations", "refine_norms"])
+def test_refinement_of_a_rotated_copy_stays_exact(option):
     model = build("vit-cls")
     rotated = rotate_model(permute_model(model, seed=4), seed=3, within_heads=True)
     inputs = inputs_for(model)
     config = FusionConfig(
-        residual="orthogonal", within_heads="orthogonal", refine_steps=20, refine_permutations=permutations,
-        batch_size=8,
+        residual="orthogonal", within_heads="orthogonal", refine_steps=20, batch_size=8,
+        **({option: True} if option else {}),
     )  # fmt: skip
     fused = fuse([model, rotated], data=alignment_data(model), config=config, progress=False)
     assert relative_error(outputs(fused, inputs), outputs(model, inputs)) < 1e-4
@@ -260,33 +260,40 @@ def test_every_quality_option_reruns_to_identical_weights():
         assert torch.equal(a, b), name
 
 
-def test_refined_permutations_stay_permutations_and_the_kept_maps_give_the_reported_loss():
+@pytest.mark.parametrize("option", ["refine_permutations", "refine_norms"])
+def test_refinement_options_keep_what_they_scored(option):
+    """The fused model written after refinement gives the held-back loss refinement reported for the kept step."""
     from hf_otfusion.engine.passes import batches
 
     parents = [build("vit-cls"), build("vit-cls", seed=1)]
     data = alignment_data(parents[0], samples=80)
     config = FusionConfig(
-        residual="orthogonal", within_heads="orthogonal", refine_steps=40, refine_lr=0.2, refine_permutations=True,
-        batch_size=8,
+        residual="orthogonal", within_heads="orthogonal", refine_steps=40, refine_lr=0.2, batch_size=8,
+        **{option: True},
     )  # fmt: skip
     result = fuse_with_diagnostics(parents, data=data, config=config, progress=False)
     closed_form = fuse_with_diagnostics(parents, data=data, config=replace(config, refine_steps=0), progress=False)
-    ffn = [space for space, transport in closed_form.maps[1].items() if transport.kind == "permutation"]
-    assert ffn and all(transport.kind != "permutation" or ".heads" not in space for space, transport in
-                       closed_form.maps[1].items())  # fmt: skip
-    for space in ffn:
-        permutation = result.maps[1][space].permutation
-        assert permutation is not None and sorted(permutation) == list(range(len(permutation)))
-    swapped = sum(int((result.maps[1][s].permutation != closed_form.maps[1][s].permutation).sum()) for s in ffn)
-    assert swapped > 0  # the straight-through scores did move units
+    if option == "refine_permutations":
+        ffn = [space for space, transport in closed_form.maps[1].items() if transport.kind == "permutation"]
+        assert ffn
+        for space in ffn:
+            permutation = result.maps[1][space].permutation
+            assert permutation is not None and sorted(permutation) == list(range(len(permutation)))
+        swapped = sum(int((result.maps[1][s].permutation != closed_form.maps[1][s].permutation).sum()) for s in ffn)
+        assert swapped > 0  # the straight-through scores did move units
+    else:
+        learned = result.refine.learned
+        assert learned and all("layernorm" in name for name in learned)
+        assert "vit.layernorm.weight" not in learned  # the output norm is given back the anchor's
+        fused = dict(result.model.named_parameters())
+        assert any(not torch.allclose(fused[name], torch.ones_like(fused[name])) for name in learned if
+                   name.endswith("weight"))  # fmt: skip
     report = result.refine
     assert report.held_back_loss_after < report.held_back_loss_before
-    # the maps written back are the ones refinement scored: the fused model gives the reported held-back loss
     loaded = list(batches(data, parents[0], 8, None))
-    held_back = loaded[4::5]
     total = count = 0.0
     with torch.no_grad():
-        for batch in held_back:
+        for batch in loaded[4::5]:  # the held-back batches
             target = sum(p(**batch).logits.softmax(-1) for p in parents) / 2
             log_probs = result.model(**batch).logits.log_softmax(-1)
             total += torch.nn.functional.kl_div(log_probs, target, reduction="sum").item()

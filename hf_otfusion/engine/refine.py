@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field, fields
 
 import torch
 from scipy.optimize import linear_sum_assignment
@@ -49,13 +49,16 @@ class RefineReport:
     held_back_loss_after: float
     anchor_held_back_loss: float  # the anchor alone, against the same ensemble: what fusion has to beat
     seconds: float
+    # the fused model's learned norm tensors (`norms=True`), to be written over the average; not reported
+    learned: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
     @property
     def worse_than_anchor(self) -> bool:
         return self.held_back_loss_after > self.anchor_held_back_loss
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "seconds": round(self.seconds, 2)}
+        reported = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "learned"}
+        return {**reported, "seconds": round(self.seconds, 2), "learned_tensors": len(self.learned)}
 
 
 class _Rotation(torch.nn.Module):
@@ -104,6 +107,14 @@ class _Permutation(torch.nn.Module):
         return hard + self.scores - self.scores.detach()
 
 
+class _Trained(torch.nn.Module):
+    """Everything refinement learns, as one module: one optimiser, one state to keep at the best held-back step."""
+
+    def __init__(self, maps: torch.nn.ModuleList, norms: torch.nn.ParameterList):
+        super().__init__()
+        self.maps, self.norms = maps, norms
+
+
 def refine_maps(
     model: PreTrainedModel,
     plan: FusionPlan,
@@ -116,6 +127,7 @@ def refine_maps(
     learning_rate: float,
     statistics_options: dict,
     permutations: bool = False,
+    norms: bool = False,
     progress: bool = True,
 ) -> RefineReport:
     """Refines every orthogonal map in `maps` in place (see the module docstring) and returns what it did.
@@ -129,6 +141,9 @@ def refine_maps(
         data: the alignment data; `statistics_options` gives its batching and sample cap.
         permutations: also refine the permutations of spaces outside the heads and the stream (the FFN units),
             straight-through (`_Permutation`).
+        norms: also learn the fused model's LayerNorm weights and biases (the output norm excepted), started at
+            the average: a learned repair of each norm's per-channel scale and shift, returned in
+            `RefineReport.learned` for the caller to write over the average.
 
     Raises:
         FusionError: no map to refine, too little data to hold a batch back, or a model without logits.
@@ -176,6 +191,12 @@ def refine_maps(
     fixed = {
         name: sum(weights[k] * aligned[k][name] for k in aligned) for name in plan.parameters if name not in moving
     }
+    norm_names = _norm_tensor_names(model, plan) if norms else []
+    # started at their average (the closed-form maps keep a reparameterised norm's ones and zeros as they are)
+    learned = torch.nn.ParameterList(
+        torch.nn.Parameter(sum(weights[k] * aligned[k][name] for k in aligned)) for name in norm_names
+    )
+    moving -= set(norm_names)
 
     def fused_parameters() -> dict[str, torch.Tensor]:
         deltas = {key: rotation() for key, rotation in zip(refined, rotations, strict=True)}
@@ -190,6 +211,7 @@ def refine_maps(
                         tensor = torch.tensordot(deltas[key], tensor.movedim(dim, 0), dims=([0], [0])).movedim(0, dim)
                 total = total + weights[k] * tensor
             result[name] = total
+        result.update(zip(norm_names, learned, strict=True))
         return result
 
     def loss_on(batch) -> torch.Tensor:
@@ -203,9 +225,10 @@ def refine_maps(
                 / sum(map(batch_size_of, held_back))
             )
 
-    optimiser = torch.optim.Adam(rotations.parameters(), lr=learning_rate)
+    trained = _Trained(rotations, learned)
+    optimiser = torch.optim.Adam(trained.parameters(), lr=learning_rate)
     before = best = held_back_loss()
-    best_step, best_state = 0, {key: value.detach().clone() for key, value in rotations.state_dict().items()}
+    best_step, best_state = 0, {key: value.detach().clone() for key, value in trained.state_dict().items()}
     for step in tqdm(range(1, steps + 1), desc="refine alignment", unit="step", disable=not progress):
         optimiser.zero_grad()
         loss_on(training[(step - 1) % len(training)]).backward()
@@ -214,8 +237,8 @@ def refine_maps(
             current = held_back_loss()
             if current < best:
                 best, best_step = current, step
-                best_state = {key: value.detach().clone() for key, value in rotations.state_dict().items()}
-    rotations.load_state_dict(best_state)
+                best_state = {key: value.detach().clone() for key, value in trained.state_dict().items()}
+    trained.load_state_dict(best_state)
     anchor = next(k for k in aligned if k not in maps)
     with torch.no_grad():
         anchor_loss = sum(
@@ -239,7 +262,17 @@ def refine_maps(
                 continue
             closed_form = maps[k][space].output_matrix()
             maps[k][space] = TransportMap.from_orthogonal(closed_form @ rotation().double().numpy())
-    return RefineReport(steps, best_step, before, best, float(anchor_loss), time.perf_counter() - started)
+    tensors = {name: tensor.detach().clone() for name, tensor in zip(norm_names, learned, strict=True)}
+    return RefineReport(steps, best_step, before, best, float(anchor_loss), time.perf_counter() - started, tensors)
+
+
+def _norm_tensor_names(model: PreTrainedModel, plan: FusionPlan) -> list[str]:
+    """The weight and bias names of every LayerNorm but the output norm (which the fusion gives back the anchor's)."""
+    names = []
+    for module_name, module in model.named_modules():
+        if isinstance(module, torch.nn.LayerNorm) and module_name != plan.output_norm:
+            names += [f"{module_name}.{p}" for p in ("weight", "bias") if f"{module_name}.{p}" in plan.parameters]
+    return names
 
 
 def _moves(space: str, spaces: dict[int, list[str]]) -> bool:
