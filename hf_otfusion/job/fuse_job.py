@@ -245,6 +245,7 @@ class FuseJob:
         """Everything that can fail before a weight download (see `job.preflight`), and what it resolved."""
         from ..data import DataSource
         from ..hub.parents import resolve_parent
+        from .inputs import check_job_data
         from .preflight import preflight
 
         self.check_options()
@@ -290,7 +291,9 @@ class FuseJob:
                 self.eval_data, self.eval_split, self.eval_num_samples, self.data_seed, default_split="test"
             )
             evaluation.choose_split()
-        return replace(checked, base=base, alignment_data=alignment, eval_data=evaluation)
+        checked = replace(checked, base=base, alignment_data=alignment, eval_data=evaluation)
+        check_job_data(self, checked)  # no rows, wrong image size, too long sequences: before any download
+        return checked
 
 
 #: the numeric job options (the FusionConfig fields have their own table in `config`)

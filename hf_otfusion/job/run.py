@@ -22,11 +22,10 @@ import yaml
 
 from ..checkpoints import Checkpoint
 from ..config import FusionConfig
-from ..data import DataSource, encode_dataset, load_processor
-from ..errors import DataSourceError, FusionError
 from ..hub.parents import Parent, download_parents, load_parent_model, parent_checkpoint, sha256_file
 from ..output.provenance import CONFIG_FILE, JOB_FILE, Provenance, package_versions, utc_now
 from ..output.staging import StagedOutput, check_fused_finite, stage_output
+from .inputs import anchor_processor, encoded
 from .preflight import Preflight
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -53,12 +52,9 @@ def run_job(job: FuseJob, checked: Preflight | None = None):
     # checkpoints, not models: `fuse` loads each when its turn comes, holding two models at a time
     sources = [parent_checkpoint(p, trust_remote_code=job.trust_remote_code) for p in parents]
     base = load_parent_model(checked.base, trust_remote_code=job.trust_remote_code) if checked.base else None
-    processor = None
-    directory = parents[anchor].directory
-    if parents[anchor].processor_files and directory is not None:
-        processor = load_processor(directory, trust_remote_code=job.trust_remote_code)
+    processor = anchor_processor(parents[anchor], job.trust_remote_code)
     label2id = sources[anchor].config().label2id
-    alignment = _encoded(job, checked.alignment_data, processor, label2id)
+    alignment = encoded(job, checked.alignment_data, processor, label2id)
     result = fuse_with_diagnostics(
         sources, data=alignment, config=job.config, base=base, progress=job.progress, device=job.device
     )
@@ -107,10 +103,8 @@ def _run_multi_task(job: FuseJob, checked: Preflight):
     sources = [parent_checkpoint(p, trust_remote_code=job.trust_remote_code) for p in checked.parents]
     base = load_parent_model(checked.base, trust_remote_code=job.trust_remote_code) if checked.base else None
     anchor = checked.parents[checked.anchor]
-    processor = None
-    if anchor.processor_files and anchor.directory is not None:
-        processor = load_processor(anchor.directory, trust_remote_code=job.trust_remote_code)
-    alignment = _encoded(job, checked.alignment_data, processor, sources[checked.anchor].config().label2id)
+    processor = anchor_processor(anchor, job.trust_remote_code)
+    alignment = encoded(job, checked.alignment_data, processor, sources[checked.anchor].config().label2id)
     return merge_tasks(
         sources, job.config, base=base, data=None if alignment is None else [alignment] * len(sources),
         task_names=job.task_names, out=job.check_output(), overwrite=job.overwrite, progress=job.progress,
@@ -119,26 +113,6 @@ def _run_multi_task(job: FuseJob, checked: Preflight):
 
 
 # ------------------------------------------------------------------------------------------- steps
-def _encoded(job: FuseJob, source: DataSource | None, processor, label2id):
-    if source is None:
-        return None
-    dataset = source.load()  # a missing split or file fails here, with its own message
-    try:
-        return encode_dataset(
-            dataset, processor, text_column=job.text_column, image_column=job.image_column,
-            label_column=job.label_column, max_length=job.max_length, label2id=label2id,
-        )  # fmt: skip
-    except DataSourceError as error:
-        if processor is not None:
-            raise
-        raise DataSourceError(
-            f"{error} The anchor ({job.parents[job.config.anchor]}) ships no tokenizer or image processor "
-            "files, so give data that already holds model inputs.",
-            source=error.source,
-            column=error.column,
-        ) from error
-
-
 def _evaluate(job: FuseJob, checked: Preflight, sources, fused, processor, label2id) -> dict[str, Any]:
     """Parents, vanilla average and fused model on the same evaluation rows.
 
@@ -150,9 +124,7 @@ def _evaluate(job: FuseJob, checked: Preflight, sources, fused, processor, label
     from ..output.card import FUSED_ROW, VANILLA_ROW
     from ..train.evaluation import evaluate_models
 
-    dataset = _encoded(job, checked.eval_data, processor, label2id)
-    if "labels" not in dataset.column_names:
-        raise FusionError(f"--eval-data {job.eval_data} has no label column; name it with --label-column.")
+    dataset = encoded(job, checked.eval_data, processor, label2id)  # labelled: checked in pre-flight
     rows: dict[str, Any] = {}
     for k, (parent, source) in enumerate(zip(checked.parents, sources, strict=True)):
         rows[f"parent {k}: {parent.name}"] = source
