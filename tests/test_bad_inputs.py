@@ -162,6 +162,8 @@ CASES = [
     (["fuse", "a12", "b", "--out", "fused", "-q", "--data", "images", "--dry-run"], 2, "--data images reaches the "
      "model as 1-channel 12x12 images, but ViTForImageClassification takes 1-channel 8x8 images (config "
      "num_channels=1, image_size=8); set the anchor's image processor (preprocessor_config.json) to resize to 8x8"),
+    (["inspect", "a", "b", "--data", "pixels-12", "-q"], 2, "--data pixels-12 reaches the model as 1-channel 12x12 "
+     "images, but ViTForImageClassification takes 1-channel 8x8 images"),
     ([*DATA, "pixels", "--eval-data", "pixels-12", "--dry-run"], 2, "--eval-data pixels-12 reaches the model as "
      "1-channel 12x12 images"),
     (["fuse", "ta", "tb", "--out", "fused", "-q", "--data", "text", "--max-length", "30", "--dry-run"], 2,

@@ -242,7 +242,8 @@ class FuseJob:
             )
 
     def preflight(self) -> Preflight:
-        """Everything that can fail before a weight download (see `job.preflight`), and what it resolved."""
+        """Everything that can fail before a weight download, and what it resolved: the parents (`job.preflight`),
+        then the data, read and its first batch encoded for the anchor (`job.inputs.check_job_data`)."""
         from ..data import DataSource
         from ..hub.parents import resolve_parent
         from .inputs import check_job_data

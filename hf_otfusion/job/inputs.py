@@ -84,11 +84,20 @@ def check_job_data(job: FuseJob, checked: Preflight) -> None:
     for label, source in sources.items():
         rows = source.load()
         inputs = encoded(job, source, processor, model.config.label2id, rows.select(range(min(len(rows), 8))))
-        raw_columns = job.text_column or job.image_column  # named raw columns are encoded even beside inputs
-        as_given = any(c in rows.column_names for c in MODEL_INPUT_COLUMNS) and not raw_columns
-        check_model_inputs(inputs[0], model, source=label, **(_FIXES_AS_GIVEN if as_given else _FIXES_ENCODED))
+        check_encoded(rows, inputs, model, source=label, text_column=job.text_column, image_column=job.image_column)
         if source is checked.eval_data and "labels" not in inputs.column_names:
             raise FusionError(f"--eval-data {job.eval_data} has no label column; name it with --label-column.")
+
+
+def check_encoded(rows, inputs, model, *, source: str, text_column=None, image_column=None) -> None:
+    """Raises `DataSourceError` when `inputs`, encoded from `rows`, do not fit `model` (`check_model_inputs`).
+
+    The fix named depends on who made the inputs: for raw text or images encoded here, `--max-length` or the
+    anchor's image processor; for rows that held model inputs already, the data itself.
+    """
+    raw_columns = text_column or image_column  # named raw columns are encoded even beside model inputs
+    as_given = any(c in rows.column_names for c in MODEL_INPUT_COLUMNS) and not raw_columns
+    check_model_inputs(inputs[0], model, source=source, **(_FIXES_AS_GIVEN if as_given else _FIXES_ENCODED))
 
 
 #: the fixes `check_model_inputs` names, for data that holds model inputs already and for data the run encodes
