@@ -364,3 +364,15 @@ def test_bad_data_and_targets_fail_before_any_weight_is_downloaded(workdir, monk
     error = capsys.readouterr().err
     assert error.startswith("error: ") and "downloaded" not in error and "Traceback" not in error
     assert not (workdir / "fused").exists()
+
+
+def test_data_that_fits_passes_the_dry_run_which_writes_no_cache_file_next_to_it(workdir, monkeypatch, capsys):
+    """At the limit (24 positions) the text passes; reading and encoding data leaves the data sets as they were."""
+    monkeypatch.chdir(workdir)
+    before = {name: sorted(p.name for p in (workdir / name).iterdir()) for name in ("text", "images")}
+    text = ["fuse", "ta", "tb", "--out", "fused", "-q", "--data", "text", "--max-length", "24", "--num-samples", "3"]
+    assert run([*text, "--dry-run"]) == 0
+    assert "rows 3" in capsys.readouterr().out
+    assert run(["fuse", "a12", "b", "--out", "fused", "-q", "--data", "images", "--dry-run"]) == 2
+    assert {name: sorted(p.name for p in (workdir / name).iterdir()) for name in before} == before
+    assert not (workdir / "fused").exists()

@@ -9,6 +9,7 @@ pass after the download.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -66,6 +67,8 @@ def check_job_data(job: FuseJob, checked: Preflight) -> None:
 
     Each source's rows are loaded (the split chosen, the sample cap applied) and their first batch is encoded
     as the run will encode them, then compared with the anchor's embeddings (`data_checks.check_model_inputs`).
+    `datasets` caching is off meanwhile: its cache files would land next to a saved data set, and a dry run
+    writes nothing.
 
     Raises:
         DataSourceError: no rows; images or sequences the anchor cannot take (both sizes named, and the fix);
@@ -81,12 +84,27 @@ def check_job_data(job: FuseJob, checked: Preflight) -> None:
     anchor = checked.parents[checked.anchor]
     model = meta_model(anchor, job.trust_remote_code)
     processor = anchor_processor(anchor, job.trust_remote_code)
-    for label, source in sources.items():
-        rows = source.load()
-        inputs = encoded(job, source, processor, model.config.label2id, rows.select(range(min(len(rows), 8))))
-        check_encoded(rows, inputs, model, source=label, text_column=job.text_column, image_column=job.image_column)
-        if source is checked.eval_data and "labels" not in inputs.column_names:
-            raise FusionError(f"--eval-data {job.eval_data} has no label column; name it with --label-column.")
+    with _no_cache_files():
+        for label, source in sources.items():
+            rows = source.load()
+            inputs = encoded(job, source, processor, model.config.label2id, rows.select(range(min(len(rows), 8))))
+            check_encoded(rows, inputs, model, source=label, text_column=job.text_column, image_column=job.image_column)
+            if source is checked.eval_data and "labels" not in inputs.column_names:
+                raise FusionError(f"--eval-data {job.eval_data} has no label column; name it with --label-column.")
+
+
+@contextmanager
+def _no_cache_files():
+    """`datasets` transforms write their results to a temporary directory meanwhile, not next to the data."""
+    import datasets
+
+    enabled = datasets.is_caching_enabled()
+    datasets.disable_caching()
+    try:
+        yield
+    finally:
+        if enabled:
+            datasets.enable_caching()
 
 
 def check_encoded(rows, inputs, model, *, source: str, text_column=None, image_column=None) -> None:
