@@ -86,3 +86,15 @@ def test_a_bad_target_is_refused_on_the_weightless_anchor_as_fuse_refuses_it(fam
         fuse([parent, build(family, seed=1)], config=FusionConfig(cost="weights", target=target), progress=False)
     assert str(in_fuse.value) == str(on_skeleton.value)
     check_target(meta(parent), {"hidden_size": 16, "intermediate_size": 24})  # a real compression passes
+
+
+def test_an_anchor_saved_without_pooler_compresses_into_a_target_without_pooler():
+    """The basis is built with the anchor's optional submodules (`add_pooling_layer=False`), in pre-flight and fuse."""
+    import transformers as T
+    from conftest import TEXT, randomise
+
+    parents = [randomise(T.BertModel(T.BertConfig(**TEXT), add_pooling_layer=False), seed) for seed in (0, 1)]
+    check_target(parents[0], {"hidden_size": 16})  # raised KeyError: pooler before
+    fused = fuse(parents, config=FusionConfig(cost="weights", target={"hidden_size": 16}), progress=False)
+    assert fused.pooler is None and fused.config.hidden_size == 16
+    assert fused.embeddings.word_embeddings.weight.shape == (60, 16)

@@ -40,7 +40,7 @@ import ot
 import torch
 from transformers import PretrainedConfig, PreTrainedModel
 
-from ..checkpoints import weightless_model
+from ..checkpoints import init_kwargs, weightless_model
 from ..config import FusionConfig, parse_target
 from ..engine.align import align_parameters, align_tensor
 from ..engine.compatibility import check_finite
@@ -300,11 +300,12 @@ def _target_model(
     anchor: PreTrainedModel, target: dict[str, int], spec: AlignmentSpec, meta: bool = False
 ) -> PreTrainedModel:
     config = target_config(anchor, target, spec)
+    kwargs = init_kwargs(type(anchor), list(anchor.state_dict()))  # an anchor without pooler: a basis without
     try:
         if meta:
-            return weightless_model(type(anchor), config)
+            return weightless_model(type(anchor), config, **kwargs)
         dtype = next(anchor.parameters()).dtype
-        return type(anchor)(config).to(dtype).eval()  # type: ignore[arg-type]  # transformers types .to loosely
+        return type(anchor)(config, **kwargs).to(dtype).eval()  # type: ignore[arg-type]  # .to is typed loosely
     except ValueError as error:  # the model's own check, e.g. BERT's hidden size not a multiple of its heads
         raise TargetShapeError(
             f"The target {target} does not give a valid {type(anchor).__name__}: {str(error).rstrip('.')}. Choose "
