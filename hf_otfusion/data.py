@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from .data_checks import empty_saved_splits, no_rows_error
 from .errors import DataSourceError, LabelSetMismatchError, MissingDependencyError, UnknownRevisionError
 
 logger = logging.getLogger(__name__)
@@ -117,9 +118,7 @@ class DataSource:
         if self.num_samples is not None and self.num_samples < len(dataset):
             dataset = dataset.shuffle(seed=self.seed).select(range(self.num_samples))
         if len(dataset) == 0:
-            raise DataSourceError(
-                f"Data source {self.source!r} (split {self.split!r}) has no rows.", source=self.source
-            )
+            raise no_rows_error(self.source, self.split)
         self.num_rows = len(dataset)
         self.fingerprint = dataset._fingerprint
         logger.info("data %s: split %s, %d rows", self.source, self.split, self.num_rows)
@@ -133,16 +132,25 @@ class DataSource:
 
     def choose_split(self) -> str | None:
         """The split `load()` will use (`None` for a saved single Dataset), from the split names alone: no rows
-        are read. Fills in `split`."""
+        are read. Fills in `split`; a split asked for that the source lacks fails here, before any fusion."""
         with self._read_errors() as datasets:
             if self.kind == "disk":
+                empty = empty_saved_splits(self.source)  # `load_from_disk` fails on any of them
+                if empty:
+                    raise no_rows_error(self.source, empty[0])
                 loaded = datasets.load_from_disk(self.source)
                 if isinstance(loaded, datasets.DatasetDict):
                     self.split = _choose_split(list(loaded), self.split, self.source, self.default_split)
-            elif self.split is None:
+                elif self.split not in (None, "train"):
+                    raise DataSourceError(
+                        f"{self.source} holds a single Dataset, not a DatasetDict, so it has no split "
+                        f"{self.split!r}; leave the split out.",
+                        source=self.source,
+                    )
+            else:
                 path, kwargs = self._builder()
                 names = datasets.get_dataset_split_names(path, **kwargs)
-                self.split = _choose_split(names, None, self.source, self.default_split)
+                self.split = _choose_split(names, self.split, self.source, self.default_split)
         return self.split
 
     @contextmanager
@@ -174,23 +182,16 @@ class DataSource:
         return self.repo_id if self.kind == "hub" else None
 
     def _load_split(self, datasets):
+        self.choose_split()
         if self.kind == "disk":
             loaded = datasets.load_from_disk(self.source)
-            if isinstance(loaded, datasets.DatasetDict):
-                self.split = _choose_split(list(loaded), self.split, self.source, self.default_split)
-                return loaded[self.split]
-            if self.split not in (None, "train"):
-                raise DataSourceError(
-                    f"{self.source} holds a single Dataset, not a DatasetDict, so it has no split {self.split!r}; "
-                    "leave the split out.",
-                    source=self.source,
-                )
-            return loaded
+            return loaded[self.split] if isinstance(loaded, datasets.DatasetDict) else loaded
         path, kwargs = self._builder()
-        self.choose_split()
         try:
             return datasets.load_dataset(path, split=self.split, **kwargs)
         except ValueError as error:
+            if "corresponds to no data" in str(error):  # datasets' words for a split without rows
+                raise no_rows_error(self.source, self.split) from error
             if "split" in str(error).lower():
                 names = datasets.get_dataset_split_names(path, **kwargs)
                 raise DataSourceError(

@@ -18,7 +18,7 @@ from .checkpoints import ModelOrPath, load_parent, skeleton
 from .config import FusionConfig
 from .engine.align import align_tensor
 from .engine.average import average_into
-from .engine.compatibility import check_finite, check_same_widths
+from .engine.compatibility import check_finite
 from .engine.distributed import broadcast_from_main, is_main_process, models_on, process_state, resolve_device
 from .engine.maps import SpaceDiagnostics, compute_maps, per_hook_spaces
 from .engine.plan import FusionPlan, model_with_tensors, named_tensors, resolve_plan
@@ -200,8 +200,6 @@ def fuse_with_diagnostics(
     if config.residual == "orthogonal":
         for plan in plans:
             check_rotatable(plan)
-    if config.method != "ot" and config.align != "ot":  # aligned same-base methods take any widths, as OT does
-        check_same_widths(plans, config.anchor, config.method)
     in_memory = [k for k, lazy in enumerate(from_checkpoint) if not lazy]
     check_finite([parents[k] for k in in_memory], in_memory)
     aligns = config.method == "ot" or config.align == "ot"

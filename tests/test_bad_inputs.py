@@ -3,13 +3,18 @@ nothing written: no output directory, no staging directory."""
 
 from __future__ import annotations
 
+import shutil
 import socket
 import threading
 
+import numpy as np
 import pytest
 import torch
-from conftest import build
+from conftest import build, inputs_for
+from datasets import Dataset, DatasetDict
 from hub_utils import client_env, run_cli
+from PIL import Image
+from transformers import BertTokenizer, ViTImageProcessor
 
 from hf_otfusion import permute_model
 from hf_otfusion.cli import main
@@ -19,13 +24,19 @@ from hf_otfusion.output.staging import check_fused_finite
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
-    """Parents `a`, `b` (a permuted copy), `deep` (one layer more), `huge-a`/`huge-b` (weights beyond float16),
-    config files, a file, a symlink, a non-empty directory and a directory without config.json."""
+    """Parents `a`, `b` (a permuted copy), `deep` (one layer more), `wide` (hidden size 48), `huge-a`/`huge-b`
+    (weights beyond float16), `a12` (`a` with an image processor that resizes to 12x12), BERT `ta`/`tb` (with a
+    tokenizer) and RoBERTa `ra`/`rb`, data sets that do not fit them or have no rows, config files, a file, a
+    symlink, a non-empty directory and a directory without config.json."""
     work = tmp_path_factory.mktemp("work")
     parent = build("vit-cls")
     parent.save_pretrained(work / "a")
     permute_model(parent, seed=1).save_pretrained(work / "b")
     build("vit-cls", num_hidden_layers=3).save_pretrained(work / "deep")
+    build("vit-cls", hidden_size=48).save_pretrained(work / "wide")
+    shutil.copytree(work / "a", work / "a12")
+    ViTImageProcessor(size={"height": 12, "width": 12}, image_mean=[0.5], image_std=[0.5]).save_pretrained(work / "a12")
+    save_data_sets(work, parent)
     with torch.no_grad():
         parent.classifier.bias.fill_(1e6)
     parent.save_pretrained(work / "huge-a")
@@ -42,7 +53,33 @@ def workdir(tmp_path_factory):
     return work
 
 
+def save_data_sets(work, parent) -> None:
+    """Image, text and token-id data sets that the tiny parents cannot read, and data sets without rows."""
+    pixels = inputs_for(parent, batch=4)["pixel_values"].numpy()  # (4, 1, 8, 8): what `a` reads
+    Dataset.from_dict({"pixel_values": pixels, "label": [0, 1, 2, 0]}).save_to_disk(work / "pixels")
+    Dataset.from_dict({"pixel_values": np.zeros((4, 1, 12, 12), np.float32)}).save_to_disk(work / "pixels-12")
+    Dataset.from_dict({"pixel_values": np.zeros((4, 3, 8, 8), np.float32)}).save_to_disk(work / "pixels-rgb")
+    Dataset.from_dict({"image": [Image.fromarray(np.zeros((8, 8), np.uint8))] * 4}).save_to_disk(work / "images")
+    Dataset.from_dict({"pixel_values": pixels[:0]}).save_to_disk(work / "no-rows")  # saved without a data file
+    Dataset.from_dict({"pixel_values": pixels}).filter(lambda row: False).save_to_disk(work / "filtered-out")
+    DatasetDict({"train": Dataset.from_dict({"pixel_values": pixels}), "test": Dataset.from_dict(
+        {"pixel_values": pixels[:0], "label": []})}).save_to_disk(work / "empty-test")  # fmt: skip
+    (work / "header-only.csv").write_text("text,label\n")
+    (work / "one-row.csv").write_text("text,label\ngood film,0\n")
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "good", "bad", "film"]
+    text = build("bert-seqcls")  # max_position_embeddings=24
+    text.save_pretrained(work / "ta")
+    BertTokenizer(vocab={word: i for i, word in enumerate(vocab)}).save_pretrained(work / "ta")
+    permute_model(text, seed=1).save_pretrained(work / "tb")
+    Dataset.from_dict({"text": ["good film", "bad film"] * 2, "label": [0, 1] * 2}).save_to_disk(work / "text")
+    roberta = build("roberta-seqcls")  # 24 positions, 2 of them before the first token's
+    roberta.save_pretrained(work / "ra")
+    permute_model(roberta, seed=1).save_pretrained(work / "rb")
+    Dataset.from_dict({"input_ids": np.full((4, 23), 5)}).save_to_disk(work / "ids-23")
+
+
 FUSE = ["fuse", "a", "b", "--cost", "weights", "-q"]
+DATA = ["fuse", "a", "b", "--out", "fused", "-q", "--data"]
 NO_GPU = pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
 
 # (argv, exit code, start of the `error:` line)
@@ -116,6 +153,49 @@ CASES = [
     (["inspect", "a", "b", "--data", "nope", "-q"], 2, "Data source 'nope' is a Hub id but Hub access is disabled"),
     (["serve-hub", "--root", "hub", "--port", "70000"], 2, "argument --port: must lie in [0, 65535], got 70000"),
     (["push", "empty-dir", "ns/model"], 3, "empty-dir holds no config.json"),
+    # data the anchor cannot read, refused by the pre-flight (`--dry-run` downloads nothing and passed them before)
+    ([*DATA, "pixels-12", "--dry-run"], 2, "--data pixels-12 reaches the model as 1-channel 12x12 images, but "
+     "ViTForImageClassification takes 1-channel 8x8 images (config num_channels=1, image_size=8); give pixel_values "
+     "of shape (1, 8, 8)"),
+    ([*DATA, "pixels-rgb"], 2, "--data pixels-rgb reaches the model as 3-channel 8x8 images, but "
+     "ViTForImageClassification takes 1-channel 8x8 images"),
+    (["fuse", "a12", "b", "--out", "fused", "-q", "--data", "images", "--dry-run"], 2, "--data images reaches the "
+     "model as 1-channel 12x12 images, but ViTForImageClassification takes 1-channel 8x8 images (config "
+     "num_channels=1, image_size=8); set the anchor's image processor (preprocessor_config.json) to resize to 8x8"),
+    (["inspect", "a", "b", "--data", "pixels-12", "-q"], 2, "--data pixels-12 reaches the model as 1-channel 12x12 "
+     "images, but ViTForImageClassification takes 1-channel 8x8 images"),
+    ([*DATA, "pixels", "--eval-data", "pixels-12", "--dry-run"], 2, "--eval-data pixels-12 reaches the model as "
+     "1-channel 12x12 images"),
+    (["fuse", "ta", "tb", "--out", "fused", "-q", "--data", "text", "--max-length", "30", "--dry-run"], 2,
+     "--data text reaches the model as sequences of 30 tokens, but BertForSequenceClassification takes at most 24 "
+     "(max_position_embeddings=24); pass --max-length 24 or less."),
+    (["fuse", "ra", "rb", "--out", "fused", "-q", "--data", "ids-23"], 2, "--data ids-23 reaches the model as "
+     "sequences of 23 tokens, but RobertaForSequenceClassification takes at most 22 (max_position_embeddings=24 less "
+     "the 2 positions numbered before the first token); truncate its input_ids to 22 tokens or fewer."),
+    ([*DATA, "no-rows", "--dry-run"], 2, "Data source 'no-rows' has no rows in the saved Dataset; give data with at "
+     "least one example"),
+    ([*DATA, "filtered-out"], 2, "Data source 'filtered-out' has no rows in the saved Dataset"),
+    ([*DATA, "header-only.csv"], 2, "Data source 'header-only.csv' has no rows in split 'train'; give data with"),
+    ([*DATA, "empty-test", "--eval-data", "empty-test"], 2, "Data source 'empty-test' has no rows in split 'test'"),
+    ([*DATA, "pixels", "--eval-data", "pixels", "--eval-split", "test"], 2,
+     "pixels holds a single Dataset, not a DatasetDict, so it has no split 'test'; leave the split out."),
+    ([*DATA, "pixels", "--split", "validation"], 2, "pixels holds a single Dataset, not a DatasetDict, so it has no"),
+    ([*DATA, "pixels", "--eval-data", "one-row.csv", "--eval-split", "test"], 2,
+     "one-row.csv has no split 'test'; available splits: ['train']."),
+    # target and width problems, refused by the pre-flight
+    ([*FUSE, "--out", "fused", "--target", "hidden_size=64", "--dry-run"], 2,
+     "The target has 64 units in space 'residual' where the anchor has 32: a target compresses, it cannot widen."),
+    ([*FUSE, "--out", "fused", "--target", "hidden_size=30", "--dry-run"], 2,
+     "The target {'hidden_size': 30} does not give a valid model: Space qk.0 (30 units) does not split into 4 heads"),
+    (["fuse", "ta", "tb", "--out", "fused", "--cost", "weights", "--target", "num_attention_heads=3", "--dry-run"], 2,
+     "The target {'num_attention_heads': 3} does not give a valid BertForSequenceClassification: The hidden size "
+     "(32) is not a multiple of the number of attention heads (3). Choose sizes that divide evenly"),
+    (["fuse", "a", "wide", "--out", "fused", "--method", "vanilla", "--dry-run"], 2, "Parent 1 has 48 units in "
+     "space 'residual' but the anchor (parent 0) has 32: method='vanilla' averages tensors as they are"),
+    (["fuse", "a", "wide", "--out", "fused", "--method", "interpolate", "--dry-run"], 2, "Parent 1 has 48 units in "
+     "space 'residual' but the anchor (parent 0) has 32: method='interpolate'"),
+    (["fuse", "a", "wide", "--out", "fused", "--method", "task-arithmetic", "--base", "a", "--dry-run"], 2,
+     "Parent 1 has 48 units in space 'residual' but the anchor (parent 0) has 32: method='task-arithmetic'"),
     ([], 2, "the following arguments are required: command"),
 ]  # fmt: skip
 
@@ -257,3 +337,42 @@ def test_the_errors_behind_a_missing_parent_and_a_bad_push_carry_their_values(wo
     assert isinstance(caught.value, OSError) and isinstance(caught.value.__cause__, ConnectionRefusedError)
     assert (caught.value.repo_id, str(caught.value.folder)) == ("ns/fused", "a")
     assert caught.value.retry == "otfusion-hub push a ns/fused --private"
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        [*DATA, "pixels-12"],
+        ["fuse", "a12", "b", "--out", "fused", "-q", "--data", "images"],
+        ["fuse", "ta", "tb", "--out", "fused", "-q", "--data", "text", "--max-length", "30"],
+        [*DATA, "header-only.csv"],
+        [*DATA, "pixels", "--eval-data", "pixels", "--eval-split", "test"],
+        [*FUSE, "--out", "fused", "--target", "hidden_size=64"],
+        ["fuse", "a", "wide", "--out", "fused", "--method", "interpolate"],
+    ],
+    ids=" ".join,
+)
+def test_bad_data_and_targets_fail_before_any_weight_is_downloaded(workdir, monkeypatch, capsys, argv):
+    """The real run, not only `--dry-run`, refuses them in the pre-flight: the download step is never reached."""
+
+    def download(*args, **kwargs):
+        raise AssertionError("weights were downloaded before the bad input was refused")
+
+    monkeypatch.chdir(workdir)
+    monkeypatch.setattr("hf_otfusion.job.run.download_parents", download)
+    assert run(argv) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("error: ") and "downloaded" not in error and "Traceback" not in error
+    assert not (workdir / "fused").exists()
+
+
+def test_data_that_fits_passes_the_dry_run_which_writes_no_cache_file_next_to_it(workdir, monkeypatch, capsys):
+    """At the limit (24 positions) the text passes; reading and encoding data leaves the data sets as they were."""
+    monkeypatch.chdir(workdir)
+    before = {name: sorted(p.name for p in (workdir / name).iterdir()) for name in ("text", "images")}
+    text = ["fuse", "ta", "tb", "--out", "fused", "-q", "--data", "text", "--max-length", "24", "--num-samples", "3"]
+    assert run([*text, "--dry-run"]) == 0
+    assert "rows 3" in capsys.readouterr().out
+    assert run(["fuse", "a12", "b", "--out", "fused", "-q", "--data", "images", "--dry-run"]) == 2
+    assert {name: sorted(p.name for p in (workdir / name).iterdir()) for name in before} == before
+    assert not (workdir / "fused").exists()

@@ -13,7 +13,7 @@ from hf_otfusion import permute_model
 from hf_otfusion.cli import main
 from hf_otfusion.errors import CorruptCheckpointError
 from hf_otfusion.hub.parents import resolve_parent
-from hf_otfusion.job.preflight import _meta_model, check_tensors
+from hf_otfusion.job.preflight import check_tensors, meta_model
 
 
 def run(argv: list[str]) -> int:
@@ -84,7 +84,7 @@ def test_many_missing_tensors_are_counted_and_the_first_few_named(tmp_path):
     save_file(weights, tmp_path / "p" / "model.safetensors", metadata={"format": "pt"})
     parent = resolve_parent(str(tmp_path / "p"))
     with pytest.raises(CorruptCheckpointError, match=r"missing: 16 \(bert\.encoder\.layer\.1\..*, \.\.\. 11 more\)"):
-        check_tensors(parent, _meta_model(parent, False))
+        check_tensors(parent, meta_model(parent, False))
 
 
 @pytest.mark.parametrize("family", ["bert-mlm", "roberta-mlm", "bert-seqcls", "vit-cls", "deit-teacher"])
@@ -97,7 +97,7 @@ def test_well_formed_parents_pass_tied_decoders_and_shards_included(tmp_path, fa
     parent = resolve_parent(str(tmp_path / "p"))
     if family.endswith("mlm"):  # the tied decoder copy is not saved, yet nothing is missing
         assert not any(name.endswith("decoder.weight") for name in parent.tensors)
-    check_tensors(parent, _meta_model(parent, False))
+    check_tensors(parent, meta_model(parent, False))
 
 
 def test_a_tied_mlm_pair_fuses_through_the_dry_run(tmp_path, monkeypatch, capsys):
@@ -115,7 +115,7 @@ def test_the_real_minilm_checkpoint_passes_its_saved_position_ids_ignored(caplog
 
     parent = resolve_parent(str(minilm_dir()))
     assert "embeddings.position_ids" in parent.tensors  # a non-persistent buffer, saved by an older transformers
-    check_tensors(parent, _meta_model(parent, False))
+    check_tensors(parent, meta_model(parent, False))
     assert "has no place for" not in caplog.text
 
 
@@ -125,7 +125,7 @@ def test_unexpected_tensors_alone_are_a_warning_as_transformers_ignores_them(tmp
     weights["extra.head.weight"] = torch.zeros(2)
     save_file(weights, tmp_path / "p" / "model.safetensors", metadata={"format": "pt"})
     parent = resolve_parent(str(tmp_path / "p"))
-    check_tensors(parent, _meta_model(parent, False))
+    check_tensors(parent, meta_model(parent, False))
     assert "holds 1 tensor(s) ViTForImageClassification has no place for, ignored: extra.head.weight" in caplog.text
 
 
@@ -162,7 +162,7 @@ def test_every_bare_encoder_saved_without_its_pooler_passes_pre_flight_and_loads
     model_class, make_config = FAMILIES[family]
     model_class(make_config(), add_pooling_layer=False).save_pretrained(tmp_path / "p")
     parent = resolve_parent(str(tmp_path / "p"))
-    model = _meta_model(parent, False)
+    model = meta_model(parent, False)
     assert model.pooler is None
     check_tensors(parent, model)
     assert Checkpoint(str(tmp_path / "p")).load().pooler is None

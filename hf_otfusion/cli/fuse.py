@@ -216,6 +216,7 @@ def run_inspect(args: argparse.Namespace) -> int:
     from ..config import FusionConfig
     from ..data import DataSource, load_processor
     from ..hub.parents import download_parents, parent_checkpoint, resolve_parent
+    from ..job.inputs import check_encoded
     from ..methods.readiness import readiness_report
 
     # read and encoded as `fuse --data` is; resolved first, so that a missing data set fails before any download
@@ -233,6 +234,8 @@ def run_inspect(args: argparse.Namespace) -> int:
     if data_source is not None:
         processor = load_processor(parents[anchor].directory) if parents[anchor].processor_files else None
         data = encode_rows(args, data_source, sources[anchor].config().label2id, processor)
+        check_encoded(data_source.load(), data, sources[anchor].skeleton(), source=f"--data {args.data}",
+                      text_column=args.text_column, image_column=args.image_column)  # fmt: skip
     report = readiness_report(sources, data=data, config=config, progress=not args.quiet)
     if args.json is not None:
         args.json.write_text(json.dumps(report.to_dict(), indent=1) + "\n")

@@ -15,7 +15,7 @@ from transformers import PreTrainedModel
 
 from ..config import FusionConfig
 from ..errors import FusionError, InvalidConfigError
-from .compatibility import check_compatible, check_same_model_type
+from .compatibility import check_compatible, check_same_model_type, check_same_widths
 from .plan import FusionPlan, resolve_plan
 from .spec import AlignmentSpec, load_spec
 
@@ -78,7 +78,8 @@ def prepare(
     Raises:
         FusionError: the count, anchor or weights are wrong (`check_parent_count`); `ModelTypeMismatchError`,
             `UnsupportedArchitectureError`, `UncoveredParameterError` or another `IncompatibleModelsError`
-            naming the parent and the fix.
+            naming the parent and the fix, among them other widths under a method that averages tensors as
+            they are (`vanilla`, or a same-base method without `align="ot"`).
     """
     weights = check_parent_count(len(models), config)
     check_same_model_type(models)  # before the spec: a mixed pair is named as such, not as a spec problem
@@ -86,4 +87,6 @@ def prepare(
         spec = load_spec(spec)
     plans = [resolve_plan(model, spec) for model in models]
     check_compatible(models, plans, config.anchor)
+    if config.method != "ot" and config.align != "ot":  # OT, and aligned same-base methods, take any widths
+        check_same_widths(plans, config.anchor, config.method)
     return PreparedParents(models=list(models), plans=plans, anchor=config.anchor, weights=weights, spec=spec)

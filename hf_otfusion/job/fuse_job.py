@@ -274,9 +274,11 @@ class FuseJob:
             raise InvalidConfigError(f"{len(sources)} {flag} sources for {what}; {fix}.", field=name, value=sources)
 
     def preflight(self) -> Preflight:
-        """Everything that can fail before a weight download (see `job.preflight`), and what it resolved."""
+        """Everything that can fail before a weight download, and what it resolved: the parents (`job.preflight`),
+        then the data, read and its first batch encoded for the anchor (`job.inputs.check_job_data`)."""
         from ..data import DataSource
         from ..hub.parents import resolve_parent
+        from .inputs import check_job_data
         from .preflight import preflight
 
         self.check_options()
@@ -334,10 +336,12 @@ class FuseJob:
                     )
                 )
                 evaluation[-1].choose_split()
-        return replace(
+        checked = replace(
             checked, base=base, alignment_data=alignment[0] if alignment else None,
             eval_data=evaluation[0] if evaluation else None, data_sources=alignment, eval_sources=evaluation,
         )  # fmt: skip
+        check_job_data(self, checked)  # no rows, wrong image size, too long sequences: before any download
+        return checked
 
 
 #: the numeric job options (the FusionConfig fields have their own table in `config`)

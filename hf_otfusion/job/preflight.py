@@ -113,15 +113,18 @@ def preflight(
     depth, vocabulary, label set and unaligned-shape mismatches surface before any download. With `multi_task`,
     the parents' encoders are checked (`multitask.encoder_view`): their heads and label sets may differ. Each
     parent's safetensors headers are compared with its full meta model first (`check_tensors`), so a missing or
-    misshapen weight fails here, not when the downloaded weights are loaded.
+    misshapen weight fails here, not when the downloaded weights are loaded. A `config.target` is checked on
+    the anchor's meta model (`methods.target.check_target`), and other widths under a method that averages
+    tensors as they are are refused by `prepare`.
 
     Raises:
-        FusionError: any `resolve_parent` error, a `CorruptCheckpointError` from `check_tensors`, or an
-            `IncompatibleModelsError` / `UnsupportedArchitectureError` naming the parent and the fix.
+        FusionError: any `resolve_parent` error, a `CorruptCheckpointError` from `check_tensors`, an
+            `IncompatibleModelsError` / `UnsupportedArchitectureError` naming the parent and the fix, or a
+            `TargetShapeError`.
     """
     check_parent_count(len(sources), config)  # before the Hub is contacted
     parents = [resolve_parent(s, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code) for s in sources]
-    models = [_meta_model(parent, trust_remote_code) for parent in parents]
+    models = [meta_model(parent, trust_remote_code) for parent in parents]
     for parent, model in zip(parents, models, strict=True):
         check_tensors(parent, model)
     if multi_task:
@@ -129,11 +132,15 @@ def preflight(
 
         models = [encoder_view(model, k) for k, model in enumerate(models)]
     plans = prepare(models, config).plans
+    if config.target is not None:  # a wider target or a bad head split fails now, not after the download
+        from ..methods.target import check_target
+
+        check_target(models[config.anchor], config.target)
     download = sum(w.size for p in parents if p.on_hub for w in p.weight_files)
     return Preflight(parents=parents, anchor=config.anchor, plans=plans, download_bytes=download)
 
 
-def _meta_model(parent: Parent, trust_remote_code: bool) -> PreTrainedModel:
+def meta_model(parent: Parent, trust_remote_code: bool) -> PreTrainedModel:
     """The parent's model with its config's shapes and no storage: enough to resolve the spec and compare shapes."""
     model_type = parent.config.get("model_type")
     if model_type not in available_specs():

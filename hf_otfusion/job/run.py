@@ -24,11 +24,11 @@ import yaml
 
 from ..checkpoints import Checkpoint
 from ..config import FusionConfig
-from ..data import DataSource, encode_dataset, load_processor
-from ..errors import DataSourceError, FusionError
+from ..errors import FusionError
 from ..hub.parents import Parent, download_parents, load_parent_model, parent_checkpoint
 from ..output.provenance import CONFIG_FILE, JOB_FILE, Provenance, package_versions, utc_now, weight_hashes
 from ..output.staging import StagedOutput, check_fused_finite, stage_output
+from .inputs import anchor_processor, encoded
 from .preflight import Preflight
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -60,12 +60,9 @@ def run_job(job: FuseJob, checked: Preflight | None = None):
     # checkpoints, not models: `fuse` loads each when its turn comes, holding two models at a time
     sources = [parent_checkpoint(p, trust_remote_code=job.trust_remote_code) for p in parents]
     base = load_parent_model(checked.base, trust_remote_code=job.trust_remote_code) if checked.base else None
-    processor = None
-    directory = parents[anchor].directory
-    if parents[anchor].processor_files and directory is not None:
-        processor = load_processor(directory, trust_remote_code=job.trust_remote_code)
+    processor = anchor_processor(parents[anchor], job.trust_remote_code)
     label2id = sources[anchor].config().label2id
-    alignment = _encoded(job, checked.alignment_data, processor, label2id)
+    alignment = encoded(job, checked.alignment_data, processor, label2id)
     result = fuse_with_diagnostics(
         sources, data=alignment, config=job.config, base=base, progress=job.progress, device=job.device
     )
@@ -116,13 +113,13 @@ def _run_multi_task(job: FuseJob, checked: Preflight):
         download_parents([checked.base], anchor=-1, progress=job.progress)
     sources = [parent_checkpoint(p, trust_remote_code=job.trust_remote_code) for p in checked.parents]
     base = load_parent_model(checked.base, trust_remote_code=job.trust_remote_code) if checked.base else None
-    processors = [_processor(job, parent) for parent in checked.parents]
+    processors = [anchor_processor(parent, job.trust_remote_code) for parent in checked.parents]
     label2ids = [source.config().label2id for source in sources]
     data, anchor = None, checked.anchor
     if len(checked.data_sources) == 1:  # one source for every task: encoded once, with the anchor's processor
-        data = [_encoded(job, checked.data_sources[0], processors[anchor], label2ids[anchor])] * len(sources)
+        data = [encoded(job, checked.data_sources[0], processors[anchor], label2ids[anchor])] * len(sources)
     elif checked.data_sources:  # each parent's own rows, encoded with its own processor and labels
-        data = [_encoded(job, d, processors[k], label2ids[k]) for k, d in enumerate(checked.data_sources)]
+        data = [encoded(job, d, processors[k], label2ids[k]) for k, d in enumerate(checked.data_sources)]
     result = merge_tasks(
         sources, job.config, base=base, data=data, task_names=job.task_names, progress=job.progress,
         device=job.device,
@@ -160,13 +157,6 @@ def _run_multi_task(job: FuseJob, checked: Preflight):
     return result
 
 
-def _processor(job: FuseJob, parent: Parent):
-    """A downloaded parent's tokenizer or image processor, or None when it ships none."""
-    if parent.processor_files and parent.directory is not None:
-        return load_processor(parent.directory, trust_remote_code=job.trust_remote_code)
-    return None
-
-
 # ------------------------------------------------------------------------------------------- steps
 def _warn_license_conflict(parents: list[Parent]) -> None:
     """Says, before any weight is downloaded, that the parents' licences differ (the card repeats it)."""
@@ -175,26 +165,6 @@ def _warn_license_conflict(parents: list[Parent]) -> None:
     note = license_conflict([p.license for p in parents], [p.name for p in parents])
     if note is not None:
         logger.warning(note)
-
-
-def _encoded(job: FuseJob, source: DataSource | None, processor, label2id):
-    if source is None:
-        return None
-    dataset = source.load()  # a missing split or file fails here, with its own message
-    try:
-        return encode_dataset(
-            dataset, processor, text_column=job.text_column, image_column=job.image_column,
-            label_column=job.label_column, max_length=job.max_length, label2id=label2id,
-        )  # fmt: skip
-    except DataSourceError as error:
-        if processor is not None:
-            raise
-        raise DataSourceError(
-            f"{error} The anchor ({job.parents[job.config.anchor]}) ships no tokenizer or image processor "
-            "files, so give data that already holds model inputs.",
-            source=error.source,
-            column=error.column,
-        ) from error
 
 
 def _evaluate(job: FuseJob, checked: Preflight, sources, fused, processor, label2id) -> dict[str, Any]:
@@ -208,9 +178,7 @@ def _evaluate(job: FuseJob, checked: Preflight, sources, fused, processor, label
     from ..output.card import FUSED_ROW, VANILLA_ROW
     from ..train.evaluation import evaluate_models
 
-    dataset = _encoded(job, checked.eval_data, processor, label2id)
-    if "labels" not in dataset.column_names:
-        raise FusionError(f"--eval-data {checked.eval_data.pinned} has no label column; name it with --label-column.")
+    dataset = encoded(job, checked.eval_data, processor, label2id)  # labelled: checked in pre-flight
     rows: dict[str, Any] = {}
     for k, (parent, source) in enumerate(zip(checked.parents, sources, strict=True)):
         rows[f"parent {k}: {parent.name}"] = source
@@ -230,7 +198,7 @@ def _evaluate_task(job: FuseJob, checked: Preflight, k: int, source, base, merge
     from ..train.evaluation import evaluate_models
 
     data = checked.eval_sources[k]
-    dataset = _encoded(job, data, processor, source.config().label2id)
+    dataset = encoded(job, data, processor, source.config().label2id)
     if "labels" not in dataset.column_names:
         raise FusionError(f"--eval-data {data.pinned} has no label column; name it with --label-column.")
     rows: dict[str, Any] = {f"own fine-tune: {checked.parents[k].name}": source}

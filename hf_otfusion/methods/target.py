@@ -40,6 +40,7 @@ import ot
 import torch
 from transformers import PretrainedConfig, PreTrainedModel
 
+from ..checkpoints import init_kwargs, weightless_model
 from ..config import FusionConfig, parse_target
 from ..engine.align import align_parameters, align_tensor
 from ..engine.compatibility import check_finite
@@ -283,10 +284,34 @@ class _SelfCosts:
         return ot.dist(stacked, stacked, metric="sqeuclidean"), (stacked**2).sum(axis=1)
 
 
-def _target_model(anchor: PreTrainedModel, target: dict[str, int], spec: AlignmentSpec) -> PreTrainedModel:
+def check_target(anchor: PreTrainedModel, target: dict[str, int], spec: AlignmentSpec | None = None) -> None:
+    """Raises `TargetShapeError` unless `target` is a valid compression of `anchor`; builds only a meta model.
+
+    The checks `target_basis` makes before it compresses (known keys, sizes that build a model and split into
+    heads, no space wider than the anchor's), so that pre-flight can make them on the anchor's weightless
+    skeleton before any weight is downloaded, and both refuse a bad target with the same message.
+    """
+    spec = spec or load_spec(anchor.config.model_type)
+    basis_plan = _resolve_target_plan(_target_model(anchor, target, spec, meta=True), spec, target)
+    _check_narrower(resolve_plan(anchor, spec), basis_plan)
+
+
+def _target_model(
+    anchor: PreTrainedModel, target: dict[str, int], spec: AlignmentSpec, meta: bool = False
+) -> PreTrainedModel:
     config = target_config(anchor, target, spec)
-    dtype = next(anchor.parameters()).dtype
-    return type(anchor)(config).to(dtype).eval()  # type: ignore[arg-type]  # transformers types .to loosely
+    kwargs = init_kwargs(type(anchor), list(anchor.state_dict()))  # an anchor without pooler: a basis without
+    try:
+        if meta:
+            return weightless_model(type(anchor), config, **kwargs)
+        dtype = next(anchor.parameters()).dtype
+        return type(anchor)(config, **kwargs).to(dtype).eval()  # type: ignore[arg-type]  # .to is typed loosely
+    except ValueError as error:  # the model's own check, e.g. BERT's hidden size not a multiple of its heads
+        raise TargetShapeError(
+            f"The target {target} does not give a valid {type(anchor).__name__}: {str(error).rstrip('.')}. Choose "
+            "sizes that divide evenly, e.g. a hidden_size that is a multiple of num_attention_heads.",
+            target=target,
+        ) from None
 
 
 def _resolve_target_plan(basis: PreTrainedModel, spec: AlignmentSpec, target: dict[str, int]) -> FusionPlan:
