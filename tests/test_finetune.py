@@ -17,7 +17,7 @@ from datasets import Dataset, DatasetDict
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from hf_otfusion.cli import main
-from hf_otfusion.errors import OutputExistsError, UnsupportedTaskError
+from hf_otfusion.errors import IncompatibleModelsError, InvalidConfigError, OutputExistsError, UnsupportedTaskError
 from hf_otfusion.train.evaluation import evaluate_model
 from hf_otfusion.train.finetune import FinetuneConfig, finetune
 
@@ -265,3 +265,68 @@ def test_cli_finetunes_a_fused_model_from_the_hub_and_pushes_it_with_its_card(tm
     assert FUSED_TEXT.strip() in result["text"]
     assert f"from `ns/fused@{result['commit']}`" in result["text"]
     assert "Training data: ns/bars@" in result["text"] and "(split train) (64 examples)" in result["text"]
+
+
+def kl_to(model, teachers, data) -> float:
+    """KL(teachers' mean softmax || the model's softmax) over `data`, at temperature 1."""
+    with torch.no_grad():
+        inputs = torch.tensor(np.array(data["pixel_values"]))
+        target = sum(t(pixel_values=inputs).logits.softmax(-1) for t in teachers) / len(teachers)
+        log_probs = model(pixel_values=inputs).logits.log_softmax(-1)
+    return float(torch.nn.functional.kl_div(log_probs, target, reduction="batchmean"))
+
+
+def test_distillation_pulls_the_model_towards_the_teachers_and_alpha_zero_is_the_plain_loss():
+    teachers = [
+        finetune(fresh_vit(s), bars(160, s), config=FinetuneConfig(max_steps=20, **RECIPE), progress=False).model
+        for s in (1, 2)
+    ]
+    shuffled = bars(160, 0)
+    shuffled = shuffled.add_column("noise", list(range(160))).map(lambda r: {"labels": r["noise"] % 3})
+    shuffled = shuffled.remove_columns("noise")  # labels unrelated to the images: only the teachers teach
+    held_out = bars(64, 5)
+    plain = finetune(fresh_vit(), shuffled, config=FinetuneConfig(max_steps=40, **RECIPE), progress=False)
+    taught = finetune(
+        fresh_vit(), shuffled, config=FinetuneConfig(max_steps=40, distill_alpha=0.9, **RECIPE), teachers=teachers,
+        progress=False,
+    )  # fmt: skip
+    start = kl_to(fresh_vit(), teachers, held_out)
+    assert kl_to(taught.model, teachers, held_out) < 0.25 * start  # measured: 0.015 from 0.153
+    assert kl_to(taught.model, teachers, held_out) < 0.25 * kl_to(plain.model, teachers, held_out)  # 0.132
+    # it learned the task from the teachers alone (they score 0.61 and 0.66 here; the shuffled labels teach ~chance)
+    taught_accuracy = evaluate_model(taught.model, held_out)["accuracy"]
+    assert taught_accuracy > 0.5 and taught_accuracy > evaluate_model(plain.model, held_out)["accuracy"] + 0.15
+    # with no teachers the Trainer's own loss runs: two identical runs give identical weights
+    again = finetune(fresh_vit(), shuffled, config=FinetuneConfig(max_steps=40, **RECIPE), progress=False)
+    for (name, a), b in zip(plain.model.state_dict().items(), again.model.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+
+
+def test_distillation_options_are_checked_before_training():
+    config = FinetuneConfig(max_steps=2, distill_alpha=0.5)
+    with pytest.raises(InvalidConfigError, match="needs teachers"):
+        finetune(fresh_vit(), bars(16, 0), config=config, progress=False)
+    with pytest.raises(InvalidConfigError, match="teachers need distill_alpha"):
+        finetune(fresh_vit(), bars(16, 0), config=FinetuneConfig(max_steps=2), teachers=[fresh_vit(1)], progress=False)
+    other = fresh_vit(1)
+    other.config.id2label = {0: "x", 1: "y", 2: "z"}
+    with pytest.raises(IncompatibleModelsError, match="Teacher 0 predicts"):
+        finetune(fresh_vit(), bars(16, 0), config=config, teachers=[other], progress=False)
+    with pytest.raises(InvalidConfigError, match="distill_alpha"):
+        FinetuneConfig(distill_alpha=1.5)
+
+
+def test_cli_finetune_with_the_parents_as_teachers_records_them(saved_task, tmp_path):
+    source, data = saved_task
+    teachers = []
+    for seed in (1, 2):
+        teacher = tmp_path / f"teacher{seed}"
+        fresh_vit(seed).save_pretrained(teacher)
+        teachers.append(str(teacher))
+    out = tmp_path / "ft"
+    args = ["finetune", str(source), "--data", str(data), "--split", "train", "--out", str(out), "-q"]
+    assert main([*args, "--max-steps", "3", "--teachers", *teachers]) == 2  # no --distill-alpha
+    assert not out.exists()
+    assert main([*args, "--max-steps", "3", "--teachers", *teachers, "--distill-alpha", "0.5"]) == 0
+    run = json.loads((out / "finetune_runs.json").read_text())[0]
+    assert run["teachers"] == teachers and run["config"]["distill_alpha"] == 0.5

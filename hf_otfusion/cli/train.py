@@ -52,7 +52,14 @@ def _add_finetune_parser(commands) -> None:
     data.add_argument("--eval-split", help="split scored before and after training (default with --eval-data: the "
                       "only split, or test)")  # fmt: skip
     data.add_argument("--eval-num-samples", type=count(1), help="score on this many rows (seeded by --data-seed)")
-    add_config_flags(finetune.add_argument_group("training recipe (FinetuneConfig fields)"), FinetuneConfig)
+    recipe = finetune.add_argument_group("training recipe (FinetuneConfig fields)")
+    add_config_flags(recipe, FinetuneConfig)
+    recipe.add_argument(
+        "--teachers", nargs="+", metavar="MODEL", default=[],
+        help="classifiers with the model's labels (checkpoint directories or Hub ids[@revision], e.g. the fused "
+        "model's parents) whose mean prediction the model also learns from; needs --distill-alpha > 0. The data is "
+        "encoded with the model's processor for every teacher",
+    )  # fmt: skip
     hub = finetune.add_argument_group("Hub")
     hub.add_argument("--push-to-hub", metavar="REPO", help="after training, upload --out to this model repository "
                      "in one commit")  # fmt: skip
@@ -134,11 +141,13 @@ def run_finetune(args: argparse.Namespace) -> int:
     config = FinetuneConfig.from_dict(
         config_values(args, FinetuneConfig, load_config_file(args.config) if args.config else {})
     )
-    inputs = [args.model, args.data, *([args.eval_data] if args.eval_data else [])]
+    config.check_teachers(len(args.teachers))
+    inputs = [args.model, args.data, *([args.eval_data] if args.eval_data else []), *args.teachers]
     check_output_dir(args.out, overwrite=args.overwrite, inputs=inputs)  # before any download or training
     if args.quiet:
         silence_progress_bars()
     parent, model, processor = _load_classifier(args.model, progress=not args.quiet)
+    teachers = [_load_classifier(source, progress=not args.quiet) for source in args.teachers]
     label2id = getattr(model.config, "label2id", None)
     train, train_source = _encoded_split(args, args.data, args.split, args.num_samples, label2id, processor)
     evaluation, eval_source = None, None
@@ -152,7 +161,7 @@ def run_finetune(args: argparse.Namespace) -> int:
         eval_name=_describe(eval_source) if eval_source else None, overwrite=args.overwrite,
         hub_datasets=[s.hub_id for s in (train_source, eval_source) if s is not None and s.hub_id],
         base_model=parent.repo_id, eval_dataset=_card_dataset(eval_source) if eval_source else None,
-        progress=not args.quiet,
+        progress=not args.quiet, teachers=[t[1] for t in teachers], teacher_names=[t[0].pinned for t in teachers],
     )  # fmt: skip
     if not is_main_process(process_state(None)):
         return 0  # under torchrun / accelerate launch, only the main process wrote the output (and pushes)

@@ -32,6 +32,10 @@ class FinetuneConfig:
         seed: seed of data order, dropout and any freshly initialised weights.
         logging_steps: steps between two training-loss log entries.
         evaluate_before: also evaluate before training, so the card shows what finetuning changed.
+        distill_alpha: weight of distillation from teachers (`finetune(..., teachers=...)`, `--teachers`, e.g. a
+            fusion's parents): the loss is (1 - alpha) x cross-entropy + alpha x T² x KL(teachers' mean softmax at
+            temperature T || the model's). 0 (default) trains on the labels only.
+        distill_temperature: the temperature T of the distillation term.
     """
 
     #: the numeric fields' rules (set below the class), checked in `__post_init__` and shown in `--help`
@@ -49,6 +53,8 @@ class FinetuneConfig:
     seed: int = 0
     logging_steps: int = 10
     evaluate_before: bool = True
+    distill_alpha: float = 0.0
+    distill_temperature: float = 2.0
 
     def __post_init__(self) -> None:
         check_numbers(self, _FINETUNE_NUMBERS)
@@ -78,6 +84,16 @@ class FinetuneConfig:
     def from_dict(cls, values: dict[str, Any]) -> FinetuneConfig:
         """Builds a config from a dict, rejecting unknown keys so that typos do not pass silently."""
         return strict_from_dict(cls, values)
+
+    def check_teachers(self, count: int) -> None:
+        """Raises `InvalidConfigError` unless teachers are given exactly when `distill_alpha` > 0."""
+        if bool(count) != (self.distill_alpha > 0):
+            raise InvalidConfigError(
+                "distill_alpha > 0 needs teachers (--teachers), and teachers need distill_alpha > 0 "
+                f"(got distill_alpha={self.distill_alpha} and {count} teacher(s)).",
+                field="distill_alpha",
+                value=self.distill_alpha,
+            )
 
     def training_arguments(self, output_dir: str | Path, progress: bool = True, **overrides):
         """`TrainingArguments` for this recipe; `overrides` are passed through (any `TrainingArguments` field)."""
@@ -126,6 +142,8 @@ _FINETUNE_NUMBERS = {
     "max_grad_norm": NumberRule(float, 0),
     "seed": NumberRule(int, 0, 2**32 - 1),
     "logging_steps": NumberRule(int, 1),
+    "distill_alpha": NumberRule(float, 0, 1),
+    "distill_temperature": NumberRule(float, 0, low_open=True),
 }
 
 # the numeric rules of each config class, for the CLI's help (which states each field's range)

@@ -75,6 +75,8 @@ def finetune(
     eval_dataset: dict[str, Any] | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    teachers: list[ModelOrPath] | None = None,
+    teacher_names: list[str] | None = None,
     **training_args,
 ) -> FinetuneResult:
     """Finetunes a sequence or image classifier with `transformers.Trainer`.
@@ -100,6 +102,9 @@ def finetune(
             `revision` (the commit); default: `eval_name`.
         overwrite: replace a non-empty `output_dir` (refused otherwise, before any training).
         progress: show progress bars and training-loss logs.
+        teachers: classifiers with the model's labels whose mean output distribution the model also learns from
+            (`config.distill_alpha` > 0), e.g. the parents of a fused model. They are not trained.
+        teacher_names: how the run record names them; default: the paths or ids given, else `teacher k`.
         **training_args: any `TrainingArguments` field, overriding the recipe (e.g. `use_cpu=True`).
 
     Returns:
@@ -111,10 +116,12 @@ def finetune(
             directory (or overlaps it), a file or a symbolic link.
         UnsupportedTaskError: the model has no trainable classification head.
         TrainingDataError: the data lacks the model's inputs or labels, or has labels the head does not know.
+        InvalidConfigError: `distill_alpha` > 0 without teachers, or teachers with `distill_alpha` = 0.
     """
-    from transformers import PrinterCallback, Trainer
+    from transformers import PrinterCallback
 
     from ..data import load_processor
+    from .distillation import DistillationTrainer, check_teachers
 
     config = config or FinetuneConfig()
     if isinstance(model, str | Path):
@@ -125,8 +132,10 @@ def finetune(
     if output_dir is not None:
         inputs = [source_dir] if source_dir is not None else []
         out = check_output_dir(output_dir, overwrite=overwrite, inputs=inputs, flag="output_dir")
+    config.check_teachers(len(teachers or []))
     model = load_parent(model)
     check_trainable(model)
+    teacher_models = check_teachers([load_parent(t) for t in teachers or []], model)
     check_dataset(train_data, model)
     if eval_data is not None:
         check_dataset(eval_data, model)
@@ -136,7 +145,10 @@ def finetune(
     # the Trainer insists on a directory even though it saves nothing there (the model is saved below, staged)
     scratch = tempfile.mkdtemp(prefix="otfusion-finetune-")
     args = config.training_arguments(scratch, progress, **training_args)
-    trainer = Trainer(
+    trainer = DistillationTrainer(
+        teacher_models,
+        config.distill_alpha,
+        config.distill_temperature,
         model=model,
         args=args,
         train_dataset=train_data,
@@ -179,6 +191,9 @@ def finetune(
         (stage.path / "training_args.bin").unlink(missing_ok=True)
         run = run_record(result, source, data_name, len(train_data), eval_name, eval_data, args.world_size)
         run["hub_datasets"] = list(hub_datasets or [])
+        run["teachers"] = teacher_names or [
+            str(t) if isinstance(t, str | Path) else f"teacher {k}" for k, t in enumerate(teachers or [])
+        ]
         run["base_model"], run["eval_dataset"] = base_model, eval_dataset
         write_provenance(stage.path, source_dir, run)
         update_model_card(source_dir / "README.md" if source_dir else None, run, model).save(

@@ -30,6 +30,7 @@ from typing import Any
 from urllib.parse import quote
 
 from .blobs import Blobs
+from .errors import HubError
 from .guard import Guard
 
 #: Files larger than this always go through LFS, whatever their content (the Hub's threshold).
@@ -70,18 +71,18 @@ def batch_answer(body: dict[str, Any], blobs: Blobs, guard: Guard, base_url: str
     """The LFS batch API's answer to an upload request: per object, nothing (stored), an action, or an error.
 
     Raises:
-        ValueError: the request is not an upload batch (the message says what is wrong).
+        HubError: 422, the request is not an upload batch (the message says what is wrong).
     """
     if body.get("operation") != "upload":
-        raise ValueError("This server's LFS batch endpoint serves uploads only; downloads use /resolve")
+        raise HubError(422, "This server's LFS batch endpoint serves uploads only; downloads use /resolve")
     if body.get("hash_algo", "sha256") != "sha256":
-        raise ValueError("Only sha256 LFS objects are supported")
+        raise HubError(422, "Only sha256 LFS objects are supported")
     transfers = body.get("transfers") or ["basic"]
     if "basic" not in transfers:
-        raise ValueError(f"No common LFS transfer: the client offers {transfers}, this server speaks 'basic'")
+        raise HubError(422, f"No common LFS transfer: the client offers {transfers}, this server speaks 'basic'")
     objects = body.get("objects")
     if not isinstance(objects, list):
-        raise ValueError("An LFS batch request needs a list of 'objects'")
+        raise HubError(422, "An LFS batch request needs a list of 'objects'")
     expires = int(time.time()) + UPLOAD_URL_LIFETIME_S
     return {"transfer": "basic", "objects": [_object(o, blobs, guard, base_url, max_bytes, expires) for o in objects]}
 

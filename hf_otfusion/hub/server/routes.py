@@ -286,12 +286,7 @@ class Routes:
         self._require_token("An LFS upload")
         self._repo(repo_type, namespace, name)
         body = self._read_json()
-        try:
-            answer = lfs.batch_answer(
-                body, self.store.blobs, self.hub.guard, self._base_url(), self.hub.max_commit_bytes
-            )
-        except ValueError as error:
-            raise HubError(422, str(error)) from None
+        answer = lfs.batch_answer(body, self.store.blobs, self.hub.guard, self._base_url(), self.hub.max_commit_bytes)
         return json_response(answer, headers={"Content-Type": lfs.LFS_CONTENT_TYPE})
 
     def _lfs_upload(self, oid: str, query: dict[str, list[str]]) -> Response:
