@@ -119,9 +119,13 @@ def barrier(anchor, other, dataset) -> dict:
     }
 
 
-def finetune_and_score(model, splits: dict, config: FinetuneConfig) -> dict:
+def finetune_and_score(model, splits: dict, config: FinetuneConfig, teachers: list | None = None) -> dict:
+    """Finetunes a copy of `model` (with `teachers` when `config.distill_alpha` > 0) and scores it."""
     started = time.perf_counter()
-    result = finetune(copy.deepcopy(model), splits["train"], splits["validation"], config, progress=False)
+    teachers = [copy.deepcopy(t) for t in teachers] if teachers else None
+    result = finetune(
+        copy.deepcopy(model), splits["train"], splits["validation"], config, progress=False, teachers=teachers
+    )
     return {
         "steps": result.steps,
         "seconds": round(time.perf_counter() - started, 1),

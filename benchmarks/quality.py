@@ -193,14 +193,15 @@ def run_family(family: str, args, cache: dict, log) -> dict:
     finetune_config = FinetuneConfig(
         max_steps=budget, learning_rate=args.finetune_lr_scale * recipe["learning_rate"],
         batch_size=recipe["batch_size"], weight_decay=recipe["weight_decay"], warmup=0.1, lr_scheduler_type="cosine",
-        seed=0, evaluate_before=False, logging_steps=max(1, budget // 4),
+        seed=0, evaluate_before=False, logging_steps=max(1, budget // 4), distill_alpha=args.distill_alpha,
     )  # fmt: skip
+    teachers = parents if args.distill_alpha > 0 else None  # the same teachers for every row: a fair control
     finetuned = {}
     if args.finetune_fraction > 0:
         starts = [(f"fused ({best})", models[best]), ("vanilla average", models.get("vanilla average")),
                   ("parent seed 0", parents[0]), ("parent seed 1", parents[1])]  # fmt: skip
         for name, model in ((name, model) for name, model in starts if model is not None):
-            finetuned[name] = finetune_and_score(model, splits, finetune_config)
+            finetuned[name] = finetune_and_score(model, splits, finetune_config, teachers)
             log(f"[{family}] finetuned {name}: test {pct(finetuned[name]['test']['accuracy'])}")
     report["finetune"] = {"budget_steps": budget, "parent_steps": records[0]["steps"],
                           "config": finetune_config.to_dict(), "rows": finetuned}  # fmt: skip
@@ -231,7 +232,10 @@ def family_markdown(r: dict) -> list[str]:
         share = 100 * ft["budget_steps"] / ft["parent_steps"]
         lines += ["", f"Finetuning, same budget for every row: {ft['budget_steps']} steps ({share:.0f} % of a parent's "
                   f"{ft['parent_steps']}), learning rate {ft['config']['learning_rate']:g} (cosine, 10 % warmup), "
-                  f"batch {ft['config']['batch_size']}.", "",
+                  f"batch {ft['config']['batch_size']}"
+                  + (f"; distillation from both parents, alpha {ft['config']['distill_alpha']:g}, temperature "
+                     f"{ft['config']['distill_temperature']:g}" if ft["config"].get("distill_alpha") else "")
+                  + ".", "",
                   "| finetuned from | test accuracy % | test loss | validation accuracy % |",
                   "|---|---:|---:|---:|"]  # fmt: skip
         for name, row in ft["rows"].items():
@@ -289,6 +293,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--refine-steps", type=int, default=500, help="FusionConfig.refine_steps of the refine rows")
     parser.add_argument("--refine-lr", type=float, help="FusionConfig.refine_lr of the refine rows (default: its own)")
     parser.add_argument("--finetune-fraction", type=float, default=0.1, help="finetune budget / a parent's steps")
+    parser.add_argument(
+        "--distill-alpha", type=float, default=0.0,
+        help="FinetuneConfig.distill_alpha of every finetuned row, the two parents as teachers (0: labels only)",
+    )  # fmt: skip
     parser.add_argument("--finetune-lr-scale", type=float, default=0.25, help="finetune lr / a parent's peak lr")
     parser.add_argument(
         "--rows", nargs="+", metavar="KEY", choices=[key for key, _, _ in rows_for("vit", 0)],

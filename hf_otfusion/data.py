@@ -150,7 +150,7 @@ class DataSource:
             else:
                 path, kwargs = self._builder()
                 names = datasets.get_dataset_split_names(path, **kwargs)
-                self.split = _choose_split(names, self.split, self.source, self.default_split)
+                self.split = _choose_split(names, self.split, self.source, self.default_split, slices=True)
         return self.split
 
     @contextmanager
@@ -364,10 +364,11 @@ def _local_builder(source: str) -> tuple[str, dict[str, Any]]:
     return builder, kwargs
 
 
-def _choose_split(available: list[str], requested: str | None, source: str, default: str = "train") -> str:
-    """`requested` if the source has it; else its only split, else `default` if present."""
+def _choose_split(available: list[str], requested: str | None, source: str, default="train", slices=False) -> str:
+    """`requested` if the source has it (with `slices`, also a slice of it: `train[:100]`, as `load_dataset`
+    reads it); else its only split, else `default` if present."""
     if requested is not None:
-        if requested not in available:
+        if (requested.split("[", 1)[0] if slices else requested) not in available:
             raise DataSourceError(f"{source} has no split {requested!r}; available splits: {available}.", source=source)
         return requested
     if len(available) == 1:

@@ -86,3 +86,15 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
 @pytest.fixture(params=list(FAMILIES))
 def family(request) -> str:
     return request.param
+
+
+@pytest.fixture
+def saved_parents(tmp_path):
+    """A tiny ViT classifier and two directories: it saved, and a permuted copy of it saved (the same function)."""
+    from hf_otfusion import permute_model
+
+    parent = build("vit-cls")
+    paths = [tmp_path / "a", tmp_path / "b"]
+    parent.save_pretrained(paths[0])
+    permute_model(parent, seed=1).save_pretrained(paths[1])
+    return parent, [str(p) for p in paths]

@@ -6,22 +6,16 @@ import json
 import logging
 
 import pytest
-from conftest import build
 from huggingface_hub import ModelCard, ModelCardData
 
-from hf_otfusion import permute_model
 from hf_otfusion.cli import main
 from hf_otfusion.hub.parents import resolve_parent
 from hf_otfusion.output.card import inherited_license, license_conflict
 
 
 @pytest.fixture
-def parents(tmp_path):
-    parent = build("vit-cls")
-    paths = [tmp_path / "a", tmp_path / "b"]
-    parent.save_pretrained(paths[0])
-    permute_model(parent, seed=1).save_pretrained(paths[1])
-    return [str(p) for p in paths]
+def parents(saved_parents):
+    return saved_parents[1]
 
 
 def _with_licenses(paths: list[str], licenses: list[str | None]) -> None:

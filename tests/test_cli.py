@@ -30,12 +30,8 @@ PREPROCESSOR = {
 
 
 @pytest.fixture
-def parents(tmp_path):
-    parent = build("vit-cls")
-    paths = [tmp_path / "a", tmp_path / "b"]
-    parent.save_pretrained(paths[0])
-    permute_model(parent, seed=1).save_pretrained(paths[1])
-    return parent, [str(p) for p in paths]
+def parents(saved_parents):
+    return saved_parents
 
 
 @pytest.fixture

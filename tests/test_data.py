@@ -155,3 +155,13 @@ def test_a_source_with_one_split_gives_it_whatever_the_default(tmp_path):
     with pytest.raises(DataSourceError, match=r"has splits \['validation', 'extra'\] and none is 'test'"):
         DatasetDict({name: splits["train"] for name in ("validation", "extra")}).save_to_disk(str(tmp_path / "two"))
         DataSource.resolve(str(tmp_path / "two"), default_split="test").choose_split()
+
+
+def test_a_slice_of_a_split_is_read_as_load_dataset_reads_it(tmp_path):
+    path = tmp_path / "rows.csv"
+    path.write_text("text,label\n" + "".join(f"row {i},{i % 2}\n" for i in range(5)))
+    source = DataSource.resolve(str(path), "train[:2]")
+    assert source.choose_split() == "train[:2]"
+    assert source.load()["text"] == ["row 0", "row 1"]
+    with pytest.raises(DataSourceError, match=r"has no split 'test\[:2\]'"):
+        DataSource.resolve(str(path), "test[:2]").choose_split()
