@@ -103,6 +103,11 @@ def rows_for(family: str, refine_steps: int) -> list[tuple[str, str, dict]]:
             dict(rotations, refine_steps=refine_steps, refine_norms=True),
         ),
         (
+            "refine-weights",
+            f"+ {label} + refine {refine_steps} with layer weights",
+            dict(rotations, refine_steps=refine_steps, refine_weights=True),
+        ),
+        (
             "refine-repair",
             f"+ {label} + refine {refine_steps} + repair",
             dict(rotations, refine_steps=refine_steps, repair="all"),

@@ -186,6 +186,9 @@ class FusionConfig:
         refine_norms: with `refine_steps`, also learn the fused model's LayerNorm weights and biases (the output
             norm excepted), started at their average: a learned repair of each norm's per-channel scale and shift.
             The result is then an average of aligned parents with learned norms. Off by default.
+        refine_weights: with `refine_steps`, also learn each parent's averaging weight per layer (and for the
+            embeddings and the head), started at `weights`: the fused model stays a weighted average of the
+            aligned parents, with weights chosen on the alignment data. Off by default.
         repair: after averaging, move each fused unit's activation mean and standard deviation on the
             alignment data to the weighted average of its aligned parent units' (REPAIR, Jordan et al. 2023):
             averaging imperfectly correlated units shrinks their variance. `residual` repairs the modules that
@@ -227,6 +230,7 @@ class FusionConfig:
     refine_lr: float = 0.01
     refine_permutations: bool = False
     refine_norms: bool = False
+    refine_weights: bool = False
     weights: list[float] | None = None
     batch_size: int = 8
     num_samples: int | None = None

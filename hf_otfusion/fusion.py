@@ -335,7 +335,7 @@ def _align_and_average(run: _FusionRun) -> FusionResult:
             obtain(anchor), run.plans[anchor], tensors,
             result.maps, run.weights, run.data, steps=run.config.refine_steps, learning_rate=run.config.refine_lr,
             statistics_options=run.config.statistics_options(), permutations=run.config.refine_permutations,
-            norms=run.config.refine_norms, progress=run.progress,
+            norms=run.config.refine_norms, mixing=run.config.refine_weights, progress=run.progress,
         )  # fmt: skip
         run.timings["refine"] = time.perf_counter() - started
 
@@ -353,7 +353,7 @@ def _align_and_average(run: _FusionRun) -> FusionResult:
         average_into(fused, params, run.plans, result.maps, run.weights, accumulate=i > 0)
         del params
         release(group)
-    if result.refine is not None and result.refine.learned:  # learned norms replace their average
+    if result.refine is not None and result.refine.learned:  # learned norms or mixtures replace the average
         own = dict(fused.named_parameters())
         with torch.no_grad():
             for name, tensor in result.refine.learned.items():

@@ -17,6 +17,7 @@ library optimises the alignment of transformer parents.
 from __future__ import annotations
 
 import logging
+import re
 import time
 from dataclasses import dataclass, field, fields
 
@@ -49,7 +50,9 @@ class RefineReport:
     held_back_loss_after: float
     anchor_held_back_loss: float  # the anchor alone, against the same ensemble: what fusion has to beat
     seconds: float
-    # the fused model's learned norm tensors (`norms=True`), to be written over the average; not reported
+    # the parents' learned weights per group of layers (`mixing=True`): {group: [weight of parent k, ...]}
+    layer_weights: dict[str, list[float]] | None = None
+    # the fused tensors refinement learned (`norms`, `mixing`), to be written over the average; not reported
     learned: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
     @property
@@ -107,12 +110,42 @@ class _Permutation(torch.nn.Module):
         return hard + self.scores - self.scores.detach()
 
 
+class _Mixing(torch.nn.Module):
+    """Each parent's averaging weight per group of layers (`layer_group`): a softmax over the parents of learned
+    logits, started at the given weights. The fused model stays a weighted average of the aligned parents."""
+
+    def __init__(self, groups: list[str], parents: list[int], weights: list[float]):
+        super().__init__()
+        self.groups, self.parents = {g: i for i, g in enumerate(groups)}, {k: j for j, k in enumerate(parents)}
+        start = torch.tensor([max(weights[k], 1e-6) for k in parents]).log()
+        self.logits = torch.nn.Parameter(start.repeat(len(groups), 1))
+
+    def forward(self) -> torch.Tensor:
+        return self.logits.softmax(-1)
+
+    def weight(self, mixing: torch.Tensor, k: int, name: str) -> torch.Tensor:
+        return mixing[self.groups[layer_group(name)], self.parents[k]]
+
+    def report(self) -> dict[str, list[float]]:
+        mixing = self().detach()
+        return {g: [round(float(w), 4) for w in mixing[i]] for g, i in self.groups.items()}
+
+
+def layer_group(name: str) -> str:
+    """The group of layers a parameter belongs to for `_Mixing`: `layer N` (the first index in its name, as in
+    `encoder.layer.3.` or `layers.3.`), `embeddings`, or `head` (everything after the layers)."""
+    found = re.search(r"\.(\d+)\.", name)
+    if found:
+        return f"layer {int(found.group(1))}"
+    return "embeddings" if "embed" in name else "head"
+
+
 class _Trained(torch.nn.Module):
     """Everything refinement learns, as one module: one optimiser, one state to keep at the best held-back step."""
 
-    def __init__(self, maps: torch.nn.ModuleList, norms: torch.nn.ParameterList):
+    def __init__(self, maps: torch.nn.ModuleList, norms: torch.nn.ParameterList, mixing: _Mixing | None):
         super().__init__()
-        self.maps, self.norms = maps, norms
+        self.maps, self.norms, self.mixing = maps, norms, mixing
 
 
 def refine_maps(
@@ -128,6 +161,7 @@ def refine_maps(
     statistics_options: dict,
     permutations: bool = False,
     norms: bool = False,
+    mixing: bool = False,
     progress: bool = True,
 ) -> RefineReport:
     """Refines every orthogonal map in `maps` in place (see the module docstring) and returns what it did.
@@ -144,6 +178,8 @@ def refine_maps(
         norms: also learn the fused model's LayerNorm weights and biases (the output norm excepted), started at
             the average: a learned repair of each norm's per-channel scale and shift, returned in
             `RefineReport.learned` for the caller to write over the average.
+        mixing: also learn each parent's averaging weight per group of layers (`_Mixing`); every fused tensor
+            is then returned in `RefineReport.learned`, and the weights in `RefineReport.layer_weights`.
 
     Raises:
         FusionError: no map to refine, too little data to hold a batch back, or a model without logits.
@@ -197,9 +233,15 @@ def refine_maps(
         torch.nn.Parameter(sum(weights[k] * aligned[k][name] for k in aligned)) for name in norm_names
     )
     moving -= set(norm_names)
+    mixer = None
+    if mixing:
+        groups = sorted({layer_group(name) for name in plan.parameters}, key=_group_order)
+        mixer = _Mixing(groups, list(aligned), weights)
+        moving |= set(fixed) - set(norm_names)  # every averaged tensor now depends on learned weights
 
     def fused_parameters() -> dict[str, torch.Tensor]:
         deltas = {key: rotation() for key, rotation in zip(refined, rotations, strict=True)}
+        mix = mixer() if mixer is not None else None
         result = dict(fixed)
         for name in moving:
             total = 0.0
@@ -209,7 +251,7 @@ def refine_maps(
                     key = (k, axis.space) if axis is not None else None
                     if key in deltas:  # new = Δᵀ old along the axis: the composed map is O Δ
                         tensor = torch.tensordot(deltas[key], tensor.movedim(dim, 0), dims=([0], [0])).movedim(0, dim)
-                total = total + weights[k] * tensor
+                total = total + (weights[k] if mixer is None else mixer.weight(mix, k, name)) * tensor
             result[name] = total
         result.update(zip(norm_names, learned, strict=True))
         return result
@@ -225,7 +267,7 @@ def refine_maps(
                 / sum(map(batch_size_of, held_back))
             )
 
-    trained = _Trained(rotations, learned)
+    trained = _Trained(rotations, learned, mixer)
     optimiser = torch.optim.Adam(trained.parameters(), lr=learning_rate)
     before = best = held_back_loss()
     best_step, best_state = 0, {key: value.detach().clone() for key, value in trained.state_dict().items()}
@@ -262,8 +304,22 @@ def refine_maps(
                 continue
             closed_form = maps[k][space].output_matrix()
             maps[k][space] = TransportMap.from_orthogonal(closed_form @ rotation().double().numpy())
-    tensors = {name: tensor.detach().clone() for name, tensor in zip(norm_names, learned, strict=True)}
-    return RefineReport(steps, best_step, before, best, float(anchor_loss), time.perf_counter() - started, tensors)
+    with torch.no_grad():
+        if mixer is not None:  # every tensor is a learned mixture: the caller writes them all
+            tensors = {name: tensor.detach().clone() for name, tensor in fused_parameters().items()}
+        else:
+            tensors = {name: tensor.detach().clone() for name, tensor in zip(norm_names, learned, strict=True)}
+    layer_weights = mixer.report() if mixer is not None else None
+    return RefineReport(
+        steps, best_step, before, best, float(anchor_loss), time.perf_counter() - started, layer_weights, tensors
+    )
+
+
+def _group_order(group: str) -> tuple[int, int]:
+    """Embeddings first, then the layers in order, then the head."""
+    if group == "embeddings":
+        return (0, 0)
+    return (1, int(group.split()[1])) if group.startswith("layer ") else (2, 0)
 
 
 def _norm_tensor_names(model: PreTrainedModel, plan: FusionPlan) -> list[str]:
