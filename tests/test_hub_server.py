@@ -813,3 +813,17 @@ def test_preupload_sends_binary_large_and_tracked_files_to_lfs(path, content, si
 
     sample = base64.b64encode(content[:512]).decode()
     assert upload_mode(path, len(content) if size is None else size, sample) == mode
+
+
+def test_a_connection_slot_is_released_once_when_both_the_thread_and_an_interrupted_start_release_it(tmp_path):
+    """Ctrl-C while a worker thread starts made the server release its slot twice (ValueError) and serve on."""
+    server = HubServer(tmp_path, token=TOKEN, max_workers=2)
+    httpd, request = server._httpd, object()
+    try:
+        assert httpd._slots.acquire(timeout=0)
+        httpd._held.add(id(request))
+        httpd._release_slot(request)  # the worker thread's `finally`
+        httpd._release_slot(request)  # the interrupted `process_request`: a no-op now
+        assert [httpd._slots.acquire(timeout=0) for _ in range(3)] == [True, True, False]  # both slots, no more
+    finally:
+        server.stop()

@@ -55,6 +55,8 @@ class _HTTPServer(ThreadingHTTPServer):
         self.hub = hub
         self.busy_wait_s = busy_wait_s
         self._slots = threading.BoundedSemaphore(max_workers)
+        self._held: set[int] = set()  # the requests holding a slot, so each slot is released exactly once
+        self._held_lock = threading.Lock()
         super().__init__(address, Handler)
 
     def process_request(self, request, client_address) -> None:  # type: ignore[no-untyped-def]
@@ -71,17 +73,27 @@ class _HTTPServer(ThreadingHTTPServer):
                 pass
             self.shutdown_request(request)
             return
+        with self._held_lock:
+            self._held.add(id(request))
         try:
             super().process_request(request, client_address)  # starts the thread
         except BaseException:
-            self._slots.release()
+            # interrupted while the thread starts (Ctrl-C): it may be running already and release the slot itself
+            self._release_slot(request)
             raise
 
     def process_request_thread(self, request, client_address) -> None:  # type: ignore[no-untyped-def]
         try:
             super().process_request_thread(request, client_address)
         finally:
-            self._slots.release()
+            self._release_slot(request)
+
+    def _release_slot(self, request) -> None:  # type: ignore[no-untyped-def]
+        with self._held_lock:
+            if id(request) not in self._held:
+                return
+            self._held.discard(id(request))
+        self._slots.release()
 
     def server_bind(self) -> None:
         # HTTPServer.server_bind calls socket.getfqdn(), a reverse DNS lookup that can stall offline.
@@ -250,8 +262,14 @@ def serve(root: str | Path, port: int, host: str = "127.0.0.1", token: str | Non
     server = HubServer(root, host=host, port=port, token=token)
     previous = None
     if threading.current_thread() is threading.main_thread():
-        # A service manager stops us with SIGTERM: shut down as cleanly as on Ctrl-C.
-        previous = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+        # A service manager stops us with SIGTERM: the serving loop is asked to end, from another thread since
+        # `shutdown` waits for it, rather than an exception raised wherever the main thread happens to be (inside
+        # the start of a worker thread, say, where socketserver would catch and log it and serve on).
+        def request_stop(signum: int, frame: object) -> None:
+            logger.info("signal %d, stopping", signum)
+            threading.Thread(target=server._httpd.shutdown, daemon=True).start()
+
+        previous = signal.signal(signal.SIGTERM, request_stop)
     print(f"Serving a local Hugging Face Hub at {server.url} (root {Path(root).resolve()})", flush=True)
     shown = server.token if server.token_generated else "<your token>"
     print(f"Use it with: HF_ENDPOINT={server.url} HF_HUB_DISABLE_XET=1 HF_TOKEN={shown}", flush=True)
@@ -265,7 +283,3 @@ def serve(root: str | Path, port: int, host: str = "127.0.0.1", token: str | Non
         server.stop()
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
-
-
-def _raise_keyboard_interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
