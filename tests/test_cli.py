@@ -82,15 +82,28 @@ def test_cli_activation_fusion_reads_a_saved_dataset(parents, align_data, tmp_pa
 def test_quality_options_are_flags_and_the_card_and_provenance_record_them(parents, align_data, tmp_path):
     parent, paths = parents
     out, again = tmp_path / "fused", tmp_path / "again"
-    flags = ["--data", align_data, "--batch-size", "2", "--repair", "all", "--refine-steps", "6", "-q"]
+    flags = [
+        "--data",
+        align_data,
+        "--batch-size",
+        "2",
+        "--repair",
+        "all",
+        "--refine-steps",
+        "6",
+        "--refine-weights",
+        "-q",
+    ]
     assert main(["fuse", *paths, "--out", str(out), *flags]) == 0
     config = yaml.safe_load((out / "fusion_config.yaml").read_text())
     assert (config["repair"], config["refine_steps"], config["residual"]) == ("all", 6, "auto")
+    assert config["refine_weights"] is True
     quality = Provenance.load(out).quality
     assert quality["map_kinds"]["residual"] == ["orthogonal"] and quality["refine"]["steps"] == 6
     assert len(quality["repair"]) == len(resolve_plan(parent).repair_sites)
     card = (out / "README.md").read_text()
     assert "Maps: " in card and "residual: orthogonal" in card and "Refinement: 6 steps" in card
+    assert "Learned parent weights per layer group (parents in order): embeddings " in card
     fused = T.AutoModelForImageClassification.from_pretrained(out).eval()  # the anchor's plain class
     inputs = inputs_for(parent, seed=3)
     assert relative_error(outputs(fused, inputs), outputs(parent, inputs)) < 1e-4  # b is a permuted copy of a

@@ -304,6 +304,11 @@ def _quality_text(provenance: Provenance) -> str:
             f"ensemble {refine['held_back_loss_before']:.4f} -> {refine['held_back_loss_after']:.4f} (the anchor "
             f"alone: {refine['anchor_held_back_loss']:.4f}).",
         ]
+        if refine.get("layer_weights"):
+            learned = "; ".join(
+                f"{group} {', '.join(f'{w:.2f}' for w in ws)}" for group, ws in refine["layer_weights"].items()
+            )
+            lines += ["", f"Learned parent weights per layer group (parents in order): {learned}."]
         if refine["held_back_loss_after"] > refine["anchor_held_back_loss"]:
             lines += ["", "**Warning:** the fused model is further from the parents' ensemble than the anchor alone."]
     return "\n".join(lines)
