@@ -21,6 +21,7 @@ from .engine.average import average_into
 from .engine.compatibility import check_finite
 from .engine.distributed import broadcast_from_main, is_main_process, models_on, process_state, resolve_device
 from .engine.maps import SpaceDiagnostics, compute_maps, per_hook_spaces
+from .engine.passes import batches
 from .engine.plan import FusionPlan, model_with_tensors, named_tensors, resolve_plan
 from .engine.prepare import prepare
 from .engine.refine import RefineReport, refine_maps
@@ -214,6 +215,8 @@ def fuse_with_diagnostics(
             "data=<datasets.Dataset or DataLoader of model inputs>, or use FusionConfig(cost='weights') for "
             "data-free alignment (method='interpolate' for a data-free same-base merge)."
         )
+    if data is not None and config.needs_data:
+        _check_data_fits(data, parents[config.anchor])
     run = _FusionRun(
         list(models), parents, plans, data, config, weights, timings, progress, where, process, spec, parent_data
     )
@@ -379,6 +382,21 @@ def _align_and_average(run: _FusionRun) -> FusionResult:
     if anchor_norm is not None:
         restore_output_norm(fused, run.plans[anchor], *anchor_norm)
     return result
+
+
+def _check_data_fits(data, anchor: PreTrainedModel) -> None:
+    """The first alignment row against the anchor's embeddings (sequence length, image shape), before any pass:
+    what the CLI's pre-flight checks (`job.inputs`), for data given to the Python API as model inputs."""
+    from .data_checks import check_model_inputs
+
+    first = next(iter(batches(data, anchor, 1, 1)), None)
+    if first is None:
+        raise EmptyAlignmentDataError("The alignment data holds no rows; give data with at least one example.")
+    check_model_inputs(
+        {name: value[0] for name, value in first.items()}, anchor, source="The alignment data",
+        fix_length="truncate its input_ids to {n} tokens or fewer",
+        fix_images="give pixel_values of shape ({c}, {h}, {w})",
+    )  # fmt: skip
 
 
 def _fusion_parameters(model: PreTrainedModel, plan: FusionPlan, config: FusionConfig) -> dict[str, torch.Tensor]:

@@ -11,7 +11,7 @@ from datasets import Dataset, DatasetDict
 from hf_otfusion import FusionConfig, fuse
 from hf_otfusion.checkpoints import weightless_model
 from hf_otfusion.data_checks import check_model_inputs, empty_saved_splits, input_limits
-from hf_otfusion.errors import DataSourceError, TargetShapeError
+from hf_otfusion.errors import DataSourceError, EmptyAlignmentDataError, TargetShapeError
 from hf_otfusion.methods.target import check_target
 
 FIXES = dict(fix_length="pass --max-length {n} or less", fix_images="resize to {c}x{h}x{w}")
@@ -98,3 +98,18 @@ def test_an_anchor_saved_without_pooler_compresses_into_a_target_without_pooler(
     fused = fuse(parents, config=FusionConfig(cost="weights", target={"hidden_size": 16}), progress=False)
     assert fused.pooler is None and fused.config.hidden_size == 16
     assert fused.embeddings.word_embeddings.weight.shape == (60, 16)
+
+
+def test_the_python_api_refuses_data_the_anchor_cannot_read_before_any_pass():
+    model = build("vit-cls")
+    size, channels = model.config.image_size, model.config.num_channels
+    wrong = Dataset.from_dict({"pixel_values": np.zeros((4, channels, size + 2, size + 2), dtype=np.float32)})
+    with pytest.raises(DataSourceError, match=rf"{size + 2}x{size + 2} images, but ViTForImageClassification takes"):
+        fuse([model, model], data=wrong, progress=False)
+    with pytest.raises(EmptyAlignmentDataError, match="holds no rows"):
+        fuse([model, model], data=wrong.select([]), progress=False)
+    bert = build("bert-seqcls")
+    too_long = bert.config.max_position_embeddings + 1
+    tokens = Dataset.from_dict({"input_ids": np.ones((2, too_long), dtype=np.int64)})
+    with pytest.raises(DataSourceError, match=rf"sequences of {too_long} tokens.*truncate its input_ids"):
+        fuse([bert, bert], data=tokens, progress=False)
