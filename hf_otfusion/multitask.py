@@ -271,7 +271,7 @@ def base_with_head(base: ModelOrPath, parent: ModelOrPath) -> PreTrainedModel:
     Raises:
         IncompatibleModelsError: the base's encoder does not have the parent's encoder parameters and shapes.
     """
-    task = copy.deepcopy(parent) if _is_model(parent) else load_parent(parent)
+    task = copy.deepcopy(parent) if isinstance(parent, PreTrainedModel) else load_parent(parent)
     ancestor = load_parent(base)
     prefix, ancestor_prefix = base_prefix(task), base_prefix(ancestor)
     if not prefix:
@@ -342,7 +342,7 @@ def write_tasks(
     for model in result.models.values():
         check_fused_finite(model, record.dtype if record is not None else None)
     config_yaml = yaml.safe_dump(result.config.to_dict(), sort_keys=False)
-    job_yaml = yaml.safe_dump(record.job, sort_keys=False) if record is not None else None
+    job_yaml = yaml.safe_dump(record.job, sort_keys=False) if record is not None else ""
     with stage_output(target, overwrite=overwrite) as stage:
         for k, ((name, model), output) in enumerate(zip(result.models.items(), outputs, strict=True)):
             folder = stage.path / name
