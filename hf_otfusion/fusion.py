@@ -150,8 +150,10 @@ def fuse_with_diagnostics(
             overwritten, so two checkpoints fuse in the memory of two models (see `_align_and_average`).
         data: alignment data for `cost="activations"`: a `datasets.Dataset` with the model's input
             columns (`input_ids`, `attention_mask`, `pixel_values`, ...), a DataLoader or an iterable of
-            batch dicts. Not needed for `cost="weights"` or unaligned methods, except `regmean`, which
-            measures each linear layer's inputs on it.
+            batch dicts; or where such data is, as `fuse --data` takes it (a Hub dataset id, a `save_to_disk`
+            directory, a data directory or files), raw text or images then encoded with the anchor's saved
+            tokenizer or image processor. Not needed for `cost="weights"` or unaligned methods, except `regmean`,
+            which measures each linear layer's inputs on it.
         config: the fusion choices; defaults to `FusionConfig()`.
         spec: an alignment spec (object, shipped `model_type` name or YAML path); defaults to the spec of the
             parents' `model_type`.
@@ -195,6 +197,8 @@ def fuse_with_diagnostics(
     streamed = config.method not in SAME_BASE_METHODS
     from_checkpoint = [streamed and not isinstance(model, PreTrainedModel) for model in models]
     parents = [skeleton(m) if lazy else load_parent(m) for m, lazy in zip(models, from_checkpoint, strict=True)]
+    if isinstance(data, str | Path):
+        data = _data_from_source(data, models[config.anchor], parents[config.anchor], config)
     prepared = prepare(parents, config, spec)
     plans, weights, spec = prepared.plans, prepared.weights, prepared.spec
     config = config.resolved(all(plan.residual_norms for plan in plans), _equal_widths(plans, config.anchor))
@@ -382,6 +386,29 @@ def _align_and_average(run: _FusionRun) -> FusionResult:
     if anchor_norm is not None:
         restore_output_norm(fused, run.plans[anchor], *anchor_norm)
     return result
+
+
+def _data_from_source(where: str | Path, anchor: Any, anchor_model: PreTrainedModel, config: FusionConfig):
+    """The rows at `where` (`data.DataSource`: split as `load_dataset` picks it, `config.num_samples` of them, seed 0)
+    as model inputs, encoded with the processor saved next to the anchor when it is given as a checkpoint."""
+    from .checkpoints import Checkpoint
+    from .data import DataSource, encode_dataset, load_processor
+    from .errors import DataSourceError
+
+    location = anchor.location if isinstance(anchor, Checkpoint) else anchor if isinstance(anchor, str | Path) else None
+    processor = load_processor(location) if location is not None else None
+    rows = DataSource.resolve(str(where), None, config.num_samples, 0).load()
+    try:
+        return encode_dataset(rows, processor, label2id=getattr(anchor_model.config, "label2id", None))
+    except DataSourceError as error:
+        if processor is not None:
+            raise
+        raise DataSourceError(
+            f"{error} The anchor has no saved tokenizer or image processor here (it is given as a model, or its "
+            "directory has none), so give data that holds model inputs, or encode it first with "
+            "hf_otfusion.encode_dataset(dataset, processor).",
+            source=str(where),
+        ) from error
 
 
 def _check_data_fits(data, anchor: PreTrainedModel) -> None:

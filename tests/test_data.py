@@ -165,3 +165,27 @@ def test_a_slice_of_a_split_is_read_as_load_dataset_reads_it(tmp_path):
     assert source.load()["text"] == ["row 0", "row 1"]
     with pytest.raises(DataSourceError, match=r"has no split 'test\[:2\]'"):
         DataSource.resolve(str(path), "test[:2]").choose_split()
+
+
+def test_fuse_reads_data_from_where_it_is_as_the_cli_does(saved_parents, tmp_path):
+    """`fuse(data="dir")` loads the rows and encodes raw images with the anchor's saved image processor."""
+    import json
+
+    from hf_otfusion import fuse
+    from hf_otfusion.data import load_processor
+
+    parent, paths = saved_parents
+    processor = {"image_processor_type": "ViTImageProcessor", "do_resize": False, "do_rescale": True,
+                 "image_mean": [0.5], "image_std": [0.5]}  # fmt: skip
+    for path in paths:
+        (tmp_path / path / "preprocessor_config.json").write_text(json.dumps(processor))
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 255, (8, 8), dtype=np.uint8), mode="L") for _ in range(12)]
+    Dataset.from_dict({"image": images}).save_to_disk(str(tmp_path / "raw"))
+    from_path = fuse(paths, data=str(tmp_path / "raw"), progress=False)
+    encoded = encode_dataset(Dataset.load_from_disk(str(tmp_path / "raw")), load_processor(paths[0]))
+    from_rows = fuse(paths, data=encoded, progress=False)
+    for (name, a), b in zip(from_path.state_dict().items(), from_rows.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    with pytest.raises(DataSourceError, match="encode it first with hf_otfusion.encode_dataset"):
+        fuse([parent, parent], data=str(tmp_path / "raw"), progress=False)  # in memory: no processor to use
