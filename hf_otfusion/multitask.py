@@ -359,7 +359,7 @@ def write_tasks(
                 provenance.save(folder)
             task_card(result, outputs, k, base=base, record=record).save(folder / "README.md")
         (stage.path / "README.md").write_text(overview(result, outputs, base=base, record=record))
-        if job_yaml is not None:
+        if record is not None:
             (stage.path / JOB_FILE).write_text(job_yaml)
         stage.publish()
     logger.info("multi-task merge written to %s: %s", target, ", ".join(result.models))
