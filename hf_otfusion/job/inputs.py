@@ -11,16 +11,28 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from ..data import MODEL_INPUT_COLUMNS, DataSource, encode_dataset, load_processor
 from ..data_checks import check_model_inputs
 from ..errors import DataSourceError, FusionError
 
 if TYPE_CHECKING:  # pragma: no cover
+    from ..config import FusionConfig
     from ..hub.parents import Parent
-    from .fuse_job import FuseJob
     from .preflight import Preflight
+
+
+class JobInputs(Protocol):
+    """What the encoding reads of a job (`FuseJob` has it all): named here so this module needs no `FuseJob`."""
+
+    parents: list[str]
+    config: FusionConfig
+    text_column: str | None
+    image_column: str | None
+    label_column: str | None
+    max_length: int
+    trust_remote_code: bool
 
 
 def anchor_processor(parent: Parent, trust_remote_code: bool = False):
@@ -41,7 +53,7 @@ def anchor_processor(parent: Parent, trust_remote_code: bool = False):
     return load_processor(directory, trust_remote_code=trust_remote_code)
 
 
-def encoded(job: FuseJob, source: DataSource | None, processor, label2id, rows=None):
+def encoded(job: JobInputs, source: DataSource | None, processor, label2id, rows=None):
     """`source`'s rows (or `rows`, a subset of them) as model inputs, encoded with the job's column options."""
     if source is None:
         return None
@@ -62,7 +74,7 @@ def encoded(job: FuseJob, source: DataSource | None, processor, label2id, rows=N
         ) from error
 
 
-def check_job_data(job: FuseJob, checked: Preflight) -> None:
+def check_job_data(job: JobInputs, checked: Preflight) -> None:
     """Raises `FusionError` when the job's alignment or evaluation data cannot be read by the anchor.
 
     Each source's rows are loaded (the split chosen, the sample cap applied) and their first batch is encoded
