@@ -197,8 +197,8 @@ def fuse_with_diagnostics(
     streamed = config.method not in SAME_BASE_METHODS
     from_checkpoint = [streamed and not isinstance(model, PreTrainedModel) for model in models]
     parents = [skeleton(m) if lazy else load_parent(m) for m, lazy in zip(models, from_checkpoint, strict=True)]
-    if isinstance(data, str | Path):
-        data = _data_from_source(data, models[config.anchor], parents[config.anchor], config)
+    if isinstance(data, str | Path) or _raw_rows(data):
+        data = _encoded_data(data, models[config.anchor], parents[config.anchor], config)
     prepared = prepare(parents, config, spec)
     plans, weights, spec = prepared.plans, prepared.weights, prepared.spec
     config = config.resolved(all(plan.residual_norms for plan in plans), _equal_widths(plans, config.anchor))
@@ -388,16 +388,26 @@ def _align_and_average(run: _FusionRun) -> FusionResult:
     return result
 
 
-def _data_from_source(where: str | Path, anchor: Any, anchor_model: PreTrainedModel, config: FusionConfig):
-    """The rows at `where` (`data.DataSource`: split as `load_dataset` picks it, `config.num_samples` of them, seed 0)
-    as model inputs, encoded with the processor saved next to the anchor when it is given as a checkpoint."""
+def _raw_rows(data) -> bool:
+    """Whether `data` is a `datasets.Dataset` of raw text or images (no model-input column yet)."""
+    from .data import MODEL_INPUT_COLUMNS
+
+    columns = getattr(data, "column_names", None)
+    return isinstance(columns, list) and not any(c in columns for c in MODEL_INPUT_COLUMNS)
+
+
+def _encoded_data(data, anchor: Any, anchor_model: PreTrainedModel, config: FusionConfig):
+    """`data` as model inputs: rows at a path or Hub id are loaded first (`data.DataSource`: the split
+    `load_dataset` picks, `config.num_samples` of them, seed 0), then raw text or images are encoded with the
+    processor saved next to the anchor when it is given as a checkpoint, as `fuse --data` does."""
     from .checkpoints import Checkpoint
     from .data import DataSource, encode_dataset, load_processor
     from .errors import DataSourceError
 
     location = anchor.location if isinstance(anchor, Checkpoint) else anchor if isinstance(anchor, str | Path) else None
     processor = load_processor(location) if location is not None else None
-    rows = DataSource.resolve(str(where), None, config.num_samples, 0).load()
+    where = str(data) if isinstance(data, str | Path) else "the alignment data"
+    rows = DataSource.resolve(where, None, config.num_samples, 0).load() if isinstance(data, str | Path) else data
     try:
         return encode_dataset(rows, processor, label2id=getattr(anchor_model.config, "label2id", None))
     except DataSourceError as error:
@@ -407,7 +417,7 @@ def _data_from_source(where: str | Path, anchor: Any, anchor_model: PreTrainedMo
             f"{error} The anchor has no saved tokenizer or image processor here (it is given as a model, or its "
             "directory has none), so give data that holds model inputs, or encode it first with "
             "hf_otfusion.encode_dataset(dataset, processor).",
-            source=str(where),
+            source=where,
         ) from error
 
 

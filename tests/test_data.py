@@ -168,7 +168,8 @@ def test_a_slice_of_a_split_is_read_as_load_dataset_reads_it(tmp_path):
 
 
 def test_fuse_reads_data_from_where_it_is_as_the_cli_does(saved_parents, tmp_path):
-    """`fuse(data="dir")` loads the rows and encodes raw images with the anchor's saved image processor."""
+    """`fuse(data="dir")` loads the rows, and raw images (from there or in memory) are encoded with the anchor's
+    saved image processor."""
     import json
 
     from hf_otfusion import fuse
@@ -185,7 +186,9 @@ def test_fuse_reads_data_from_where_it_is_as_the_cli_does(saved_parents, tmp_pat
     from_path = fuse(paths, data=str(tmp_path / "raw"), progress=False)
     encoded = encode_dataset(Dataset.load_from_disk(str(tmp_path / "raw")), load_processor(paths[0]))
     from_rows = fuse(paths, data=encoded, progress=False)
-    for (name, a), b in zip(from_path.state_dict().items(), from_rows.state_dict().values(), strict=True):
-        assert torch.equal(a, b), name
+    from_raw_rows = fuse(paths, data=Dataset.load_from_disk(str(tmp_path / "raw")), progress=False)  # encoded here
+    for name, tensor in from_path.state_dict().items():
+        assert torch.equal(tensor, from_rows.state_dict()[name]), name
+        assert torch.equal(tensor, from_raw_rows.state_dict()[name]), name
     with pytest.raises(DataSourceError, match="encode it first with hf_otfusion.encode_dataset"):
         fuse([parent, parent], data=str(tmp_path / "raw"), progress=False)  # in memory: no processor to use
