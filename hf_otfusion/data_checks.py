@@ -66,6 +66,14 @@ def input_limits(model: PreTrainedModel) -> InputLimits:
     return InputLimits(**limits)
 
 
+#: the fixes `check_model_inputs` names for data that holds model inputs already (the CLI's and the Python API's)
+FIXES_FOR_GIVEN_INPUTS = dict(
+    fix_length="truncate its input_ids to {n} tokens or fewer",
+    fix_images="give pixel_values of shape ({c}, {h}, {w}), or raw images with an image processor saved next to the "
+    "anchor (preprocessor_config.json) that resizes them",
+)
+
+
 def check_model_inputs(
     example: Mapping[str, Any], model: PreTrainedModel, *, source: str, fix_length: str, fix_images: str
 ) -> None:

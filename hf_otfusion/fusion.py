@@ -424,16 +424,13 @@ def _encoded_data(data, anchor: Any, anchor_model: PreTrainedModel, config: Fusi
 def _check_data_fits(data, anchor: PreTrainedModel) -> None:
     """The first alignment row against the anchor's embeddings (sequence length, image shape), before any pass:
     what the CLI's pre-flight checks (`job.inputs`), for data given to the Python API as model inputs."""
-    from .data_checks import check_model_inputs
+    from .data_checks import FIXES_FOR_GIVEN_INPUTS, check_model_inputs
 
     first = next(iter(batches(data, anchor, 1, 1)), None)
     if first is None:
         raise EmptyAlignmentDataError("The alignment data holds no rows; give data with at least one example.")
-    check_model_inputs(
-        {name: value[0] for name, value in first.items()}, anchor, source="The alignment data",
-        fix_length="truncate its input_ids to {n} tokens or fewer",
-        fix_images="give pixel_values of shape ({c}, {h}, {w})",
-    )  # fmt: skip
+    example = {name: value[0] for name, value in first.items()}
+    check_model_inputs(example, anchor, source="The alignment data", **FIXES_FOR_GIVEN_INPUTS)
 
 
 def _fusion_parameters(model: PreTrainedModel, plan: FusionPlan, config: FusionConfig) -> dict[str, torch.Tensor]:

@@ -256,14 +256,15 @@ def refine_maps(
         result.update(zip(norm_names, learned, strict=True))
         return result
 
-    def loss_on(batch) -> torch.Tensor:
-        logits = _logits(functional_call(model, fused_parameters(), args=(), kwargs=batch))
+    def loss_on(batch, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+        logits = _logits(functional_call(model, tensors, args=(), kwargs=batch))
         return torch.nn.functional.kl_div(logits.log_softmax(-1), target_of[id(batch)], reduction="batchmean")
 
     def held_back_loss() -> float:
         with torch.no_grad():
+            tensors = fused_parameters()  # once per evaluation: nothing learned changes between its batches
             return float(
-                sum(loss_on(batch).item() * batch_size_of(batch) for batch in held_back)
+                sum(loss_on(batch, tensors).item() * batch_size_of(batch) for batch in held_back)
                 / sum(map(batch_size_of, held_back))
             )
 
@@ -273,7 +274,7 @@ def refine_maps(
     best_step, best_state = 0, {key: value.detach().clone() for key, value in trained.state_dict().items()}
     for step in tqdm(range(1, steps + 1), desc="refine alignment", unit="step", disable=not progress):
         optimiser.zero_grad()
-        loss_on(training[(step - 1) % len(training)]).backward()
+        loss_on(training[(step - 1) % len(training)], fused_parameters()).backward()
         optimiser.step()
         if step % EVALUATE_EVERY == 0 or step == steps:
             current = held_back_loss()

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 from ..data import MODEL_INPUT_COLUMNS, DataSource, encode_dataset, load_processor
-from ..data_checks import check_model_inputs
+from ..data_checks import FIXES_FOR_GIVEN_INPUTS, check_model_inputs
 from ..errors import DataSourceError, FusionError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -147,15 +147,10 @@ def check_encoded(rows, inputs, model, *, source: str, text_column=None, image_c
     """
     raw_columns = text_column or image_column  # named raw columns are encoded even beside model inputs
     as_given = any(c in rows.column_names for c in MODEL_INPUT_COLUMNS) and not raw_columns
-    check_model_inputs(inputs[0], model, source=source, **(_FIXES_AS_GIVEN if as_given else _FIXES_ENCODED))
+    check_model_inputs(inputs[0], model, source=source, **(FIXES_FOR_GIVEN_INPUTS if as_given else _FIXES_ENCODED))
 
 
-#: the fixes `check_model_inputs` names, for data that holds model inputs already and for data the run encodes
-_FIXES_AS_GIVEN = dict(
-    fix_length="truncate its input_ids to {n} tokens or fewer",
-    fix_images="give pixel_values of shape ({c}, {h}, {w}), or raw images with an image processor saved next to the "
-    "anchor (preprocessor_config.json) that resizes them",
-)
+#: the fixes `check_model_inputs` names for data the run encodes (`data_checks.FIXES_FOR_GIVEN_INPUTS` for the rest)
 _FIXES_ENCODED = dict(
     fix_length="pass --max-length {n} or less",
     fix_images="set the anchor's image processor (preprocessor_config.json) to resize to {h}x{w} (do_resize: true, "
