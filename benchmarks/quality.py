@@ -33,6 +33,7 @@ sys.path.insert(0, str(HERE))
 from paper_table import FAMILIES, family_data, finetune_and_score, load_parents, run_families, score  # noqa: E402
 
 from hf_otfusion import FusionConfig, fuse_with_diagnostics  # noqa: E402
+from hf_otfusion.config import BEST_REFINE_STEPS  # noqa: E402
 from hf_otfusion.train.finetune import FinetuneConfig  # noqa: E402
 
 # today's best one-shot configuration per family in benchmarks/results/paper_table.md (chosen there on validation)
@@ -111,6 +112,11 @@ def rows_for(family: str, refine_steps: int) -> list[tuple[str, str, dict]]:
             "refine-repair",
             f"+ {label} + refine {refine_steps} + repair",
             dict(rotations, refine_steps=refine_steps, repair="all"),
+        ),
+        (
+            "best",
+            f"quality='best' (+ {label} + refine {BEST_REFINE_STEPS} with layer weights)",
+            dict(quality="best"),
         ),
     ]
     return rows
@@ -305,9 +311,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--finetune-lr-scale", type=float, default=0.25, help="finetune lr / a parent's peak lr")
     parser.add_argument(
         "--rows", nargs="+", metavar="KEY", choices=[key for key, _, _ in rows_for("vit", 0)],
-        help="fuse only these rows (keys: vanilla, vanilla-repair, permutations, paper-best, repair, within, "
-        "within-repair, residual, residual-repair-writers, residual-repair, default, default-repair, refine, "
-        "refine-repair); the parents and their ensemble always; default: every row",
+        help="fuse only these rows (keys: " + ", ".join(key for key, _, _ in rows_for("vit", 0))
+        + "); the parents and their ensemble always; default: every row",
     )  # fmt: skip
     parser.add_argument("--eval-samples", type=int, help="cap the validation and test rows (quick looks only)")
     parser.add_argument("--parents", type=Path, default=HERE / "parents", help="directory of <family>-seed<k>/")

@@ -427,3 +427,15 @@ def test_a_missing_split_is_named_without_blaming_the_tokenizer(parents, align_d
     error = capsys.readouterr().err
     assert "has no split 'validation'" in error and "tokenizer" not in error
     assert not out.exists()
+
+
+def test_best_quality_flag_records_its_fields_and_asks_for_data(parents, align_data, tmp_path, capsys):
+    _, paths = parents
+    out = tmp_path / "fused"
+    assert main(["fuse", *paths, "--out", str(out), "--quality", "best", "-q"]) == 2
+    assert "quality=best) needs alignment data: pass --data" in capsys.readouterr().err and not out.exists()
+    flags = ["--data", align_data, "--batch-size", "2", "--quality", "best", "--refine-steps", "4", "-q"]
+    assert main(["fuse", *paths, "--out", str(out), *flags]) == 0
+    config = yaml.safe_load((out / "fusion_config.yaml").read_text())
+    assert (config["quality"], config["refine_steps"], config["refine_weights"]) == ("best", 4, True)
+    assert "Learned parent weights per layer group" in (out / "README.md").read_text()

@@ -11,12 +11,13 @@ from conftest import build, inputs_for, outputs, relative_error
 from datasets import Dataset
 
 from hf_otfusion import FusionConfig, fuse, fuse_with_diagnostics
+from hf_otfusion.config import BEST_REFINE_STEPS
 from hf_otfusion.engine.permute import permute_model, random_rotation_fixing_ones, rotate_model
 from hf_otfusion.engine.plan import named_tensors, resolve_plan
 from hf_otfusion.engine.repair import repair_sites, site_moments
 from hf_otfusion.engine.reparameterise import reparameterise, reparameterised_copy
 from hf_otfusion.engine.transport import solve_orthogonal
-from hf_otfusion.errors import FusionError, SpecError
+from hf_otfusion.errors import FusionError, InvalidConfigError, SpecError
 
 PRE_LN_HEADS = ["vit-cls", "deit-cls", "deit-teacher"]
 
@@ -306,3 +307,29 @@ def test_refinement_options_keep_what_they_scored(option):
             total += torch.nn.functional.kl_div(log_probs, target, reduction="sum").item()
             count += len(log_probs)
     assert total / count == pytest.approx(report.held_back_loss_after, rel=1e-3)
+
+
+def test_best_quality_preset_sets_refinement_with_layer_weights_and_round_trips():
+    best = FusionConfig(quality="best")
+    assert (best.refine_steps, best.refine_weights) == (BEST_REFINE_STEPS, True)
+    assert FusionConfig(quality="best", refine_steps=30).refine_steps == 30  # an explicit step count is kept
+    assert FusionConfig.from_dict(best.to_dict()) == best  # what cards and job files record rebuilds it
+    assert (FusionConfig().refine_steps, FusionConfig().refine_weights) == (0, False)
+    with pytest.raises(InvalidConfigError, match="quality='best' refines OT maps from activations"):
+        FusionConfig(quality="best", cost="weights")
+    with pytest.raises(InvalidConfigError, match="quality"):
+        FusionConfig(quality="fast")
+
+
+def test_best_quality_preset_fuses_like_its_fields_and_a_rotated_copy_back():
+    model = build("vit-cls")
+    rotated = rotate_model(permute_model(model, seed=4), seed=3, within_heads=True)
+    data = alignment_data(model)
+    preset = fuse([model, rotated], data=data, config=FusionConfig(quality="best", refine_steps=12), progress=False)
+    fields = fuse(
+        [model, rotated], data=data, config=FusionConfig(refine_steps=12, refine_weights=True), progress=False
+    )
+    for (name, a), b in zip(preset.state_dict().items(), fields.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    inputs = inputs_for(model)
+    assert relative_error(outputs(preset, inputs), outputs(model, inputs)) < 1e-4
