@@ -388,6 +388,19 @@ def run_families(run_family, args) -> tuple[list[dict], Callable[[str], None]]:
     return [run_family(family, args, cache, log) for family in args.family], log
 
 
+def machine_record(args, argv: list[str] | None, started: float) -> dict:
+    """How a family benchmark ran: its command line, wall and CPU time, load, threads, torch and machine."""
+    return {
+        "argv": " ".join(argv if argv is not None else sys.argv[1:]),
+        "total_s": round(time.perf_counter() - started, 1),
+        "total_cpu_s": round(time.process_time(), 1),  # wall time depends on who else uses the CPU; this does not
+        "load_average": os.getloadavg(),
+        "threads": args.threads,
+        "torch": torch.__version__,
+        "machine": f"{os.cpu_count()} CPU cores ({platform.machine()})",
+    }
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--family", nargs="+", choices=list(FAMILIES), default=list(FAMILIES))
@@ -413,15 +426,8 @@ def main(argv: list[str] | None = None) -> None:
     started = time.perf_counter()
     reports, log = run_families(run_family, args)
 
-    meta = {
-        "total_s": round(time.perf_counter() - started, 1),
-        "total_cpu_s": round(time.process_time(), 1),  # wall time depends on who else uses the CPU; this does not
-        "load_average": os.getloadavg(),
-        "threads": args.threads,
-        "torch": torch.__version__,
-        "machine": f"{os.cpu_count()} CPU cores ({platform.machine()})",
-        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-    }
+    meta = machine_record(args, argv, started)
+    meta["args"] = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "paper_table.json").write_text(json.dumps({"meta": meta, "families": reports}, indent=1) + "\n")
     write_markdown(reports, meta, args.out / "paper_table.md")

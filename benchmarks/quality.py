@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 import threading
 import time
@@ -30,7 +28,15 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE / "parents"))
 sys.path.insert(0, str(HERE))
-from paper_table import FAMILIES, family_data, finetune_and_score, load_parents, run_families, score  # noqa: E402
+from paper_table import (  # noqa: E402
+    FAMILIES,
+    family_data,
+    finetune_and_score,
+    load_parents,
+    machine_record,
+    run_families,
+    score,
+)
 
 from hf_otfusion import FusionConfig, fuse_with_diagnostics  # noqa: E402
 from hf_otfusion.config import BEST_REFINE_STEPS  # noqa: E402
@@ -324,14 +330,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
     reports, log = run_families(run_family, args)
-    meta = {
-        "argv": " ".join(argv if argv is not None else sys.argv[1:]),
-        "total_s": round(time.perf_counter() - started, 1),
-        "threads": args.threads,
-        "torch": torch.__version__,
-        "machine": f"{os.cpu_count()} CPU cores ({platform.machine()})",
-        "load_average": os.getloadavg(),
-    }
+    meta = machine_record(args, argv, started)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "quality.json").write_text(json.dumps({"meta": meta, "families": reports}, indent=1) + "\n")
     write_markdown(reports, meta, args.out / "quality.md")

@@ -6,7 +6,9 @@ merges same-shaped checkpoints entry by entry can merge models that were trained
 
 The maps are `fuse`'s own (`fuse_with_diagnostics(...).maps`); each parent is then moved with them exactly as
 `fuse` moves it before averaging (`fusion._aligned_copy`). So averaging the aligned parents with equal weights
-gives `fuse(method="ot")`'s parameters with the same config.
+gives `fuse(method="ot")`'s parameters with the same config (with `refine_steps`, the refined rotations; but
+with `refine_weights` or `refine_norms` the fused model also has learned weights or norms that no aligned parent
+carries, so there the mean is the refined alignment's plain average, not the fused model).
 
 Only exact maps keep a parent's function: permutations (the exact solver with uniform marginals and equal
 widths) and rotations (`residual="orthogonal"`, `within_heads="orthogonal"`). Soft couplings (Sinkhorn,
@@ -177,7 +179,12 @@ def check_exact_maps(maps: dict[int, dict[str, TransportMap]]) -> None:
             if exact and transport.kind == "orthogonal":
                 matrix = transport.output_matrix()
                 error = np.abs(matrix.T @ matrix - np.eye(n_b)).max()
-                exact = bool(error <= ORTHOGONALITY_TOLERANCE)
+                if error > ORTHOGONALITY_TOLERANCE:
+                    raise FusionError(
+                        f"Parent {k}'s rotation of space {space} is orthogonal only to {error:.1e} (max |OᵀO − I|, "
+                        f"exact means <= {ORTHOGONALITY_TOLERANCE:g}): moving the parent with it would change what "
+                        "the parent computes. Report this with the config; it is a bug in the solve, not your input."
+                    )
             elif exact:
                 exact = transport.kind == "permutation"
             if not exact:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 import transformers as T
@@ -80,11 +81,24 @@ def test_rotated_vit_parents_keep_their_logits(family):
     assert all(torch.all(p == 1) for n, p in folded.items() if "layernorm_before.weight" in n)
 
 
+def test_refined_rotations_are_exact_and_keep_each_parents_logits():
+    """Refined maps are written back in float64, so they count as exact rotations (float32 ones are off by ~1e-6)."""
+    parents = [build("vit-cls", 0), build("vit-cls", 1)]
+    inputs, data = inputs_for(parents[0]), alignment_data(parents[0], samples=80)
+    alignment = align_models(parents, FusionConfig(refine_steps=30), data=data, progress=False)
+    assert max_output_difference(alignment.models, parents, inputs) <= OUTPUT_TOLERANCE
+    closed_form = align_models(parents, FusionConfig(), data=data, progress=False)
+    residual, before = alignment.maps[1]["residual"].output_matrix(), closed_form.maps[1]["residual"].output_matrix()
+    assert np.abs(residual.T @ residual - np.eye(len(residual))).max() < 1e-12
+    assert np.abs(residual - before).max() > 1e-4  # refinement did move the rotation
+
+
 @pytest.mark.parametrize(
     ("family", "config", "with_data"),
     [("bert-seqcls", FusionConfig(cost="weights"), False), ("bert-seqcls", FusionConfig(), True),
-     ("vit-cls", FusionConfig(residual="orthogonal"), True), ("vit-cls", FusionConfig(), True)],
-    ids=["bert-weights", "bert-activations", "vit-orthogonal", "vit-auto"],
+     ("vit-cls", FusionConfig(residual="orthogonal"), True), ("vit-cls", FusionConfig(), True),
+     ("vit-cls", FusionConfig(refine_steps=10), True)],
+    ids=["bert-weights", "bert-activations", "vit-orthogonal", "vit-auto", "vit-refined"],
 )  # fmt: skip
 def test_mean_of_aligned_parents_is_the_ot_fusion(family, config, with_data):
     parents = [build(family, 0), build(family, 1), build(family, 2)]

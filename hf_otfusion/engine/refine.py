@@ -73,7 +73,7 @@ class _Rotation(torch.nn.Module):
         self.basis = None
         if fixes_ones:
             ones = torch.full((size,), size**-0.5, dtype=torch.float64)
-            self.basis = torch.from_numpy(complement_basis(ones.numpy())).float()
+            self.basis = torch.from_numpy(complement_basis(ones.numpy()))  # float64, cast in `forward`
             self.skew = torch.nn.Parameter(torch.zeros(size - 1, size - 1))
         elif heads is not None:
             dim = size // heads
@@ -81,10 +81,14 @@ class _Rotation(torch.nn.Module):
         else:
             self.skew = torch.nn.Parameter(torch.zeros(size, size))
 
-    def forward(self) -> torch.Tensor:
-        rotation = torch.linalg.matrix_exp(self.skew - self.skew.transpose(-1, -2))
+    def forward(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Δ in `dtype`: float32 while training; float64 for the map written back, which is then orthogonal to
+        rounding (a float32 Δ is only orthogonal to ~1e-6, which `align_parents` would not count as exact)."""
+        skew = self.skew.to(dtype)
+        rotation = torch.linalg.matrix_exp(skew - skew.transpose(-1, -2))
         if self.basis is not None:
-            return self.basis @ rotation @ self.basis.T + torch.full((self.size, self.size), 1.0 / self.size)
+            basis = self.basis.to(dtype)
+            return basis @ rotation @ basis.T + torch.full((self.size, self.size), 1.0 / self.size, dtype=dtype)
         if self.heads is not None:
             return torch.block_diag(*rotation)
         return rotation
@@ -304,7 +308,7 @@ def refine_maps(
                 maps[k][space] = TransportMap.from_permutation(maps[k][space].permutation[sigma])
                 continue
             closed_form = maps[k][space].output_matrix()
-            maps[k][space] = TransportMap.from_orthogonal(closed_form @ rotation().double().numpy())
+            maps[k][space] = TransportMap.from_orthogonal(closed_form @ rotation(torch.float64).numpy())
     with torch.no_grad():
         if mixer is not None:  # every tensor is a learned mixture: the caller writes them all
             tensors = {name: tensor.detach().clone() for name, tensor in fused_parameters().items()}
