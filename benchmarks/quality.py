@@ -115,6 +115,16 @@ def rows_for(family: str, refine_steps: int) -> list[tuple[str, str, dict]]:
             dict(rotations, refine_steps=refine_steps, refine_weights=True),
         ),
         (
+            "refine-invertible",
+            f"+ {label} + refine {refine_steps} with invertible value maps",
+            dict(rotations, refine_steps=refine_steps, refine_invertible=True),
+        ),
+        (
+            "refine-invertible-weights",
+            f"+ {label} + refine {refine_steps} with invertible value maps and layer weights",
+            dict(rotations, refine_steps=refine_steps, refine_invertible=True, refine_weights=True),
+        ),
+        (
             "refine-repair",
             f"+ {label} + refine {refine_steps} + repair",
             dict(rotations, refine_steps=refine_steps, repair="all"),

@@ -11,7 +11,8 @@ with `refine_weights` or `refine_norms` the fused model also has learned weights
 carries, so there the mean is the refined alignment's plain average, not the fused model).
 
 Only exact maps keep a parent's function: permutations (the exact solver with uniform marginals and equal
-widths) and rotations (`residual="orthogonal"`, `within_heads="orthogonal"`). Soft couplings (Sinkhorn,
+widths), rotations (`residual="orthogonal"`, `within_heads="orthogonal"`) and the invertible value maps of
+`refine_invertible`. Soft couplings (Sinkhorn,
 importance marginals, `residual="mean"`, other widths, a target shape) blend units and are refused.
 
 With rotations, every parent (the anchor too) is written with its LayerNorms folded into their readers and the
@@ -185,6 +186,9 @@ def check_exact_maps(maps: dict[int, dict[str, TransportMap]]) -> None:
                         f"exact means <= {ORTHOGONALITY_TOLERANCE:g}): moving the parent with it would change what "
                         "the parent computes. Report this with the config; it is a bug in the solve, not your input."
                     )
+            elif exact and transport.kind == "invertible":  # readers take the inverse transpose: W' x' = W x
+                error = np.abs(transport.input_matrix().T @ transport.output_matrix() - np.eye(n_b)).max()
+                exact = bool(error <= ORTHOGONALITY_TOLERANCE)
             elif exact:
                 exact = transport.kind == "permutation"
             if not exact:

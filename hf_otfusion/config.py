@@ -18,6 +18,9 @@ from .errors import FusionError, InvalidConfigError
 #: 500 / 1000 / 2000 steps gave 86.03 / 86.40 / 86.75 % (ViT) one-shot; 1000 is a few minutes of CPU for small models
 BEST_REFINE_STEPS = 1000
 
+#: the options that only shape refinement (`refine_steps` > 0)
+_REFINE_OPTIONS = ("refine_permutations", "refine_norms", "refine_weights", "refine_invertible")
+
 _CHOICES: dict[str, tuple[str, ...]] = {
     "method": ("ot", "vanilla", "interpolate", "task-arithmetic", "regmean"),
     "align": ("none", "ot"),
@@ -194,6 +197,10 @@ class FusionConfig:
         refine_weights: with `refine_steps`, also learn each parent's averaging weight per layer (and for the
             embeddings and the head), started at `weights`: the fused model stays a weighted average of the
             aligned parents, with weights chosen on the alignment data. Off by default.
+        refine_invertible: with `refine_steps`, the map that V and O share inside each matched pair of heads
+            becomes any invertible basis change (V → AᵀV, O → OA⁻ᵀ keep what the head computes) instead of a
+            rotation, learned from the closed-form rotation; queries and keys keep rotations. Needs
+            `within_heads` orthogonal. Off by default.
         quality: a preset over the refinement fields. `default` changes nothing; `best` is the most accurate one-shot
             fusion measured on the trained ViT and DeiT pairs of `benchmarks/results/quality.md`: learned layer
             weights on (`refine_weights=True`) and, when `refine_steps` is 0, `refine_steps=1000`
@@ -241,6 +248,7 @@ class FusionConfig:
     refine_permutations: bool = False
     refine_norms: bool = False
     refine_weights: bool = False
+    refine_invertible: bool = False
     quality: str = "default"
     weights: list[float] | None = None
     batch_size: int = 8
@@ -324,6 +332,21 @@ class FusionConfig:
                 "refine_steps refines OT maps from activations: it needs method='ot', cost='activations'.",
                 field="refine_steps",
                 value=self.refine_steps,
+            )
+        refine_options = [name for name in _REFINE_OPTIONS if getattr(self, name)]
+        if refine_options and not self.refine_steps:
+            raise InvalidConfigError(
+                f"{', '.join(refine_options)} shape(s) the learned refinement, which refine_steps=0 turns off: set "
+                "refine_steps (e.g. 500), or drop those options.",
+                field=refine_options[0],
+                value=True,
+            )
+        if self.refine_invertible and self.within_heads not in ("auto", "orthogonal"):
+            raise InvalidConfigError(
+                f"refine_invertible refines the within-head rotations of V/O, and within_heads={self.within_heads!r} "
+                "makes none: use within_heads='orthogonal' (or auto).",
+                field="refine_invertible",
+                value=True,
             )
         if self.repair != "none" and self.method not in ("ot", "vanilla"):
             raise InvalidConfigError(

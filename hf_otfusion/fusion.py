@@ -342,7 +342,8 @@ def _align_and_average(run: _FusionRun) -> FusionResult:
             obtain(anchor), run.plans[anchor], tensors,
             result.maps, run.weights, run.data, steps=run.config.refine_steps, learning_rate=run.config.refine_lr,
             statistics_options=run.config.statistics_options(), permutations=run.config.refine_permutations,
-            norms=run.config.refine_norms, mixing=run.config.refine_weights, progress=run.progress,
+            norms=run.config.refine_norms, mixing=run.config.refine_weights,
+            invertible=run.config.refine_invertible, progress=run.progress,
         )  # fmt: skip
         run.timings["refine"] = time.perf_counter() - started
 

@@ -208,7 +208,7 @@ def test_refinement_never_raises_the_held_back_loss_and_keeps_the_maps_orthogona
     assert not np.allclose(closed_form.maps[1]["residual"].output_matrix(), residual)
 
 
-@pytest.mark.parametrize("option", [None, "refine_permutations", "refine_norms", "refine_weights"])
+@pytest.mark.parametrize("option", [None, "refine_permutations", "refine_norms", "refine_weights", "refine_invertible"])
 def test_refinement_of_a_rotated_copy_stays_exact(option):
     model = build("vit-cls")
     rotated = rotate_model(permute_model(model, seed=4), seed=3, within_heads=True)
@@ -261,7 +261,7 @@ def test_every_quality_option_reruns_to_identical_weights():
         assert torch.equal(a, b), name
 
 
-@pytest.mark.parametrize("option", ["refine_permutations", "refine_norms", "refine_weights"])
+@pytest.mark.parametrize("option", ["refine_permutations", "refine_norms", "refine_weights", "refine_invertible"])
 def test_refinement_options_keep_what_they_scored(option):
     """The fused model written after refinement gives the held-back loss refinement reported for the kept step."""
     from hf_otfusion.engine.passes import batches
@@ -270,10 +270,12 @@ def test_refinement_options_keep_what_they_scored(option):
     data = alignment_data(parents[0], samples=80)
     config = FusionConfig(
         residual="orthogonal", within_heads="orthogonal", refine_steps=40, batch_size=8, **{option: True},
-        refine_lr=0.01 if option == "refine_weights" else 0.2,  # swaps need a large step; rotations diverge there
+        refine_lr=0.01 if option in ("refine_weights", "refine_invertible") else 0.2,  # swaps need a large step
     )  # fmt: skip
     result = fuse_with_diagnostics(parents, data=data, config=config, progress=False)
-    closed_form = fuse_with_diagnostics(parents, data=data, config=replace(config, refine_steps=0), progress=False)
+    closed_form = fuse_with_diagnostics(
+        parents, data=data, config=replace(config, refine_steps=0, **{option: False}), progress=False
+    )
     if option == "refine_permutations":
         ffn = [space for space, transport in closed_form.maps[1].items() if transport.kind == "permutation"]
         assert ffn
@@ -289,6 +291,13 @@ def test_refinement_options_keep_what_they_scored(option):
             assert sum(pair) == pytest.approx(1.0, abs=1e-3) and min(pair) >= 0
         assert max(abs(pair[0] - 0.5) for pair in layer_weights.values()) > 0.01  # they moved
         assert set(result.refine.learned) == {name for name, _ in result.model.named_parameters()}
+    elif option == "refine_invertible":
+        kinds = {space: transport.kind for space, transport in result.maps[1].items()}
+        assert {kinds["vo.0"], kinds["vo.1"], kinds["qk.0"], kinds["residual"]} == {"invertible", "orthogonal"}
+        assert (kinds["vo.0"], kinds["qk.0"]) == ("invertible", "orthogonal")
+        values = result.maps[1]["vo.0"].output_matrix()
+        assert np.abs(values.T @ values - np.eye(len(values))).max() > 1e-3  # no longer a rotation
+        np.testing.assert_allclose(result.maps[1]["vo.0"].input_matrix().T @ values, np.eye(len(values)), atol=1e-9)
     else:
         learned = result.refine.learned
         assert learned and all("layernorm" in name for name in learned)
@@ -333,3 +342,24 @@ def test_best_quality_preset_fuses_like_its_fields_and_a_rotated_copy_back():
         assert torch.equal(a, b), name
     inputs = inputs_for(model)
     assert relative_error(outputs(preset, inputs), outputs(model, inputs)) < 1e-4
+
+
+def test_refinement_options_need_refine_steps_and_invertible_needs_head_rotations():
+    for option in ("refine_permutations", "refine_norms", "refine_weights", "refine_invertible"):
+        with pytest.raises(InvalidConfigError, match=f"{option} shape.s. the learned refinement"):
+            FusionConfig(**{option: True})
+    with pytest.raises(InvalidConfigError, match="refine_invertible refines the within-head rotations"):
+        FusionConfig(refine_steps=5, refine_invertible=True, within_heads="permutation")
+
+
+def test_invertible_value_maps_keep_each_parents_function():
+    """A parent moved by refined invertible V/O maps computes what it did (the readers take the inverse)."""
+    from hf_otfusion.alignment import align_models
+
+    parents = [build("vit-cls"), build("vit-cls", seed=1)]
+    data, inputs = alignment_data(parents[0], samples=80), inputs_for(parents[0])
+    config = FusionConfig(refine_steps=30, refine_invertible=True, batch_size=8)
+    alignment = align_models(parents, config, data=data, progress=False)
+    assert alignment.map_kinds()["vo"] == ["invertible"]
+    for aligned, parent in zip(alignment.models, parents, strict=True):
+        assert relative_error(outputs(aligned, inputs), outputs(parent, inputs)) < 1e-5

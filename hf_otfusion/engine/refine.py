@@ -6,7 +6,9 @@ together. Refinement optimises exactly that, and nothing else: every orthogonal 
 (its residual rotation, its within-head rotations) is multiplied by a learned rotation Δ = exp(S − Sᵀ) that
 starts at the identity (the residual one restricted to rotations fixing the all-ones vector), and the fused
 model Σ_k α_k align(θ_k; O_k Δ_k) is trained to match the mean of the parents' output distributions on the
-alignment data (KL divergence; no labels needed). Permutations and couplings stay as solved. The result is
+alignment data (KL divergence; no labels needed). Permutations and couplings stay as solved. With `invertible`,
+the maps that V and O share inside each head learn Δ = exp(S) instead: any basis change of a head's values
+keeps the function (O reads what V writes: V → ΔᵀV, O → OΔ⁻ᵀ), a larger symmetry than rotations. The result is
 still an average of aligned parents, so it loads as the anchor's plain class.
 
 Every fifth batch of the alignment data is held back: the maps kept are those with the lowest held-back loss
@@ -64,12 +66,16 @@ class RefineReport:
         return {**reported, "seconds": round(self.seconds, 2), "learned_tensors": len(self.learned)}
 
 
-class _Rotation(torch.nn.Module):
-    """Δ = exp(S − Sᵀ) as one matrix, or block-diagonal per head; on the complement of the ones vector for a stream."""
+class _BasisChange(torch.nn.Module):
+    """Δ = exp(S − Sᵀ) as one matrix, or block-diagonal per head; on the complement of the ones vector for a stream.
 
-    def __init__(self, size: int, heads: int | None, fixes_ones: bool):
+    With `invertible` (heads only), Δ = exp(S) per head: invertible for every S (det = e^{tr S} > 0), and the
+    readers of the space take Δ⁻ᵀ = exp(−Sᵀ), so nothing is inverted numerically while training.
+    """
+
+    def __init__(self, size: int, heads: int | None, fixes_ones: bool, invertible: bool = False):
         super().__init__()
-        self.size, self.heads = size, heads
+        self.size, self.heads, self.invertible = size, heads, invertible
         self.basis = None
         if fixes_ones:
             ones = torch.full((size,), size**-0.5, dtype=torch.float64)
@@ -81,11 +87,16 @@ class _Rotation(torch.nn.Module):
         else:
             self.skew = torch.nn.Parameter(torch.zeros(size, size))
 
-    def forward(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """Δ in `dtype`: float32 while training; float64 for the map written back, which is then orthogonal to
-        rounding (a float32 Δ is only orthogonal to ~1e-6, which `align_parents` would not count as exact)."""
+    def forward(self, dtype: torch.dtype = torch.float32, readers: bool = False) -> torch.Tensor:
+        """Δ in `dtype` (Δ⁻ᵀ for `readers`; the same matrix for a rotation): float32 while training; float64 for
+        the map written back, which is then orthogonal to rounding (a float32 Δ is only orthogonal to ~1e-6,
+        which `align_parents` would not count as exact)."""
         skew = self.skew.to(dtype)
-        rotation = torch.linalg.matrix_exp(skew - skew.transpose(-1, -2))
+        if self.invertible:
+            generator = -skew.transpose(-1, -2) if readers else skew
+        else:
+            generator = skew - skew.transpose(-1, -2)
+        rotation = torch.linalg.matrix_exp(generator)
         if self.basis is not None:
             basis = self.basis.to(dtype)
             return basis @ rotation @ basis.T + torch.full((self.size, self.size), 1.0 / self.size, dtype=dtype)
@@ -166,6 +177,7 @@ def refine_maps(
     permutations: bool = False,
     norms: bool = False,
     mixing: bool = False,
+    invertible: bool = False,
     progress: bool = True,
 ) -> RefineReport:
     """Refines every orthogonal map in `maps` in place (see the module docstring) and returns what it did.
@@ -184,6 +196,8 @@ def refine_maps(
             `RefineReport.learned` for the caller to write over the average.
         mixing: also learn each parent's averaging weight per group of layers (`_Mixing`); every fused tensor
             is then returned in `RefineReport.learned`, and the weights in `RefineReport.layer_weights`.
+        invertible: the within-head maps of spaces without a scaled dot product (V/O) become invertible
+            (`_BasisChange(invertible=True)`), written back as `TransportMap.from_invertible`.
 
     Raises:
         FusionError: no map to refine, too little data to hold a batch back, or a model without logits.
@@ -219,12 +233,24 @@ def refine_maps(
     targets = [_ensemble(model, aligned, weights, batch) for batch in loaded]
     target_of = {id(batch): target for batch, target in zip(loaded, targets, strict=True)}
     refined = [(k, space) for k, names in spaces.items() for space in names]
+
+    def general(space: str) -> bool:  # a head space that only linear maps read: values, not queries and keys
+        return invertible and plan.spaces[space].heads is not None and not plan.spaces[space].scaled_dot_product
+
+    if invertible and not any(general(space) and maps[k][space].kind == "orthogonal" for k, space in refined):
+        raise FusionError(
+            "refine_invertible learns the value maps inside matched heads, and this fusion rotates none: use "
+            "within_heads='orthogonal' (cost='activations', heads='aware', solver='exact')."
+        )
     rotations = torch.nn.ModuleList(
-        _Rotation(plan.spaces[space].size, plan.spaces[space].num_heads, fixes_ones=plan.spaces[space].stream)
+        _BasisChange(
+            plan.spaces[space].size, plan.spaces[space].num_heads, fixes_ones=plan.spaces[space].stream,
+            invertible=general(space),
+        )
         if maps[k][space].kind == "orthogonal"
         else _Permutation(plan.spaces[space].size)
         for k, space in refined
-    )
+    )  # fmt: skip
     moving = {
         name for name, axes in plan.parameters.items() if any(a is not None and _moves(a.space, spaces) for a in axes)
     }
@@ -245,6 +271,11 @@ def refine_maps(
 
     def fused_parameters() -> dict[str, torch.Tensor]:
         deltas = {key: rotation() for key, rotation in zip(refined, rotations, strict=True)}
+        read_deltas = {
+            key: rotation(readers=True)
+            for key, rotation in zip(refined, rotations, strict=True)
+            if isinstance(rotation, _BasisChange) and rotation.invertible
+        }
         mix = mixer() if mixer is not None else None
         result = dict(fixed)
         for name in moving:
@@ -253,8 +284,9 @@ def refine_maps(
                 tensor = aligned[k][name]
                 for dim, axis in enumerate(plan.parameters[name]):
                     key = (k, axis.space) if axis is not None else None
-                    if key in deltas:  # new = Δᵀ old along the axis: the composed map is O Δ
-                        tensor = torch.tensordot(deltas[key], tensor.movedim(dim, 0), dims=([0], [0])).movedim(0, dim)
+                    if key in deltas:  # new = Δᵀ old along the axis: the composed map is O Δ (readers: O Δ⁻ᵀ)
+                        delta = read_deltas.get(key, deltas[key]) if axis.reads else deltas[key]
+                        tensor = torch.tensordot(delta, tensor.movedim(dim, 0), dims=([0], [0])).movedim(0, dim)
                 total = total + (weights[k] if mixer is None else mixer.weight(mix, k, name)) * tensor
             result[name] = total
         result.update(zip(norm_names, learned, strict=True))
@@ -308,7 +340,9 @@ def refine_maps(
                 maps[k][space] = TransportMap.from_permutation(maps[k][space].permutation[sigma])
                 continue
             closed_form = maps[k][space].output_matrix()
-            maps[k][space] = TransportMap.from_orthogonal(closed_form @ rotation(torch.float64).numpy())
+            composed = closed_form @ rotation(torch.float64).numpy()
+            written = TransportMap.from_invertible if rotation.invertible else TransportMap.from_orthogonal
+            maps[k][space] = written(composed)
     with torch.no_grad():
         if mixer is not None:  # every tensor is a learned mixture: the caller writes them all
             tensors = {name: tensor.detach().clone() for name, tensor in fused_parameters().items()}

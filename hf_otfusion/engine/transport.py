@@ -36,9 +36,10 @@ class TransportMap:
     """A change of basis from a parent's units (rows) to the anchor's (columns): a coupling or an orthogonal matrix.
 
     `kind` says which: `permutation` (a hard one-to-one matching), `coupling` (a soft or uneven OT plan, with
-    its two normalisations) or `orthogonal` (a rotation of the units, `from_orthogonal`: both sides use the
-    matrix itself, since its inverse is its transpose). Every kind moves tensors through `output_matrix` and
-    `input_matrix`, so aligning and averaging are one code path for all of them.
+    its two normalisations), `orthogonal` (a rotation of the units, `from_orthogonal`: both sides use the
+    matrix itself, since its inverse is its transpose) or `invertible` (any change of basis, `from_invertible`:
+    the readers take the inverse transpose, so what they read is unchanged). Every kind moves tensors through
+    `output_matrix` and `input_matrix`, so aligning and averaging are one code path for all of them.
 
     A hard one-to-one matching with uniform marginals is stored as its permutation alone (n integers instead
     of n^2 floats: 12 exact FFN maps of BERT-base take 300 KB instead of 900 MB), and `plan` is built on demand.
@@ -61,7 +62,9 @@ class TransportMap:
             raise TransportError("Give a TransportMap either a dense plan or a permutation.")
         self._plan = plan
         self._permutation = permutation
-        self._orthogonal: np.ndarray | None = None
+        self._linear: np.ndarray | None = None  # the output-side matrix of an orthogonal or invertible map
+        self._linear_input: np.ndarray | None = None  # its input side: the same matrix, or its inverse transpose
+        self._linear_kind: str | None = None
         self.mu, self.nu = mu, nu
         self.output_scale = output_scale
 
@@ -81,14 +84,28 @@ class TransportMap:
         matrix = np.asarray(matrix, dtype=np.float64)
         n = matrix.shape[0]
         transport = cls(matrix**2 / n, uniform(n), uniform(n))
-        transport._orthogonal = matrix
+        transport._linear, transport._linear_input, transport._linear_kind = matrix, matrix, "orthogonal"
+        return transport
+
+    @classmethod
+    def from_invertible(cls, matrix: np.ndarray) -> TransportMap:
+        """The map sending a parent vector x to Mᵀx (M square and invertible); readers use M⁻ᵀ, so W x = W' x'.
+
+        Only spaces that no nonlinearity or norm acts on admit it (the values of an attention head: O reads what
+        V writes). Its `plan` is M∘M normalised to sum 1, for the diagnostics only (not a coupling's marginals).
+        """
+        matrix = np.asarray(matrix, dtype=np.float64)
+        n = matrix.shape[0]
+        transport = cls(matrix**2 / (matrix**2).sum(), uniform(n), uniform(n))
+        transport._linear, transport._linear_input = matrix, np.linalg.inv(matrix).T
+        transport._linear_kind = "invertible"
         return transport
 
     @property
     def kind(self) -> str:
-        """`permutation`, `coupling` or `orthogonal`: what sort of basis change this map is."""
-        if self._orthogonal is not None:
-            return "orthogonal"
+        """`permutation`, `coupling`, `orthogonal` or `invertible`: what sort of basis change this map is."""
+        if self._linear_kind is not None:
+            return self._linear_kind
         return "permutation" if self.permutation is not None else "coupling"
 
     @property
@@ -113,7 +130,7 @@ class TransportMap:
         """
         if self._permutation is not None:
             return self._permutation
-        if self._orthogonal is not None:
+        if self._linear is not None:
             return None
         n_a, n_b = self.shape
         if n_a != n_b:
@@ -125,13 +142,13 @@ class TransportMap:
 
     def output_matrix(self) -> np.ndarray:
         """M with X'_b = sum_a M[a, b] X_a for axes that hold the unit (P diag(1/nu), times `output_scale`)."""
-        matrix = self._orthogonal if self._orthogonal is not None else self.plan / self.nu[None, :]
+        matrix = self._linear if self._linear is not None else self.plan / self.nu[None, :]
         return matrix * self.output_scale if self.output_scale != 1.0 else matrix
 
     def input_matrix(self) -> np.ndarray:
         """M with W'_{:, b} = sum_a W_{:, a} M[a, b] for axes that read the unit (diag(1/mu) P)."""
-        if self._orthogonal is not None:
-            return self._orthogonal
+        if self._linear_input is not None:
+            return self._linear_input
         return self.plan / self.mu[:, None]
 
 
