@@ -103,4 +103,6 @@ def test_eval_of_a_multi_task_merge_refuses_a_wrong_data_count_naming_the_tasks(
     python_out = tmp_path / "from-python"
     merge_tasks(tasks, FusionConfig(method="interpolate"), base=bare_encoder_of(tuned), out=python_out, progress=False)
     assert main(["eval", str(python_out), "--data", *evals, "-q"]) == 2
-    assert "no fusion_job.yaml of a multi-task merge" in capsys.readouterr().err
+    error = capsys.readouterr().err
+    assert "from-python is a folder of checkpoints, not one, and not a multi-task merge" in error
+    assert f"otfusion-hub eval {python_out}/<name> [PARENT ...] --data DATA" in error

@@ -283,10 +283,10 @@ def _multi_task_output(models: list[str]) -> tuple[Path, dict] | None:
     job = yaml.safe_load((out / JOB_FILE).read_text()) if (out / JOB_FILE).is_file() else None
     if not isinstance(job, dict) or not job.get("multi_task"):
         raise InvalidConfigError(
-            f"{out} holds task checkpoints but no {JOB_FILE} of a multi-task merge, so the parents and base to "
-            f"compare with are unknown (merge_tasks in Python records none); score its task folders with their "
-            f"parents (`otfusion-hub eval {out}/<task> PARENT --data DATA`), or merge with `otfusion-hub fuse "
-            "--multi-task`, which records them.",
+            f"{out} is a folder of checkpoints, not one, and not a multi-task merge written by `otfusion-hub fuse "
+            f"--multi-task` (its {JOB_FILE} names the parents and base each task is compared with; merge_tasks "
+            f"and align_parents in Python, and `otfusion-hub align`, record none). Score its checkpoints "
+            f"themselves: `otfusion-hub eval {out}/<name> [PARENT ...] --data DATA`.",
             field="models",
             value=str(out),
         )
