@@ -535,6 +535,70 @@ def test_cli_multi_task_push_makes_one_loadable_repository_per_task(tmp_path, tu
     assert all(torch.equal(encoders[0][key], encoders[1][key]) for key in encoders[0])
 
 
+def test_cli_multi_task_push_that_fails_part_way_names_what_was_pushed_and_keeps_the_output(tmp_path, tuned, tasks):
+    """The local Hub refuses the first task's commit (HTTP 500) and takes the second's: the user is told which task
+    repositories hold their task and which do not, the output is intact, and the printed command pushes the rest."""
+    import json
+    import shlex
+
+    from hub_utils import client_env, run_cli, run_python
+
+    from hf_otfusion.hub.server import HubServer
+    from hf_otfusion.output.provenance import weight_hashes
+
+    base, *parents = saved_parents(tmp_path, tuned, tasks)
+    with HubServer(tmp_path / "store") as server:
+        env = client_env(server.url, tmp_path / "home")
+        server.fail_next_commits = 1  # the first task's upload (nli) fails on the server; stars is pushed after it
+        fuse = ["fuse", *parents, "--out", "merged", "--method", "task-arithmetic", "--base", base, "--multi-task",
+                "--task-names", "nli", "stars", "--push-to-hub", "ns/merged", "--revision", "dev", "-q"]  # fmt: skip
+        proc = run_cli(fuse, env, tmp_path)
+        written = {path.relative_to(tmp_path / "merged"): path.read_bytes() for path in
+                   sorted((tmp_path / "merged").rglob("*")) if path.is_file()}  # fmt: skip
+        commits = [path for method, path in server.request_log if method == "POST" and "/commit/" in path]
+        retry = proc.stderr.rsplit("push the rest with:\n", 1)[-1].strip().splitlines()
+        retried = [run_cli(shlex.split(line)[1:], env, tmp_path) for line in retry]
+        check = """
+            import json
+            from huggingface_hub import HfApi, hf_hub_download
+
+            found = {}
+            for task in ("nli", "stars"):
+                repo = "ns/merged-" + task
+                found[task] = {"files": sorted(HfApi().list_repo_files(repo, revision="dev")),
+                               "weights": open(hf_hub_download(repo, "model.safetensors", revision="dev"), "rb")
+                               .read().hex()}
+            print("RESULT " + json.dumps(found))
+            """
+        pulled = run_python(check, env, tmp_path)
+    assert proc.returncode == 3, proc.stderr[-6000:]
+    assert "Multi-task merge written to merged" in proc.stdout
+    assert "Pushed merged/stars to" in proc.stdout and "Pushed merged/nli" not in proc.stdout
+    assert len(commits) == 2 and "merged-nli" in commits[0] and "merged-stars" in commits[1]  # both were tried
+    # the upload's own error with its retry, then the summary: which repositories hold their task, which do not
+    assert "Upload of merged/nli to ns/merged-nli failed" in proc.stderr
+    assert (
+        "error: 1 of 2 task repositories were not pushed: nli (ns/merged-nli). Pushed: stars (ns/merged-stars).\n"
+        "Every task folder is kept in merged; push the rest with:\n"
+        "  otfusion-hub push merged/nli ns/merged-nli --revision dev"
+    ) in proc.stderr
+    assert retry == ["otfusion-hub push merged/nli ns/merged-nli --revision dev"]
+    # nothing local was lost: every file of the output, the weights as their provenance records them
+    assert {str(path) for path in written} >= {"README.md", "fusion_job.yaml", "nli/model.safetensors",
+                                               "stars/model.safetensors", "nli/fusion_provenance.json"}  # fmt: skip
+    for task in ("nli", "stars"):
+        recorded = json.loads(written[Path(task) / "fusion_provenance.json"])["outputs"]
+        assert recorded == weight_hashes(tmp_path / "merged" / task)
+    assert sorted(p.name for p in tmp_path.iterdir() if "merged" in p.name) == ["merged"]  # no staging left
+    # the printed command pushed the rest: both repositories now hold the bytes written locally
+    assert [r.returncode for r in retried] == [0], [r.stderr[-3000:] for r in retried]
+    assert pulled.returncode == 0, pulled.stderr[-6000:]
+    found = json.loads(pulled.stdout.split("RESULT ", 1)[1].splitlines()[0])
+    for task in ("nli", "stars"):
+        assert bytes.fromhex(found[task]["weights"]) == written[Path(task) / "model.safetensors"]
+        assert "fusion_job.yaml" in found[task]["files"]
+
+
 def test_different_label_sets_take_the_multi_task_mode_with_one_data_source_per_parent(tmp_path, tuned, tasks):
     import yaml
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 from pathlib import Path
 
 from ..errors import FusionError
@@ -170,7 +171,6 @@ def run_fuse(args: argparse.Namespace, argv: list[str]) -> int:
 
 def _report_multi_task(job, task_names: list[str]) -> int:
     """Each task's evaluation (with --eval-data), where the tasks were written, then one push per task."""
-    from ..multitask import task_repo_id
     from ..output.card import results_text
     from ..output.provenance import Provenance
 
@@ -180,11 +180,40 @@ def _report_multi_task(job, task_names: list[str]) -> int:
     print(f"Multi-task merge written to {job.out}: {', '.join(job.out.name + '/' + t for t in task_names)}")
     if not job.push_to_hub:
         return 0
-    code = 0
-    for name in task_names:  # one repository per task (see task_repo_id); a failed push does not stop the others
+    return _push_tasks(job, task_names)
+
+
+def _push_tasks(job, task_names: list[str]) -> int:
+    """Pushes every task folder to its own repository (see `task_repo_id`), each in one commit: 0, or 3 when any
+    upload failed.
+
+    A failed push does not stop the others, so a run can end with some task repositories pushed and some not;
+    it then ends by naming both and printing the commands that push the rest (the output folder is kept as
+    written, so retrying uploads the same bytes).
+    """
+    from ..hub.push import push_command
+    from ..multitask import task_repo_id
+
+    pushed, missing = [], []
+    for name in task_names:
+        repo = task_repo_id(job.push_to_hub, name)
         message = f"Task {name} of a multi-task merge of {', '.join(job.parents)} with hf_otfusion"
-        code = max(code, push_output(job.out / name, task_repo_id(job.push_to_hub, name), job, commit_message=message))
-    return code
+        code = push_output(job.out / name, repo, job, commit_message=message)
+        (pushed if code == 0 else missing).append((name, repo))
+    if not missing:
+        return 0
+    retry = [
+        push_command(job.out / name, repo, private=bool(job.private), revision=job.revision,
+                     create_pr=bool(job.create_pr))
+        for name, repo in missing
+    ]  # fmt: skip
+    listed = [", ".join(f"{name} ({repo})" for name, repo in tasks) or "none" for tasks in (missing, pushed)]
+    print(
+        f"error: {len(missing)} of {len(task_names)} task repositories were not pushed: {listed[0]}. Pushed: "
+        f"{listed[1]}.\nEvery task folder is kept in {job.out}; push the rest with:\n  " + "\n  ".join(retry),
+        file=sys.stderr,
+    )
+    return 3
 
 
 def fuse_config(values: dict, has_data: bool):

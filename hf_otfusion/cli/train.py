@@ -6,7 +6,16 @@ import argparse
 import json
 from pathlib import Path
 
-from .flags import add_config_flags, add_data_options, add_push_options, config_values, count, encode_rows
+from .flags import (
+    SEED,
+    add_config_flags,
+    add_data_options,
+    add_encoding_options,
+    add_push_options,
+    config_values,
+    count,
+    encode_rows,
+)
 from .hub import push_output
 
 FINETUNE_EXAMPLES = """examples:
@@ -66,18 +75,41 @@ def _add_finetune_parser(commands) -> None:
     add_push_options(hub, prefix="")
 
 
+EVAL_EXAMPLES = """examples:
+  # parents and fused model on the same rows
+  otfusion-hub eval ./parent-a ./parent-b ./fused --data ./fmnist --split test --markdown
+
+  # a multi-task output (fuse --multi-task --out merged): one source per task, in the task order; each task's
+  # merged model next to its own fine-tune and the base under its head
+  otfusion-hub eval merged --data ./nli-test ./sst-test --markdown --json scores.json
+"""
+
+
 def _add_eval_parser(commands) -> None:
     from ..train.metrics import available_metrics
 
     evaluate = commands.add_parser(
         "eval",
-        help="print the accuracy and loss of one or more classifiers on one split",
+        help="print the accuracy and loss of one or more classifiers on one split, or of each task of a "
+        "multi-task merge",
         description="Score each MODEL (local directory or Hub id[@revision]) on the same rows: accuracy, mean "
         "cross-entropy loss and any extra --metrics, computed offline with the evaluate modules shipped in "
-        "hf_otfusion.",
+        "hf_otfusion. Given the folder of a multi-task merge (`fuse --multi-task --out DIR`) and one --data per "
+        "task, score each task's merged model next to its own fine-tune and the base under that task's head "
+        "(the parents and base pinned in its fusion_job.yaml).",
+        epilog=EVAL_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    evaluate.add_argument("models", nargs="+", help="checkpoint directories or Hub model ids[@revision]")
-    add_data_options(evaluate.add_argument_group("data"), default_split="test")
+    evaluate.add_argument("models", nargs="+", help="checkpoint directories or Hub model ids[@revision], or one "
+                          "multi-task output folder")  # fmt: skip
+    data = evaluate.add_argument_group("data")
+    data.add_argument("--data", nargs="+", required=True, metavar="DATA", help="a Hub dataset id[@revision], a "
+                      "save_to_disk directory, a data directory (imagefolder, csv, ...) or data files; for a "
+                      "multi-task output, one per task, in the task order")  # fmt: skip
+    data.add_argument("--split", help="split of --data (default: the only split, or test)")
+    data.add_argument("--num-samples", type=count(1), help="use this many rows of the split (seeded by --data-seed)")
+    data.add_argument("--data-seed", type=SEED, default=0, help="seed of the row sample drawn with --num-samples")
+    add_encoding_options(data)
     evaluate.add_argument("--batch-size", type=count(1), default=64, help="examples per forward pass (default: 64)")
     extra = [m for m in available_metrics() if m != "accuracy"]
     evaluate.add_argument("--metrics", nargs="+", default=[], choices=extra, help="extra metrics (f1: macro-averaged)")
@@ -89,7 +121,16 @@ def _add_eval_parser(commands) -> None:
 def _load_classifier(source: str, progress: bool):
     """A checkpoint resolved (Hub ids pinned to a commit), downloaded with its processor, card and provenance."""
     from ..data import load_processor
-    from ..hub.parents import download_parents, load_parent_model, resolve_parent
+    from ..hub.parents import load_parent_model
+
+    parent = _downloaded(source, progress)
+    processor = load_processor(parent.directory) if parent.processor_files else None
+    return parent, load_parent_model(parent), processor
+
+
+def _downloaded(source: str, progress: bool):
+    """The `Parent` of `source`, pinned and downloaded (weights, config, processor, card and provenance)."""
+    from ..hub.parents import download_parents, resolve_parent
 
     parent = resolve_parent(source)
     download_parents([parent], 0, progress=progress)
@@ -104,8 +145,7 @@ def _load_classifier(source: str, progress: bool):
                 hf_hub_download(parent.repo_id, name, revision=parent.commit)
             except EntryNotFoundError:
                 continue
-    processor = load_processor(parent.directory) if parent.processor_files else None
-    return parent, load_parent_model(parent), processor
+    return parent
 
 
 def _encoded_split(args, source: str, split: str | None, num_samples: int | None, label2id, processor,
@@ -178,12 +218,23 @@ def run_finetune(args: argparse.Namespace) -> int:
 
 
 def run_eval(args: argparse.Namespace) -> int:
+    from ..errors import InvalidConfigError
     from ..train.evaluation import EvaluationTable, ModelScore, evaluate_model
 
     if args.quiet:
         from .progress import silence_progress_bars
 
         silence_progress_bars()
+    multi_task = _multi_task_output(args.models)
+    if multi_task is not None:
+        return _run_task_eval(args, *multi_task)
+    if len(args.data) != 1:
+        raise InvalidConfigError(
+            f"{len(args.data)} --data sources for models scored on the same rows; give one (one per task is for "
+            "the folder of a multi-task merge: `otfusion-hub eval MERGED --data D1 D2 ...`).",
+            field="data",
+            value=args.data,
+        )
     rows, encodings, split = [], [], args.split
     for source in args.models:
         parent, model, processor = _load_classifier(source, progress=not args.quiet)
@@ -193,7 +244,7 @@ def run_eval(args: argparse.Namespace) -> int:
         if dataset is None:
             label2id = getattr(model.config, "label2id", None)
             dataset, data_source = _encoded_split(
-                args, args.data, args.split, args.num_samples, label2id, processor, default_split="test"
+                args, args.data[0], args.split, args.num_samples, label2id, processor, default_split="test"
             )
             encodings.append((key, dataset))
             split = data_source.split
@@ -206,6 +257,83 @@ def run_eval(args: argparse.Namespace) -> int:
     print(table.to_markdown() if args.markdown else table)
     if args.json is not None:
         args.json.write_text(table.to_json() + "\n")
+    return 0
+
+
+def _multi_task_output(models: list[str]) -> tuple[Path, dict] | None:
+    """The folder and pinned job of a multi-task merge among `models`, or None when they are checkpoints.
+
+    Such a folder (`fuse --multi-task --out DIR`) is not a checkpoint but a folder of task checkpoints; its
+    `fusion_job.yaml` names the tasks in the parents' order and pins the parents and base they came from.
+
+    Raises:
+        InvalidConfigError: the folder is given with other models (its tasks have their own labels, so they share
+            no rows with them), or it records no job (written by `merge_tasks` in Python).
+    """
+    import yaml
+
+    from ..errors import InvalidConfigError
+    from ..output.provenance import JOB_FILE
+
+    folders = [Path(m) for m in models if Path(m).is_dir() and not (Path(m) / "config.json").exists()]
+    tasks = [f for f in folders if any((child / "config.json").is_file() for child in f.iterdir())]
+    if not tasks:
+        return None
+    out = tasks[0]
+    job = yaml.safe_load((out / JOB_FILE).read_text()) if (out / JOB_FILE).is_file() else None
+    if not isinstance(job, dict) or not job.get("multi_task"):
+        raise InvalidConfigError(
+            f"{out} is a folder of checkpoints, not one, and not a multi-task merge written by `otfusion-hub fuse "
+            f"--multi-task` (its {JOB_FILE} names the parents and base each task is compared with; merge_tasks "
+            f"and align_parents in Python, and `otfusion-hub align`, record none). Score its checkpoints "
+            f"themselves: `otfusion-hub eval {out}/<name> [PARENT ...] --data DATA`.",
+            field="models",
+            value=str(out),
+        )
+    if len(models) > 1:
+        raise InvalidConfigError(
+            f"{out} is a multi-task merge; evaluate it alone (`otfusion-hub eval {out} --data D1 D2 ...`): each task "
+            "is scored next to its own fine-tune and base, which its fusion_job.yaml pins, on its own rows.",
+            field="models",
+            value=models,
+        )
+    return out, job
+
+
+def _run_task_eval(args: argparse.Namespace, out: Path, job: dict) -> int:
+    """`eval MERGED --data D1 D2 ...`: per task, its merged model, its own fine-tune and the base under its head
+    on the task's rows (`train.evaluation.evaluate_task`, the table `fuse --multi-task --eval-data` records)."""
+    from ..errors import InvalidConfigError
+    from ..hub.parents import parent_checkpoint
+    from ..train.evaluation import evaluate_task
+
+    names, parents = list(job["task_names"]), list(job["parents"])
+    if len(args.data) != len(names):
+        raise InvalidConfigError(
+            f"{out} is a multi-task merge of {len(names)} tasks ({', '.join(names)}) but {len(args.data)} --data "
+            f"sources were given; give one per task, in that order: --data {' '.join(f'<{n}-data>' for n in names)}.",
+            field="data",
+            value=args.data,
+        )
+    progress = not args.quiet
+    ancestor = (job.get("config") or {}).get("base")  # pinned, as the parents are (`FuseJob.pinned`)
+    base = parent_checkpoint(_downloaded(ancestor, progress)) if ancestor else None
+    tables = {}
+    for name, source, data in zip(names, parents, args.data, strict=True):
+        task, merged, processor = _load_classifier(str(out / name), progress)  # the task holds its parent's processor
+        own = _downloaded(source, progress)
+        dataset, data_source = _encoded_split(
+            args, data, args.split, args.num_samples, merged.config.label2id, processor, default_split="test"
+        )
+        table = evaluate_task(
+            merged, parent_checkpoint(own), dataset, own_name=own.name, base=base, split=str(data_source.split),
+            processor=processor, batch_size=args.batch_size, metrics=args.metrics, progress=progress,
+        )  # fmt: skip
+        tables[name] = {"data": data_source.pinned, **table.to_dict()}
+        print(f"Task {name} ({task.name}), on {_describe(data_source)}:")
+        print(table.to_markdown() if args.markdown else table)
+    if args.json is not None:
+        args.json.write_text(json.dumps({"tasks": tables}, indent=1) + "\n")
     return 0
 
 

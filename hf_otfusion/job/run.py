@@ -37,8 +37,6 @@ if TYPE_CHECKING:  # pragma: no cover
 logger = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-#: the multi-task evaluation row of the base encoder under the task's own head (no merge)
-BASE_HEAD_ROW = "base + this head"
 
 
 def run_job(job: FuseJob, checked: Preflight | None = None):
@@ -192,20 +190,19 @@ def _evaluate(job: FuseJob, checked: Preflight, sources, fused, processor, label
 
 def _evaluate_task(job: FuseJob, checked: Preflight, k: int, source, base, merged, processor) -> dict[str, Any]:
     """Task `k`'s merged model next to its own fine-tune and, with a base, the base under that head, on the
-    task's `--eval-data` (encoded with its own parent's processor and labels)."""
-    from ..multitask import base_with_head
-    from ..output.card import FUSED_ROW
-    from ..train.evaluation import evaluate_models
+    task's `--eval-data` (encoded with its own parent's processor and labels): `train.evaluation.evaluate_task`,
+    as `otfusion-hub eval` scores a multi-task output."""
+    from ..train.evaluation import evaluate_task
 
     data = checked.eval_sources[k]
     dataset = encoded(job, data, processor, source.config().label2id)
     if "labels" not in dataset.column_names:
         raise FusionError(f"--eval-data {data.pinned} has no label column; name it with --label-column.")
-    rows: dict[str, Any] = {f"own fine-tune: {checked.parents[k].name}": source}
-    if base is not None:
-        rows[BASE_HEAD_ROW] = lambda: base_with_head(base, source)
-    rows[FUSED_ROW] = merged
-    return evaluate_models(rows, dataset, split=str(data.split), progress=job.progress).to_dict()
+    table = evaluate_task(
+        merged, source, dataset, own_name=checked.parents[k].name, base=base, split=str(data.split),
+        progress=job.progress,
+    )  # fmt: skip
+    return table.to_dict()
 
 
 def _provenance(job: FuseJob, checked: Preflight, result, evaluation) -> Provenance:

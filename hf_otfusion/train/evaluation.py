@@ -27,6 +27,8 @@ from .metrics import load_metric
 
 # a row's model: a model or checkpoint, or a function that builds one when the row is scored
 RowModel = ModelOrPath | Callable[[], PreTrainedModel]
+#: the row of a multi-task evaluation that scores the base encoder under the task's own head (no merge)
+BASE_HEAD_ROW = "base + this head"
 
 
 @dataclass
@@ -240,6 +242,46 @@ def evaluate_models(
         )  # fmt: skip
         rows.append(ModelScore.from_scores(name, scores))
     return EvaluationTable(rows=rows, split=split)
+
+
+def evaluate_task(
+    merged: RowModel,
+    own: ModelOrPath,
+    dataset,
+    *,
+    own_name: str,
+    base: ModelOrPath | None = None,
+    split: str = "test",
+    processor=None,
+    batch_size: int = 64,
+    metrics: Sequence[str] = (),
+    progress: bool = True,
+) -> EvaluationTable:
+    """One task of a multi-task merge scored against what it is measured by: its own fine-tune, and the base.
+
+    The rows are `own fine-tune: <own_name>`, then, with a `base`, `base + this head` (the base's encoder under
+    the task's head, unmerged: what the head alone gives, see `multitask.base_with_head`), then `fused`. The same
+    table serves `fuse --multi-task --eval-data` (recorded in each task's card) and `eval MERGED --data ...`, so
+    the two report the same numbers on the same rows.
+
+    Args:
+        merged: the task's merged model (or its checkpoint).
+        own: the task's fine-tune, the parent whose head the merged model keeps.
+        dataset: the task's rows, encoded with its processor and labels (see `evaluate_model`).
+        own_name: how the fine-tune's row names it (its repository or directory).
+        base: the parents' shared ancestor, when the merge had one (a bare encoder or a model whose head is ignored).
+        split, processor, batch_size, metrics, progress: as in `evaluate_models`.
+    """
+    from ..multitask import base_with_head
+    from ..output.card import FUSED_ROW
+
+    rows: dict[str, RowModel] = {f"own fine-tune: {own_name}": own}
+    if base is not None:
+        rows[BASE_HEAD_ROW] = lambda: base_with_head(base, own)
+    rows[FUSED_ROW] = merged
+    return evaluate_models(
+        rows, dataset, split=split, processor=processor, batch_size=batch_size, metrics=metrics, progress=progress
+    )
 
 
 def _row_model(model: RowModel) -> PreTrainedModel:
