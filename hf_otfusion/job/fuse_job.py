@@ -232,6 +232,7 @@ class FuseJob:
             )
         parse_shard_size(self.max_shard_size)
         resolve_device(self.device)
+        self.check_push_repos()
         if self.multi_task:
             from ..methods.same_base import SAME_BASE_METHODS
 
@@ -248,6 +249,27 @@ class FuseJob:
                 "--task-names names the tasks of --multi-task; add --multi-task or drop it.",
                 field="task_names",
                 value=self.task_names,
+            )
+
+    def check_push_repos(self) -> None:
+        """Raises `InvalidConfigError` when --push-to-hub, or with --multi-task and --task-names a task's
+        repository (`<repo>-<task>`), is not a valid Hub repository id: found before the run, not at upload."""
+        if not self.push_to_hub:
+            return
+        from ..data import is_repo_id
+        from ..multitask import task_repo_id
+
+        repos = [self.push_to_hub]
+        if self.multi_task and self.task_names:
+            repos += [task_repo_id(self.push_to_hub, str(name)) for name in self.task_names]
+        bad = next((repo for repo in repos if not is_repo_id(repo)), None)
+        if bad is not None:
+            raise InvalidConfigError(
+                f"--push-to-hub: {bad!r} is not a valid Hub repository id (`name` or `namespace/name`: letters, "
+                "digits, '-', '_', '.', no '--' or '..', at most 96 characters); choose another"
+                + (" repository or task names." if bad != self.push_to_hub else " repository."),
+                field="push_to_hub",
+                value=bad,
             )
 
     def check_source_counts(self) -> None:
