@@ -31,7 +31,15 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE / "parents"))
 sys.path.insert(0, str(HERE))
-from paper_table import barrier, family_data, load_parents, machine_record, run_families, score  # noqa: E402
+from paper_table import (  # noqa: E402
+    barrier,
+    family_data,
+    load_parents,
+    machine_record,
+    plot_paths,
+    run_families,
+    score,
+)
 
 from hf_otfusion import FusionConfig, fuse_with_diagnostics  # noqa: E402
 from hf_otfusion.alignment import align_models  # noqa: E402
@@ -120,25 +128,6 @@ def write_markdown(reports: list[dict], meta: dict, path: Path) -> None:
     path.write_text("\n".join(lines))
 
 
-def plot(reports: list[dict], out: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(2, len(reports), figsize=(5 * len(reports), 6.5), squeeze=False)
-    for column, r in enumerate(reports):
-        for name, curve in r["paths"].items():
-            axes[0][column].plot(curve["t"], curve["loss"], marker="o", label=name)
-            axes[1][column].plot(curve["t"], 100 * np.array(curve["accuracy"]), marker="o", label=name)
-        axes[0][column].set(title=f"{r['family']} (anchor seed 0 at t = 0)", ylabel="test loss")
-        axes[1][column].set(xlabel="t (anchor -> parent 1)", ylabel="test accuracy %")
-    axes[0][-1].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / "aligned_path.png", dpi=110)
-    plt.close(fig)
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--family", nargs="+", choices=["vit", "deit"], default=["vit", "deit"])
@@ -157,7 +146,7 @@ def main(argv: list[str] | None = None) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "aligned_path.json").write_text(json.dumps({"meta": meta, "families": reports}, indent=1) + "\n")
     write_markdown(reports, meta, args.out / "aligned_path.md")
-    plot(reports, args.out)
+    plot_paths({f"{r['family']} (anchor seed 0 at t = 0)": r["paths"] for r in reports}, args.out / "aligned_path.png")
     log(f"wrote {args.out / 'aligned_path.md'}, aligned_path.json, aligned_path.png")
 
 

@@ -357,16 +357,27 @@ def plot(reports: list[dict], out: Path) -> None:
     fig.savefig(out / "paper_reg_sweep.png", dpi=110)
     plt.close(fig)
 
-    fig, axes = plt.subplots(2, len(reports), figsize=(5 * len(reports), 6.5), squeeze=False)
-    for column, r in enumerate(reports):
-        for name, curve in r["barrier"].items():
+    plot_paths({f"{r['family']} ({r['data']})": r["barrier"] for r in reports}, out / "paper_barrier.png")
+
+
+def plot_paths(curves: dict[str, dict[str, dict]], path: Path) -> None:
+    """Test loss (top) and accuracy (bottom) along linear paths: one column per title, one line per path
+    (`curves[title][path name]` as `barrier` returns it)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, len(curves), figsize=(5 * len(curves), 6.5), squeeze=False)
+    for column, (title, paths) in enumerate(curves.items()):
+        for name, curve in paths.items():
             axes[0][column].plot(curve["t"], curve["loss"], marker="o", label=name)
             axes[1][column].plot(curve["t"], 100 * np.array(curve["accuracy"]), marker="o", label=name)
-        axes[0][column].set(title=f"{r['family']} ({r['data']})", ylabel="test loss")
+        axes[0][column].set(title=title, ylabel="test loss")
         axes[1][column].set(xlabel="t (anchor -> parent 1)", ylabel="test accuracy %")
     axes[0][-1].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out / "paper_barrier.png", dpi=110)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 

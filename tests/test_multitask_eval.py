@@ -6,12 +6,12 @@ import json
 from pathlib import Path
 
 import pytest
+import test_multitask
 import torch
 import transformers as T
-from conftest import build
 from datasets import load_from_disk
 from test_merging import bare_encoder_of
-from test_multitask import LABELS, saved_parents, saved_rows, task_model
+from test_multitask import saved_parents, saved_rows
 
 from hf_otfusion import FusionConfig, merge_tasks
 from hf_otfusion.cli import main
@@ -20,15 +20,7 @@ from hf_otfusion.output.provenance import Provenance
 
 TASKS = ("nli", "stars")
 
-
-@pytest.fixture(scope="module")
-def tuned():
-    return build("bert-seqcls", seed=5)
-
-
-@pytest.fixture(scope="module")
-def tasks(tuned):
-    return [task_model(tuned, LABELS["nli"], seed=1), task_model(tuned, LABELS["stars"], seed=2)]
+tuned, tasks = test_multitask.tuned, test_multitask.tasks  # its module-scoped fixtures, shared
 
 
 def direct_scores(model: T.PreTrainedModel, rows: dict[str, torch.Tensor]) -> dict[str, float]:
