@@ -23,7 +23,7 @@ class Parser(argparse.ArgumentParser):
 def count(low: int, high: int | None = None):
     """An argparse `type` for an integer flag in `[low, high]`, so a bad value fails as the flag's usage error."""
 
-    from ..config import NumberRule
+    from ..config_fields import NumberRule
 
     rule = NumberRule(int, low, high)
 
@@ -50,7 +50,7 @@ def config_help(cls: type, name: str, shown_default: str | None = None, rules: d
     The text comes from the class's `Args:` section (see `hf_otfusion.docstrings`), so the CLI says what the
     API documentation says. A default of None or False is left out: the entry says what leaving it out means.
     """
-    from ..config import field_default
+    from ..config_fields import field_default
     from ..docstrings import field_docs
 
     text = field_docs(cls)[name]

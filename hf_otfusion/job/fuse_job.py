@@ -15,7 +15,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..config import FusionConfig, NumberRule, check_numbers, field_default, load_config_file
+from ..config import FusionConfig, load_config_file
+from ..config_fields import NumberRule, check_numbers, field_default
 from ..errors import EmptyAlignmentDataError, FusionError, InvalidConfigError, LabelSetMismatchError
 from ..output.staging import check_output_dir
 

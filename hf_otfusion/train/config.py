@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
-from ..config import NumberRule, check_numbers, strict_from_dict
+from ..config_fields import NumberRule, check_numbers, strict_from_dict
 from ..errors import InvalidConfigError
 
 
