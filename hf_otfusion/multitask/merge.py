@@ -24,104 +24,28 @@ import copy
 import logging
 import shutil
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 import torch
 import yaml
 from transformers import PreTrainedModel
 
-from .alignment import AlignedOutput, _describe, _folder_name, _is_model, unique_names
-from .checkpoints import Checkpoint, ModelOrPath, load_parent
-from .config import FusionConfig
-from .engine.align import align_tensor
-from .engine.compatibility import check_finite
-from .engine.plan import base_prefix, resolve_plan
-from .engine.prepare import check_parent_count
-from .engine.spec import AlignmentSpec, load_spec
-from .errors import IncompatibleModelsError, InvalidConfigError
-from .fusion import FusionResult, fuse_with_diagnostics
-from .methods.same_base import SAME_BASE_METHODS
-from .output.provenance import Provenance
+from ..alignment import AlignedOutput, _describe, _folder_name, _is_model, unique_names
+from ..checkpoints import Checkpoint, ModelOrPath, load_parent
+from ..config import FusionConfig
+from ..engine.align import align_tensor
+from ..engine.compatibility import check_finite
+from ..engine.plan import base_prefix, resolve_plan
+from ..engine.prepare import check_parent_count
+from ..engine.spec import AlignmentSpec, load_spec
+from ..errors import IncompatibleModelsError, InvalidConfigError
+from ..fusion import fuse_with_diagnostics
+from ..methods.same_base import SAME_BASE_METHODS
+from .cards import overview, task_card
+from .result import MultiTaskResult, RunRecord, parent_location
 
 logger = logging.getLogger(__name__)
-
-#: the tags of every task card (with the model type)
-CARD_TAGS = ("merge", "multi-task", "hf-otfusion")
-
-
-@dataclass
-class RunRecord:
-    """What an `otfusion-hub fuse` run records beside its task folders (the Python API writes none of it).
-
-    A multi-task output records its provenance like a single fused model, once per task, so that every task
-    folder, pushed alone to its own repository, still says exactly what made it and how to make it again.
-
-    Attributes:
-        job: the pinned job (`FuseJob.pinned(...).to_dict()`, task names included), written as `fusion_job.yaml`
-            at the top level and in every task folder: `otfusion-hub fuse --config fusion_job.yaml --out DIR`
-            rebuilds every task's weights byte for byte.
-        provenance: task name -> its `Provenance` (the parents and base pinned to commits with their weights'
-            sha256, the data, this task's evaluation, versions), written as the task's `fusion_provenance.json`
-            with the sha256 of the task's own weight files, and rendered in its card.
-        repo_ids: task name -> the Hub repository the task is pushed to (`--push-to-hub`), which the cards link
-            and load from; None: they link the sibling folders.
-        max_shard_size: as for `save_pretrained`.
-        dtype: the `--dtype` the task models were cast to, if any (a non-finite value then names the cast).
-    """
-
-    job: dict[str, Any]
-    provenance: dict[str, Provenance]
-    repo_ids: dict[str, str] | None = None
-    max_shard_size: str | int = "5GB"
-    dtype: str | None = None
-
-
-def task_repo_id(repo_id: str, task: str) -> str:
-    """The Hub repository of task `task` when a multi-task merge is pushed to `repo_id`: `<repo_id>-<task>`.
-
-    One repository per task rather than one with a folder per task: the Hub renders a repository's own card,
-    `model-index` and pipeline widget, and `from_pretrained(repo)` and `pipeline(model=repo)` load it, only at
-    the repository's root; a task in a subfolder would need `subfolder=` everywhere and get none of those.
-    """
-    return f"{repo_id}-{task}"
-
-
-@dataclass
-class MultiTaskResult:
-    """The merged task models, with what the encoder merge did.
-
-    Attributes:
-        models: task name -> that task's model (the parent's class and config, the merged encoder, the
-            parent's head), in the parents' order.
-        config: the `FusionConfig` used.
-        encoder: the `FusionResult` of the encoder merge (maps, diagnostics, timings); its `model` is dropped,
-            since every task model holds the merged encoder.
-        encoder_prefix: each task's base-model prefix (`bert.`): the parameters under it are shared.
-        heads: task name -> the names of the parameters kept from its parent (the head).
-        out: the directory written, or None.
-    """
-
-    models: dict[str, PreTrainedModel]
-    config: FusionConfig
-    encoder: FusionResult
-    encoder_prefix: dict[str, str] = field(default_factory=dict)
-    heads: dict[str, list[str]] = field(default_factory=dict)
-    out: Path | None = None
-
-    @property
-    def task_names(self) -> list[str]:
-        return list(self.models)
-
-    def summary(self) -> str:
-        """One line per task (class, labels, head parameters), then the encoder merge's diagnostics."""
-        lines = [
-            f"task {name}: {type(model).__name__}, {model.config.num_labels} labels, head {', '.join(self.heads[name])}"
-            for name, model in self.models.items()
-        ]
-        diagnostics = self.encoder.summary() if self.encoder.diagnostics else ""
-        return "\n".join(lines + ([diagnostics] if diagnostics else []))
 
 
 def merge_tasks(
@@ -187,9 +111,9 @@ def merge_tasks(
     outputs = task_outputs(parents, task_names)
     target = None
     if out is not None:
-        from .output.staging import check_output_dir
+        from ..output.staging import check_output_dir
 
-        inputs = [_location(p) for p in [*parents, *([base] if base is not None else [])] if not _is_model(p)]
+        inputs = [parent_location(p) for p in [*parents, *([base] if base is not None else [])] if not _is_model(p)]
         if config.base and base is None:
             inputs.append(config.base)
         target = check_output_dir(out, overwrite=overwrite, inputs=inputs, flag="out")
@@ -229,7 +153,7 @@ def merge_tasks(
     del models, views
     multitask = MultiTaskResult(tasks, result.config, result, prefixes, heads)
     if target is not None:
-        from .engine.distributed import is_main_process, process_state
+        from ..engine.distributed import is_main_process, process_state
 
         if is_main_process(process_state(None)):  # under torchrun / accelerate launch, the main process writes
             multitask.out = write_tasks(multitask, outputs, target, overwrite=overwrite, base=base or config.base)
@@ -292,7 +216,7 @@ def task_outputs(parents: Sequence[ModelOrPath], task_names: list[str] | None = 
     Raises:
         InvalidConfigError: `task_names` of the wrong length, repeated, or not a plain folder name.
     """
-    from .data import is_repo_id
+    from ..data import is_repo_id
 
     outputs = []
     for k, parent in enumerate(parents):
@@ -336,8 +260,8 @@ def write_tasks(
     and every task folder also get `fusion_job.yaml`, and every task folder its `fusion_provenance.json`. Nothing
     is written when a task model has a non-finite value.
     """
-    from .output.provenance import CONFIG_FILE, JOB_FILE, weight_hashes
-    from .output.staging import check_fused_finite, stage_output
+    from ..output.provenance import CONFIG_FILE, JOB_FILE, weight_hashes
+    from ..output.staging import check_fused_finite, stage_output
 
     for model in result.models.values():
         check_fused_finite(model, record.dtype if record is not None else None)
@@ -364,170 +288,3 @@ def write_tasks(
         stage.publish()
     logger.info("multi-task merge written to %s: %s", target, ", ".join(result.models))
     return target
-
-
-def _method_line(result: MultiTaskResult, base) -> str:
-    from .output.card import method_text
-
-    text = method_text(result.config.to_dict(), result.config.anchor)
-    if result.config.method == "task-arithmetic" and base is not None:
-        text += f" Base: `{_location(base) if not _is_model(base) else _model_label(base)}`."
-    return text
-
-
-def task_card(
-    result: MultiTaskResult, outputs: list[AlignedOutput], index: int, base=None, record: RunRecord | None = None
-):
-    """The model card of task `index`: which task of which merge, the method, the parents, its labels; with a
-    `record`, also the parents pinned to commits, the data, this task's evaluation (in `model-index` too) and
-    the command that rebuilds it."""
-    from huggingface_hub import ModelCard, ModelCardData
-
-    from .output.card import _eval_results, pipeline_and_auto_class, usage_section
-
-    name, model = list(result.models.items())[index]
-    output = outputs[index]
-    architecture = type(model).__name__
-    pipeline_tag, auto_class = pipeline_and_auto_class(architecture, model.config.model_type)
-    hub_parents = [o.repo_id for o in outputs if o.repo_id]
-    provenance = record.provenance[name] if record is not None else None
-    datasets = [
-        d["repo_id"] for d in (provenance.alignment_data, provenance.eval_data) if d and d.get("kind") == "hub"
-    ] if provenance else []  # fmt: skip
-    data = ModelCardData(
-        model_name=name,
-        base_model=hub_parents or None,
-        base_model_relation="merge" if hub_parents else None,
-        library_name="transformers",
-        pipeline_tag=pipeline_tag,
-        tags=[*CARD_TAGS, model.config.model_type],
-        datasets=list(dict.fromkeys(datasets)) or None,
-        eval_results=(_eval_results(provenance, pipeline_tag) or None) if provenance else None,
-    )
-    links = _task_links(result, record)
-    prefix = result.encoder_prefix[name]
-    aligned = index in result.encoder.maps
-    head = ", ".join(f"`{p}`" for p in result.heads[name])
-    kept = (
-        "re-expressed in the anchor's basis with this parent's alignment maps (the encoder was OT-aligned first)"
-        if aligned
-        else "unchanged, byte for byte"
-    )
-    rows = "\n".join(
-        f"| {'**' + o.name + '**' if i == index else o.name} | {o.label} | {type(m).__name__} | "
-        f"{m.config.num_labels} | {links[o.name]} |"
-        for i, ((_, m), o) in enumerate(zip(result.models.items(), outputs, strict=True))
-    )
-    labels = "\n".join(f"| {i} | {label} |" for i, label in sorted((model.config.id2label or {}).items()))
-    config_yaml = yaml.safe_dump(result.config.to_dict(), sort_keys=False).strip()
-    body = f"""
-# {name}
-
-Task **{name}** of a multi-task merge of {len(outputs)} fine-tunes by hf_otfusion (`merge_tasks`): the shared
-encoder (every parameter under `{prefix}`) is merged across all tasks, and the head ({head}) is the one of
-the parent **{output.label}**, {kept}. Every task folder of this merge holds the same encoder tensors.
-
-{_method_line(result, base)}
-
-## Tasks of this merge
-
-| task | parent | class | labels | {"repository" if record and record.repo_ids else "folder"} |
-|---|---|---|---:|---|
-{rows}
-
-## Labels of this task
-
-| id | label |
-|---:|---|
-{labels}
-{_record_sections(provenance) if provenance else ""}
-## Merge config
-
-```yaml
-{config_yaml}
-```
-
-{usage_section(auto_class, record.repo_ids[name] if record and record.repo_ids else name)}"""
-    return ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")
-
-
-def _task_links(result: MultiTaskResult, record: RunRecord | None) -> dict[str, str]:
-    """Each task's link from a card: its pushed repository, or its sibling folder."""
-    if record is not None and record.repo_ids:
-        from huggingface_hub import constants
-
-        return {name: f"[{repo}]({constants.ENDPOINT}/{repo})" for name, repo in record.repo_ids.items()}
-    return {name: f"[{name}](../{name}/)" for name in result.models}
-
-
-def _record_sections(provenance: Provenance) -> str:
-    """The pinned parents, base, data, evaluation and reproduce command of a task card (from its provenance)."""
-    from .output.card import _base_text, _data_text, _parent_rows, results_text
-
-    parents = "\n".join("| " + " | ".join(row) + " |" for row in _parent_rows(provenance))
-    out = (provenance.job or {}).get("out") or "merged"
-    return f"""
-## Parents (pinned)
-
-| # | role | parent | requested revision | commit | weight file | sha256 |
-|---:|---|---|---|---|---|---|
-{parents}
-
-{_base_text(provenance)}
-
-## Data
-
-{_data_text(provenance)}
-
-## Evaluation of this task
-
-{results_text(provenance)}
-
-## Reproduce
-
-Every task folder of this merge holds the same `fusion_job.yaml` (the whole run, pinned to commits); from the
-folder that holds it:
-
-```bash
-otfusion-hub fuse --config fusion_job.yaml --out {out}
-```
-
-As run: `{provenance.command}`
-"""
-
-
-def overview(result: MultiTaskResult, outputs: list[AlignedOutput], base=None, record: RunRecord | None = None) -> str:
-    """The top-level `README.md` of a multi-task output: what was merged and a link to every task folder."""
-    pushed = record.repo_ids if record is not None and record.repo_ids else {}
-    rows = "\n".join(
-        f"| [{name}]({name}/) | {o.label} | {type(m).__name__} | {m.config.num_labels} |"
-        + (f" `{pushed[name]}` |" if pushed else "")
-        for (name, m), o in zip(result.models.items(), outputs, strict=True)
-    )
-    header = "| task | parent | class | labels |" + (" pushed to |" if pushed else "")
-    rule = "|---|---|---|---:|" + ("---|" if pushed else "")
-    rebuild = (
-        "\n`fusion_job.yaml` is the whole run, pinned to commits: `otfusion-hub fuse --config fusion_job.yaml --out "
-        "DIR` rebuilds every task folder's weights byte for byte.\n"
-        if record is not None
-        else ""
-    )
-    return f"""# Multi-task merge
-
-{len(outputs)} fine-tunes merged by hf_otfusion (`merge_tasks`): one shared encoder, merged across the tasks,
-and each task's own head. Each folder is a standard checkpoint of its parent's class and config.
-
-{_method_line(result, base)}
-
-{header}
-{rule}
-{rows}
-{rebuild}"""
-
-
-def _location(parent: Any) -> str:
-    return str(parent.location if isinstance(parent, Checkpoint) else parent)
-
-
-def _model_label(model: PreTrainedModel) -> str:
-    return str(getattr(model, "name_or_path", "") or "a model object")
