@@ -355,11 +355,13 @@ def _align_and_average(run: _FusionRun) -> FusionResult:
         own = named_tensors(anchor_model)
         anchor_norm = (own[f"{output_norm}.weight"].clone(), own[f"{output_norm}.bias"].clone())
     fused = anchor_model if from_checkpoint[anchor] else copy.deepcopy(anchor_model)
+    mixed = result.refine is not None and result.refine.layer_weights is not None  # all learned: no plain average
     for i, group in enumerate(groups):
-        indices = ([anchor] if i == 0 else []) + group
-        params = {k: _fusion_parameters(obtain(k), run.plans[k], run.config) for k in indices}
-        average_into(fused, params, run.plans, result.maps, run.weights, accumulate=i > 0)
-        del params
+        if not mixed:
+            indices = ([anchor] if i == 0 else []) + group
+            params = {k: _fusion_parameters(obtain(k), run.plans[k], run.config) for k in indices}
+            average_into(fused, params, run.plans, result.maps, run.weights, accumulate=i > 0)
+            del params
         release(group)
     if result.refine is not None and result.refine.learned:  # learned norms or mixtures replace the average
         own = dict(fused.named_parameters())
