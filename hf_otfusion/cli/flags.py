@@ -158,10 +158,16 @@ def add_push_options(group, prefix: str) -> None:
                        "committing to the branch")  # fmt: skip
 
 
-def add_data_options(group, default_split: str) -> None:
-    """Where the rows come from and how raw rows become model inputs (shared by `finetune` and `eval`)."""
-    group.add_argument("--data", required=True, help="a Hub dataset id[@revision], a save_to_disk directory, a "
-                       "data directory (imagefolder, csv, ...) or data files")  # fmt: skip
+def add_data_options(group, default_split: str, per_task: bool = False) -> None:
+    """Where the rows come from and how raw rows become model inputs (shared by `finetune` and `eval`); with
+    `per_task`, `--data` takes one source per task of a multi-task output (`eval MERGED --data D1 D2 ...`)."""
+    where = ("a Hub dataset id[@revision], a save_to_disk directory, a data directory (imagefolder, csv, ...) or "
+             "data files")  # fmt: skip
+    if per_task:
+        group.add_argument("--data", nargs="+", required=True, metavar="DATA",
+                           help=f"{where}; for a multi-task output, one per task, in the task order")  # fmt: skip
+    else:
+        group.add_argument("--data", required=True, help=where)
     group.add_argument("--split", help=f"split of --data (default: the only split, or {default_split})")
     group.add_argument("--num-samples", type=count(1), help="use this many rows of the split (seeded by --data-seed)")
     group.add_argument("--data-seed", type=SEED, default=0, help="seed of the row sample drawn with --num-samples")

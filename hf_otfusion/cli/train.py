@@ -7,10 +7,8 @@ import json
 from pathlib import Path
 
 from .flags import (
-    SEED,
     add_config_flags,
     add_data_options,
-    add_encoding_options,
     add_push_options,
     config_values,
     count,
@@ -102,14 +100,7 @@ def _add_eval_parser(commands) -> None:
     )
     evaluate.add_argument("models", nargs="+", help="checkpoint directories or Hub model ids[@revision], or one "
                           "multi-task output folder")  # fmt: skip
-    data = evaluate.add_argument_group("data")
-    data.add_argument("--data", nargs="+", required=True, metavar="DATA", help="a Hub dataset id[@revision], a "
-                      "save_to_disk directory, a data directory (imagefolder, csv, ...) or data files; for a "
-                      "multi-task output, one per task, in the task order")  # fmt: skip
-    data.add_argument("--split", help="split of --data (default: the only split, or test)")
-    data.add_argument("--num-samples", type=count(1), help="use this many rows of the split (seeded by --data-seed)")
-    data.add_argument("--data-seed", type=SEED, default=0, help="seed of the row sample drawn with --num-samples")
-    add_encoding_options(data)
+    add_data_options(evaluate.add_argument_group("data"), default_split="test", per_task=True)
     evaluate.add_argument("--batch-size", type=count(1), default=64, help="examples per forward pass (default: 64)")
     extra = [m for m in available_metrics() if m != "accuracy"]
     evaluate.add_argument("--metrics", nargs="+", default=[], choices=extra, help="extra metrics (f1: macro-averaged)")
