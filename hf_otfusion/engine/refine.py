@@ -19,7 +19,6 @@ library optimises the alignment of transformer parents.
 from __future__ import annotations
 
 import logging
-import re
 import time
 from dataclasses import dataclass, field, fields
 
@@ -126,33 +125,28 @@ class _Permutation(torch.nn.Module):
 
 
 class _Mixing(torch.nn.Module):
-    """Each parent's averaging weight per group of layers (`layer_group`): a softmax over the parents of learned
-    logits, started at the given weights. The fused model stays a weighted average of the aligned parents."""
+    """Each parent's averaging weight per group of layers (`FusionPlan.parameter_group`: embeddings, each layer,
+    head): a softmax over the parents of learned logits, started at the given weights. The fused model stays a
+    weighted average of the aligned parents."""
 
-    def __init__(self, groups: list[str], parents: list[int], weights: list[float]):
+    def __init__(self, plan: FusionPlan, parents: list[int], weights: list[float]):
         super().__init__()
-        self.groups, self.parents = {g: i for i, g in enumerate(groups)}, {k: j for j, k in enumerate(parents)}
+        group_of = {name: plan.parameter_group(name) for name in plan.parameters}  # once: looked up every step
+        self.groups = {group: i for i, group in enumerate(dict.fromkeys(group_of.values()))}  # in model order
+        self.row = {name: self.groups[group] for name, group in group_of.items()}
+        self.parents = {k: j for j, k in enumerate(parents)}
         start = torch.tensor([max(weights[k], 1e-6) for k in parents]).log()
-        self.logits = torch.nn.Parameter(start.repeat(len(groups), 1))
+        self.logits = torch.nn.Parameter(start.repeat(len(self.groups), 1))
 
     def forward(self) -> torch.Tensor:
         return self.logits.softmax(-1)
 
     def weight(self, mixing: torch.Tensor, k: int, name: str) -> torch.Tensor:
-        return mixing[self.groups[layer_group(name)], self.parents[k]]
+        return mixing[self.row[name], self.parents[k]]
 
     def report(self) -> dict[str, list[float]]:
         mixing = self().detach()
         return {g: [round(float(w), 4) for w in mixing[i]] for g, i in self.groups.items()}
-
-
-def layer_group(name: str) -> str:
-    """The group of layers a parameter belongs to for `_Mixing`: `layer N` (the first index in its name, as in
-    `encoder.layer.3.` or `layers.3.`), `embeddings`, or `head` (everything after the layers)."""
-    found = re.search(r"\.(\d+)\.", name)
-    if found:
-        return f"layer {int(found.group(1))}"
-    return "embeddings" if "embed" in name else "head"
 
 
 class _Trained(torch.nn.Module):
@@ -265,8 +259,7 @@ def refine_maps(
     moving -= set(norm_names)
     mixer = None
     if mixing:
-        groups = sorted({layer_group(name) for name in plan.parameters}, key=_group_order)
-        mixer = _Mixing(groups, list(aligned), weights)
+        mixer = _Mixing(plan, list(aligned), weights)
         moving |= set(fixed) - set(norm_names)  # every averaged tensor now depends on learned weights
 
     def fused_parameters() -> dict[str, torch.Tensor]:
@@ -352,13 +345,6 @@ def refine_maps(
     return RefineReport(
         steps, best_step, before, best, float(anchor_loss), time.perf_counter() - started, layer_weights, tensors
     )
-
-
-def _group_order(group: str) -> tuple[int, int]:
-    """Embeddings first, then the layers in order, then the head."""
-    if group == "embeddings":
-        return (0, 0)
-    return (1, int(group.split()[1])) if group.startswith("layer ") else (2, 0)
 
 
 def _norm_tensor_names(model: PreTrainedModel, plan: FusionPlan) -> list[str]:

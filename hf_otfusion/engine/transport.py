@@ -33,7 +33,7 @@ SINKHORN_TOL = 1e-6
 
 
 class TransportMap:
-    """A change of basis from a parent's units (rows) to the anchor's (columns): a coupling or an orthogonal matrix.
+    """A change of basis from a parent's units (rows) to the anchor's (columns): a coupling or a matrix.
 
     `kind` says which: `permutation` (a hard one-to-one matching), `coupling` (a soft or uneven OT plan, with
     its two normalisations), `orthogonal` (a rotation of the units, `from_orthogonal`: both sides use the
