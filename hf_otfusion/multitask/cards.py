@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import logging
-
 import yaml
 from transformers import PreTrainedModel
 
 from ..alignment import AlignedOutput, _is_model
 from ..output.provenance import Provenance
 from .result import MultiTaskResult, RunRecord, parent_location
-
-logger = logging.getLogger(__name__)
 
 #: the tags of every task card (with the model type)
 CARD_TAGS = ("merge", "multi-task", "hf-otfusion")
