@@ -97,44 +97,23 @@ def rows_for(family: str, refine_steps: int) -> list[tuple[str, str, dict]]:
         dict(residual="orthogonal", within_heads="orthogonal") if family in PRE_LN else dict(within_heads="orthogonal")
     )
     label = "orthogonal residual + within-head" if family in PRE_LN else "within-head (today's default)"
+    # the refinement variants: (key, what the name adds, the FusionConfig fields they add)
+    variants = [
+        ("refine", "", {}),
+        ("refine-permutations", " with FFN permutations", dict(refine_permutations=True)),
+        ("refine-norms", " with norms", dict(refine_norms=True)),
+        ("refine-weights", " with layer weights", dict(refine_weights=True)),
+        ("refine-invertible", " with invertible value maps", dict(refine_invertible=True)),
+        ("refine-invertible-weights", " with invertible value maps and layer weights",
+         dict(refine_invertible=True, refine_weights=True)),
+        ("refine-repair", " + repair", dict(repair="all")),
+    ]  # fmt: skip
     rows += [
-        ("refine", f"+ {label} + refine {refine_steps}", dict(rotations, refine_steps=refine_steps)),
-        (
-            "refine-permutations",
-            f"+ {label} + refine {refine_steps} with FFN permutations",
-            dict(rotations, refine_steps=refine_steps, refine_permutations=True),
-        ),
-        (
-            "refine-norms",
-            f"+ {label} + refine {refine_steps} with norms",
-            dict(rotations, refine_steps=refine_steps, refine_norms=True),
-        ),
-        (
-            "refine-weights",
-            f"+ {label} + refine {refine_steps} with layer weights",
-            dict(rotations, refine_steps=refine_steps, refine_weights=True),
-        ),
-        (
-            "refine-invertible",
-            f"+ {label} + refine {refine_steps} with invertible value maps",
-            dict(rotations, refine_steps=refine_steps, refine_invertible=True),
-        ),
-        (
-            "refine-invertible-weights",
-            f"+ {label} + refine {refine_steps} with invertible value maps and layer weights",
-            dict(rotations, refine_steps=refine_steps, refine_invertible=True, refine_weights=True),
-        ),
-        (
-            "refine-repair",
-            f"+ {label} + refine {refine_steps} + repair",
-            dict(rotations, refine_steps=refine_steps, repair="all"),
-        ),
-        (
-            "best",
-            f"quality='best' (+ {label} + refine {BEST_REFINE_STEPS} with layer weights)",
-            dict(quality="best"),
-        ),
+        (key, f"+ {label} + refine {refine_steps}{adds}", dict(rotations, refine_steps=refine_steps, **fields))
+        for key, adds, fields in variants
     ]
+    rows.append(("best", f"quality='best' (+ {label} + refine {BEST_REFINE_STEPS} with layer weights)",
+                 dict(quality="best")))  # fmt: skip
     return rows
 
 
