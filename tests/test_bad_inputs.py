@@ -27,11 +27,13 @@ def workdir(tmp_path_factory):
     """Parents `a`, `b` (a permuted copy), `deep` (one layer more), `wide` (hidden size 48), `huge-a`/`huge-b`
     (weights beyond float16), `a12` (`a` with an image processor that resizes to 12x12), BERT `ta`/`tb` (with a
     tokenizer) and RoBERTa `ra`/`rb`, data sets that do not fit them or have no rows, config files, a file, a
-    symlink, a non-empty directory and a directory without config.json."""
+    symlink, a non-empty directory, a directory without config.json and `tâche`, a copy of `b` whose name is
+    no valid Hub repository name."""
     work = tmp_path_factory.mktemp("work")
     parent = build("vit-cls")
     parent.save_pretrained(work / "a")
     permute_model(parent, seed=1).save_pretrained(work / "b")
+    shutil.copytree(work / "b", work / "tâche")  # a folder name that is no Hub repository name
     build("vit-cls", num_hidden_layers=3).save_pretrained(work / "deep")
     build("vit-cls", hidden_size=48).save_pretrained(work / "wide")
     shutil.copytree(work / "a", work / "a12")
@@ -143,6 +145,10 @@ CASES = [
      "--push-to-hub: 'ns/bad--name' is not a valid Hub repository id"),
     ([*FUSE, "--out", "fused", "--multi-task", "--method", "interpolate", "--task-names", "x", "y.", "--push-to-hub",
       "ns/m"], 2, "--push-to-hub: 'ns/m-y.' is not a valid Hub repository id"),
+    (["fuse", "a", "tâche", "--cost", "weights", "-q", "--out", "fused", "--multi-task", "--method", "interpolate",
+      "--push-to-hub", "ns/m"], 2, "--push-to-hub: 'ns/m-tâche' is not a valid Hub repository id (`name` or "
+     "`namespace/name`: letters, digits, '-', '_', '.', no '--' or '..', at most 96 characters); choose another "
+     "repository, or name the tasks with --task-names."),
     (["fuse", "a", "b", "--out", "fused", "--refine-weights", "-q"], 2,
      "refine_weights shape(s) the learned refinement, which refine_steps=0 turns off"),
     (["finetune", "a", "--data", "nope", "--out", "fused", "--max-steps", "0"], 2, "FinetuneConfig.max_steps must"),

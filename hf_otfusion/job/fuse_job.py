@@ -253,22 +253,29 @@ class FuseJob:
             )
 
     def check_push_repos(self) -> None:
-        """Raises `InvalidConfigError` when --push-to-hub, or with --multi-task and --task-names a task's
-        repository (`<repo>-<task>`), is not a valid Hub repository id: found before the run, not at upload."""
+        """Raises `InvalidConfigError` when --push-to-hub, or with --multi-task a task's repository
+        (`<repo>-<task>`, the task named by --task-names or by default after its parent), is not a valid Hub
+        repository id: found before the run, not at upload."""
         if not self.push_to_hub:
             return
         from ..data import is_repo_id
-        from ..multitask import task_repo_id
+        from ..multitask import task_outputs, task_repo_id
 
         repos = [self.push_to_hub]
-        if self.multi_task and self.task_names:
-            repos += [task_repo_id(self.push_to_hub, str(name)) for name in self.task_names]
+        if self.multi_task:
+            names = self.task_names or [output.name for output in task_outputs(self.parents)]
+            repos += [task_repo_id(self.push_to_hub, str(name)) for name in names]
         bad = next((repo for repo in repos if not is_repo_id(repo)), None)
         if bad is not None:
+            if bad == self.push_to_hub:
+                fix = "choose another repository."
+            elif self.task_names:
+                fix = "choose another repository or task names."
+            else:  # a default task name, taken from the parent's folder or repository name
+                fix = "choose another repository, or name the tasks with --task-names."
             raise InvalidConfigError(
                 f"--push-to-hub: {bad!r} is not a valid Hub repository id (`name` or `namespace/name`: letters, "
-                "digits, '-', '_', '.', no '--' or '..', at most 96 characters); choose another"
-                + (" repository or task names." if bad != self.push_to_hub else " repository."),
+                f"digits, '-', '_', '.', no '--' or '..', at most 96 characters); {fix}",
                 field="push_to_hub",
                 value=bad,
             )
