@@ -219,7 +219,8 @@ def test_aligned_multi_task_merge_recovers_a_permuted_copy(tasks):
     assert not torch.equal(result.models["b"].classifier.weight, permuted.classifier.weight)
 
 
-def test_cli_multi_task_writes_one_checkpoint_per_task(tmp_path, tuned, tasks, capsys):
+def test_cli_multi_task_writes_one_checkpoint_per_task(tmp_path, tuned, tasks, capsys, monkeypatch):
+    import hf_otfusion.job.preflight as preflight_module
     from hf_otfusion.cli import main
 
     paths = []
@@ -241,8 +242,14 @@ def test_cli_multi_task_writes_one_checkpoint_per_task(tmp_path, tuned, tasks, c
         for (key, a), (_, b) in zip(encoder_of(model).items(), encoder_of(expected.models[name]).items(), strict=True):
             assert torch.equal(a, b), key
         assert "multi-task" in ModelCard.load(out / name / "README.md").data.tags
-    # the plain command (no --multi-task): a same-base method on parents with different label sets merges per task
+    # the plain command (no --multi-task): a same-base method on parents with different label sets merges per task,
+    # with each parent resolved once (the pre-flight checks the same resolved parents again as tasks)
+    resolved = []
+    resolve = preflight_module.resolve_parent
+    monkeypatch.setattr(preflight_module, "resolve_parent", lambda s, **kw: resolved.append(s) or resolve(s, **kw))
     assert main([*common, "--out", str(tmp_path / "plain")]) == 0
+    assert resolved == paths[1:]
+    monkeypatch.undo()
     assert sorted(p.name for p in (tmp_path / "plain").iterdir()) == ["README.md", "ft-nli", "ft-stars",
                                                                       "fusion_job.yaml"]  # fmt: skip
     plain = {name: T.AutoModelForSequenceClassification.from_pretrained(tmp_path / "plain" / name)

@@ -309,7 +309,7 @@ class FuseJob:
         from ..data import DataSource
         from ..hub.parents import resolve_parent
         from .inputs import check_job_data
-        from .preflight import preflight
+        from .preflight import check_parents, resolve_parents
 
         self.check_options()
         self.check_output()
@@ -320,8 +320,9 @@ class FuseJob:
                 "--cost weights for a data-free fusion."
             )
         flags = dict(allow_pickle=self.allow_pickle, trust_remote_code=self.trust_remote_code)
+        parents, models = resolve_parents(self.parents, self.config, **flags)
         try:
-            checked = preflight(self.parents, self.config, multi_task=self.multi_task, **flags)
+            checked = check_parents(parents, models, self.config, multi_task=self.multi_task)
         except LabelSetMismatchError:
             from ..methods.same_base import SAME_BASE_METHODS
 
@@ -334,7 +335,7 @@ class FuseJob:
             )
             self.multi_task = True
             self.check_options()  # a method the multi-task mode does not take fails now, before any download
-            checked = preflight(self.parents, self.config, multi_task=True, **flags)
+            checked = check_parents(parents, models, self.config, multi_task=True)  # the same parents, resolved once
         self.check_source_counts()
         base = resolve_parent(self.config.base, **flags) if self.config.base else None
         alignment: list[DataSource] = []

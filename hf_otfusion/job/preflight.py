@@ -107,26 +107,51 @@ def preflight(
     trust_remote_code: bool = False,
     multi_task: bool = False,
 ) -> Preflight:
-    """Resolves every parent and checks they can be fused, from configs and headers only (no weights fetched).
-
-    The spec is resolved on meta-device models built from the configs, and `check_compatible` runs on those, so
-    depth, vocabulary, label set and unaligned-shape mismatches surface before any download. With `multi_task`,
-    the parents' encoders are checked (`multitask.encoder_view`): their heads and label sets may differ. Each
-    parent's safetensors headers are compared with its full meta model first (`check_tensors`), so a missing or
-    misshapen weight fails here, not when the downloaded weights are loaded. A `config.target` is checked on
-    the anchor's meta model (`methods.target.check_target`), and other widths under a method that averages
-    tensors as they are are refused by `prepare`.
+    """Resolves every parent and checks they can be fused, from configs and headers only (no weights fetched):
+    `resolve_parents`, then `check_parents`.
 
     Raises:
-        FusionError: any `resolve_parent` error, a `CorruptCheckpointError` from `check_tensors`, an
-            `IncompatibleModelsError` / `UnsupportedArchitectureError` naming the parent and the fix, or a
-            `TargetShapeError`.
+        FusionError: any error of those two.
+    """
+    parents, models = resolve_parents(sources, config, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+    return check_parents(parents, models, config, multi_task=multi_task)
+
+
+def resolve_parents(
+    sources: list[str], config: FusionConfig, *, allow_pickle: bool = False, trust_remote_code: bool = False
+) -> tuple[list[Parent], list[PreTrainedModel]]:
+    """Every parent pinned and described (`resolve_parent`), with its meta-device model, built from its config.
+
+    Each parent's safetensors headers are compared with its full meta model (`check_tensors`), so a missing or
+    misshapen weight fails here, not when the downloaded weights are loaded.
+
+    Raises:
+        FusionError: too few parents for `config` (before the Hub is contacted), any `resolve_parent` error, an
+            `UnsupportedArchitectureError`, or a `CorruptCheckpointError` from `check_tensors`.
     """
     check_parent_count(len(sources), config)  # before the Hub is contacted
     parents = [resolve_parent(s, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code) for s in sources]
     models = [meta_model(parent, trust_remote_code) for parent in parents]
     for parent, model in zip(parents, models, strict=True):
         check_tensors(parent, model)
+    return parents, models
+
+
+def check_parents(
+    parents: list[Parent], models: list[PreTrainedModel], config: FusionConfig, *, multi_task: bool = False
+) -> Preflight:
+    """Checks that the resolved parents can be fused, on their meta models: `prepare` resolves the spec and runs
+    `check_compatible`, so depth, vocabulary, label set and unaligned-shape mismatches surface before any download.
+
+    With `multi_task`, the parents' encoders are checked (`multitask.encoder_view`): their heads and label sets
+    may differ. A `config.target` is checked on the anchor's meta model (`methods.target.check_target`), and other
+    widths under a method that averages tensors as they are are refused by `prepare`. The models are not changed,
+    so a caller may check them again in the other mode.
+
+    Raises:
+        FusionError: an `IncompatibleModelsError` (`LabelSetMismatchError` for different label sets) or
+            `UnsupportedArchitectureError` naming the parent and the fix, or a `TargetShapeError`.
+    """
     if multi_task:
         from ..multitask import encoder_view
 
