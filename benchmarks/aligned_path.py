@@ -130,7 +130,7 @@ def write_markdown(reports: list[dict], meta: dict, path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--family", nargs="+", choices=["vit", "deit"], default=["vit", "deit"])
+    parser.add_argument("--family", nargs="+", choices=["vit", "deit", "vit-wide"], default=["vit", "deit"])
     parser.add_argument("--align-samples", type=int, default=1000, help="alignment images (train split)")
     parser.add_argument("--batch-size", type=int, default=64, help="FusionConfig.batch_size")
     parser.add_argument("--refine-steps", type=int, default=500, help="FusionConfig.refine_steps of the refined rows")

@@ -2,6 +2,7 @@
 
     python benchmarks/parents/train_parents.py                      # every family, seeds 0 1 2 (about 30 min)
     python benchmarks/parents/train_parents.py --family vit --seeds 0
+    python benchmarks/parents/train_parents.py --family vit-wide --seeds 0 1   # the wider pair (about 40 min)
 
 Each parent is written to `benchmarks/parents/<family>-seed<k>/` with its config, safetensors weights, its
 tokenizer or image processor, and `training.json` (seed, recipe, steps, validation and test accuracy, time).
@@ -36,6 +37,9 @@ IMAGE = dict(image_size=28, patch_size=7, num_channels=1, hidden_size=64, num_hi
 TEXT = dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, intermediate_size=128,
             max_position_embeddings=BBC_MAX_LENGTH, type_vocab_size=1, hidden_dropout_prob=0.1,
             attention_probs_dropout_prob=0.1)  # fmt: skip
+# The wider vision pair of benchmarks/quality.py: the ViT above with only the width tripled (hidden 192, MLP 384),
+# to see whether a wider residual stream lowers the barrier between independently trained parents.
+WIDE_IMAGE = IMAGE | dict(hidden_size=192, intermediate_size=384)
 
 # The training recipe per family (FinetuneConfig fields). Fashion-MNIST: 55k images, batch 128 -> 430 steps/epoch.
 # BBC News: 1558 articles, batch 32 -> 49 steps/epoch.
@@ -44,10 +48,12 @@ RECIPES = {
                 warmup=0.05, lr_scheduler_type="cosine", logging_steps=50),
     "deit": dict(max_steps=-1, num_train_epochs=4, learning_rate=2e-3, batch_size=128, weight_decay=0.05,
                  warmup=0.05, lr_scheduler_type="cosine", logging_steps=50),
+    "vit-wide": dict(max_steps=-1, num_train_epochs=4, learning_rate=2e-3, batch_size=128, weight_decay=0.05,
+                     warmup=0.05, lr_scheduler_type="cosine", logging_steps=50),
     "bert": dict(max_steps=-1, num_train_epochs=8, learning_rate=1e-3, batch_size=32, weight_decay=0.05,
                  warmup=0.1, lr_scheduler_type="cosine", logging_steps=20),
 }  # fmt: skip
-DATA = {"vit": "fashion-mnist", "deit": "fashion-mnist", "bert": "bbc-news"}
+DATA = {"vit": "fashion-mnist", "deit": "fashion-mnist", "vit-wide": "fashion-mnist", "bert": "bbc-news"}
 
 
 def build_model(family: str, labels: list[str]):
@@ -60,6 +66,8 @@ def build_model(family: str, labels: list[str]):
         return T.BertForSequenceClassification(config)
     if family == "vit":
         return T.ViTForImageClassification(T.ViTConfig(**IMAGE, **names))
+    if family == "vit-wide":
+        return T.ViTForImageClassification(T.ViTConfig(**WIDE_IMAGE, **names))
     return T.DeiTForImageClassification(T.DeiTConfig(**IMAGE, **names))
 
 
@@ -120,7 +128,10 @@ def train_parent(family: str, seed: int, data: dict, processor, out: Path, progr
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--family", nargs="+", choices=list(RECIPES), default=list(RECIPES))
+    parser.add_argument(
+        "--family", nargs="+", choices=list(RECIPES), default=["vit", "deit", "bert"],
+        help="default: the three families of paper_table.py (vit-wide, for quality.py, only when named)",
+    )  # fmt: skip
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--out", type=Path, default=HERE, help="parent directories go here")
     parser.add_argument(
