@@ -1,12 +1,15 @@
-"""What the rotations (and optionally repair) cost at ViT-B size, side by side with permutation-only OT.
+"""What the rotations (and optionally repair) cost at ViT-B / BERT-base size, side by side with permutation-only OT.
 
-    python benchmarks/rotation_cost.py                # permutations vs the default rotations, ~4 min on 2 cores
-    python benchmarks/rotation_cost.py --with-repair  # also repair="all" (each configuration capped at --timeout)
+    python benchmarks/rotation_cost.py                 # permutations vs the default rotations, ~4 min on 2 cores
+    python benchmarks/rotation_cost.py --family bert   # the same for a BERT-base pair (within-head rotations)
+    python benchmarks/rotation_cost.py --with-repair   # also repair="all" (each configuration capped at --timeout)
 
-A random-init ViT-B-shaped pair (`ViTConfig()` defaults: 224px, patch 16, 768/3072, 12 layers), 64 random images,
-`tokens_per_sample=32`, `batch_size=16`, 2 torch threads; each configuration fuses in a fresh process, which
-prints one JSON line: wall seconds, the process's peak RSS and the stage timings. Random parents say nothing
-about accuracy (see `quality.py` for that); this measures time and memory only.
+A random-init ViT-B-shaped pair (`ViTConfig()` defaults: 224px, patch 16, 768/3072, 12 layers) and 64 random
+images, or a BERT-base-shaped pair (`BertConfig()` defaults: 768/3072, 12 layers, 30522 tokens) and 64 random
+sequences of 128 tokens; `tokens_per_sample=32`, `batch_size=16`, 2 torch threads. Each configuration fuses in a
+fresh process, which prints one JSON line: wall seconds, the process's peak RSS and the stage timings. Random
+parents say nothing about accuracy (see `quality.py` for that); this measures time and memory only. The default
+rotates the residual stream and within heads on the pre-LN ViT, and only within heads on the post-LN BERT.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ CONFIGS = {
 REPAIR = {"default + repair all": {"repair": "all"}}
 
 
-def fuse_once(fields: dict) -> dict:
+def fuse_once(fields: dict, family: str) -> dict:
     import torch
     import transformers as T
     from datasets import Dataset
@@ -36,9 +39,16 @@ def fuse_once(fields: dict) -> dict:
     parents = []
     for seed in (0, 1):
         torch.manual_seed(seed)
-        parents.append(T.ViTForImageClassification(T.ViTConfig(num_labels=10)).eval())
+        if family == "bert":
+            parents.append(T.BertForSequenceClassification(T.BertConfig(num_labels=10)).eval())
+        else:
+            parents.append(T.ViTForImageClassification(T.ViTConfig(num_labels=10)).eval())
     generator = torch.Generator().manual_seed(0)
-    data = Dataset.from_dict({"pixel_values": torch.randn(64, 3, 224, 224, generator=generator).numpy()})
+    if family == "bert":
+        ids = torch.randint(1000, 30000, (64, 128), generator=generator)
+        data = Dataset.from_dict({"input_ids": ids.numpy(), "attention_mask": torch.ones_like(ids).numpy()})
+    else:
+        data = Dataset.from_dict({"pixel_values": torch.randn(64, 3, 224, 224, generator=generator).numpy()})
     config = FusionConfig(batch_size=16, tokens_per_sample=32, **fields)
     started = time.perf_counter()
     result = fuse_with_diagnostics(parents, data=data, config=config, progress=False)
@@ -51,19 +61,20 @@ def fuse_once(fields: dict) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--family", choices=["vit", "bert"], default="vit", help="the ViT-B or the BERT-base pair")
     parser.add_argument("--with-repair", action="store_true", help="also measure repair='all'")
     parser.add_argument("--timeout", type=int, default=580, help="seconds allowed per configuration")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: one configuration, as JSON fields
     args = parser.parse_args()
     if args.one is not None:
-        print(json.dumps(fuse_once(json.loads(args.one))))
+        print(json.dumps(fuse_once(json.loads(args.one), args.family)))
         return
     configs = {**CONFIGS, **(REPAIR if args.with_repair else {})}
     for name, fields in configs.items():
         try:
             done = subprocess.run(
-                [sys.executable, __file__, "--one", json.dumps(fields)], capture_output=True, text=True,
-                timeout=args.timeout,
+                [sys.executable, __file__, "--family", args.family, "--one", json.dumps(fields)],
+                capture_output=True, text=True, timeout=args.timeout,
             )  # fmt: skip
             line = done.stdout.strip().splitlines()[-1] if done.stdout.strip() else done.stderr[-2000:]
         except subprocess.TimeoutExpired:
