@@ -261,6 +261,41 @@ def test_every_quality_option_reruns_to_identical_weights():
         assert torch.equal(a, b), name
 
 
+RERUN_SCRIPT = """
+import hashlib, sys
+import torch
+from conftest import build, inputs_for
+from datasets import Dataset
+from hf_otfusion import FusionConfig, fuse
+
+torch.set_num_threads(1)
+parents = [build("deit-cls"), build("deit-cls", seed=1)]
+data = Dataset.from_dict({k: v.numpy() for k, v in inputs_for(parents[0], batch=40, seed=1).items()})
+config = FusionConfig(refine_steps=30, batch_size=8)
+digest = hashlib.sha256()
+for name, tensor in fuse(parents, data=data, config=config, progress=False).state_dict().items():
+    digest.update(name.encode() + tensor.numpy().tobytes())
+print(digest.hexdigest())
+"""
+
+
+def test_refinement_reruns_to_identical_weights_in_another_process():
+    """A rerun is a new process with another string-hash seed: nothing may depend on the order of a set of names
+    (refinement once summed its tensors in set order, so each run got other float roundings)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tests = Path(__file__).parent
+    digests = set()
+    for seed in ("1", "2"):  # before the fix, every seed tried gave other weights
+        env = {**os.environ, "PYTHONHASHSEED": seed, "PYTHONPATH": str(tests)}
+        done = subprocess.run([sys.executable, "-c", RERUN_SCRIPT], env=env, capture_output=True, text=True, check=True)
+        digests.add(done.stdout.strip().splitlines()[-1])
+    assert len(digests) == 1, digests
+
+
 @pytest.mark.parametrize("option", ["refine_permutations", "refine_norms", "refine_weights", "refine_invertible"])
 def test_refinement_options_keep_what_they_scored(option):
     """The fused model written after refinement gives the held-back loss refinement reported for the kept step."""

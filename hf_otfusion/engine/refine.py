@@ -261,6 +261,9 @@ def refine_maps(
     if mixing:
         mixer = _Mixing(plan, list(aligned), weights)
         moving |= set(fixed) - set(norm_names)  # every averaged tensor now depends on learned weights
+    # in the plan's order, not the set's: the order the fused tensors are built in is the order backward sums their
+    # gradients in, and a set's order changes with each process's string-hash seed (so would the rounding)
+    moving_names = [name for name in plan.parameters if name in moving]
 
     def fused_parameters() -> dict[str, torch.Tensor]:
         deltas = {key: rotation() for key, rotation in zip(refined, rotations, strict=True)}
@@ -271,7 +274,7 @@ def refine_maps(
         }
         mix = mixer() if mixer is not None else None
         result = dict(fixed)
-        for name in moving:
+        for name in moving_names:
             total = 0.0
             for k in aligned:
                 tensor = aligned[k][name]
