@@ -271,6 +271,21 @@ def encode_dataset(
     return dataset.with_format("torch")
 
 
+def encode_with_anchor_processor(dataset, processor, missing: str, *, source: str | None = None, **options):
+    """`encode_dataset` with the anchor's processor, whose error for raw rows without one says why (`missing`).
+
+    `fuse` and the CLI both encode raw alignment rows with what was saved next to the anchor; when nothing was,
+    the generic "pass the tokenizer" advice is wrong for them, so `missing` (why there is none, and the fix)
+    is added to the message; `source` names the data in it.
+    """
+    try:
+        return encode_dataset(dataset, processor, **options)
+    except DataSourceError as error:
+        if processor is not None:
+            raise
+        raise DataSourceError(f"{error} {missing}", source=source or error.source, column=error.column) from error
+
+
 def load_processor(model_dir: str | Path, trust_remote_code: bool = False):
     """The tokenizer or image processor saved with a model (`AutoProcessor`), or `None` when there is none."""
     from transformers import AutoProcessor

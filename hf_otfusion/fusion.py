@@ -404,24 +404,19 @@ def _encoded_data(data, anchor: Any, anchor_model: PreTrainedModel, config: Fusi
     `load_dataset` picks, `config.num_samples` of them, seed 0), then raw text or images are encoded with the
     processor saved next to the anchor when it is given as a checkpoint, as `fuse --data` does."""
     from .checkpoints import Checkpoint
-    from .data import DataSource, encode_dataset, load_processor
-    from .errors import DataSourceError
+    from .data import DataSource, encode_with_anchor_processor, load_processor
 
     location = anchor.location if isinstance(anchor, Checkpoint) else anchor if isinstance(anchor, str | Path) else None
     processor = load_processor(location) if location is not None else None
     where = str(data) if isinstance(data, str | Path) else "the alignment data"
     rows = DataSource.resolve(where, None, config.num_samples, 0).load() if isinstance(data, str | Path) else data
-    try:
-        return encode_dataset(rows, processor, label2id=getattr(anchor_model.config, "label2id", None))
-    except DataSourceError as error:
-        if processor is not None:
-            raise
-        raise DataSourceError(
-            f"{error} The anchor has no saved tokenizer or image processor here (it is given as a model, or its "
-            "directory has none), so give data that holds model inputs, or encode it first with "
-            "hf_otfusion.encode_dataset(dataset, processor).",
-            source=where,
-        ) from error
+    missing = (
+        "The anchor has no saved tokenizer or image processor here (it is given as a model, or its directory has "
+        "none), so give data that holds model inputs, or encode it first with "
+        "hf_otfusion.encode_dataset(dataset, processor)."
+    )
+    label2id = getattr(anchor_model.config, "label2id", None)
+    return encode_with_anchor_processor(rows, processor, missing, source=where, label2id=label2id)
 
 
 def _check_data_fits(data, anchor: PreTrainedModel) -> None:

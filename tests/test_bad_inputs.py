@@ -184,6 +184,9 @@ CASES = [
     (["fuse", "ra", "rb", "--out", "fused", "-q", "--data", "ids-23"], 2, "--data ids-23 reaches the model as "
      "sequences of 23 tokens, but RobertaForSequenceClassification takes at most 22 (max_position_embeddings=24 less "
      "the 2 positions numbered before the first token); truncate its input_ids to 22 tokens or fewer."),
+    ([*DATA, "images", "--dry-run"], 2, "The data has no model input columns (['input_ids', 'pixel_values']), "
+     "only ['image']; pass the model's tokenizer or image processor so the raw text or images can be encoded. The "
+     "anchor (a) ships no tokenizer or image processor files, so give data that already holds model inputs."),
     ([*DATA, "no-rows", "--dry-run"], 2, "Data source 'no-rows' has no rows in the saved Dataset; give data with at "
      "least one example"),
     ([*DATA, "filtered-out"], 2, "Data source 'filtered-out' has no rows in the saved Dataset"),

@@ -13,9 +13,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
-from ..data import MODEL_INPUT_COLUMNS, DataSource, encode_dataset, load_processor
+from ..data import MODEL_INPUT_COLUMNS, DataSource, encode_with_anchor_processor, load_processor
 from ..data_checks import FIXES_FOR_GIVEN_INPUTS, check_model_inputs
-from ..errors import DataSourceError, FusionError
+from ..errors import FusionError
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..config import FusionConfig
@@ -58,20 +58,14 @@ def encoded(job: JobInputs, source: DataSource | None, processor, label2id, rows
     if source is None:
         return None
     dataset = source.load() if rows is None else rows  # a missing split or file fails here, with its own message
-    try:
-        return encode_dataset(
-            dataset, processor, text_column=job.text_column, image_column=job.image_column,
-            label_column=job.label_column, max_length=job.max_length, label2id=label2id,
-        )  # fmt: skip
-    except DataSourceError as error:
-        if processor is not None:
-            raise
-        raise DataSourceError(
-            f"{error} The anchor ({job.parents[job.config.anchor]}) ships no tokenizer or image processor "
-            "files, so give data that already holds model inputs.",
-            source=error.source,
-            column=error.column,
-        ) from error
+    missing = (
+        f"The anchor ({job.parents[job.config.anchor]}) ships no tokenizer or image processor files, so give data "
+        "that already holds model inputs."
+    )
+    return encode_with_anchor_processor(
+        dataset, processor, missing, text_column=job.text_column, image_column=job.image_column,
+        label_column=job.label_column, max_length=job.max_length, label2id=label2id,
+    )  # fmt: skip
 
 
 def check_job_data(job: JobInputs, checked: Preflight) -> None:
