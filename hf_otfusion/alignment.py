@@ -4,11 +4,11 @@
 every aligned parent as a normal checkpoint, so that mergekit (linear, TIES, SLERP, ...) or any other tool that
 merges same-shaped checkpoints entry by entry can merge models that were trained independently.
 
-The maps are `fuse`'s own (`fuse_with_diagnostics(...).maps`); each parent is then moved with them exactly as
-`fuse` moves it before averaging (`fusion._aligned_copy`). So averaging the aligned parents with equal weights
-gives `fuse(method="ot")`'s parameters with the same config (with `refine_steps`, the refined rotations; but
-with `refine_weights` or `refine_norms` the fused model also has learned weights or norms that no aligned parent
-carries, so there the mean is the refined alignment's plain average, not the fused model).
+The maps are `fuse`'s own (`fusion._solve_maps`, the step before its average); each parent is then moved with
+them exactly as `fuse` moves it before averaging (`fusion._aligned_copy`). So averaging the aligned parents with
+equal weights gives `fuse(method="ot")`'s parameters with the same config (with `refine_steps`, the refined
+rotations; but with `refine_weights` or `refine_norms` the fused model also has learned weights or norms that no
+aligned parent carries, so there the mean is the refined alignment's plain average, not the fused model).
 
 Only exact maps keep a parent's function: permutations (the exact solver with uniform marginals and equal
 widths), rotations (`residual="orthogonal"`, `within_heads="orthogonal"`) and the invertible value maps of
@@ -216,18 +216,19 @@ def align_models(
 ) -> Alignment:
     """The aligned parents with the maps and the resolved config (see `align_parents`, which writes them).
 
-    Costs one `fuse_with_diagnostics` run (checks, statistics pass, solves, and its average, which is dropped)
-    plus one more load of each parent given as a checkpoint; every aligned parent is then held in memory.
+    Costs what `fuse_with_diagnostics` spends before it averages (its checks, statistics pass, solves and
+    refinement: the same maps) plus one more load of each parent given as a checkpoint; every aligned parent
+    is then held in memory.
     """
-    from .fusion import _aligned_copy, fuse_with_diagnostics
+    from .fusion import _aligned_copy, _planned_run, _solve_maps
 
     config = config or FusionConfig()
     check_exact_config(config)
     if isinstance(spec, str | Path):
         spec = load_spec(spec)
-    # `fuse`'s own maps (its checks, plan, statistics pass and solves); its average is not used
-    result = fuse_with_diagnostics(parents, data, config, spec=spec, progress=progress, device=device)
-    result.model = None  # type: ignore[assignment]  # its average is not used
+    # `fuse`'s own checks, plan, statistics pass and solves, without its average
+    result = _solve_maps(_planned_run(parents, data, config, spec=spec, progress=progress, device=device))
+    result.model = None  # type: ignore[assignment]  # the anchor as given: each parent is loaded again below
     resolved, anchor = result.config, config.anchor
     check_exact_maps(result.maps)
     rotated = resolved.residual == "orthogonal"

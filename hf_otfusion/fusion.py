@@ -178,6 +178,25 @@ def fuse_with_diagnostics(
         FusionError: and its subclasses for incompatible parents, unsupported architectures, non-finite
             weights or missing alignment data; each message says what to do.
     """
+    run = _planned_run(models, data, config, spec=spec, progress=progress, device=device, parent_data=parent_data)
+    if run.config.method not in SAME_BASE_METHODS:
+        return _fuse_into_target(run) if run.config.target is not None else _align_and_average(run)
+    return _merge_same_base(run, base)
+
+
+def _planned_run(
+    models: Sequence[ModelOrPath],
+    data=None,
+    config: FusionConfig | None = None,
+    *,
+    spec: AlignmentSpec | str | Path | None = None,
+    progress: bool = True,
+    device: str | torch.device | None = None,
+    parent_data: list | None = None,
+) -> _FusionRun:
+    """Every check of `fuse_with_diagnostics` (same arguments), the data encoded and each parent planned: what
+    the fusion steps (`_solve_maps`, then averaging, or a same-base merge) start from. Loads no weights of the parents
+    given as checkpoints on the OT and vanilla path."""
     config = config or FusionConfig()
     if parent_data is not None and (config.method != "regmean" or len(parent_data) != len(models)):
         raise InvalidConfigError(
@@ -225,9 +244,7 @@ def fuse_with_diagnostics(
         list(models), parents, plans, data, config, weights, timings, progress, where, process, spec, parent_data
     )
     timings["plan"] = time.perf_counter() - started
-    if streamed:
-        return _fuse_into_target(run) if config.target is not None else _align_and_average(run)
-    return _merge_same_base(run, base)
+    return run
 
 
 def _equal_widths(plans: list[FusionPlan], anchor: int) -> bool:
@@ -297,6 +314,70 @@ def _fuse_into_target(run: _FusionRun) -> FusionResult:
     return result
 
 
+class _Parents:
+    """The parents of a run, loaded when their turn comes and freed after it.
+
+    Parents given as checkpoints are loaded on first use (their finiteness checked then) and, when there are
+    several groups to align one at a time, freed once their group is done; parents given as models are the
+    caller's and only referenced. `groups` are the non-anchor parents in the order they are handled: one
+    group with all of them when every one is in memory, else one group per parent.
+    """
+
+    def __init__(self, run: _FusionRun):
+        self.run = run
+        self.loaded: dict[int, PreTrainedModel] = {}
+        others = [k for k in range(len(run.parents)) if k != run.anchor]
+        from_checkpoint = run.from_checkpoint
+        self.groups = [[k] for k in others] if any(from_checkpoint[k] for k in others) else [others]
+
+    def get(self, k: int) -> PreTrainedModel:
+        if k not in self.loaded:
+            lazy = self.run.from_checkpoint[k]
+            self.loaded[k] = load_parent(self.run.sources[k]) if lazy else self.run.parents[k]
+            if lazy:
+                check_finite([self.loaded[k]], [k])
+        return self.loaded[k]
+
+    def release(self, group: list[int]) -> None:
+        if len(self.groups) > 1:  # a single group stays loaded from its maps to the average
+            for k in group:
+                self.loaded.pop(k, None)
+            gc.collect()
+
+
+def _solve_maps(run: _FusionRun, parents: _Parents | None = None) -> FusionResult:
+    """The maps of every parent onto the anchor (`config.method="ot"`; none for vanilla), refined when
+    `config.refine_steps` asks for it; the result's `model` is the anchor itself, not yet averaged.
+
+    `align_models` stops here; `_align_and_average` goes on from the same `parents`, so a single group of
+    parents stays loaded from its maps to the average.
+    """
+    parents = parents or _Parents(run)
+    anchor = run.anchor
+    result = FusionResult(model=parents.get(anchor), config=run.config, timings=run.timings)
+    if run.config.method == "ot":
+        for group in parents.groups:
+            members = {k: parents.get(k) for k in [anchor, *group]}  # not kept past the call: `release` frees them
+            maps, diagnostics = _maps_onto_anchor(run, members, run.plans)
+            del members
+            result.maps.update(maps)
+            result.diagnostics.extend(diagnostics)
+            parents.release(group)
+    if run.config.refine_steps:
+        started = time.perf_counter()
+        weighted = [k for k, weight in enumerate(run.weights) if weight > 0 or k == anchor]
+        tensors = {k: _fusion_parameters(parents.get(k), run.plans[k], run.config) for k in weighted}
+        result.refine = refine_maps(
+            parents.get(anchor), run.plans[anchor], tensors,
+            result.maps, run.weights, run.data, steps=run.config.refine_steps, learning_rate=run.config.refine_lr,
+            statistics_options=run.config.statistics_options(), permutations=run.config.refine_permutations,
+            norms=run.config.refine_norms, mixing=run.config.refine_weights,
+            invertible=run.config.refine_invertible, progress=run.progress,
+        )  # fmt: skip
+        run.timings["refine"] = time.perf_counter() - started
+    return result
+
+
 def _align_and_average(run: _FusionRun) -> FusionResult:
     """OT fusion (or vanilla averaging) that holds the anchor and one other checkpoint at a time.
 
@@ -305,50 +386,15 @@ def _align_and_average(run: _FusionRun) -> FusionResult:
     a checkpoint anchor are the anchor's own tensors (overwritten one by one once every map is solved). Two
     checkpoints thus fuse in the memory of two models, and so do N (each non-anchor parent is then loaded
     twice: for its maps, and for the average). Parents given as models are in memory anyway: they share one
-    statistics pass and one averaging step, and the anchor is copied rather than overwritten.
+    statistics pass and one averaging step, and the anchor is copied rather than overwritten. The maps (and
+    refinement) are `_solve_maps`'s, from the same loaded parents.
     """
     anchor, from_checkpoint = run.anchor, run.from_checkpoint
-    loaded: dict[int, PreTrainedModel] = {}
-
-    def obtain(k: int) -> PreTrainedModel:
-        if k not in loaded:
-            loaded[k] = load_parent(run.sources[k]) if from_checkpoint[k] else run.parents[k]
-            if from_checkpoint[k]:
-                check_finite([loaded[k]], [k])
-        return loaded[k]
-
-    def release(group: list[int]) -> None:
-        if len(groups) > 1:  # a single group stays loaded from its maps to the average
-            for k in group:
-                loaded.pop(k, None)
-            gc.collect()
-
-    others = [k for k in range(len(run.parents)) if k != anchor]
-    groups = [[k] for k in others] if any(from_checkpoint[k] for k in others) else [others]
-    result = FusionResult(model=obtain(anchor), config=run.config, timings=run.timings)
-    if run.config.method == "ot":
-        for group in groups:
-            members = {k: obtain(k) for k in [anchor, *group]}  # not kept past the call: `release` frees them
-            maps, diagnostics = _maps_onto_anchor(run, members, run.plans)
-            del members
-            result.maps.update(maps)
-            result.diagnostics.extend(diagnostics)
-            release(group)
-    if run.config.refine_steps:
-        started = time.perf_counter()
-        weighted = [k for k, weight in enumerate(run.weights) if weight > 0 or k == anchor]
-        tensors = {k: _fusion_parameters(obtain(k), run.plans[k], run.config) for k in weighted}
-        result.refine = refine_maps(
-            obtain(anchor), run.plans[anchor], tensors,
-            result.maps, run.weights, run.data, steps=run.config.refine_steps, learning_rate=run.config.refine_lr,
-            statistics_options=run.config.statistics_options(), permutations=run.config.refine_permutations,
-            norms=run.config.refine_norms, mixing=run.config.refine_weights,
-            invertible=run.config.refine_invertible, progress=run.progress,
-        )  # fmt: skip
-        run.timings["refine"] = time.perf_counter() - started
+    parents = _Parents(run)
+    result = _solve_maps(run, parents)
 
     started = time.perf_counter()
-    anchor_model = obtain(anchor)
+    anchor_model = parents.get(anchor)
     output_norm = run.plans[anchor].output_norm
     anchor_norm = None
     if run.config.residual == "orthogonal" and output_norm:  # given back to the fused model at the end
@@ -356,13 +402,13 @@ def _align_and_average(run: _FusionRun) -> FusionResult:
         anchor_norm = (own[f"{output_norm}.weight"].clone(), own[f"{output_norm}.bias"].clone())
     fused = anchor_model if from_checkpoint[anchor] else copy.deepcopy(anchor_model)
     mixed = result.refine is not None and result.refine.layer_weights is not None  # all learned: no plain average
-    for i, group in enumerate(groups):
+    for i, group in enumerate(parents.groups):
         if not mixed:
             indices = ([anchor] if i == 0 else []) + group
-            params = {k: _fusion_parameters(obtain(k), run.plans[k], run.config) for k in indices}
+            params = {k: _fusion_parameters(parents.get(k), run.plans[k], run.config) for k in indices}
             average_into(fused, params, run.plans, result.maps, run.weights, accumulate=i > 0)
             del params
-        release(group)
+        parents.release(group)
     if result.refine is not None and result.refine.learned:  # learned norms or mixtures replace the average
         own = dict(fused.named_parameters())
         with torch.no_grad():
@@ -372,7 +418,7 @@ def _align_and_average(run: _FusionRun) -> FusionResult:
     run.timings["apply"] = time.perf_counter() - started
     if run.config.repair != "none":
         started = time.perf_counter()
-        loaded.clear()  # a checkpoint anchor was overwritten by the average: its original is loaded again
+        parents.loaded.clear()  # a checkpoint anchor was overwritten by the average: its original is loaded again
 
         def aligned_parents():
             for k, weight in enumerate(run.weights):

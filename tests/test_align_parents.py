@@ -110,6 +110,30 @@ def test_mean_of_aligned_parents_is_the_ot_fusion(family, config, with_data):
     assert difference <= PARAMETER_TOLERANCE
 
 
+def test_aligning_saved_parents_averages_nothing(tmp_path, monkeypatch):
+    """`align_models` stops before `fuse`'s average (it was computed and dropped): the averaging step must not run,
+    and each checkpoint is loaded once for the maps and once to be moved."""
+    import hf_otfusion.fusion as fusion
+
+    paths = [str(tmp_path / name) for name in ("a", "b")]
+    for seed, path in enumerate(paths):
+        build("vit-cls", seed).save_pretrained(path)
+
+    def no_average(*args, **kwargs):
+        raise AssertionError("align_models averaged the parents")
+
+    loads = []
+    monkeypatch.setattr(fusion, "average_into", no_average)
+    monkeypatch.setattr(
+        fusion,
+        "load_parent",
+        lambda source: loads.append(source) or T.ViTForImageClassification.from_pretrained(source),
+    )
+    alignment = align_models(paths, FusionConfig(cost="weights"), progress=False)
+    assert len(alignment.models) == 2 and set(alignment.maps) == {1}
+    assert sorted(loads) == paths  # the maps' loads; moving each parent loads it once more, outside `fusion`
+
+
 @pytest.mark.parametrize(
     ("options", "fix"),
     [({"solver": "sinkhorn"}, "--solver exact"), ({"marginals": "importance"}, "--marginals uniform"),
