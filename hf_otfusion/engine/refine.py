@@ -245,25 +245,26 @@ def refine_maps(
         else _Permutation(plan.spaces[space].size)
         for k, space in refined
     )  # fmt: skip
-    moving = {
-        name for name, axes in plan.parameters.items() if any(a is not None and _moves(a.space, spaces) for a in axes)
-    }
-    fixed = {
-        name: sum(weights[k] * aligned[k][name] for k in aligned) for name in plan.parameters if name not in moving
-    }
     norm_names = _norm_tensor_names(model, plan) if norms else []
     # started at their average (the closed-form maps keep a reparameterised norm's ones and zeros as they are)
     learned = torch.nn.ParameterList(
         torch.nn.Parameter(sum(weights[k] * aligned[k][name] for k in aligned)) for name in norm_names
     )
-    moving -= set(norm_names)
-    mixer = None
-    if mixing:
-        mixer = _Mixing(plan, list(aligned), weights)
-        moving |= set(fixed) - set(norm_names)  # every averaged tensor now depends on learned weights
-    # in the plan's order, not the set's: the order the fused tensors are built in is the order backward sums their
-    # gradients in, and a set's order changes with each process's string-hash seed (so would the rounding)
-    moving_names = [name for name in plan.parameters if name in moving]
+    mixer = _Mixing(plan, list(aligned), weights) if mixing else None
+    # the tensors rebuilt at every step: those on a refined axis, and with learned weights every averaged one. In
+    # the plan's order: the order they are built in is the order backward sums their gradients in (a set's order
+    # would change with each process's string-hash seed, and so would the rounding)
+    moving_names = [
+        name
+        for name, axes in plan.parameters.items()
+        if name not in norm_names
+        and (mixer is not None or any(a is not None and _moves(a.space, spaces) for a in axes))
+    ]
+    fixed = {
+        name: sum(weights[k] * aligned[k][name] for k in aligned)
+        for name in plan.parameters
+        if name not in moving_names and name not in norm_names
+    }
 
     def fused_parameters() -> dict[str, torch.Tensor]:
         deltas = {key: rotation() for key, rotation in zip(refined, rotations, strict=True)}
