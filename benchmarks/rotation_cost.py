@@ -36,19 +36,18 @@ def fuse_once(fields: dict, family: str) -> dict:
     from hf_otfusion import FusionConfig, fuse_with_diagnostics
 
     torch.set_num_threads(2)
+    generator = torch.Generator().manual_seed(0)
+    if family == "bert":  # BERT-base and 64 sequences of 128 random tokens
+        model_class, model_config = T.BertForSequenceClassification, T.BertConfig(num_labels=10)
+        ids = torch.randint(1000, 30000, (64, 128), generator=generator)
+        data = Dataset.from_dict({"input_ids": ids.numpy(), "attention_mask": torch.ones_like(ids).numpy()})
+    else:  # ViT-B/16 and 64 random 224x224 images
+        model_class, model_config = T.ViTForImageClassification, T.ViTConfig(num_labels=10)
+        data = Dataset.from_dict({"pixel_values": torch.randn(64, 3, 224, 224, generator=generator).numpy()})
     parents = []
     for seed in (0, 1):
         torch.manual_seed(seed)
-        if family == "bert":
-            parents.append(T.BertForSequenceClassification(T.BertConfig(num_labels=10)).eval())
-        else:
-            parents.append(T.ViTForImageClassification(T.ViTConfig(num_labels=10)).eval())
-    generator = torch.Generator().manual_seed(0)
-    if family == "bert":
-        ids = torch.randint(1000, 30000, (64, 128), generator=generator)
-        data = Dataset.from_dict({"input_ids": ids.numpy(), "attention_mask": torch.ones_like(ids).numpy()})
-    else:
-        data = Dataset.from_dict({"pixel_values": torch.randn(64, 3, 224, 224, generator=generator).numpy()})
+        parents.append(model_class(model_config).eval())
     config = FusionConfig(batch_size=16, tokens_per_sample=32, **fields)
     started = time.perf_counter()
     result = fuse_with_diagnostics(parents, data=data, config=config, progress=False)
