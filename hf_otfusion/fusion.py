@@ -526,11 +526,15 @@ def _maps_onto_anchor(
     started = time.perf_counter()
     maps, diagnostics = {}, []
     if is_main_process(run.process):  # solved once, then broadcast
-        anchor_params = named_tensors(models[anchor])
+        # weight costs read the tensors as they are averaged: reparameterised where the residual rotates
+        def weights_of(model: PreTrainedModel, plan: FusionPlan, config: FusionConfig) -> dict[str, torch.Tensor]:
+            return _fusion_parameters(model, plan, config) if config.cost == "weights" else named_tensors(model)
+
+        anchor_params = weights_of(models[anchor], plans[anchor], config)
         for k in order:
             if k != anchor:
                 maps[k], found = compute_maps(
-                    k, plans[k], plans[anchor], named_tensors(models[k]), anchor_params,
+                    k, plans[k], plans[anchor], weights_of(models[k], plans[k], config), anchor_params,
                     stats.pop(k) if stats else None, config, run.progress, device=run.device,
                 )  # fmt: skip
                 diagnostics.extend(found)

@@ -21,7 +21,8 @@ def test_model_fused_with_itself_is_unchanged(cost):
 
 def test_three_parents_mix_with_weights_summing_to_one_on_every_parameter():
     parents = [build("deit-teacher", seed=s) for s in (0, 1, 2)]
-    config = FusionConfig(cost="weights", weights=[1.0, 2.0, 5.0])  # normalised to 1/8, 2/8, 5/8
+    # normalised to 1/8, 2/8, 5/8; the residual permuted, so that every parameter is the parents' own, moved
+    config = FusionConfig(cost="weights", residual="shared", weights=[1.0, 2.0, 5.0])
     result = fuse_with_diagnostics(parents, config=config, progress=False)
     alphas = [1 / 8, 2 / 8, 5 / 8]
     plan = resolve_plan(parents[0])
@@ -61,10 +62,13 @@ def test_anchor_choice_sets_the_basis_and_keeps_the_function():
     parent = build("vit-cls")
     permuted = permute_model(parent, seed=3)
     inputs = inputs_for(parent, seed=9)
-    fused = fuse([parent, permuted], config=FusionConfig(cost="weights", anchor=1), progress=False)
+    shared = FusionConfig(cost="weights", residual="shared", anchor=1)  # permutations: the anchor's own tensors
+    fused = fuse([parent, permuted], config=shared, progress=False)
     for (name, a), (_, b) in zip(permuted.named_parameters(), fused.named_parameters(), strict=True):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=name)
     assert relative_error(outputs(fused, inputs), outputs(parent, inputs)) < 1e-4
+    rotated = fuse([parent, permuted], config=FusionConfig(cost="weights", anchor=1), progress=False)  # data-free auto
+    assert relative_error(outputs(rotated, inputs), outputs(parent, inputs)) < 1e-4
 
 
 def test_mlm_decoder_stays_tied_to_the_word_embeddings():

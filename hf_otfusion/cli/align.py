@@ -98,7 +98,8 @@ def run_align(args: argparse.Namespace) -> int:
     if config.needs_data and args.data is None:
         raise EmptyAlignmentDataError(
             "cost=activations needs alignment data: pass --data (a Hub dataset id, a save_to_disk directory, a data "
-            "directory or files), or --cost weights for a data-free alignment (permutations only)."
+            "directory or files), or --cost weights for a data-free alignment (permutations, and a rotation of the "
+            "residual for ViT/DeiT)."
         )
     checked = preflight(args.parents, config)  # pins revisions, reads configs + headers, checks compatibility
     source = None

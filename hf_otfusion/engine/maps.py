@@ -25,6 +25,7 @@ from .align import align_tensor
 from .plan import FusionPlan, Space
 from .solve import (
     mean_squares,
+    orthogonal_residual_from_weights,
     orthogonal_residual_map,
     solve_cost,
     solve_heads,
@@ -241,14 +242,11 @@ def compute_maps(
                 solved.append((name, transport, info, sources.kind(nested[0].name), time.perf_counter() - started))
                 started = time.perf_counter()  # the heads entry carries the time of the joint solve
         elif space.stream and config.residual == "orthogonal":
-            if sources.kind(space.name) != "activations":  # no statistics, or no hooks on the stream
-                raise SpecError(
-                    "residual='orthogonal' solves the residual rotation from activation statistics of the residual "
-                    f"stream, which space {space.name} has none of: use cost='activations' with alignment data.",
-                    key=space.name,
-                )
-            transport, info = orthogonal_residual_map(sources.release(space.name))
-            solved = [(space.name, transport, info, "activations", time.perf_counter() - started)]
+            if sources.kind(space.name) == "activations":
+                transport, info = orthogonal_residual_map(sources.release(space.name))
+            else:  # data-free: from the tensors that need no other map yet (embeddings, biases); see the rounds below
+                transport, info = _stream_rotation_from_weights(sources, space.name, upstream)
+            solved = [(space.name, transport, info, sources.kind(space.name), time.perf_counter() - started)]
         else:
             mean_policy = space.name in per_hook
             marginals = (None, None)
@@ -266,14 +264,38 @@ def compute_maps(
         return solved
 
     workers = workers or os.cpu_count() or 1
-    bar = tqdm(total=len(tasks), desc=f"transport maps, parent {parent_index}", disable=not progress)
-    futures: list[Future] = []
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        for index, space in enumerate(tasks):
-            needed = {producer[name] for name in sources.upstream_spaces(space) if producer.get(name, index) < index}
-            futures.append(pool.submit(solve, index, [futures[i] for i in sorted(needed)]))
-            futures[-1].add_done_callback(lambda _: bar.update())
-        results = [future.result() for future in futures]
+    stream = anchor_plan.stream
+    rounds = 1
+    if config.residual == "orthogonal" and stream is not None and sources.kind(stream) == "weights":
+        rounds = WEIGHT_ROTATION_ROUNDS
+    bar = tqdm(total=len(tasks) * rounds, desc=f"transport maps, parent {parent_index}", disable=not progress)
+
+    def solve_all(given: dict[str, TransportMap]) -> list:
+        """Every task's solve in flow order, concurrently where the inputs allow; the maps in `given` are kept."""
+        maps.clear()
+        maps.update(given)
+        futures: dict[int, Future] = {}
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            for index, space in enumerate(tasks):
+                if space.name in given:
+                    continue
+                upstream = sources.upstream_spaces(space)
+                needed = sorted({producer[name] for name in upstream if producer.get(name, index) < index})
+                waits = [futures[i] for i in needed if i in futures]  # the maps given are not waited for
+                futures[index] = pool.submit(solve, index, waits)
+                futures[index].add_done_callback(lambda _: bar.update())
+            return [future.result() for future in futures.values()]
+
+    results = solve_all({})
+    for _ in range(rounds - 1):
+        # the data-free rotation again, now from every tensor of the stream (the other maps move their other axes),
+        # then every other space again in the new basis: the alternation of weight matching (Theus et al.)
+        started = time.perf_counter()
+        others = {name: transport for name, transport in maps.items() if name != stream}
+        transport, info = _stream_rotation_from_weights(sources, stream, others)
+        stream_solved = [(stream, transport, info, "weights", time.perf_counter() - started)]
+        bar.update()
+        results = [stream_solved, *solve_all({stream: transport})]
     bar.close()
 
     diagnostics = []
@@ -291,6 +313,27 @@ def compute_maps(
                 info.entropy, info.softness, seconds,
             )  # fmt: skip
     return maps, diagnostics
+
+
+# rounds of the data-free residual rotation: the rotation from the tensors that need no other map (embeddings,
+# biases), every other space matched in its basis, then the rotation from every tensor of the stream and the other
+# spaces again. Theus et al. alternate about five times; on the committed ViT, DeiT and wider ViT pairs two rounds
+# did best on average and more changed accuracy by about a point (`benchmarks/results/map_variants.md`)
+WEIGHT_ROTATION_ROUNDS = 2
+
+
+def _stream_rotation_from_weights(
+    sources: _CostSources, stream: str, maps: dict[str, TransportMap]
+) -> tuple[TransportMap, SolveInfo]:
+    """The residual rotation from the weight features of the stream that `maps` (the spaces solved) allow."""
+    features = sources._weight_features(stream, maps)
+    if not features:
+        raise SpecError(
+            f"residual='orthogonal' without data rotates the stream {stream} from the weights that hold it alone "
+            "(embeddings, biases, norms), and this spec lists none: use cost='activations' with alignment data.",
+            key=stream,
+        )
+    return orthogonal_residual_from_weights(features)
 
 
 def logit_scale(parent_space: Space, anchor_space: Space) -> float:

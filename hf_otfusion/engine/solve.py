@@ -56,6 +56,26 @@ def orthogonal_residual_map(sites: list[UnitStatistics]) -> tuple[TransportMap, 
     return transport, procrustes_info(transport, float(np.mean(costs)))
 
 
+def orthogonal_residual_from_weights(features: list[tuple[np.ndarray, np.ndarray]]) -> tuple[TransportMap, SolveInfo]:
+    """The data-free rotation of the residual stream: Procrustes on the weights that hold or read it.
+
+    `features` pairs, per parameter, the parent's and the anchor's unit vectors along the stream (rows: the
+    stream's units; columns: every other axis, already moved into the anchor's basis by the maps solved so far).
+    Each parameter's cross product A Bᵀ is divided by its Frobenius norm before they are summed, as the sites are
+    in `orthogonal_residual_map`, so that no single large tensor decides the rotation. The reported cost is
+    ‖OᵀA − B‖² per unit, averaged over the parameters. Exact for reparameterised parents only (see there).
+    """
+    cross = [a @ b.T for a, b in features]
+    total = sum(c / max(np.linalg.norm(c), np.finfo(np.float64).tiny) for c in cross)
+    transport = solve_orthogonal(total, fixed=np.ones(total.shape[0]))
+    rotation = transport.output_matrix()
+    costs = [
+        (float((a**2).sum() + (b**2).sum()) - 2.0 * float(np.vdot(rotation, c))) / a.shape[0]
+        for (a, b), c in zip(features, cross, strict=True)
+    ]
+    return transport, procrustes_info(transport, float(np.mean(costs)))
+
+
 def procrustes_info(transport: TransportMap, cost: float) -> SolveInfo:
     """The `SolveInfo` of an orthogonal map, its entropy and softness those of its coupling O∘O / n."""
     entropy = plan_entropy(transport.plan)
