@@ -14,10 +14,12 @@ in two groups:
   weight cost. This last row is built here (the engine solves each space from one cost): both fusions' maps,
   every parent tensor moved with the mixed maps and averaged with the anchor's, as `fuse` averages with
   `residual="shared"` (no reparameterisation).
-- **The data-free rotation of the residual** (`cost="weights"`, pre-LN pairs): permutations only, against the
-  rotation after 1, 2, 3 and 5 rounds (`engine.maps.WEIGHT_ROTATION_ROUNDS`, set here for each row): one round
-  takes the rotation from the tensors that need no other map (embeddings, biases), each further round from every
-  tensor of the stream, and matches the other spaces again in its basis.
+- **Data-free rotations** (`cost="weights"`): on the pre-LN pairs permutations only, against the residual
+  rotation after 1, 2, 3 and 5 rounds (`FusionConfig.rotation_rounds`) with the heads' dims permuted, and with
+  within-head rotations from the weights (Q with K, V with O) after 2 rounds (the data-free default) and 3. One
+  round takes the rotation from the tensors that need no other map (embeddings, biases), each further round from
+  every tensor of the stream, and matches the other spaces again in its basis. On BERT (post-LN) the heads' dims
+  permuted or rotated.
 - **The V/O maps inside matched heads** (today's default fusion, rotations of the residual where it applies):
   V and O may share any invertible basis change M per head (V -> MᵀV, O -> OM⁻ᵀ keep what the head computes), not
   only a rotation. Two closed forms from the value activations of each matched pair of heads (x the parent's,
@@ -46,7 +48,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE / "parents"))
 sys.path.insert(0, str(HERE))
-from paper_table import family_data, load_parents, machine_record, run_families, score  # noqa: E402
+from paper_table import family_data, generated_by, load_parents, machine_record, run_families, score  # noqa: E402
 
 import hf_otfusion.engine.maps as engine_maps  # noqa: E402
 from hf_otfusion import FusionConfig, fuse_with_diagnostics  # noqa: E402
@@ -125,7 +127,7 @@ def invertible_value_maps(kind: str, ridge: float, moments: dict, conditions: li
     solve = engine_maps.solve_heads_orthogonal
 
     def replaced(heads, nested, stats, parent_plan, config):
-        crosses = {space.name: stat.cross_moment() for space, stat in zip(nested, stats, strict=True)}
+        crosses = {space.name: moment.cross for space, moment in zip(nested, stats, strict=True)}
         solved = solve(heads, nested, stats, parent_plan, config)
         sources = solved[0][1].permutation  # sources[b]: the parent head matched to anchor head b
         result = [solved[0]]
@@ -192,21 +194,21 @@ def run_family(family: str, args, cache: dict, log) -> dict:
     log(f"[{family}] permutations, {MIXED_ROW}: {100 * report['residual'][MIXED_ROW]['accuracy']:.2f} %")
 
     if family in PRE_LN:
-        report["data_free"]["permutations (residual='shared')"] = score(
-            fused(dict(cost="weights", residual="shared")).model, splits["test"]
+        report["data_free"]["permutations (residual='shared', within_heads='permutation')"] = score(
+            fused(dict(cost="weights", residual="shared", within_heads="permutation")).model, splits["test"]
         )
-        default_rounds = engine_maps.WEIGHT_ROTATION_ROUNDS
-        for rounds in (1, 2, 3, 5):
-            engine_maps.WEIGHT_ROTATION_ROUNDS = rounds
-            try:
-                model = fused(dict(cost="weights")).model
-            finally:
-                engine_maps.WEIGHT_ROTATION_ROUNDS = default_rounds
-            name = f"rotation, {rounds} round{'s' * (rounds > 1)}" + (
-                " (the default)" if rounds == default_rounds else ""
-            )
-            report["data_free"][name] = score(model, splits["test"])
-            log(f"[{family}] data-free {name}: {100 * report['data_free'][name]['accuracy']:.2f} %")
+        default_rounds = FusionConfig().rotation_rounds
+        rows = {f"rotation, {n} round{'s' * (n > 1)}{' (the default)' * (n == default_rounds)}, heads permuted":
+                dict(rotation_rounds=n, within_heads="permutation") for n in (1, 2, 3, 5)}  # fmt: skip
+        for n in (2, 3):
+            default = " (the data-free default)" if n == default_rounds else ""
+            rows[f"rotation, {n} rounds, + within-head rotations{default}"] = dict(rotation_rounds=n)
+    else:  # post-LN: the stream keeps its permutation; the heads' dims are permuted or rotated
+        rows = {"within-head permutations": dict(within_heads="permutation"),
+                "within-head rotations (the data-free default)": {}}  # fmt: skip
+    for name, fields in rows.items():
+        report["data_free"][name] = score(fused(dict(cost="weights", **fields)).model, splits["test"])
+        log(f"[{family}] data-free {name}: {100 * report['data_free'][name]['accuracy']:.2f} %")
 
     default = "orthogonal residual + within-head rotations" if family in PRE_LN else "within-head rotations"
     report["values"][f"rotation (today's default: {default})"] = {**score(fused({}).model, splits["test"])}
@@ -228,8 +230,7 @@ def write_markdown(reports: list[dict], meta: dict, path: Path) -> None:
     lines = [
         "# Maps the engine does not offer",
         "",
-        f"Generated by `python benchmarks/map_variants.py {meta['argv']}` in {meta['total_s'] / 60:.1f} min wall on "
-        f"{meta['machine']}, {meta['threads']} torch thread(s), torch {meta['torch']}. One-shot test accuracy of "
+        generated_by("map_variants.py", meta) + " One-shot test accuracy of "
         "the pairs of `benchmarks/parents/` (seeds 0 and 1, fused onto seed 0); how each row is built: the "
         "docstring of `benchmarks/map_variants.py`.",
         "",
@@ -241,7 +242,7 @@ def write_markdown(reports: list[dict], meta: dict, path: Path) -> None:
                   "test loss |", "|---|---:|---:|"]  # fmt: skip
         lines += [f"| {name} | {100 * s['accuracy']:.2f} | {s['loss']:.4f} |" for name, s in r["residual"].items()]
         if r["data_free"]:
-            lines += ["", "| data-free fusion (cost='weights'): the residual's map | test accuracy % | test loss |",
+            lines += ["", "| data-free fusion (cost='weights') | test accuracy % | test loss |",
                       "|---|---:|---:|"]  # fmt: skip
             lines += [f"| {name} | {100 * s['accuracy']:.2f} | {s['loss']:.4f} |" for name, s in r["data_free"].items()]
         lines += ["", "| V/O maps inside matched heads | test accuracy % | test loss | condition number of M "

@@ -3,6 +3,7 @@
     python benchmarks/rotation_cost.py                 # permutations vs the default rotations, ~4 min on 2 cores
     python benchmarks/rotation_cost.py --family bert   # the same for a BERT-base pair (within-head rotations)
     python benchmarks/rotation_cost.py --with-repair   # also repair="all" (each configuration capped at --timeout)
+    python benchmarks/rotation_cost.py --cost weights  # data-free: permutations vs the rotation (2 rounds, and 1)
 
 A random-init ViT-B-shaped pair (`ViTConfig()` defaults: 224px, patch 16, 768/3072, 12 layers) and 64 random
 images, or a BERT-base-shaped pair (`BertConfig()` defaults: 768/3072, 12 layers, 30522 tokens) and 64 random
@@ -26,6 +27,7 @@ CONFIGS = {
     "default (rotations)": {},
 }
 REPAIR = {"default + repair all": {"repair": "all"}}
+ONE_ROUND = {"default with rotation_rounds=1": {"rotation_rounds": 1}}  # data-free only
 
 
 def fuse_once(fields: dict, family: str) -> dict:
@@ -62,14 +64,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--family", choices=["vit", "bert"], default="vit", help="the ViT-B or the BERT-base pair")
     parser.add_argument("--with-repair", action="store_true", help="also measure repair='all'")
+    parser.add_argument("--cost", choices=["activations", "weights"], default="activations", help="FusionConfig.cost")
     parser.add_argument("--timeout", type=int, default=580, help="seconds allowed per configuration")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: one configuration, as JSON fields
     args = parser.parse_args()
     if args.one is not None:
         print(json.dumps(fuse_once(json.loads(args.one), args.family)))
         return
-    configs = {**CONFIGS, **(REPAIR if args.with_repair else {})}
+    configs = {**CONFIGS, **(REPAIR if args.with_repair else {}), **(ONE_ROUND if args.cost == "weights" else {})}
     for name, fields in configs.items():
+        fields = {**fields, "cost": args.cost}
         try:
             done = subprocess.run(
                 [sys.executable, __file__, "--family", args.family, "--one", json.dumps(fields)],

@@ -82,7 +82,7 @@ class FusionConfig:
             of the residual stream, an exact rewrite after which the stream can be rotated, then aligns it with
             one rotation per parent from the stream's activation statistics (see `hf_otfusion.engine.reparameterise`),
             or, with `cost="weights"`, data-free by Procrustes on the weights that hold or read the stream, alternated
-            with the other spaces' weight matching (`engine.maps.WEIGHT_ROTATION_ROUNDS`).
+            with the other spaces' weight matching (`rotation_rounds`).
             The fused model's LayerNorms then hold weight 1 and bias 0. `auto`
             (default) is `orthogonal` wherever it applies (a pre-LN spec, either cost, the exact solver with
             uniform marginals, `method="ot"`, no `target`, equal widths) and `shared` elsewhere; `fuse` records
@@ -108,10 +108,16 @@ class FusionConfig:
             keep their own partners and light ones are merged first.
         within_heads: after whole heads are matched, align the dims inside each matched pair of heads by a
             `permutation` (an exact assignment) or an `orthogonal` rotation (Procrustes on the within-head cross
-            moments: one rotation shared by Q and K, another by V and O, which leave the function unchanged);
-            with `orthogonal`, heads are matched on the cost of their best rotation. Needs
-            `cost="activations"`, `heads="aware"`, `solver="exact"`, uniform marginals and equal head sizes;
+            moments of the activations, or data-free of the weights: one rotation shared by Q and K, another by V
+            and O, which leave the function unchanged); with `orthogonal`, heads are matched on the cost of their
+            best rotation. Needs `heads="aware"`, `solver="exact"`, uniform marginals and equal head sizes;
             `auto` (default) is `orthogonal` wherever it applies and `permutation` elsewhere.
+        rotation_rounds: rounds of the data-free residual rotation (`cost="weights"` with `residual` orthogonal):
+            the first takes each parent's rotation from the tensors that need no other map (embeddings, biases),
+            each further one from every tensor of the stream once the other spaces were matched in the last
+            rotation's basis, and matches them again. 2 (default) did best on the committed ViT, DeiT and wider
+            ViT pairs (`benchmarks/results/map_variants.md`); each round costs one weight matching of every space
+            (at ViT-B size 1 round takes about as long as permutations alone, 2 about twice as long).
         refine_steps: after the closed-form maps, this many Adam steps on the alignment data that rotate every
             orthogonal map further (residual and within-head rotations; permutations stay) so that the average of
             the aligned parents matches the parents' ensemble (KL divergence of the output distributions, no
@@ -173,6 +179,7 @@ class FusionConfig:
     marginals: str = "uniform"
     repair: str = "none"
     within_heads: str = "auto"
+    rotation_rounds: int = 2
     refine_steps: int = 0
     refine_lr: float = 0.01
     refine_permutations: bool = False
@@ -229,6 +236,13 @@ class FusionConfig:
                 field="seed",
                 value=self.seed,
             )
+        if self.rotation_rounds != 2 and self.cost != "weights":
+            raise InvalidConfigError(
+                f"rotation_rounds={self.rotation_rounds} shapes the data-free residual rotation only (cost='weights'); "
+                "with activation costs the rotation is solved once from the statistics. Leave it at 2.",
+                field="rotation_rounds",
+                value=self.rotation_rounds,
+            )
         if self.align == "ot" and self.method == "vanilla":
             raise InvalidConfigError(
                 "align='ot' contradicts method='vanilla' (no alignment); use method='ot' instead.",
@@ -242,11 +256,11 @@ class FusionConfig:
                 value=self.residual,
             )
         if self.within_heads == "orthogonal" and (
-            self.cost != "activations" or self.heads != "aware" or self.solver != "exact" or self.marginals != "uniform"
+            self.heads != "aware" or self.solver != "exact" or self.marginals != "uniform"
         ):
             raise InvalidConfigError(
-                "within_heads='orthogonal' rotates dims inside matched heads from activation statistics: it needs "
-                "cost='activations', heads='aware', solver='exact' and marginals='uniform'.",
+                "within_heads='orthogonal' rotates dims inside matched heads: it needs heads='aware', solver='exact' "
+                "and marginals='uniform'.",
                 field="within_heads",
                 value=self.within_heads,
             )
@@ -321,9 +335,8 @@ class FusionConfig:
         residual, within_heads = self.residual, self.within_heads
         if residual == "auto":  # from activations, or data-free from weights
             residual = "orthogonal" if aligns and rotatable else "shared"
-        if within_heads == "auto":  # from activations only
-            rotates = aligns and self.cost == "activations" and self.heads == "aware"
-            within_heads = "orthogonal" if rotates else "permutation"
+        if within_heads == "auto":  # from activations, or data-free from weights
+            within_heads = "orthogonal" if aligns and self.heads == "aware" else "permutation"
         return dataclasses.replace(self, residual=residual, within_heads=within_heads)
 
     @property
@@ -379,6 +392,7 @@ _FUSION_NUMBERS = {
     "num_samples": NumberRule(int, 1, optional=True),
     "sinkhorn_max_iter": NumberRule(int, 1),
     "emd_max_iter": NumberRule(int, 1),
+    "rotation_rounds": NumberRule(int, 1),
     "refine_steps": NumberRule(int, 0),
     "refine_lr": NumberRule(float, 0, low_open=True),
 }

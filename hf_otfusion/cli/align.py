@@ -35,7 +35,7 @@ mean, other widths): they are not function-preserving.
 # the FusionConfig fields that shape the maps; the others (method, weights, repair, target, ...) merge
 ALIGN_FIELDS = (
     "cost", "solver", "residual", "heads", "within_heads", "activation_cost", "tokens", "tokens_per_sample", "anchor",
-    "marginals", "refine_steps", "refine_lr", "batch_size", "num_samples", "emd_max_iter",
+    "marginals", "rotation_rounds", "refine_steps", "refine_lr", "batch_size", "num_samples", "emd_max_iter",
 )  # fmt: skip
 
 
@@ -98,8 +98,8 @@ def run_align(args: argparse.Namespace) -> int:
     if config.needs_data and args.data is None:
         raise EmptyAlignmentDataError(
             "cost=activations needs alignment data: pass --data (a Hub dataset id, a save_to_disk directory, a data "
-            "directory or files), or --cost weights for a data-free alignment (permutations, and a rotation of the "
-            "residual for ViT/DeiT)."
+            "directory or files), or --cost weights for a data-free alignment (permutations and rotations from the "
+            "weights)."
         )
     checked = preflight(args.parents, config)  # pins revisions, reads configs + headers, checks compatibility
     source = None

@@ -235,7 +235,7 @@ def fuse_config(values: dict, has_data: bool):
         if data_free is not None and not data_free.needs_data:
             logging.getLogger("hf_otfusion").info(
                 "No --data: fusing data-free (cost=weights, units matched by their weights); pass --data for an "
-                "activation-based fusion (and within-head rotations, refinement and repair)."
+                "activation-based fusion (and refinement and repair)."
             )
             return data_free
     return FusionConfig.from_dict(values)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 
@@ -24,6 +25,7 @@ from ..errors import SpecError
 from .align import align_tensor
 from .plan import FusionPlan, Space
 from .solve import (
+    UnitMoments,
     mean_squares,
     orthogonal_residual_from_weights,
     orthogonal_residual_map,
@@ -101,7 +103,7 @@ class _CostSources:
             keys = dict.fromkeys(self.keys[hook] for hook in self.anchor_plan.hooks[space])
             squares = [mean_squares(self.stats[key]) for key in keys]
             return sum(a for a, _ in squares), sum(b for _, b in squares)
-        features = self._weight_features(space, maps)
+        features = list(self.weight_features(space, maps))
         if not features:  # `costs` says why this space has no weight cost
             return np.ones(self.parent_plan.spaces[space].size), np.ones(self.anchor_plan.spaces[space].size)
         return sum((a**2).sum(1) for a, _ in features), sum((b**2).sum(1) for _, b in features)
@@ -114,7 +116,7 @@ class _CostSources:
         if self.kind(space) == "activations":
             moments = [self.pooled_moments(space)] if pooled else self.release(space)
             return [s.cost(self.config.activation_cost) for s in moments]
-        features = self._weight_features(space, maps)
+        features = list(self.weight_features(space, maps))
         if not features:
             raise SpecError(
                 f"Space {space} has no parameter whose other axes are aligned before it, so it has no weight-based "
@@ -135,7 +137,7 @@ class _CostSources:
         keys = dict.fromkeys(self.keys[hook] for hook in self.anchor_plan.hooks[space])
         return [self.stats.pop(key) for key in keys]
 
-    def _weight_features(self, space: str, maps: dict[str, TransportMap]) -> list[tuple[np.ndarray, np.ndarray]]:
+    def weight_features(self, space: str, maps: dict[str, TransportMap]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Per parameter: the units' weight vectors in both models, other axes already in the anchor basis.
 
         Only parameters whose other bound axes are already solved take part, which is what makes the
@@ -143,21 +145,18 @@ class _CostSources:
         weights reading the already-aligned residual stream. When the space is wider in the parent (n_a > n_b),
         the input side sums about n_a/n_b parent columns into each anchor column, so a parent's reading column
         is compared after scaling by n_a/n_b: the copies of a unit whose outgoing weights were split then cost 0.
+        One parameter at a time, so that a caller that reduces them as they come holds one float64 copy at most.
         """
-        features = []
         for name, dim in feature_parameters(self.anchor_plan, space, maps):
             axes = self.anchor_plan.parameters[name]
             parent = align_tensor(self.parent_params[name], self.parent_plan.parameters[name], maps, skip_axis=dim)
             if axes[dim].reads and parent.shape[dim] != self.anchor_params[name].shape[dim]:
                 parent = parent * (parent.shape[dim] / self.anchor_params[name].shape[dim])
             anchor = self.anchor_params[name].detach().to(torch.float64)
-            features.append(
-                (
-                    parent.movedim(dim, 0).reshape(parent.shape[dim], -1).numpy(),
-                    anchor.movedim(dim, 0).reshape(anchor.shape[dim], -1).numpy(),
-                )
+            yield (
+                parent.movedim(dim, 0).reshape(parent.shape[dim], -1).numpy(),
+                anchor.movedim(dim, 0).reshape(anchor.shape[dim], -1).numpy(),
             )
-        return features
 
 
 def feature_parameters(plan: FusionPlan, space: str, maps: dict[str, TransportMap]) -> list[tuple[str, int]]:
@@ -233,7 +232,12 @@ def compute_maps(
                     for side in (0, 1)
                 )
             if config.within_heads == "orthogonal":
-                moments = [sources.pooled_moments(inner.name) for inner in nested]
+                moments = [
+                    UnitMoments.of_statistics(sources.pooled_moments(inner.name))
+                    if sources.kind(inner.name) == "activations"
+                    else UnitMoments.of_weights(sources.weight_features(inner.name, upstream))
+                    for inner in nested
+                ]
                 heads_solved = solve_heads_orthogonal(space, nested, moments, parent_plan, config)
             else:
                 unit_costs = [sources.costs(inner.name, upstream, pooled=True)[0] for inner in nested]
@@ -267,7 +271,7 @@ def compute_maps(
     stream = anchor_plan.stream
     rounds = 1
     if config.residual == "orthogonal" and stream is not None and sources.kind(stream) == "weights":
-        rounds = WEIGHT_ROTATION_ROUNDS
+        rounds = config.rotation_rounds
     bar = tqdm(total=len(tasks) * rounds, desc=f"transport maps, parent {parent_index}", disable=not progress)
 
     def solve_all(given: dict[str, TransportMap]) -> list:
@@ -289,7 +293,8 @@ def compute_maps(
     results = solve_all({})
     for _ in range(rounds - 1):
         # the data-free rotation again, now from every tensor of the stream (the other maps move their other axes),
-        # then every other space again in the new basis: the alternation of weight matching (Theus et al.)
+        # then every other space again in the new basis: the alternation of weight matching (Theus et al. alternate
+        # about five times; `FusionConfig.rotation_rounds` says why 2 is the default)
         started = time.perf_counter()
         others = {name: transport for name, transport in maps.items() if name != stream}
         transport, info = _stream_rotation_from_weights(sources, stream, others)
@@ -315,25 +320,17 @@ def compute_maps(
     return maps, diagnostics
 
 
-# rounds of the data-free residual rotation: the rotation from the tensors that need no other map (embeddings,
-# biases), every other space matched in its basis, then the rotation from every tensor of the stream and the other
-# spaces again. Theus et al. alternate about five times; on the committed ViT, DeiT and wider ViT pairs two rounds
-# did best on average and more changed accuracy by about a point (`benchmarks/results/map_variants.md`)
-WEIGHT_ROTATION_ROUNDS = 2
-
-
 def _stream_rotation_from_weights(
     sources: _CostSources, stream: str, maps: dict[str, TransportMap]
 ) -> tuple[TransportMap, SolveInfo]:
     """The residual rotation from the weight features of the stream that `maps` (the spaces solved) allow."""
-    features = sources._weight_features(stream, maps)
-    if not features:
+    if not feature_parameters(sources.anchor_plan, stream, maps):
         raise SpecError(
             f"residual='orthogonal' without data rotates the stream {stream} from the weights that hold it alone "
             "(embeddings, biases, norms), and this spec lists none: use cost='activations' with alignment data.",
             key=stream,
         )
-    return orthogonal_residual_from_weights(features)
+    return orthogonal_residual_from_weights(sources.weight_features(stream, maps))
 
 
 def logit_scale(parent_space: Space, anchor_space: Space) -> float:

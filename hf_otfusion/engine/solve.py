@@ -8,11 +8,15 @@ of the matched pairs into one coupling over (head, dim) units, so that Q and K (
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from dataclasses import dataclass
+
 import numpy as np
 import torch
+from scipy.optimize import linear_sum_assignment
 
 from ..config import FusionConfig
-from ..errors import SpecError
+from ..errors import SpecError, TransportError
 from .plan import FusionPlan, Space
 from .statistics import UnitStatistics
 from .transport import (
@@ -56,24 +60,48 @@ def orthogonal_residual_map(sites: list[UnitStatistics]) -> tuple[TransportMap, 
     return transport, procrustes_info(transport, float(np.mean(costs)))
 
 
-def orthogonal_residual_from_weights(features: list[tuple[np.ndarray, np.ndarray]]) -> tuple[TransportMap, SolveInfo]:
+def orthogonal_residual_from_weights(
+    features: Iterable[tuple[np.ndarray, np.ndarray]],
+) -> tuple[TransportMap, SolveInfo]:
     """The data-free rotation of the residual stream: Procrustes on the weights that hold or read it.
 
     `features` pairs, per parameter, the parent's and the anchor's unit vectors along the stream (rows: the
     stream's units; columns: every other axis, already moved into the anchor's basis by the maps solved so far).
     Each parameter's cross product A Bᵀ is divided by its Frobenius norm before they are summed, as the sites are
-    in `orthogonal_residual_map`, so that no single large tensor decides the rotation. The reported cost is
-    ‖OᵀA − B‖² per unit, averaged over the parameters. Exact for reparameterised parents only (see there).
+    in `orthogonal_residual_map`, so that no single large tensor decides the rotation. The pairs are reduced as
+    they come (n x n sums), so that a ViT-B's tensors are never all held in float64 at once.
+
+    Where these tensors do not fix the rotation (a first round from the embeddings alone, on a model whose stream
+    is wider than they span), Procrustes is free in the directions they leave out. The best one-to-one matching of
+    the units on the same weighted features (their squared distance, zero for a unit and its own permuted copy)
+    decides those: its permutation matrix, scaled to 1e-6 of the cross moment, is added before the SVD. It moves
+    a rotation the tensors fix by about that much, and makes a permuted copy come back exactly.
+
+    The reported cost is ‖OᵀA − B‖² per unit, averaged over the parameters. Exact for reparameterised parents
+    only (see there).
     """
-    cross = [a @ b.T for a, b in features]
-    total = sum(c / max(np.linalg.norm(c), np.finfo(np.float64).tiny) for c in cross)
-    transport = solve_orthogonal(total, fixed=np.ones(total.shape[0]))
-    rotation = transport.output_matrix()
-    costs = [
-        (float((a**2).sum() + (b**2).sum()) - 2.0 * float(np.vdot(rotation, c))) / a.shape[0]
-        for (a, b), c in zip(features, cross, strict=True)
-    ]
-    return transport, procrustes_info(transport, float(np.mean(costs)))
+    normalised = raw = squares_a = squares_b = None
+    squares, count = 0.0, 0
+    for a, b in features:
+        cross = a @ b.T
+        norm = max(np.linalg.norm(cross), np.finfo(np.float64).tiny)
+        normalised = cross / norm if normalised is None else normalised + cross / norm
+        raw = cross if raw is None else raw + cross
+        rows_a, rows_b = (a**2).sum(1) / norm, (b**2).sum(1) / norm
+        squares_a = rows_a if squares_a is None else squares_a + rows_a
+        squares_b = rows_b if squares_b is None else squares_b + rows_b
+        squares += float((a**2).sum() + (b**2).sum())
+        count += 1
+    if normalised is None or raw is None or squares_a is None or squares_b is None:
+        raise TransportError("The residual rotation from weights needs at least one parameter on the stream.")
+    n = normalised.shape[0]
+    rows, cols = linear_sum_assignment(squares_a[:, None] + squares_b[None, :] - 2.0 * normalised)
+    matching = np.zeros_like(normalised)
+    matching[rows, cols] = 1.0
+    tie_break = 1e-6 * np.linalg.norm(normalised) / np.sqrt(n)
+    transport = solve_orthogonal(normalised + tie_break * matching, fixed=np.ones(n))
+    cost = (squares - 2.0 * float(np.vdot(transport.output_matrix(), raw))) / (count * n)
+    return transport, procrustes_info(transport, cost)
 
 
 def procrustes_info(transport: TransportMap, cost: float) -> SolveInfo:
@@ -193,15 +221,44 @@ def solve_heads(
     return results
 
 
+@dataclass
+class UnitMoments:
+    """What a within-head rotation reads of one space: the cross moment of the parent's and the anchor's units
+    (n_a x n_b) and each unit's mean square on either side, from activations or, data-free, from weights."""
+
+    cross: np.ndarray
+    squares_a: np.ndarray
+    squares_b: np.ndarray
+
+    @classmethod
+    def of_statistics(cls, stats: UnitStatistics) -> UnitMoments:
+        """E[x_a x_bᵀ] and E[x²] of the activations (all the space's hooks pooled)."""
+        return cls(stats.cross_moment(), *mean_squares(stats))
+
+    @classmethod
+    def of_weights(cls, features: Iterable[tuple[np.ndarray, np.ndarray]]) -> UnitMoments:
+        """Σ A Bᵀ and the squared norms of the units' weight vectors, summed over the space's parameters (Q and K
+        together, as their activations are pooled; V's rows with O's columns, which read them)."""
+        cross = squares_a = squares_b = None
+        for a, b in features:
+            cross = a @ b.T if cross is None else cross + a @ b.T
+            squares_a = (a**2).sum(1) if squares_a is None else squares_a + (a**2).sum(1)
+            squares_b = (b**2).sum(1) if squares_b is None else squares_b + (b**2).sum(1)
+        if cross is None or squares_a is None or squares_b is None:
+            raise TransportError("A within-head rotation from weights needs at least one parameter of the space.")
+        return cls(cross, squares_a, squares_b)
+
+
 def solve_heads_orthogonal(
-    heads: Space, nested: list[Space], moments: list[UnitStatistics], parent_plan: FusionPlan, config: FusionConfig
+    heads: Space, nested: list[Space], moments: list[UnitMoments], parent_plan: FusionPlan, config: FusionConfig
 ) -> list[tuple[str, TransportMap, SolveInfo]]:
     """Heads matched on the cost of their best within-head rotation, then each matched pair's dims rotated.
 
     Inside a head, Q and K can be rotated by one shared orthogonal R (Q·Kᵀ is unchanged) and V and O by another
     (O reads what V writes): a larger symmetry than permutations of dims. For every (parent head, anchor head)
     pair and nested space, the Procrustes rotation R = U Vᵀ of the within-head cross moment C = U S Vᵀ (Q and
-    K pooled) leaves the residual E‖Rᵀx_a − x_b‖² = E‖x_a‖² + E‖x_b‖² − 2 tr S, the pair's cost; an exact
+    K pooled; `UnitMoments`, of activations or weights) leaves the residual E‖Rᵀx_a − x_b‖² = E‖x_a‖² + E‖x_b‖²
+    − 2 tr S, the pair's cost; an exact
     assignment on the summed costs matches the heads, and each nested map is the block matrix of the matched
     pairs' rotations (orthogonal as a whole).
     """
@@ -216,8 +273,8 @@ def solve_heads_orthogonal(
     pair_costs = np.zeros((len(nested), count, count))
     rotations: list[dict[tuple[int, int], np.ndarray]] = []
     for index, (space, stats) in enumerate(zip(nested, moments, strict=True)):
-        dim, cross = space.head_dim, stats.cross_moment()
-        squares_a, squares_b = mean_squares(stats)
+        dim, cross = space.head_dim, stats.cross
+        squares_a, squares_b = stats.squares_a, stats.squares_b
         found = {}
         for a in range(count):
             for b in range(count):
