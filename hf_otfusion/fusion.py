@@ -26,7 +26,7 @@ from .engine.plan import FusionPlan, model_with_tensors, named_tensors, resolve_
 from .engine.prepare import prepare
 from .engine.refine import RefineReport, refine_maps
 from .engine.repair import SiteRepair, repair_model
-from .engine.reparameterise import check_rotatable, reparameterise, restore_output_norm
+from .engine.reparameterise import check_rotatable, fusion_tensors, restore_output_norm
 from .engine.spec import AlignmentSpec
 from .engine.statistics import collect_statistics, statistics_keys
 from .engine.transport import TransportMap
@@ -220,7 +220,7 @@ def _planned_run(
         data = _encoded_data(data, models[config.anchor], parents[config.anchor], config)
     prepared = prepare(parents, config, spec)
     plans, weights, spec = prepared.plans, prepared.weights, prepared.spec
-    config = config.resolved(all(plan.residual_norms for plan in plans), _equal_widths(plans, config.anchor))
+    config = prepared.resolved(config)
     if config.residual == "orthogonal":
         for plan in plans:
             check_rotatable(plan)
@@ -245,12 +245,6 @@ def _planned_run(
     )
     timings["plan"] = time.perf_counter() - started
     return run
-
-
-def _equal_widths(plans: list[FusionPlan], anchor: int) -> bool:
-    """Whether every space of every parent has the anchor's size (rotations need square maps)."""
-    sizes = {name: space.size for name, space in plans[anchor].spaces.items()}
-    return all({name: space.size for name, space in plan.spaces.items()} == sizes for plan in plans)
 
 
 def _merge_same_base(run: _FusionRun, base: ModelOrPath | None) -> FusionResult:
@@ -478,12 +472,8 @@ def _check_data_fits(data, anchor: PreTrainedModel) -> None:
 
 
 def _fusion_parameters(model: PreTrainedModel, plan: FusionPlan, config: FusionConfig) -> dict[str, torch.Tensor]:
-    """The tensors of a parent that enter the average: its own, or reparameterised for a rotatable residual."""
-    params = named_tensors(model)
-    if config.residual == "orthogonal":  # FusionConfig allows it with method="ot" only
-        # folded in float64, kept in the parameters' own dtype: a float64 copy of a ViT-B parent is 0.7 GB
-        return {name: t.to(params[name].dtype) for name, t in reparameterise(params, plan).items()}
-    return params
+    """The tensors of a parent that enter the average (`engine.reparameterise.fusion_tensors`)."""
+    return fusion_tensors(model, plan, config.residual == "orthogonal")  # FusionConfig allows it with method="ot"
 
 
 def _aligned_copy(

@@ -43,6 +43,13 @@ class PreparedParents:
         """The anchor's plan: the fused model's shape."""
         return self.plans[self.anchor]
 
+    def resolved(self, config: FusionConfig) -> FusionConfig:
+        """`config` with its `auto` choices decided for these parents (`FusionConfig.resolved`): rotations where
+        every plan's norms allow them and every space has the anchor's width (rotations need square maps)."""
+        sizes = {name: space.size for name, space in self.anchor_plan.spaces.items()}
+        equal_widths = all({name: space.size for name, space in plan.spaces.items()} == sizes for plan in self.plans)
+        return config.resolved(all(plan.residual_norms for plan in self.plans), equal_widths)
+
 
 def check_parent_count(count: int, config: FusionConfig) -> list[float]:
     """The normalised parent weights, once `count` parents and `config.anchor` and `config.weights` agree.

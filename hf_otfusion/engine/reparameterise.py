@@ -92,6 +92,16 @@ def reparameterise(params: dict[str, torch.Tensor], plan: FusionPlan) -> dict[st
     return result
 
 
+def fusion_tensors(model: PreTrainedModel, plan: FusionPlan, rotates: bool) -> dict[str, torch.Tensor]:
+    """The tensors of a parent as they are aligned and averaged: its own, or reparameterised when the residual
+    `rotates` (`FusionConfig.residual="orthogonal"`). Folded in float64 and kept in the parameters' own dtype:
+    a float64 copy of a ViT-B parent is 0.7 GB."""
+    params = named_tensors(model)
+    if not rotates:
+        return params
+    return {name: t.to(params[name].dtype) for name, t in reparameterise(params, plan).items()}
+
+
 def reparameterised_copy(model: PreTrainedModel, plan: FusionPlan) -> PreTrainedModel:
     """A copy of `model` with its residual norms folded and its writers centred; it computes the same function."""
     return model_with_tensors(model, reparameterise(named_tensors(model), plan))

@@ -23,8 +23,9 @@ from ..config import FusionConfig
 from ..engine.align import align_tensor, pieces
 from ..engine.compatibility import check_finite
 from ..engine.maps import compute_maps, per_hook_spaces
-from ..engine.plan import FusionPlan, named_tensors
+from ..engine.plan import FusionPlan
 from ..engine.prepare import prepare
+from ..engine.reparameterise import fusion_tensors
 from ..engine.spec import AlignmentSpec
 from ..engine.statistics import UnitStatistics, collect_statistics, statistics_keys
 from ..engine.transport import TransportMap
@@ -311,8 +312,9 @@ def readiness_report(
             time, so the report holds the anchor and one other parent.
         data: optional alignment data; with it, the maps use activation costs and the report adds the
             activation correlation of matched units.
-        config: alignment options (`cost`, `solver`, `anchor`, ...); default: exact OT, on activations when
-            data is given and on weights otherwise.
+        config: alignment options (`cost`, `solver`, `anchor`, ...; `auto` choices are decided as `fuse`
+            decides them); default: exact OT with permutations only, on activations when data is given and on
+            weights otherwise.
         spec: an alignment spec, as for `fuse`.
         maps: transport maps already solved for these parents (`FusionResult.maps` of an OT fusion), reused
             instead of solving again; the report then describes the alignment that fusion used.
@@ -320,13 +322,20 @@ def readiness_report(
     Raises:
         FusionError: and its subclasses for parents that cannot be compared.
     """
-    if config is None:
-        config = FusionConfig(cost="activations" if data is not None else "weights", solver="exact")
+    if config is None:  # permutations: a unit OT leaves in place then counts exactly (a rotation near the identity
+        # leaves a fraction just under 1)
+        cost = "activations" if data is not None else "weights"
+        config = FusionConfig(cost=cost, solver="exact", residual="shared", within_heads="permutation")
     anchor = config.anchor
-    plans = prepare([skeleton(model) for model in models], config, spec).plans  # checkpoints load one at a time
+    prepared = prepare([skeleton(model) for model in models], config, spec)  # checkpoints load one at a time
+    plans = prepared.plans
+    # `auto` decided as `fuse` decides it, so that the maps (and maps reused from a fusion) match its own; with a
+    # rotated residual, distances are between the reparameterised tensors, which the rotation is exact for
+    config = prepared.resolved(config)
+    rotates = config.residual == "orthogonal"
     anchor_model = load_parent(models[anchor])
     check_finite([anchor_model], [anchor])
-    anchor_params = named_tensors(anchor_model)
+    anchor_params = fusion_tensors(anchor_model, plans[anchor], rotates)
 
     keys = statistics_keys(plans[anchor], per_hook_spaces(plans[anchor], config))
     layers, overall, units = [], [], []
@@ -336,7 +345,7 @@ def readiness_report(
             continue
         parent = load_parent(models[k])  # the anchor and this parent are all that is held
         check_finite([parent], [k])
-        params = named_tensors(parent)
+        params = fusion_tensors(parent, plans[k], rotates)
         stats = None
         if data is not None:
             stats = collect_statistics(
