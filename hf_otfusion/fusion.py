@@ -516,15 +516,20 @@ def _maps_onto_anchor(
     started = time.perf_counter()
     maps, diagnostics = {}, []
     if is_main_process(run.process):  # solved once, then broadcast
-        # weight costs read the tensors as they are averaged: reparameterised where the residual rotates
-        def weights_of(model: PreTrainedModel, plan: FusionPlan, config: FusionConfig) -> dict[str, torch.Tensor]:
-            return _fusion_parameters(model, plan, config) if config.cost == "weights" else named_tensors(model)
 
-        anchor_params = weights_of(models[anchor], plans[anchor], config)
+        def weights_of(k: int) -> dict[str, torch.Tensor]:
+            """What weight costs read: the tensors as they are averaged (reparameterised where the residual rotates)."""
+            return (
+                _fusion_parameters(models[k], plans[k], config)
+                if config.cost == "weights"
+                else named_tensors(models[k])
+            )
+
+        anchor_params = weights_of(anchor)
         for k in order:
             if k != anchor:
                 maps[k], found = compute_maps(
-                    k, plans[k], plans[anchor], weights_of(models[k], plans[k], config), anchor_params,
+                    k, plans[k], plans[anchor], weights_of(k), anchor_params,
                     stats.pop(k) if stats else None, config, run.progress, device=run.device,
                 )  # fmt: skip
                 diagnostics.extend(found)
