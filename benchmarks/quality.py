@@ -118,8 +118,23 @@ def rows_for(family: str, refine_steps: int) -> list[tuple[str, str, dict]]:
         (key, f"+ {label} + refine {refine_steps}{adds}", dict(rotations, refine_steps=refine_steps, **fields))
         for key, adds, fields in variants
     ]
-    rows.append(("best", f"quality='best' (+ {label} + refine {BEST_REFINE_STEPS} with layer weights)",
-                 dict(quality="best")))  # fmt: skip
+    rows.append(
+        (
+            "activations-best",
+            f"+ {label} + refine {BEST_REFINE_STEPS} with layer weights (quality='best' before it started data-free)",
+            dict(rotations, refine_steps=BEST_REFINE_STEPS, refine_weights=True),
+        )
+    )
+    # the same rotations solved data-free from the weights (`rotation_rounds` 2), then what data adds to them
+    free = dict(rotations, cost="weights")
+    rows += [
+        ("free", f"+ {label} from weights (data-free)", free),
+        ("free-repair", f"+ {label} from weights + repair", dict(free, repair="all")),
+        ("free-refine-weights", f"+ {label} from weights + refine {refine_steps} with layer weights",
+         dict(free, refine_steps=refine_steps, refine_weights=True)),
+        ("best", f"quality='best' (+ {label} from weights + refine {BEST_REFINE_STEPS} with layer weights)",
+         dict(quality="best")),
+    ]  # fmt: skip
     return rows
 
 

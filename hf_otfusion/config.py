@@ -13,8 +13,10 @@ import yaml
 from .config_fields import NumberRule, check_numbers, strict_from_dict
 from .errors import FusionError, InvalidConfigError
 
-#: refinement steps of `FusionConfig(quality="best")` when `refine_steps` is not given: on the trained ViT / DeiT pairs
-#: 500 / 1000 / 2000 steps gave 86.03 / 86.40 / 86.75 % (ViT) one-shot; 1000 is a few minutes of CPU for small models
+#: refinement steps of `FusionConfig(quality="best")` when `refine_steps` is not given: from the data-free rotations,
+#: 500 / 1000 / 2000 steps gave 86.67 / 86.61 / 86.89 % (ViT) and 86.27 / 86.53 / 86.60 % (DeiT) one-shot
+#: (`benchmarks/results/quality.md`, `quality_refine_options/free_start_2000/`); 1000 is a minute or two of CPU for
+#: these small models
 BEST_REFINE_STEPS = 1000
 
 #: the options that only shape refinement (`refine_steps` > 0)
@@ -122,7 +124,9 @@ class FusionConfig:
             orthogonal map further (residual and within-head rotations; permutations stay) so that the average of
             the aligned parents matches the parents' ensemble (KL divergence of the output distributions, no
             labels); every fifth batch is held back and the best maps on it are kept (see
-            `hf_otfusion.engine.refine`). 0 (default) turns it off. Needs a model with logits and orthogonal maps.
+            `hf_otfusion.engine.refine`). 0 (default) turns it off. Needs alignment data, a model with logits and
+            orthogonal maps, solved from either cost (with `cost="weights"`, refinement starts from the data-free
+            rotations).
         refine_lr: Adam's learning rate for `refine_steps`.
         refine_permutations: with `refine_steps`, also let the FFN units' permutations change during refinement
             (a hard permutation forward, a straight-through gradient to learned scores; heads and the residual
@@ -137,11 +141,14 @@ class FusionConfig:
             becomes any invertible basis change (V → AᵀV, O → OA⁻ᵀ keep what the head computes) instead of a
             rotation, learned from the closed-form rotation; queries and keys keep rotations. Needs
             `within_heads` orthogonal. Off by default.
-        quality: a preset over the refinement fields. `default` changes nothing; `best` is the most accurate one-shot
-            fusion measured on the trained ViT and DeiT pairs of `benchmarks/results/quality.md`: learned layer
-            weights on (`refine_weights=True`) and, when `refine_steps` is 0, `refine_steps=1000`
-            (`BEST_REFINE_STEPS`); an explicit `refine_steps` is kept. It needs alignment data, a model with
-            logits and `method="ot"`, `cost="activations"`. The resolved fields are what cards and job files record.
+        quality: a preset over the closed-form start and the refinement. `default` changes nothing; `best` is the
+            most accurate one-shot fusion measured on the trained ViT, DeiT and BERT pairs of
+            `benchmarks/results/quality.md`: the closed-form maps solved from the weights (`cost="weights"`, the
+            data-free rotations), then refined on the data with learned layer weights (`refine_weights=True`) for
+            `refine_steps` steps, 1000 (`BEST_REFINE_STEPS`) when it is 0; an explicit `refine_steps` is kept, and
+            `cost` is set whatever it was (to refine from activation maps, set `refine_steps` and `refine_weights`
+            instead of the preset). It needs alignment data, a model with logits and `method="ot"`. The resolved
+            fields are what cards and job files record.
         repair: after averaging, move each fused unit's activation mean and standard deviation on the
             alignment data to the weighted average of its aligned parent units' (REPAIR, Jordan et al. 2023):
             averaging imperfectly correlated units shrinks their variance. `residual` repairs the modules that
@@ -264,9 +271,9 @@ class FusionConfig:
                 field="within_heads",
                 value=self.within_heads,
             )
-        if self.refine_steps and (self.method != "ot" or self.cost != "activations"):
+        if self.refine_steps and self.method != "ot":
             raise InvalidConfigError(
-                "refine_steps refines OT maps from activations: it needs method='ot', cost='activations'.",
+                f"refine_steps refines the maps of OT fusion: it needs method='ot', got {self.method!r}.",
                 field="refine_steps",
                 value=self.refine_steps,
             )
@@ -316,14 +323,16 @@ class FusionConfig:
                 )
 
     def _apply_best_quality(self) -> None:
-        """Sets the fields of `quality="best"`: refinement with learned layer weights (see the class docstring)."""
-        if self.method != "ot" or self.cost != "activations":
+        """Sets the fields of `quality="best"`: refinement with learned layer weights from the data-free closed
+        form (see the class docstring)."""
+        if self.method != "ot":
             raise InvalidConfigError(
-                f"quality='best' refines OT maps from activations: it needs method='ot' and cost='activations', got "
-                f"method={self.method!r}, cost={self.cost!r}; drop quality='best' (--quality) or those options.",
+                f"quality='best' refines the maps of OT fusion: it needs method='ot', got method={self.method!r}; "
+                "drop quality='best' (--quality) or method.",
                 field="quality",
                 value=self.quality,
             )
+        self.cost = "weights"  # the closed-form start: refinement went further from it than from activations
         self.refine_steps = self.refine_steps or BEST_REFINE_STEPS
         self.refine_weights = True
 
@@ -341,9 +350,11 @@ class FusionConfig:
 
     @property
     def needs_data(self) -> bool:
-        """Whether this fusion reads alignment data (activation costs, or RegMean's input Gram matrices)."""
+        """Whether this fusion reads alignment data (activation costs, RegMean's input Gram matrices, repair or
+        refinement)."""
         aligns = self.method == "ot" or self.align == "ot"
-        return (aligns and self.cost == "activations") or self.method == "regmean" or self.repair != "none"
+        reads = self.method == "regmean" or self.repair != "none" or self.refine_steps > 0
+        return (aligns and self.cost == "activations") or reads
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict of every field (JSON/YAML-safe), the form written next to the checkpoint."""

@@ -231,12 +231,17 @@ def _planned_run(
     if parent_data is not None and any(d is None for d in parent_data):
         missing = [k for k, d in enumerate(parent_data) if d is None]
         raise EmptyAlignmentDataError(f"method=regmean needs every parent's data; parent(s) {missing} have none.")
-    if config.needs_data and data is None and (parent_data is None or needs_data or config.repair != "none"):
-        reason = "method=regmean" if config.method == "regmean" else "cost=activations" if needs_data else "repair"
+    reads_data = needs_data or config.repair != "none" or config.refine_steps > 0  # what parent_data does not serve
+    if config.needs_data and data is None and (parent_data is None or reads_data):
+        if config.method == "regmean" or needs_data:
+            reason = "method=regmean" if config.method == "regmean" else "cost=activations"
+            fix = "or use FusionConfig(cost='weights') for data-free alignment (method='interpolate' for a data-free "
+            fix += "same-base merge)"
+        else:  # data-free maps, then a step that measures the fused model on data
+            reason = "repair" if config.repair != "none" else "refine_steps"
+            fix = f"or drop {reason} for a data-free fusion"
         raise EmptyAlignmentDataError(
-            f"{reason} needs alignment data: pass "
-            "data=<datasets.Dataset or DataLoader of model inputs>, or use FusionConfig(cost='weights') for "
-            "data-free alignment (method='interpolate' for a data-free same-base merge)."
+            f"{reason} needs alignment data: pass data=<datasets.Dataset or DataLoader of model inputs>, {fix}."
         )
     if data is not None and config.needs_data:
         _check_data_fits(data, parents[config.anchor])

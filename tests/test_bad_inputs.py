@@ -129,6 +129,8 @@ CASES = [
      "within_heads='orthogonal' rotates dims inside matched heads: it needs heads='aware', solver='exact'"),
     (["fuse", "a", "b", "--out", "fused", "--refine-steps", "3", "-q"], 2,
      "This fusion (cost=activations, refine_steps=3) needs alignment data"),
+    (["fuse", "a", "b", "--out", "fused", "--cost", "weights", "--refine-steps", "3", "-q"], 2,
+     "This fusion (refine_steps=3) needs alignment data"),  # data-free maps, refined on data
     (["fuse", "a", "b", "--out", "fused", "--method", "regmean", "-q"], 2,
      "This fusion (method=regmean) needs alignment data"),
     (["fuse", "a", "--out", "fused", "--cost", "weights", "-q"], 2, "Fusion needs at least 2 parents, got 1."),

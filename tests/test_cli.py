@@ -438,4 +438,5 @@ def test_best_quality_flag_records_its_fields_and_asks_for_data(parents, align_d
     assert main(["fuse", *paths, "--out", str(out), *flags]) == 0
     config = yaml.safe_load((out / "fusion_config.yaml").read_text())
     assert (config["quality"], config["refine_steps"], config["refine_weights"]) == ("best", 4, True)
+    assert config["cost"] == "weights"  # the preset's closed-form start, refined on the data
     assert "Learned parent weights per layer group" in (out / "README.md").read_text()

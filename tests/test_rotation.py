@@ -165,10 +165,12 @@ def test_orthogonal_residual_needs_method_ot():
         FusionConfig(residual="orthogonal", method="vanilla")
 
 
-def test_repair_needs_alignment_data():
+def test_repair_and_refinement_need_alignment_data_even_after_data_free_maps():
     model = build("vit-cls")
-    with pytest.raises(FusionError, match="repair needs alignment data"):
+    with pytest.raises(FusionError, match="repair needs alignment data.*or drop repair"):
         fuse([model, model], config=FusionConfig(cost="weights", repair="residual"), progress=False)
+    with pytest.raises(FusionError, match="refine_steps needs alignment data.*or drop refine_steps"):
+        fuse([model, model], config=FusionConfig(cost="weights", refine_steps=5), progress=False)
 
 
 def test_procrustes_recovers_a_rotation_that_fixes_the_ones_vector():
@@ -220,10 +222,11 @@ def test_within_head_rotations_need_exact_matching_of_whole_heads():
         FusionConfig(within_heads="orthogonal", solver="sinkhorn")
 
 
-def test_refinement_never_raises_the_held_back_loss_and_keeps_the_maps_orthogonal():
+@pytest.mark.parametrize("cost", ["activations", "weights"])  # refined from the closed form of either cost
+def test_refinement_never_raises_the_held_back_loss_and_keeps_the_maps_orthogonal(cost):
     parents = [build("vit-cls"), build("vit-cls", seed=1)]
     data = alignment_data(parents[0], samples=80)
-    config = FusionConfig(residual="orthogonal", within_heads="orthogonal", refine_steps=30, batch_size=8)
+    config = FusionConfig(cost=cost, residual="orthogonal", within_heads="orthogonal", refine_steps=30, batch_size=8)
     result = fuse_with_diagnostics(parents, data=data, config=config, progress=False)
     report = result.refine
     assert report is not None and report.steps == 30
@@ -250,6 +253,16 @@ def test_refinement_of_a_rotated_copy_stays_exact(option):
     )  # fmt: skip
     fused = fuse([model, rotated], data=alignment_data(model), config=config, progress=False)
     assert relative_error(outputs(fused, inputs), outputs(model, inputs)) < 1e-4
+
+
+def test_refinement_from_data_free_maps_keeps_a_rotated_copy_exact():
+    model = build("vit-cls")
+    rotated = rotate_model(permute_model(model, seed=4), seed=3, within_heads=True)
+    config = FusionConfig(cost="weights", refine_steps=20, refine_weights=True, batch_size=8)
+    result = fuse_with_diagnostics([model, rotated], data=alignment_data(model), config=config, progress=False)
+    inputs = inputs_for(model)
+    assert relative_error(outputs(result.model, inputs), outputs(model, inputs)) < 1e-4
+    assert result.refine is not None and result.refine.held_back_loss_before < 1e-8  # the data-free maps were exact
 
 
 def test_refinement_needs_orthogonal_maps_and_logits():
@@ -392,12 +405,13 @@ def test_refinement_options_keep_what_they_scored(option):
 
 def test_best_quality_preset_sets_refinement_with_layer_weights_and_round_trips():
     best = FusionConfig(quality="best")
-    assert (best.refine_steps, best.refine_weights) == (BEST_REFINE_STEPS, True)
+    assert (best.cost, best.refine_steps, best.refine_weights) == ("weights", BEST_REFINE_STEPS, True)
     assert FusionConfig(quality="best", refine_steps=30).refine_steps == 30  # an explicit step count is kept
     assert FusionConfig.from_dict(best.to_dict()) == best  # what cards and job files record rebuilds it
     assert (FusionConfig().refine_steps, FusionConfig().refine_weights) == (0, False)
-    with pytest.raises(InvalidConfigError, match="quality='best' refines OT maps from activations"):
-        FusionConfig(quality="best", cost="weights")
+    assert best.needs_data  # data-free maps, refined on data
+    with pytest.raises(InvalidConfigError, match="quality='best' refines the maps of OT fusion"):
+        FusionConfig(quality="best", method="vanilla")
     with pytest.raises(InvalidConfigError, match="quality"):
         FusionConfig(quality="fast")
 
@@ -407,9 +421,8 @@ def test_best_quality_preset_fuses_like_its_fields_and_a_rotated_copy_back():
     rotated = rotate_model(permute_model(model, seed=4), seed=3, within_heads=True)
     data = alignment_data(model)
     preset = fuse([model, rotated], data=data, config=FusionConfig(quality="best", refine_steps=12), progress=False)
-    fields = fuse(
-        [model, rotated], data=data, config=FusionConfig(refine_steps=12, refine_weights=True), progress=False
-    )
+    config = FusionConfig(cost="weights", refine_steps=12, refine_weights=True)
+    fields = fuse([model, rotated], data=data, config=config, progress=False)
     for (name, a), b in zip(preset.state_dict().items(), fields.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
     inputs = inputs_for(model)

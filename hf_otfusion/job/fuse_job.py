@@ -423,8 +423,6 @@ def data_options(config: FusionConfig) -> list[str]:
         "cost": config.cost == "activations" and (config.method == "ot" or config.align == "ot"),
         "method": config.method == "regmean",
         "repair": config.repair != defaults.repair,
-        "residual": config.residual == "orthogonal",
-        "within_heads": config.within_heads == "orthogonal",
         "refine_steps": config.refine_steps != defaults.refine_steps,
         "quality": config.quality != defaults.quality,  # it sets refine_steps
     }
