@@ -54,6 +54,17 @@ def test_reparameterisation_is_idempotent():
     assert max((once[name] - twice[name]).abs().max().item() for name in once) < 1e-12
 
 
+def test_reparameterisation_in_the_parameters_dtype_is_the_float64_result_cast():
+    """Tensor by tensor in float64, cast back at once: the same numbers as the float64 result, no float64 model."""
+    model = build("vit-cls").to(torch.bfloat16)
+    plan = resolve_plan(model)
+    wide, kept = reparameterise(named_tensors(model), plan), reparameterise(named_tensors(model), plan, True)
+    assert {t.dtype for t in wide.values()} == {torch.float64} and {t.dtype for t in kept.values()} == {torch.bfloat16}
+    for name, tensor in kept.items():
+        assert torch.equal(tensor, wide[name].to(torch.bfloat16)), name
+    assert any(not torch.equal(tensor, model.state_dict()[name]) for name, tensor in kept.items())
+
+
 @pytest.mark.parametrize("cost", ["activations", "weights"])
 @pytest.mark.parametrize("family", PRE_LN_HEADS)
 def test_rotated_copy_fuses_back_only_with_the_orthogonal_residual(family, cost):
