@@ -231,8 +231,8 @@ def _planned_run(
     if parent_data is not None and any(d is None for d in parent_data):
         missing = [k for k, d in enumerate(parent_data) if d is None]
         raise EmptyAlignmentDataError(f"method=regmean needs every parent's data; parent(s) {missing} have none.")
-    reads_data = needs_data or config.repair != "none" or config.refine_steps > 0  # what parent_data does not serve
-    if config.needs_data and data is None and (parent_data is None or reads_data):
+    # parent_data comes with method=regmean only, which takes no repair or refinement: it serves all but activations
+    if config.needs_data and data is None and (parent_data is None or needs_data):
         if config.method == "regmean" or needs_data:
             reason = "method=regmean" if config.method == "regmean" else "cost=activations"
             fix = "or use FusionConfig(cost='weights') for data-free alignment (method='interpolate' for a data-free "

@@ -94,10 +94,10 @@ def reparameterise(
                 norm = read_by[owner]
                 gamma, beta = (params[f"{norm}.{part}"].detach().to(torch.float64) for part in ("weight", "bias"))
                 dim = _reading_axis(plan, f"{owner}.weight", stream)
-                weight = params[f"{owner}.weight"].detach().to(torch.float64).movedim(dim, -1)
                 if kind == "weight":
-                    rewritten = (weight * gamma).movedim(-1, dim).contiguous()
+                    rewritten = (rewritten.movedim(dim, -1) * gamma).movedim(-1, dim).contiguous()
                 elif kind == "bias":
+                    weight = params[f"{owner}.weight"].detach().to(torch.float64).movedim(dim, -1)
                     rewritten = rewritten + weight @ beta
             for dim, axis in enumerate(plan.parameters.get(name, ())):  # centre the writers of the stream
                 if axis is not None and axis.space == stream and not axis.reads:
