@@ -130,6 +130,8 @@ def rows_for(family: str, refine_steps: int) -> list[tuple[str, str, dict]]:
     rows += [
         ("free", f"+ {label} from weights (data-free)", free),
         ("free-repair", f"+ {label} from weights + repair", dict(free, repair="all")),
+        # Theus et al.'s recipe: learned alignment from the weight-matching start, the parents averaged equally
+        ("free-refine", f"+ {label} from weights + refine {refine_steps}", dict(free, refine_steps=refine_steps)),
         ("free-refine-weights", f"+ {label} from weights + refine {refine_steps} with layer weights",
          dict(free, refine_steps=refine_steps, refine_weights=True)),
         ("best", f"quality='best' (+ {label} from weights + refine {BEST_REFINE_STEPS} with layer weights)",
