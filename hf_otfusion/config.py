@@ -349,12 +349,17 @@ class FusionConfig:
         return dataclasses.replace(self, residual=residual, within_heads=within_heads)
 
     @property
+    def aligns_on_activations(self) -> bool:
+        """Whether OT maps are solved from activation costs (`method="ot"`, or `align="ot"` before a same-base
+        merge, with `cost="activations"`): the alignment itself reads the data."""
+        return (self.method == "ot" or self.align == "ot") and self.cost == "activations"
+
+    @property
     def needs_data(self) -> bool:
         """Whether this fusion reads alignment data (activation costs, RegMean's input Gram matrices, repair or
         refinement)."""
-        aligns = self.method == "ot" or self.align == "ot"
         reads = self.method == "regmean" or self.repair != "none" or self.refine_steps > 0
-        return (aligns and self.cost == "activations") or reads
+        return self.aligns_on_activations or reads
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict of every field (JSON/YAML-safe), the form written next to the checkpoint."""

@@ -226,17 +226,17 @@ def _planned_run(
             check_rotatable(plan)
     in_memory = [k for k, lazy in enumerate(from_checkpoint) if not lazy]
     check_finite([parents[k] for k in in_memory], in_memory)
-    aligns = config.method == "ot" or config.align == "ot"
-    needs_data = aligns and config.cost == "activations"
     if parent_data is not None and any(d is None for d in parent_data):
         missing = [k for k, d in enumerate(parent_data) if d is None]
         raise EmptyAlignmentDataError(f"method=regmean needs every parent's data; parent(s) {missing} have none.")
     # parent_data comes with method=regmean only, which takes no repair or refinement: it serves all but activations
-    if config.needs_data and data is None and (parent_data is None or needs_data):
-        if config.method == "regmean" or needs_data:
+    if config.needs_data and data is None and (parent_data is None or config.aligns_on_activations):
+        if config.method == "regmean" or config.aligns_on_activations:
             reason = "method=regmean" if config.method == "regmean" else "cost=activations"
-            fix = "or use FusionConfig(cost='weights') for data-free alignment (method='interpolate' for a data-free "
-            fix += "same-base merge)"
+            fix = (
+                "or use FusionConfig(cost='weights') for data-free alignment (method='interpolate' for a data-free "
+                "same-base merge)"
+            )
         else:  # data-free maps, then a step that measures the fused model on data
             reason = "repair" if config.repair != "none" else "refine_steps"
             fix = f"or drop {reason} for a data-free fusion"

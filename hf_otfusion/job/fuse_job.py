@@ -420,7 +420,7 @@ def data_options(config: FusionConfig) -> list[str]:
     """The options of `config` that read alignment data, as `name=value` (`["cost=activations", "repair=all"]`)."""
     defaults = FusionConfig()
     needs = {
-        "cost": config.cost == "activations" and (config.method == "ot" or config.align == "ot"),
+        "cost": config.aligns_on_activations,
         "method": config.method == "regmean",
         "repair": config.repair != defaults.repair,
         "refine_steps": config.refine_steps != defaults.refine_steps,
