@@ -6,7 +6,7 @@ import copy
 import gc
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -320,11 +320,16 @@ class _Parents:
     several groups to align one at a time, freed once their group is done; parents given as models are the
     caller's and only referenced. `groups` are the non-anchor parents in the order they are handled: one
     group with all of them when every one is in memory, else one group per parent.
+
+    Each loaded parent's tensors as they are averaged (`tensors`) are computed once and kept with it: with a
+    rotating residual they are a reparameterised copy, which the weight cost, refinement and the average all
+    read, and folding every norm again for each would repeat the same work three times per parent.
     """
 
     def __init__(self, run: _FusionRun):
         self.run = run
         self.loaded: dict[int, PreTrainedModel] = {}
+        self.averaged: dict[int, dict[str, torch.Tensor]] = {}
         others = [k for k in range(len(run.parents)) if k != run.anchor]
         from_checkpoint = run.from_checkpoint
         self.groups = [[k] for k in others] if any(from_checkpoint[k] for k in others) else [others]
@@ -337,11 +342,23 @@ class _Parents:
                 check_finite([self.loaded[k]], [k])
         return self.loaded[k]
 
+    def tensors(self, k: int) -> dict[str, torch.Tensor]:
+        """Parent k's tensors as they enter the average (`_fusion_parameters`), computed on first use."""
+        if k not in self.averaged:
+            self.averaged[k] = _fusion_parameters(self.get(k), self.run.plans[k], self.run.config)
+        return self.averaged[k]
+
     def release(self, group: list[int]) -> None:
         if len(self.groups) > 1:  # a single group stays loaded from its maps to the average
             for k in group:
                 self.loaded.pop(k, None)
+                self.averaged.pop(k, None)
             gc.collect()
+
+    def forget_tensors(self) -> None:
+        """Frees the kept tensors once the average is built (repair and the caller need them no more)."""
+        self.averaged.clear()
+        gc.collect()
 
 
 def _solve_maps(run: _FusionRun, parents: _Parents | None = None) -> FusionResult:
@@ -357,7 +374,7 @@ def _solve_maps(run: _FusionRun, parents: _Parents | None = None) -> FusionResul
     if run.config.method == "ot":
         for group in parents.groups:
             members = {k: parents.get(k) for k in [anchor, *group]}  # not kept past the call: `release` frees them
-            maps, diagnostics = _maps_onto_anchor(run, members, run.plans)
+            maps, diagnostics = _maps_onto_anchor(run, members, run.plans, parents.tensors)
             del members
             result.maps.update(maps)
             result.diagnostics.extend(diagnostics)
@@ -365,7 +382,7 @@ def _solve_maps(run: _FusionRun, parents: _Parents | None = None) -> FusionResul
     if run.config.refine_steps:
         started = time.perf_counter()
         weighted = [k for k, weight in enumerate(run.weights) if weight > 0 or k == anchor]
-        tensors = {k: _fusion_parameters(parents.get(k), run.plans[k], run.config) for k in weighted}
+        tensors = {k: parents.tensors(k) for k in weighted}
         result.refine = refine_maps(
             parents.get(anchor), run.plans[anchor], tensors,
             result.maps, run.weights, run.data, steps=run.config.refine_steps, learning_rate=run.config.refine_lr,
@@ -404,10 +421,11 @@ def _align_and_average(run: _FusionRun) -> FusionResult:
     for i, group in enumerate(parents.groups):
         if not mixed:
             indices = ([anchor] if i == 0 else []) + group
-            params = {k: _fusion_parameters(parents.get(k), run.plans[k], run.config) for k in indices}
+            params = {k: parents.tensors(k) for k in indices}
             average_into(fused, params, run.plans, result.maps, run.weights, accumulate=i > 0)
             del params
         parents.release(group)
+    parents.forget_tensors()
     if result.refine is not None and result.refine.learned:  # learned norms or mixtures replace the average
         own = dict(fused.named_parameters())
         with torch.no_grad():
@@ -496,9 +514,15 @@ def _aligned_copy(
 
 
 def _maps_onto_anchor(
-    run: _FusionRun, models: dict[int, PreTrainedModel], plans: list[FusionPlan]
+    run: _FusionRun,
+    models: dict[int, PreTrainedModel],
+    plans: list[FusionPlan],
+    averaged: Callable[[int], dict[str, torch.Tensor]] | None = None,
 ) -> tuple[dict[int, dict[str, TransportMap]], list[SpaceDiagnostics]]:
     """The transport maps of every model in `models` (keyed by index into `plans`, anchor included) onto the anchor.
+
+    `averaged(k)` gives model k's tensors as they are averaged (`_fusion_parameters`), for a caller that keeps
+    them for later stages (`_Parents.tensors`); they are computed here otherwise.
 
     With an activation cost, one statistics pass runs them all on the data (on `run.device`, sharded over the
     processes of a distributed launch). The maps are solved on the main process only and broadcast.
@@ -524,11 +548,9 @@ def _maps_onto_anchor(
 
         def weights_of(k: int) -> dict[str, torch.Tensor]:
             """What weight costs read: the tensors as they are averaged (reparameterised where the residual rotates)."""
-            return (
-                _fusion_parameters(models[k], plans[k], config)
-                if config.cost == "weights"
-                else named_tensors(models[k])
-            )
+            if config.cost != "weights":
+                return named_tensors(models[k])
+            return averaged(k) if averaged else _fusion_parameters(models[k], plans[k], config)
 
         anchor_params = weights_of(anchor)
         for k in order:

@@ -276,6 +276,34 @@ def test_refinement_from_data_free_maps_keeps_a_rotated_copy_exact():
     assert result.refine is not None and result.refine.held_back_loss_before < 1e-8  # the data-free maps were exact
 
 
+@pytest.mark.parametrize("given", ["models", "checkpoints"])
+def test_each_loaded_parent_is_reparameterised_once(given, tmp_path, monkeypatch):
+    """The weight cost, refinement and the average read the same reparameterised tensors of a parent: its norms
+    are folded once while it stays loaded (three times before). Three checkpoints are aligned one at a time,
+    so a non-anchor one is loaded again for refinement and folded again then, but never twice per load."""
+    import hf_otfusion.fusion as fusion_module
+
+    folded: list = []
+    original = fusion_module.fusion_tensors
+
+    def counted(model, plan, rotates):
+        folded.append(model)
+        return original(model, plan, rotates)
+
+    monkeypatch.setattr(fusion_module, "fusion_tensors", counted)
+    model = build("vit-cls")
+    parents = [model, rotate_model(permute_model(model, seed=4), seed=3, within_heads=True), build("vit-cls", seed=1)]
+    if given == "checkpoints":
+        for k, parent in enumerate(parents):
+            parent.save_pretrained(tmp_path / str(k))
+        parents = [tmp_path / str(k) for k in range(3)]
+    config = FusionConfig(cost="weights", refine_steps=3, batch_size=8)
+    fused = fuse(parents, data=alignment_data(model), config=config, progress=False)
+    assert len(folded) == len({id(m) for m in folded}), "a loaded parent was reparameterised twice"
+    assert len(folded) == (3 if given == "models" else 5)  # checkpoints: parents 1 and 2 twice, once per load
+    assert torch.isfinite(outputs(fused, inputs_for(model))).all()
+
+
 def test_refinement_needs_orthogonal_maps_and_logits():
     model = build("vit-cls")
     permutations = FusionConfig(refine_steps=5, residual="shared", within_heads="permutation")
