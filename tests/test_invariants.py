@@ -115,3 +115,28 @@ def test_concurrent_solves_give_the_maps_of_one_by_one_solves(cost, solver, resi
     for space, transport in one_by_one.items():
         assert (transport.permutation is None) == (concurrent[space].permutation is None)
         torch.testing.assert_close(torch.from_numpy(concurrent[space].plan), torch.from_numpy(transport.plan))
+
+
+PARENT_SAFETY_CONFIGS = {
+    "default": {},
+    "data-free": dict(cost="weights"),
+    "repair": dict(repair="all"),
+    "refine with layer weights and norms": dict(refine_steps=3, refine_weights=True, refine_norms=True),
+    "best": dict(quality="best", refine_steps=3),
+    "vanilla": dict(method="vanilla"),
+}
+
+
+@pytest.mark.parametrize("family", ["vit-cls", "bert-seqcls"])
+@pytest.mark.parametrize("option", list(PARENT_SAFETY_CONFIGS))
+def test_fusion_leaves_the_callers_parents_as_they_were(family, option):
+    """Parents given as models are the caller's: no option may write into them (the anchor is copied before it is
+    averaged, reparameterised and repaired), so a caller can score or finetune them after fusing."""
+    parents = [build(family), build(family, seed=1)]
+    before = [{name: tensor.clone() for name, tensor in p.state_dict().items()} for p in parents]
+    data = [inputs_for(parents[0], batch=8, seed=s) for s in range(8)]
+    fields = dict(PARENT_SAFETY_CONFIGS[option], batch_size=8)
+    fuse(parents, data=data, config=FusionConfig(**fields), progress=False)
+    for k, parent in enumerate(parents):
+        for name, tensor in parent.state_dict().items():
+            assert torch.equal(tensor, before[k][name]), f"parent {k}: {name} changed"
