@@ -19,7 +19,11 @@ in two groups:
   within-head rotations from the weights (Q with K, V with O) after 2 rounds (the data-free default) and 3. One
   round takes the rotation from the tensors that need no other map (embeddings, biases), each further round from
   every tensor of the stream, and matches the other spaces again in its basis. On BERT (post-LN) the heads' dims
-  permuted or rotated.
+  permuted or rotated. The last pre-LN row is a hybrid built here, to see which maps make the data-free
+  default better or worse than the activation default: the data-free default's rotation of the stream with
+  every other map of the activation default (heads, FFN units, within-head rotations), both parents
+  reparameterised and averaged as `fuse` does with `residual="orthogonal"`. (The other way round is not
+  built: the weight cost matches heads and FFN units in the basis its own stream rotation gives.)
 - **The V/O maps inside matched heads** (today's default fusion, rotations of the residual where it applies):
   V and O may share any invertible basis change M per head (V -> MᵀV, O -> OM⁻ᵀ keep what the head computes), not
   only a rotation. Two closed forms from the value activations of each matched pair of heads (x the parent's,
@@ -53,7 +57,8 @@ from paper_table import family_data, generated_by, load_parents, machine_record,
 import hf_otfusion.engine.maps as engine_maps  # noqa: E402
 from hf_otfusion import FusionConfig, fuse_with_diagnostics  # noqa: E402
 from hf_otfusion.engine.align import align_parameters  # noqa: E402
-from hf_otfusion.engine.plan import model_with_tensors, named_tensors, resolve_plan  # noqa: E402
+from hf_otfusion.engine.plan import model_with_tensors, resolve_plan  # noqa: E402
+from hf_otfusion.engine.reparameterise import fusion_tensors  # noqa: E402
 from hf_otfusion.engine.transport import TransportMap  # noqa: E402
 
 ALIGN_SAMPLES = {"vit": 1000, "deit": 1000, "vit-wide": 1000, "bert": 300}
@@ -67,6 +72,7 @@ RESIDUAL_ROWS = {
     "weights": dict(PERMUTATIONS, cost="weights"),
 }
 MIXED_ROW = "activations, with the stream's permutation from the weight cost"
+HYBRID_ROW = "the rotation from the weights (2 rounds), every other map from activations (today's default)"
 
 
 def value_moments(parents, plan, data) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -151,13 +157,21 @@ def invertible_value_maps(kind: str, ridge: float, moments: dict, conditions: li
         engine_maps.solve_heads_orthogonal = solve
 
 
-def mixed_maps_model(parents, activation_maps: dict, weight_maps: dict, stream: str):
+def mixed_maps_model(parents, activation_maps: dict, weight_maps: dict, stream: str, rotates: bool = False):
     """The equal-weight average of the anchor and the parent moved with the activation maps, the stream's
-    replaced by the weight cost's (permutations only: no reparameterisation, as `fuse` with residual='shared')."""
+    replaced by the weight cost's: as `fuse` averages with residual='shared' (permutations, no
+    reparameterisation), or with `rotates` on both parents reparameterised, as with residual='orthogonal'.
+
+    The other maps may be taken from another fusion because the activation cost of every other space reads
+    the space's own units (FFN pre-activations, a head's queries, keys and values), which do not depend on the
+    basis of the stream. With `rotates`, the output norm keeps the weight 1 and bias 0 of the
+    reparameterisation (the logits are the same either way; `fuse` gives back the anchor's).
+    """
     maps = {**activation_maps, stream: weight_maps[stream]}
+    plan = resolve_plan(parents[0])
     anchor, moved = (
-        named_tensors(parents[0]),
-        align_parameters(named_tensors(parents[1]), resolve_plan(parents[1]), maps),
+        fusion_tensors(parents[0], plan, rotates),
+        align_parameters(fusion_tensors(parents[1], resolve_plan(parents[1]), rotates), resolve_plan(parents[1]), maps),
     )
     return model_with_tensors(
         parents[0], {n: (0.5 * t.double() + 0.5 * moved[n]).to(t.dtype) for n, t in anchor.items()}
@@ -206,12 +220,20 @@ def run_family(family: str, args, cache: dict, log) -> dict:
     else:  # post-LN: the stream keeps its permutation; the heads' dims are permuted or rotated
         rows = {"within-head permutations": dict(within_heads="permutation"),
                 "within-head rotations (the data-free default)": {}}  # fmt: skip
+    data_free = {}
     for name, fields in rows.items():
-        report["data_free"][name] = score(fused(dict(cost="weights", **fields)).model, splits["test"])
+        data_free[name] = fused(dict(cost="weights", **fields))
+        report["data_free"][name] = score(data_free[name].model, splits["test"])
         log(f"[{family}] data-free {name}: {100 * report['data_free'][name]['accuracy']:.2f} %")
+    default_fusion = fused({})  # today's default (activations): the values' baseline row below
+    if family in PRE_LN:  # the data-free default's stream rotation, with the activation default's other maps
+        free = data_free[f"rotation, {default_rounds} rounds, + within-head rotations (the data-free default)"]
+        hybrid = mixed_maps_model(parents, default_fusion.maps[1], free.maps[1], stream, rotates=True)
+        report["data_free"][HYBRID_ROW] = score(hybrid, splits["test"])
+        log(f"[{family}] {HYBRID_ROW}: {100 * report['data_free'][HYBRID_ROW]['accuracy']:.2f} %")
 
     default = "orthogonal residual + within-head rotations" if family in PRE_LN else "within-head rotations"
-    report["values"][f"rotation (today's default: {default})"] = {**score(fused({}).model, splits["test"])}
+    report["values"][f"rotation (today's default: {default})"] = {**score(default_fusion.model, splits["test"])}
     moments = value_moments(parents, resolve_plan(parents[0]), align)
     for kind in ("least squares", "moment matching"):
         for ridge in args.ridges:
