@@ -4,6 +4,7 @@
     python benchmarks/rotation_cost.py --family bert   # the same for a BERT-base pair (within-head rotations)
     python benchmarks/rotation_cost.py --with-repair   # also repair="all" (each configuration capped at --timeout)
     python benchmarks/rotation_cost.py --cost weights  # data-free: permutations vs the rotation (2 rounds, and 1)
+    python benchmarks/rotation_cost.py --cost weights --refine-steps 10   # also quality="best"'s refinement
 
 A random-init ViT-B-shaped pair (`ViTConfig()` defaults: 224px, patch 16, 768/3072, 12 layers) and 64 random
 images, or a BERT-base-shaped pair (`BertConfig()` defaults: 768/3072, 12 layers, 30522 tokens) and 64 random
@@ -11,6 +12,11 @@ sequences of 128 tokens; `tokens_per_sample=32`, `batch_size=16`, 2 torch thread
 fresh process, which prints one JSON line: wall seconds, the process's peak RSS and the stage timings. Random
 parents say nothing about accuracy (see `quality.py` for that); this measures time and memory only. The default
 rotates the residual stream and within heads on the pre-LN ViT, and only within heads on the post-LN BERT.
+
+`--refine-steps N` adds the refinement of `quality="best"` (learned layer weights) cut to N steps, with
+`batch_size=8` so that the 64 rows make the 5 batches refinement needs at least (one held back); its line adds
+`refine_s_per_step`, the refinement's seconds (the ensemble's targets on every batch, then the steps) over N,
+which is what to multiply by `quality="best"`'s 1000 steps.
 """
 
 from __future__ import annotations
@@ -50,14 +56,17 @@ def fuse_once(fields: dict, family: str) -> dict:
     for seed in (0, 1):
         torch.manual_seed(seed)
         parents.append(model_class(model_config).eval())
-    config = FusionConfig(batch_size=16, tokens_per_sample=32, **fields)
+    config = FusionConfig(**{"batch_size": 16, "tokens_per_sample": 32, **fields})
     started = time.perf_counter()
     result = fuse_with_diagnostics(parents, data=data, config=config, progress=False)
-    return {
+    measured = {
         "seconds": round(time.perf_counter() - started, 1),
         "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
         "timings": {k: round(v, 1) for k, v in result.timings.items()},
     }
+    if config.refine_steps:
+        measured["refine_s_per_step"] = round(result.timings["refine"] / config.refine_steps, 2)
+    return measured
 
 
 def main() -> None:
@@ -66,12 +75,19 @@ def main() -> None:
     parser.add_argument("--with-repair", action="store_true", help="also measure repair='all'")
     parser.add_argument("--cost", choices=["activations", "weights"], default="activations", help="FusionConfig.cost")
     parser.add_argument("--timeout", type=int, default=580, help="seconds allowed per configuration")
+    parser.add_argument("--refine-steps", type=int, default=0, help="also time quality='best''s refinement, N steps")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: one configuration, as JSON fields
     args = parser.parse_args()
     if args.one is not None:
         print(json.dumps(fuse_once(json.loads(args.one), args.family)))
         return
     configs = {**CONFIGS, **(REPAIR if args.with_repair else {}), **(ONE_ROUND if args.cost == "weights" else {})}
+    if args.refine_steps:
+        configs[f"default + refine {args.refine_steps} steps with layer weights"] = {
+            "refine_steps": args.refine_steps,
+            "refine_weights": True,
+            "batch_size": 8,
+        }
     for name, fields in configs.items():
         fields = {**fields, "cost": args.cost}
         try:
