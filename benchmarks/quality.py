@@ -137,6 +137,18 @@ def rows_for(family: str, refine_steps: int) -> list[tuple[str, str, dict]]:
         ("best", f"quality='best' (+ {label} from weights + refine {BEST_REFINE_STEPS} with layer weights)",
          dict(quality="best")),
     ]  # fmt: skip
+    # RegMean (least squares per linear layer on the alignment data) in place of the average, after OT alignment
+    regmean = dict(method="regmean", align="ot")
+    rows += [
+        ("regmean-permutations", "before: OT exact, activations (permutations) + RegMean instead of the average",
+         regmean),
+        ("regmean", f"+ {label} + RegMean instead of the average", dict(rotations, **regmean)),
+        ("regmean-repair", f"+ {label} + RegMean + repair", dict(rotations, **regmean, repair="all")),
+        ("free-regmean", f"+ {label} from weights + RegMean", dict(free, **regmean)),
+        ("free-regmean-repair", f"+ {label} from weights + RegMean + repair", dict(free, **regmean, repair="all")),
+        ("closed-form", f"quality='closed-form' (+ {label} from weights + RegMean + repair)",
+         dict(quality="closed-form")),
+    ]  # fmt: skip
     return rows
 
 

@@ -36,7 +36,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "repair": ("none", "residual", "all"),
     "within_heads": ("auto", "permutation", "orthogonal"),
     "task_vector": ("plain", "ties", "dare"),
-    "quality": ("default", "best"),
+    "quality": ("default", "best", "closed-form"),
 }
 
 
@@ -48,7 +48,8 @@ class FusionConfig:
         method: `ot` aligns every parent onto the anchor before averaging; `vanilla` averages as they are.
             For fine-tunes of one base (see `hf_otfusion.methods.same_base`): `interpolate` (the weighted average),
             `task-arithmetic` (base + scale * sum of task vectors) or `regmean` (closed-form least-squares
-            merge of every linear layer from the Gram matrices of its inputs on the alignment data).
+            merge of every linear layer from the Gram matrices of its inputs on the alignment data). `regmean`
+            also merges parents trained apart once OT aligns them (`align="ot"`; `quality="closed-form"`).
         align: `ot` aligns the parents with OT (the options below) before a same-base method; `none` merges
             them as they are. `method="ot"` always aligns.
         base: the parents' shared ancestor for `task-arithmetic`: a local checkpoint or Hub id (`REPO[@rev]`).
@@ -88,7 +89,13 @@ class FusionConfig:
             The fused model's LayerNorms then hold weight 1 and bias 0. `auto`
             (default) is `orthogonal` wherever it applies (a pre-LN spec, either cost, the exact solver with
             uniform marginals, `method="ot"`, no `target`, equal widths) and `shared` elsewhere; `fuse` records
-            what it resolved to.
+            what it resolved to. With `align="ot"` before a same-base method `orthogonal` is available when
+            asked for (with `within_heads="orthogonal"`: RegMean after rotations lifts the independently trained
+            ViT pair of `benchmarks/results/quality.md` from 77.6 to 80.5 %), and the parents are then merged
+            reparameterised, RegMean fitting each layer on the inputs it reads there. `auto` keeps permutations
+            there: fine-tunes of one base are near the identity map, which a permutation recovers exactly and
+            a rotation fitted to their small differences does not; the `closed-form` preset, meant for parents
+            trained apart, rotates.
         heads: `aware` matches whole heads first, then dimensions within matched heads (Q and K share a map,
             V and O share a map); `cross` aligns all H*d_head dimensions as one space, as the reference does.
         activation_cost: ground cost between unit activations: `euclidean` (mean squared difference) or
@@ -142,19 +149,27 @@ class FusionConfig:
             rotation, learned from the closed-form rotation; queries and keys keep rotations. Needs
             `within_heads` orthogonal. Off by default.
         quality: a preset over the closed-form start and the refinement. `default` changes nothing; `best` is the
-            most accurate one-shot fusion measured on the trained ViT, DeiT and BERT pairs of
+            most accurate one-shot fusion measured on the trained ViT and DeiT pairs of
             `benchmarks/results/quality.md`: the closed-form maps solved from the weights (`cost="weights"`, the
             data-free rotations), then refined on the data with learned layer weights (`refine_weights=True`) for
             `refine_steps` steps, 1000 (`BEST_REFINE_STEPS`) when it is 0; an explicit `refine_steps` is kept, and
             `cost` is set whatever it was (to refine from activation maps, set `refine_steps` and `refine_weights`
-            instead of the preset). It needs alignment data, a model with logits and `method="ot"`. The resolved
-            fields are what cards and job files record.
+            instead of the preset). It needs alignment data, a model with logits and `method="ot"`.
+            `closed-form` is the most accurate fusion without a training step, on average over the same pairs
+            and the wider ViT: the maps solved from the weights (`cost="weights"`, with both rotations where they
+            are exact), then RegMean in place of the average (`method="regmean"`, `align="ot"`: each linear layer
+            fitted by least squares to its aligned parents' outputs on the alignment data) and repair
+            (`repair="all"`); seconds on these models, and the one that beats both BERT parents and their
+            ensemble. It needs alignment data and `method` left at `ot` (or `regmean`), and no `refine_steps`.
+            A preset sets its fields whatever they were; the resolved fields are what cards and job files record.
         repair: after averaging, move each fused unit's activation mean and standard deviation on the
             alignment data to the weighted average of its aligned parent units' (REPAIR, Jordan et al. 2023):
             averaging imperfectly correlated units shrinks their variance. `residual` repairs the modules that
             write into the residual stream (embeddings, attention output, FFN output), `all` also the FFN
             pre-activations (every site the spec's `repair` section lists); the correction is folded into each
             module's weight and bias, site by site in flow order. Needs alignment data; `none` turns it off.
+            It also follows `method="regmean"`, whose least-squares layers keep more of the parents' variance
+            than an average but not all of it.
         weights: one averaging weight per parent (normalised to sum to 1); `None` means uniform.
         batch_size: batch size of the activation pass.
         num_samples: cap on the number of alignment samples used (`None` = all).
@@ -210,6 +225,8 @@ class FusionConfig:
         check_numbers(self, _FUSION_NUMBERS)
         if self.quality == "best":
             self._apply_best_quality()
+        elif self.quality == "closed-form":
+            self._apply_closed_form_quality()
         if self.base is not None and not isinstance(self.base, str):
             raise InvalidConfigError(
                 f"FusionConfig.base must be a checkpoint path or Hub id, got {self.base!r}.",
@@ -256,9 +273,10 @@ class FusionConfig:
                 field="align",
                 value=self.align,
             )
-        if self.residual == "orthogonal" and (self.target is not None or self.method != "ot"):
+        if self.residual == "orthogonal" and (self.target is not None or "ot" not in (self.method, self.align)):
             raise InvalidConfigError(
-                "residual='orthogonal' is available for method='ot' without a target shape only.",
+                "residual='orthogonal' rotates what OT aligns: it needs method='ot' (or align='ot' before a same-base "
+                "method) and no target shape.",
                 field="residual",
                 value=self.residual,
             )
@@ -292,9 +310,9 @@ class FusionConfig:
                 field="refine_invertible",
                 value=True,
             )
-        if self.repair != "none" and self.method not in ("ot", "vanilla"):
+        if self.repair != "none" and self.method not in ("ot", "vanilla", "regmean"):
             raise InvalidConfigError(
-                f"repair={self.repair!r} follows OT or vanilla averaging, not method={self.method!r}.",
+                f"repair={self.repair!r} follows OT or vanilla averaging or RegMean, not method={self.method!r}.",
                 field="repair",
                 value=self.repair,
             )
@@ -336,10 +354,25 @@ class FusionConfig:
         self.refine_steps = self.refine_steps or BEST_REFINE_STEPS
         self.refine_weights = True
 
+    def _apply_closed_form_quality(self) -> None:
+        """Sets the fields of `quality="closed-form"`: data-free maps, RegMean, repair (see the class docstring);
+        `resolved` rotates under it where that is exact, as for `method="ot"`."""
+        if self.method not in ("ot", "regmean") or self.refine_steps:
+            got = f"refine_steps={self.refine_steps}" if self.refine_steps else f"method={self.method!r}"
+            raise InvalidConfigError(
+                f"quality='closed-form' merges the aligned parents by RegMean without training, got {got}; drop "
+                "quality='closed-form' (--quality), or the other option.",
+                field="quality",
+                value=self.quality,
+            )
+        self.method, self.align, self.cost, self.repair = "regmean", "ot", "weights", "all"
+
     def resolved(self, rotatable: bool, equal_widths: bool) -> FusionConfig:
         """This config with `residual="auto"` and `within_heads="auto"` decided for parents whose spec is (or is not)
         `rotatable` (pre-LN, `residual_norms` listed) and whose widths are (or are not) equal to the anchor's."""
-        aligns = self.method == "ot" and self.target is None and equal_widths
+        # OT fusion rotates where it can; OT before a same-base method only under the closed-form preset (`residual`)
+        aligns = self.method == "ot" or (self.align == "ot" and self.quality == "closed-form")
+        aligns = aligns and self.target is None and equal_widths
         aligns = aligns and self.solver == "exact" and self.marginals == "uniform"  # soft plans stay as asked
         residual, within_heads = self.residual, self.within_heads
         if residual == "auto":  # from activations, or data-free from weights

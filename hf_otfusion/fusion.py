@@ -229,10 +229,12 @@ def _planned_run(
     if parent_data is not None and any(d is None for d in parent_data):
         missing = [k for k, d in enumerate(parent_data) if d is None]
         raise EmptyAlignmentDataError(f"method=regmean needs every parent's data; parent(s) {missing} have none.")
-    # parent_data comes with method=regmean only, which takes no repair or refinement: it serves all but activations
-    if config.needs_data and data is None and (parent_data is None or config.aligns_on_activations):
-        if config.method == "regmean" or config.aligns_on_activations:
-            reason = "method=regmean" if config.method == "regmean" else "cost=activations"
+    # parent_data comes with method=regmean only: it serves RegMean's Gram matrices, not activation costs or repair
+    shared_data = parent_data is None or config.aligns_on_activations or config.repair != "none"
+    if config.needs_data and data is None and shared_data:
+        regmean = config.method == "regmean" and parent_data is None
+        if regmean or config.aligns_on_activations:
+            reason = "method=regmean" if regmean else "cost=activations"
             fix = (
                 "or use FusionConfig(cost='weights') for data-free alignment (method='interpolate' for a data-free "
                 "same-base merge)"
@@ -253,7 +255,12 @@ def _planned_run(
 
 
 def _merge_same_base(run: _FusionRun, base: ModelOrPath | None) -> FusionResult:
-    """The same-base methods (`methods.same_base`) on every parent in memory, aligned first with `align="ot"`."""
+    """The same-base methods (`methods.same_base`) on every parent in memory, aligned first with `align="ot"`.
+
+    With a rotating residual (`residual="orthogonal"`, pre-LN parents aligned with OT) every model is merged
+    reparameterised, as `fuse` averages it (`_fusion_parameters`): RegMean then fits each linear layer on the
+    inputs it reads in that form, and the anchor's output norm is given back at the end.
+    """
     config, parents, anchor, timings = run.config, run.parents, run.anchor, run.timings
     aligns = config.align == "ot"
     started = time.perf_counter()
@@ -268,16 +275,17 @@ def _merge_same_base(run: _FusionRun, base: ModelOrPath | None) -> FusionResult:
     plans = run.plans + [resolve_plan(model, run.spec) for model in models[len(parents) :]]
     timings["plan"] += time.perf_counter() - started
 
-    params = [named_tensors(model) for model in models]
+    rotates = config.residual == "orthogonal"
+    params = [_fusion_parameters(model, plans[k], config) for k, model in enumerate(models)]
     result = FusionResult(model=parents[anchor], config=config, timings=timings)
     if aligns:
-        result.maps, result.diagnostics = _maps_onto_anchor(run, dict(enumerate(models)), plans)
+        result.maps, result.diagnostics = _maps_onto_anchor(run, dict(enumerate(models)), plans, params.__getitem__)
     grams = None
     if config.method == "regmean":
         started = time.perf_counter()
         grams = parent_grams(
             parents, params, plans, result.maps, run.data, config, run.progress, device=run.device,
-            process=run.process, parent_data=run.parent_data,
+            process=run.process, parent_data=run.parent_data, rewritten=rotates,
         )  # fmt: skip
         timings["gram"] = time.perf_counter() - started
 
@@ -287,6 +295,12 @@ def _merge_same_base(run: _FusionRun, base: ModelOrPath | None) -> FusionResult:
         base_maps=result.maps.get(len(parents)), grams=grams,
     )  # fmt: skip
     timings["apply"] = time.perf_counter() - started
+    if config.repair != "none":  # RegMean only (`FusionConfig`); before the output norm is given back
+        result.repair = _repair(run, result.model, result.maps, parents.__getitem__)
+    output_norm = plans[anchor].output_norm
+    if rotates and output_norm:  # the anchor's own output norm back (the logits do not change)
+        own = named_tensors(parents[anchor])
+        restore_output_norm(result.model, plans[anchor], own[f"{output_norm}.weight"], own[f"{output_norm}.bias"])
     return result
 
 
@@ -434,24 +448,37 @@ def _align_and_average(run: _FusionRun) -> FusionResult:
     result.model = fused
     run.timings["apply"] = time.perf_counter() - started
     if run.config.repair != "none":
-        started = time.perf_counter()
         parents.loaded.clear()  # a checkpoint anchor was overwritten by the average: its original is loaded again
-
-        def aligned_parents():
-            for k, weight in enumerate(run.weights):
-                if weight > 0:
-                    parent = load_parent(run.sources[k]) if from_checkpoint[k] else run.parents[k]
-                    yield _aligned_copy(fused, parent, run.plans[k], result.maps.get(k), run.config), weight
-                    del parent
-
-        result.repair = repair_model(
-            fused, run.plans[anchor], aligned_parents(), run.data, run.config.repair,
-            run.config.statistics_options(), progress=run.progress, device=run.device,
-        )  # fmt: skip
-        run.timings["repair"] = time.perf_counter() - started
+        result.repair = _repair(run, fused, result.maps, lambda k: load_parent(run.sources[k]) if from_checkpoint[k]
+                                else run.parents[k])  # fmt: skip
     if anchor_norm is not None:
         restore_output_norm(fused, run.plans[anchor], *anchor_norm)
     return result
+
+
+def _repair(
+    run: _FusionRun,
+    fused: PreTrainedModel,
+    maps: dict[int, dict[str, TransportMap]],
+    parent_of: Callable[[int], PreTrainedModel],
+) -> list[SiteRepair]:
+    """Repairs `fused` (in the anchor's basis, reparameterised where the residual rotates) in place towards its
+    parents moved with `maps`, each parent taken from `parent_of` when its turn comes; adds the stage's time."""
+    started = time.perf_counter()
+
+    def aligned_parents():
+        for k, weight in enumerate(run.weights):
+            if weight > 0:
+                parent = parent_of(k)
+                yield _aligned_copy(fused, parent, run.plans[k], maps.get(k), run.config), weight
+                del parent
+
+    repaired = repair_model(
+        fused, run.plans[run.anchor], aligned_parents(), run.data, run.config.repair,
+        run.config.statistics_options(), progress=run.progress, device=run.device,
+    )  # fmt: skip
+    run.timings["repair"] = time.perf_counter() - started
+    return repaired
 
 
 def _raw_rows(data) -> bool:

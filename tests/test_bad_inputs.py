@@ -124,7 +124,7 @@ CASES = [
     (["fuse", "a", "b", "--out", "fused", "--repair", "all", "-q"], 2,
      "This fusion (cost=activations, repair=all) needs alignment data"),
     ([*FUSE, "--out", "fused", "--residual", "orthogonal", "--method", "vanilla"], 2,
-     "residual='orthogonal' is available for method='ot' without a target shape only."),
+     "residual='orthogonal' rotates what OT aligns: it needs method='ot' (or align='ot' before a same-base method)"),
     ([*FUSE, "--out", "fused", "--within-heads", "orthogonal", "--solver", "sinkhorn"], 2,
      "within_heads='orthogonal' rotates dims inside matched heads: it needs heads='aware', solver='exact'"),
     (["fuse", "a", "b", "--out", "fused", "--refine-steps", "3", "-q"], 2,

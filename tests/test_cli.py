@@ -79,6 +79,21 @@ def test_cli_activation_fusion_reads_a_saved_dataset(parents, align_data, tmp_pa
     assert Provenance.load(out).alignment_data["num_rows"] == 12
 
 
+def test_closed_form_preset_is_a_flag_and_records_its_fields(parents, align_data, tmp_path):
+    parent, paths = parents
+    out = tmp_path / "fused"
+    flags = ["--data", align_data, "--batch-size", "4", "--quality", "closed-form", "-q"]
+    assert main(["fuse", *paths, "--out", str(out), *flags]) == 0
+    config = yaml.safe_load((out / "fusion_config.yaml").read_text())
+    recorded = tuple(config[k] for k in ("quality", "method", "align", "cost", "repair", "residual", "within_heads"))
+    assert recorded == ("closed-form", "regmean", "ot", "weights", "all", "auto", "auto")  # as given; resolved:
+    quality = Provenance.load(out).quality
+    assert quality["map_kinds"]["residual"] == ["orthogonal"] and quality["repair"]
+    fused = T.AutoModelForImageClassification.from_pretrained(out).eval()  # the anchor's plain class
+    inputs = inputs_for(parent, seed=3)
+    assert relative_error(outputs(fused, inputs), outputs(parent, inputs)) < 1e-4  # b is a permuted copy of a
+
+
 def test_quality_options_are_flags_and_the_card_and_provenance_record_them(parents, align_data, tmp_path):
     parent, paths = parents
     out, again = tmp_path / "fused", tmp_path / "again"

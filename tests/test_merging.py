@@ -67,6 +67,18 @@ def test_regmean_of_a_model_with_itself_returns_that_model(pair, batches):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=name)
 
 
+def test_repair_after_regmean_of_a_model_with_itself_changes_nothing_and_needs_shared_data(pair, batches):
+    parent = pair[0]
+    config = FusionConfig(method="regmean", repair="all")
+    result = fuse_with_diagnostics([parent, parent], data=batches, config=config, progress=False)
+    assert result.repair  # it ran, site by site
+    inputs = inputs_for(parent, seed=9)
+    assert relative_error(outputs(result.model, inputs), outputs(parent, inputs)) < 1e-5
+    # each parent's own data serves its Gram matrices; repair measures every parent on the same rows
+    with pytest.raises(EmptyAlignmentDataError, match="repair needs alignment data"):
+        fuse_with_diagnostics([parent, parent], config=config, parent_data=[batches, batches], progress=False)
+
+
 def test_regmean_linear_layers_are_the_least_squares_fit_on_the_alignment_inputs(pair, batches):
     first, second = pair
     fused = fuse(

@@ -228,6 +228,53 @@ def test_copy_rotated_everywhere_fuses_back_with_every_rotation():
     assert relative_error(outputs(data_free, inputs), outputs(model, inputs)) < 1e-4
 
 
+@pytest.mark.parametrize("method", ["regmean", "interpolate"])
+@pytest.mark.parametrize("family", ["vit-cls", "deit-teacher"])
+def test_copy_rotated_everywhere_merges_back_with_rotations_before_a_same_base_method(family, method):
+    """align='ot' with both rotations: the parents are merged reparameterised (RegMean's Gram matrices measured
+    on the reparameterised anchor too), and the anchor's output norm comes back; with permutations only the same
+    merge is far off."""
+    model = build(family)
+    rotated = rotate_model(permute_model(model, seed=2), seed=6, within_heads=True)
+    inputs, data = inputs_for(model), alignment_data(model)
+    rotations = dict(method=method, align="ot", residual="orthogonal", within_heads="orthogonal", batch_size=8)
+    result = fuse_with_diagnostics([model, rotated], data=data, config=FusionConfig(**rotations), progress=False)
+    assert relative_error(outputs(result.model, inputs), outputs(model, inputs)) < 1e-4
+    plan = resolve_plan(model)
+    own, merged = named_tensors(model), named_tensors(result.model)
+    for part in ("weight", "bias"):  # the anchor's output norm, as `fuse` gives it back
+        torch.testing.assert_close(merged[f"{plan.output_norm}.{part}"], own[f"{plan.output_norm}.{part}"])
+    assert FusionConfig(method=method, align="ot").resolved(True, True).residual == "shared"  # auto: as before
+    if method == "regmean":  # repair follows RegMean too, on the reparameterised merge: it changes nothing here
+        repaired = fuse_with_diagnostics(
+            [model, rotated], data=data, config=FusionConfig(**rotations, repair="all"), progress=False
+        )
+        assert repaired.repair and relative_error(outputs(repaired.model, inputs), outputs(model, inputs)) < 1e-4
+    permutations = FusionConfig(method=method, align="ot", batch_size=8)
+    permuted_only = fuse([model, rotated], data=data, config=permutations, progress=False)
+    assert relative_error(outputs(permuted_only, inputs), outputs(model, inputs)) > 0.05
+
+
+def test_regmean_measures_a_reparameterised_anchor_on_its_reparameterised_form():
+    """A query projection reads its norm's output; once the norm is folded into it, it reads the stream normalised
+    but not scaled. RegMean fits the folded weights, so the anchor's Gram matrices must come from the folded
+    model (`rewritten`), not from the anchor as it is."""
+    from hf_otfusion.methods.gram import collect_gram_statistics
+    from hf_otfusion.methods.same_base import parent_grams
+
+    model = build("vit-cls")
+    plan = resolve_plan(model)
+    data = [inputs_for(model, batch=8, seed=s) for s in range(3)]
+    params = [reparameterise(named_tensors(model), plan, keep_dtypes=True)]
+    config = FusionConfig(method="regmean", align="ot", residual="orthogonal", batch_size=8)
+    query = "vit.layers.0.attention.q_proj"
+    folded = parent_grams([model], params, [plan], {}, data, config, progress=False, rewritten=True)[0]
+    expected = collect_gram_statistics(reparameterised_copy(model, plan), data, layers=[query], progress=False)
+    torch.testing.assert_close(folded.layers[query].gram, expected.layers[query].gram)
+    as_is = parent_grams([model], params, [plan], {}, data, config, progress=False)[0]
+    assert relative_error(as_is.layers[query].gram, folded.layers[query].gram) > 0.01
+
+
 def test_within_head_rotations_need_exact_matching_of_whole_heads():
     with pytest.raises(FusionError, match="within_heads='orthogonal'"):
         FusionConfig(within_heads="orthogonal", solver="sinkhorn")
@@ -466,6 +513,29 @@ def test_best_quality_preset_fuses_like_its_fields_and_a_rotated_copy_back():
         assert torch.equal(a, b), name
     inputs = inputs_for(model)
     assert relative_error(outputs(preset, inputs), outputs(model, inputs)) < 1e-4
+
+
+def test_closed_form_preset_merges_like_its_fields_rotating_only_under_the_preset():
+    preset = FusionConfig(quality="closed-form")
+    assert (preset.method, preset.align, preset.cost, preset.repair) == ("regmean", "ot", "weights", "all")
+    assert FusionConfig.from_dict(preset.to_dict()) == preset  # what cards and job files record rebuilds it
+    resolved = preset.resolved(True, True)
+    assert (resolved.residual, resolved.within_heads) == ("orthogonal", "orthogonal")
+    fields = FusionConfig(method="regmean", align="ot", cost="weights", repair="all")
+    assert fields.resolved(True, True).residual == "shared"  # without the preset: permutations, as before
+    for bad in (dict(refine_steps=5), dict(method="vanilla")):
+        with pytest.raises(InvalidConfigError, match="quality='closed-form' merges the aligned parents by RegMean"):
+            FusionConfig(quality="closed-form", **bad)
+    model = build("deit-teacher")
+    rotated = rotate_model(permute_model(model, seed=4), seed=3, within_heads=True)
+    data = alignment_data(model)
+    merged = fuse([model, rotated], data=data, config=replace(preset, batch_size=8), progress=False)
+    rotations = replace(fields, residual="orthogonal", within_heads="orthogonal", batch_size=8)
+    explicit = fuse([model, rotated], data=data, config=rotations, progress=False)
+    for (name, a), b in zip(merged.state_dict().items(), explicit.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    inputs = inputs_for(model)
+    assert relative_error(outputs(merged, inputs), outputs(model, inputs)) < 1e-4
 
 
 def test_refinement_options_need_refine_steps_and_invertible_needs_head_rotations():

@@ -424,7 +424,7 @@ def data_options(config: FusionConfig) -> list[str]:
         "method": config.method == "regmean",
         "repair": config.repair != defaults.repair,
         "refine_steps": config.refine_steps != defaults.refine_steps,
-        "quality": config.quality != defaults.quality,  # it sets refine_steps
+        "quality": config.quality != defaults.quality,  # it sets refine_steps, or RegMean and repair
     }
     named = [f"{name}={getattr(config, name)}" for name, needed in needs.items() if needed]
     return named or [f"method={config.method}"]  # an option this table does not know yet: at least the method

@@ -39,7 +39,7 @@ from ..config import FusionConfig
 from ..engine.align import align_tensor
 from ..engine.compatibility import check_same_widths
 from ..engine.distributed import models_on
-from ..engine.plan import FusionPlan, base_prefix
+from ..engine.plan import FusionPlan, base_prefix, model_with_tensors
 from ..engine.transport import TransportMap
 from ..errors import FusionError, IncompatibleModelsError
 from .gram import GramStatistics, LayerGram, collect_gram_statistics, mergeable_linears
@@ -136,6 +136,7 @@ def parent_grams(
     device: torch.device | None = None,
     process: PartialState | None = None,
     parent_data: list[Iterable] | None = None,
+    rewritten: bool = False,
 ) -> list[GramStatistics]:
     """The input Gram matrices of every mergeable linear layer of each parent, in the anchor's basis.
 
@@ -148,12 +149,18 @@ def parent_grams(
         process: the accelerate state of a multi-process launch (see `collect_gram_statistics`).
         parent_data: each parent's own inputs instead of `data`, one per parent (a multi-task merge measures
             each task's model on its task's data).
+        rewritten: `params` are not the parents' own tensors but an exact rewrite of them (reparameterised for
+            a rotating residual): a parent without maps is then measured on a copy holding them too, since its
+            layers read other inputs there (a norm folded into its readers hands them its input unscaled).
     """
     anchor_model = parents[config.anchor]
     layers = sorted(mergeable_linears(anchor_model))
     grams = []
     for k, parent in enumerate(parents):
-        model = aligned_model(anchor_model, params[k], plans[k], maps[k]) if k in maps else parent
+        if k in maps:
+            model = aligned_model(anchor_model, params[k], plans[k], maps[k])
+        else:
+            model = model_with_tensors(parent, params[k]) if rewritten else parent
         with models_on([model], device):
             grams.append(
                 collect_gram_statistics(
