@@ -5,6 +5,7 @@
     python benchmarks/rotation_cost.py --with-repair   # also repair="all" (each configuration capped at --timeout)
     python benchmarks/rotation_cost.py --cost weights  # data-free: permutations vs the rotation (2 rounds, and 1)
     python benchmarks/rotation_cost.py --cost weights --refine-steps 10   # also quality="best"'s refinement
+    python benchmarks/rotation_cost.py --cost weights --regmean   # also RegMean, and quality="closed-form"
 
 A random-init ViT-B-shaped pair (`ViTConfig()` defaults: 224px, patch 16, 768/3072, 12 layers) and 64 random
 images, or a BERT-base-shaped pair (`BertConfig()` defaults: 768/3072, 12 layers, 30522 tokens) and 64 random
@@ -16,7 +17,9 @@ rotates the residual stream and within heads on the pre-LN ViT, and only within 
 `--refine-steps N` adds the refinement of `quality="best"` (learned layer weights) cut to N steps, with
 `batch_size=8` so that the 64 rows make the 5 batches refinement needs at least (one held back); its line adds
 `refine_s_per_step`, the refinement's seconds (the ensemble's targets on every batch, then the steps) over N,
-which is what to multiply by `quality="best"`'s 1000 steps.
+which is what to multiply by `quality="best"`'s 1000 steps. `--regmean` adds RegMean in place of the average
+after the same maps (`method="regmean"`, `align="ot"`, both rotations) and the `quality="closed-form"` preset
+(the data-free maps, RegMean, then repair).
 """
 
 from __future__ import annotations
@@ -34,6 +37,11 @@ CONFIGS = {
 }
 REPAIR = {"default + repair all": {"repair": "all"}}
 ONE_ROUND = {"default with rotation_rounds=1": {"rotation_rounds": 1}}  # data-free only
+REGMEAN = {
+    "RegMean after both rotations": {"method": "regmean", "align": "ot", "residual": "orthogonal",
+                                     "within_heads": "orthogonal"},
+    "quality='closed-form' (data-free maps, RegMean, repair)": {"quality": "closed-form"},
+}  # fmt: skip
 
 
 def fuse_once(fields: dict, family: str) -> dict:
@@ -76,12 +84,15 @@ def main() -> None:
     parser.add_argument("--cost", choices=["activations", "weights"], default="activations", help="FusionConfig.cost")
     parser.add_argument("--timeout", type=int, default=580, help="seconds allowed per configuration")
     parser.add_argument("--refine-steps", type=int, default=0, help="also time quality='best''s refinement, N steps")
+    parser.add_argument("--regmean", action="store_true", help="also RegMean and quality='closed-form'")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: one configuration, as JSON fields
     args = parser.parse_args()
     if args.one is not None:
         print(json.dumps(fuse_once(json.loads(args.one), args.family)))
         return
     configs = {**CONFIGS, **(REPAIR if args.with_repair else {}), **(ONE_ROUND if args.cost == "weights" else {})}
+    if args.regmean:
+        configs.update(REGMEAN)
     if args.refine_steps:
         configs[f"default + refine {args.refine_steps} steps with layer weights"] = {
             "refine_steps": args.refine_steps,
