@@ -22,13 +22,15 @@ def test_readme_first_command_fuses_the_shipped_parents_and_reports_accuracy(tmp
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-4000:]
     rows = dict(re.findall(r"^(parent \d \(seed \d\)|vanilla average|OT [^\n]*?)\s+(\d\.\d{3})", proc.stdout, re.M))
-    assert len(rows) == 8, proc.stdout
+    assert len(rows) == 9, proc.stdout
     parents = [float(rows[f"parent {k} (seed {k})"]) for k in (0, 1)]
     vanilla = float(rows["vanilla average"])
     assert min(parents) > 0.9  # the shipped parents are trained, not random
     assert float(rows["OT permutations only"]) > vanilla  # alignment beats plain averaging one-shot
     assert float(rows["OT rotations (default)"]) > float(rows["OT permutations only"]) + 0.2  # rotations matter
     assert float(rows["OT rotations + refine 200"]) > 0.85  # close to the parents one-shot
+    closed_form = float(rows["OT closed form (RegMean + repair, no training)"])
+    assert closed_form > float(rows["OT rotations (default)"]) + 0.1  # RegMean keeps what the average loses
     finetuned = next(float(v) for name, v in rows.items() if "finetuned" in name)
     assert finetuned > min(parents) - 0.03
     classify = T.pipeline("image-classification", model=str(tmp_path / "fused-digits"))  # model and processor load
