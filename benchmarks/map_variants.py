@@ -168,11 +168,9 @@ def mixed_maps_model(parents, activation_maps: dict, weight_maps: dict, stream: 
     reparameterisation (the logits are the same either way; `fuse` gives back the anchor's).
     """
     maps = {**activation_maps, stream: weight_maps[stream]}
-    plan = resolve_plan(parents[0])
-    anchor, moved = (
-        fusion_tensors(parents[0], plan, rotates),
-        align_parameters(fusion_tensors(parents[1], resolve_plan(parents[1]), rotates), resolve_plan(parents[1]), maps),
-    )
+    anchor_plan, parent_plan = (resolve_plan(model) for model in parents)
+    anchor = fusion_tensors(parents[0], anchor_plan, rotates)
+    moved = align_parameters(fusion_tensors(parents[1], parent_plan, rotates), parent_plan, maps)
     return model_with_tensors(
         parents[0], {n: (0.5 * t.double() + 0.5 * moved[n]).to(t.dtype) for n, t in anchor.items()}
     )

@@ -5,7 +5,8 @@ every aligned parent as a normal checkpoint, so that mergekit (linear, TIES, SLE
 merges same-shaped checkpoints entry by entry can merge models that were trained independently.
 
 The maps are `fuse`'s own (`fusion._solve_maps`, the step before its average); each parent is then moved with
-them exactly as `fuse` moves it before averaging (`fusion._aligned_copy`). So averaging the aligned parents with
+them exactly as `fuse` moves it before averaging and repair (`methods.same_base.aligned_model` on
+`fusion._fusion_parameters`). So averaging the aligned parents with
 equal weights gives `fuse(method="ot")`'s parameters with the same config (with `refine_steps`, the refined
 rotations; but with `refine_weights` or `refine_norms` the fused model also has learned weights or norms that no
 aligned parent carries, so there the mean is the refined alignment's plain average, not the fused model).
@@ -220,7 +221,8 @@ def align_models(
     refinement: the same maps) plus one more load of each parent given as a checkpoint; every aligned parent
     is then held in memory.
     """
-    from .fusion import _aligned_copy, _planned_run, _solve_maps
+    from .fusion import _fusion_parameters, _planned_run, _solve_maps
+    from .methods.same_base import aligned_model
 
     config = config or FusionConfig()
     check_exact_config(config)
@@ -244,7 +246,7 @@ def align_models(
     for k, source in enumerate(parents):
         parent = anchor_model if k == anchor else load_parent(source)
         plan = anchor_plan if k == anchor else resolve_plan(parent, spec)
-        aligned = _aligned_copy(parent, parent, plan, result.maps.get(k), resolved)
+        aligned = aligned_model(parent, _fusion_parameters(parent, plan, resolved), plan, result.maps.get(k, {}))
         if anchor_norm is not None:
             restore_output_norm(aligned, plan, *anchor_norm)
         name = first_non_finite(aligned.named_parameters())

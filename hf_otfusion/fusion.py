@@ -16,13 +16,12 @@ from transformers import PreTrainedModel
 
 from .checkpoints import ModelOrPath, load_parent, skeleton
 from .config import FusionConfig
-from .engine.align import align_tensor
 from .engine.average import average_into
 from .engine.compatibility import check_finite
 from .engine.distributed import broadcast_from_main, is_main_process, models_on, process_state, resolve_device
 from .engine.maps import SpaceDiagnostics, compute_maps, per_hook_spaces
 from .engine.passes import batches
-from .engine.plan import FusionPlan, model_with_tensors, named_tensors, resolve_plan
+from .engine.plan import FusionPlan, named_tensors, resolve_plan
 from .engine.prepare import prepare
 from .engine.refine import RefineReport, refine_maps
 from .engine.repair import SiteRepair, repair_model
@@ -31,7 +30,13 @@ from .engine.spec import AlignmentSpec
 from .engine.statistics import collect_statistics, statistics_keys
 from .engine.transport import TransportMap
 from .errors import EmptyAlignmentDataError, FusionError, InvalidConfigError
-from .methods.same_base import SAME_BASE_METHODS, base_in_anchor_class, merge_parameters, parent_grams
+from .methods.same_base import (
+    SAME_BASE_METHODS,
+    aligned_model,
+    base_in_anchor_class,
+    merge_parameters,
+    parent_grams,
+)
 from .methods.target import target_basis
 
 logger = logging.getLogger(__name__)
@@ -296,7 +301,7 @@ def _merge_same_base(run: _FusionRun, base: ModelOrPath | None) -> FusionResult:
     )  # fmt: skip
     timings["apply"] = time.perf_counter() - started
     if config.repair != "none":  # RegMean only (`FusionConfig`); before the output norm is given back
-        result.repair = _repair(run, result.model, result.maps, parents.__getitem__)
+        result.repair = _repair(run, result.model, result.maps, params.__getitem__)
     output_norm = plans[anchor].output_norm
     if rotates and output_norm:  # the anchor's own output norm back (the logits do not change)
         own = named_tensors(parents[anchor])
@@ -449,8 +454,12 @@ def _align_and_average(run: _FusionRun) -> FusionResult:
     run.timings["apply"] = time.perf_counter() - started
     if run.config.repair != "none":
         parents.loaded.clear()  # a checkpoint anchor was overwritten by the average: its original is loaded again
-        result.repair = _repair(run, fused, result.maps, lambda k: load_parent(run.sources[k]) if from_checkpoint[k]
-                                else run.parents[k])  # fmt: skip
+
+        def tensors_of(k: int) -> dict[str, torch.Tensor]:
+            parent = load_parent(run.sources[k]) if from_checkpoint[k] else run.parents[k]
+            return _fusion_parameters(parent, run.plans[k], run.config)
+
+        result.repair = _repair(run, fused, result.maps, tensors_of)
     if anchor_norm is not None:
         restore_output_norm(fused, run.plans[anchor], *anchor_norm)
     return result
@@ -460,18 +469,17 @@ def _repair(
     run: _FusionRun,
     fused: PreTrainedModel,
     maps: dict[int, dict[str, TransportMap]],
-    parent_of: Callable[[int], PreTrainedModel],
+    tensors_of: Callable[[int], dict[str, torch.Tensor]],
 ) -> list[SiteRepair]:
     """Repairs `fused` (in the anchor's basis, reparameterised where the residual rotates) in place towards its
-    parents moved with `maps`, each parent taken from `parent_of` when its turn comes; adds the stage's time."""
+    parents moved with `maps`: parent k's tensors as they are averaged come from `tensors_of(k)` when its turn
+    comes (loaded then, or kept by the caller). Adds the stage's time."""
     started = time.perf_counter()
 
     def aligned_parents():
         for k, weight in enumerate(run.weights):
             if weight > 0:
-                parent = parent_of(k)
-                yield _aligned_copy(fused, parent, run.plans[k], maps.get(k), run.config), weight
-                del parent
+                yield aligned_model(fused, tensors_of(k), run.plans[k], maps.get(k, {})), weight
 
     repaired = repair_model(
         fused, run.plans[run.anchor], aligned_parents(), run.data, run.config.repair,
@@ -523,21 +531,7 @@ def _check_data_fits(data, anchor: PreTrainedModel) -> None:
 
 def _fusion_parameters(model: PreTrainedModel, plan: FusionPlan, config: FusionConfig) -> dict[str, torch.Tensor]:
     """The tensors of a parent that enter the average (`engine.reparameterise.fusion_tensors`)."""
-    return fusion_tensors(model, plan, config.residual == "orthogonal")  # FusionConfig allows it with method="ot"
-
-
-def _aligned_copy(
-    fused: PreTrainedModel,
-    parent: PreTrainedModel,
-    plan: FusionPlan,
-    maps: dict[str, TransportMap] | None,
-    config: FusionConfig,
-) -> PreTrainedModel:
-    """A model of the fused model's class holding `parent` moved into the anchor's basis (the anchor itself: as is)."""
-    params = _fusion_parameters(parent, plan, config)
-    if maps:
-        params = {name: align_tensor(tensor, plan.parameters[name], maps) for name, tensor in params.items()}
-    return model_with_tensors(fused, params)
+    return fusion_tensors(model, plan, config.residual == "orthogonal")  # FusionConfig allows it where OT aligns
 
 
 def _maps_onto_anchor(
