@@ -39,8 +39,8 @@ from transformers import PreTrainedModel
 from .checkpoints import Checkpoint, ModelOrPath, load_parent
 from .config import FusionConfig
 from .engine.compatibility import first_non_finite
-from .engine.plan import named_tensors, resolve_plan
-from .engine.reparameterise import restore_output_norm
+from .engine.plan import resolve_plan
+from .engine.reparameterise import output_norm_of, restore_output_norm
 from .engine.spec import AlignmentSpec, load_spec
 from .engine.transport import TransportMap
 from .errors import FusionError, NonFiniteWeightsError
@@ -237,11 +237,8 @@ def align_models(
 
     anchor_model = load_parent(parents[anchor])
     anchor_plan = resolve_plan(anchor_model, spec)
-    anchor_norm = None
-    if rotated and anchor_plan.output_norm:  # fuse gives the fused model the anchor's output norm: so do we
-        own = named_tensors(anchor_model)
-        norm = anchor_plan.output_norm
-        anchor_norm = (own[f"{norm}.weight"].clone(), own[f"{norm}.bias"].clone())
+    # fuse gives the fused model the anchor's output norm: so do we
+    anchor_norm = output_norm_of(anchor_model, anchor_plan) if rotated else None
     models = []
     for k, source in enumerate(parents):
         parent = anchor_model if k == anchor else load_parent(source)

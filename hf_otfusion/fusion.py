@@ -25,7 +25,7 @@ from .engine.plan import FusionPlan, named_tensors, resolve_plan
 from .engine.prepare import prepare
 from .engine.refine import RefineReport, refine_maps
 from .engine.repair import SiteRepair, repair_model
-from .engine.reparameterise import check_rotatable, fusion_tensors, restore_output_norm
+from .engine.reparameterise import check_rotatable, fusion_tensors, output_norm_of, restore_output_norm
 from .engine.spec import AlignmentSpec
 from .engine.statistics import collect_statistics, statistics_keys
 from .engine.transport import TransportMap
@@ -302,10 +302,9 @@ def _merge_same_base(run: _FusionRun, base: ModelOrPath | None) -> FusionResult:
     timings["apply"] = time.perf_counter() - started
     if config.repair != "none":  # RegMean only (`FusionConfig`); before the output norm is given back
         result.repair = _repair(run, result.model, result.maps, params.__getitem__)
-    output_norm = plans[anchor].output_norm
-    if rotates and output_norm:  # the anchor's own output norm back (the logits do not change)
-        own = named_tensors(parents[anchor])
-        restore_output_norm(result.model, plans[anchor], own[f"{output_norm}.weight"], own[f"{output_norm}.bias"])
+    anchor_norm = output_norm_of(parents[anchor], plans[anchor]) if rotates else None
+    if anchor_norm is not None:  # the anchor's own output norm back (the logits do not change)
+        restore_output_norm(result.model, plans[anchor], *anchor_norm)
     return result
 
 
@@ -430,11 +429,8 @@ def _align_and_average(run: _FusionRun) -> FusionResult:
 
     started = time.perf_counter()
     anchor_model = parents.get(anchor)
-    output_norm = run.plans[anchor].output_norm
-    anchor_norm = None
-    if run.config.residual == "orthogonal" and output_norm:  # given back to the fused model at the end
-        own = named_tensors(anchor_model)
-        anchor_norm = (own[f"{output_norm}.weight"].clone(), own[f"{output_norm}.bias"].clone())
+    rotates = run.config.residual == "orthogonal"  # the anchor's output norm is given back to the fused model
+    anchor_norm = output_norm_of(anchor_model, run.plans[anchor]) if rotates else None
     fused = anchor_model if from_checkpoint[anchor] else copy.deepcopy(anchor_model)
     mixed = result.refine is not None and result.refine.layer_weights is not None  # all learned: no plain average
     for i, group in enumerate(parents.groups):

@@ -119,6 +119,16 @@ def reparameterised_copy(model: PreTrainedModel, plan: FusionPlan) -> PreTrained
     return model_with_tensors(model, reparameterise(named_tensors(model), plan))
 
 
+def output_norm_of(model: PreTrainedModel, plan: FusionPlan) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """A copy of the weight and bias of `model`'s output norm, for `restore_output_norm` once the model's own
+    tensors were reparameterised or overwritten; None when the spec names no output norm."""
+    norm = plan.output_norm
+    if not norm:
+        return None
+    own = dict(model.named_parameters())
+    return own[f"{norm}.weight"].detach().clone(), own[f"{norm}.bias"].detach().clone()
+
+
 def restore_output_norm(model: PreTrainedModel, plan: FusionPlan, weight: torch.Tensor, bias: torch.Tensor) -> bool:
     """Gives a reparameterised model's output norm the weight and bias of the anchor's (exact; in place).
 
