@@ -134,8 +134,8 @@ def rows_for(family: str, refine_steps: int) -> list[tuple[str, str, dict]]:
         ("free-refine", f"+ {label} from weights + refine {refine_steps}", dict(free, refine_steps=refine_steps)),
         ("free-refine-weights", f"+ {label} from weights + refine {refine_steps} with layer weights",
          dict(free, refine_steps=refine_steps, refine_weights=True)),
-        ("best", f"quality='best' (+ {label} from weights + refine {BEST_REFINE_STEPS} with layer weights)",
-         dict(quality="best")),
+        ("best", f"quality='best' (+ {label} from weights + refine {BEST_REFINE_STEPS} with layer weights, or "
+         "quality='closed-form': the lower held-back loss)", dict(quality="best")),
     ]  # fmt: skip
     # RegMean (least squares per linear layer on the alignment data) in place of the average, after OT alignment
     regmean = dict(method="regmean", align="ot")
@@ -195,6 +195,8 @@ def run_family(family: str, args, cache: dict, log) -> dict:
     splits = family_data(family, cache, args)
     parents, records = load_parents(family, [0, 1], args.parents)
     align = splits["train"].shuffle(seed=0).select(range(args.align_samples[family]))
+    if args.unlabelled_alignment:
+        align = align.remove_columns("labels")
     report: dict = {"family": family, "data": FAMILIES[family], "align_samples": len(align), "rows": {}}
     report["parents"] = [
         {"seed": r["seed"], "validation": score(p, splits["validation"]), "test": score(p, splits["test"])}
@@ -222,10 +224,13 @@ def run_family(family: str, args, cache: dict, log) -> dict:
         }  # fmt: skip
         if result.refine is not None:
             row["refine"] = result.refine.to_dict()
+        if result.choice is not None:
+            row["choice"] = result.choice.to_dict()
         report["rows"][name] = row
         models[name] = result.model
+        kept = f", kept {result.choice.kept} on {result.choice.criterion}" if result.choice is not None else ""
         log(f"[{family}] {name}: test {pct(row['test']['accuracy'])} loss {row['test']['loss']:.4f} "
-            f"({row['fuse_s']} s, {memory.mb} MB)")  # fmt: skip
+            f"({row['fuse_s']} s, {memory.mb} MB{kept})")  # fmt: skip
     one_shot = [name for name in report["rows"] if not name.startswith("vanilla")]
     best = max(one_shot, key=lambda name: report["rows"][name]["validation"]["accuracy"])
     report["best_one_shot"] = best
@@ -268,6 +273,13 @@ def family_markdown(r: dict) -> list[str]:
         mark = " **(best on validation)**" if name == r["best_one_shot"] else ""
         lines.append(f"| {name}{mark} | {pct(row['test']['accuracy'])} | {row['test']['loss']:.4f} | "
                      f"{pct(row['validation']['accuracy'])} | {row['fuse_s']} | {row['peak_rss_mb']} |")  # fmt: skip
+    for name, row in r["rows"].items():
+        if "choice" in row:  # quality="best": which candidate, on what
+            choice = row["choice"]
+            measure = "cross-entropy on the labels" if choice["criterion"] == "labels" else "KL to the ensemble"
+            losses = ", ".join(f"{key} {loss:.4f}" for key, loss in choice["held_back_loss"].items())
+            lines += ["", f"`{name.split(' ')[0]}` kept the {choice['kept']} candidate: held-back {measure} on "
+                      f"{choice['held_back_samples']} samples, {losses}."]  # fmt: skip
     ft = r["finetune"]
     if ft["rows"]:
         share = 100 * ft["budget_steps"] / ft["parent_steps"]
@@ -307,7 +319,7 @@ def plot(reports: list[dict], out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(len(reports), 1, figsize=(9, 3.2 * len(reports)), squeeze=False)
+    fig, axes = plt.subplots(len(reports), 1, figsize=(14, 3.6 * len(reports)), squeeze=False)
     for ax, r in zip(axes[:, 0], reports, strict=True):
         names = list(r["rows"])
         values = [100 * r["rows"][name]["test"]["accuracy"] for name in names]
@@ -320,7 +332,7 @@ def plot(reports: list[dict], out: Path) -> None:
         ax.set(xlabel="one-shot test accuracy % (black: parents)", title=f"{r['family']} ({r['data']})", xlim=(0, 100))
         ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
-    fig.savefig(out / "quality.png", dpi=110)
+    fig.savefig(out / "quality.png", dpi=110, bbox_inches="tight")  # the long row names kept whole
     plt.close(fig)
 
 
@@ -342,6 +354,10 @@ def main(argv: list[str] | None = None) -> None:
         "--rows", nargs="+", metavar="KEY", choices=[key for key, _, _ in rows_for("vit", 0)],
         help="fuse only these rows (keys: " + ", ".join(key for key, _, _ in rows_for("vit", 0))
         + "); the parents and their ensemble always; default: every row",
+    )  # fmt: skip
+    parser.add_argument(
+        "--unlabelled-alignment", action="store_true",
+        help="drop the labels from the alignment data (quality='best' then chooses on the KL to the ensemble)",
     )  # fmt: skip
     parser.add_argument("--eval-samples", type=int, help="cap the validation and test rows (quick looks only)")
     parser.add_argument("--parents", type=Path, default=HERE / "parents", help="directory of <family>-seed<k>/")

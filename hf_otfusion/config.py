@@ -148,13 +148,19 @@ class FusionConfig:
             becomes any invertible basis change (V → AᵀV, O → OA⁻ᵀ keep what the head computes) instead of a
             rotation, learned from the closed-form rotation; queries and keys keep rotations. Needs
             `within_heads` orthogonal. Off by default.
-        quality: a preset over the closed-form start and the refinement. `default` changes nothing; `best` is the
-            most accurate one-shot fusion measured on the trained ViT and DeiT pairs of
-            `benchmarks/results/quality.md`: the closed-form maps solved from the weights (`cost="weights"`, the
-            data-free rotations), then refined on the data with learned layer weights (`refine_weights=True`) for
-            `refine_steps` steps, 1000 (`BEST_REFINE_STEPS`) when it is 0; an explicit `refine_steps` is kept, and
+        quality: a preset. `default` changes nothing. `best` fits two candidates on the same four of every five
+            alignment batches and keeps the one with the lower loss on the fifth: the cross-entropy on the data's
+            labels when it has them (a `labels` or `label` column the model takes), else the KL divergence from the
+            parents' ensemble (`FusionResult.choice`, the card and the log say which, and by how much). One
+            candidate is the maps solved from the weights (`cost="weights"`, the data-free rotations) refined on
+            the data with learned layer weights (`refine_weights=True`) for `refine_steps` steps, 1000
+            (`BEST_REFINE_STEPS`) when it is 0; the other is `closed-form` below (`closed_form_candidate`). On the
+            committed pairs of `benchmarks/results/quality.md` it keeps the refinement on ViT and DeiT and the
+            closed form on BERT, the most accurate one-shot row of each. An explicit `refine_steps` is kept, and
             `cost` is set whatever it was (to refine from activation maps, set `refine_steps` and `refine_weights`
-            instead of the preset). It needs alignment data, a model with logits and `method="ot"`.
+            instead of the preset). With a `target` shape only the refinement runs (RegMean keeps the anchor's
+            widths). It needs alignment data, a model with logits and `method="ot"`; the fields recorded are the
+            refinement's, whichever candidate is kept.
             `closed-form` is the most accurate fusion without a training step, on average over the same pairs
             and the wider ViT: the maps solved from the weights (`cost="weights"`, with both rotations where they
             are exact), then RegMean in place of the average (`method="regmean"`, `align="ot"`: each linear layer
@@ -366,6 +372,13 @@ class FusionConfig:
                 value=self.quality,
             )
         self.method, self.align, self.cost, self.repair = "regmean", "ot", "weights", "all"
+
+    def closed_form_candidate(self) -> FusionConfig:
+        """What `quality="best"` weighs its refinement against: this config under the `closed-form` preset, its
+        refinement fields back at their defaults (the rest, e.g. `regmean_alpha` or `batch_size`, kept)."""
+        defaults = FusionConfig()
+        unrefined = {name: getattr(defaults, name) for name in ("refine_steps", "refine_lr", *_REFINE_OPTIONS)}
+        return dataclasses.replace(self, quality="closed-form", **unrefined)
 
     def resolved(self, rotatable: bool, equal_widths: bool) -> FusionConfig:
         """This config with `residual="auto"` and `within_heads="auto"` decided for parents whose spec is (or is not)

@@ -19,8 +19,9 @@ from .config import FusionConfig
 from .engine.average import average_into
 from .engine.compatibility import check_finite
 from .engine.distributed import broadcast_from_main, is_main_process, models_on, process_state, resolve_device
+from .engine.held_back import QualityChoice, divergence, ensemble, label_loss, labelled, model_logits, split
 from .engine.maps import SpaceDiagnostics, compute_maps, per_hook_spaces
-from .engine.passes import batches
+from .engine.passes import batch_size_of, batches, evaluating
 from .engine.plan import FusionPlan, named_tensors, resolve_plan
 from .engine.prepare import prepare
 from .engine.refine import RefineReport, refine_maps
@@ -57,6 +58,7 @@ class FusionResult:
             and merge, `repair`).
         repair: one entry per repaired site (`config.repair`), in flow order.
         refine: what learned refinement of the orthogonal maps did (`config.refine_steps`), else None.
+        choice: with `quality="best"`, each candidate's held-back divergence and the one kept, else None.
     """
 
     model: PreTrainedModel
@@ -66,6 +68,7 @@ class FusionResult:
     timings: dict[str, float] = field(default_factory=dict)
     repair: list[SiteRepair] = field(default_factory=list)
     refine: RefineReport | None = None
+    choice: QualityChoice | None = None
 
     def summary(self) -> str:
         """A plain-text table of the per-space diagnostics."""
@@ -184,9 +187,11 @@ def fuse_with_diagnostics(
             weights or missing alignment data; each message says what to do.
     """
     run = _planned_run(models, data, config, spec=spec, progress=progress, device=device, parent_data=parent_data)
-    if run.config.method not in SAME_BASE_METHODS:
-        return _fuse_into_target(run) if run.config.target is not None else _align_and_average(run)
-    return _merge_same_base(run, base)
+    if run.config.method in SAME_BASE_METHODS:
+        return _merge_same_base(run, base)
+    if run.config.target is not None:
+        return _fuse_into_target(run)
+    return _refined_or_closed_form(run) if run.config.quality == "best" else _align_and_average(run)
 
 
 def _planned_run(
@@ -458,6 +463,60 @@ def _align_and_average(run: _FusionRun) -> FusionResult:
         result.repair = _repair(run, fused, result.maps, tensors_of)
     if anchor_norm is not None:
         restore_output_norm(fused, run.plans[anchor], *anchor_norm)
+    return result
+
+
+def _refined_or_closed_form(run: _FusionRun) -> FusionResult:
+    """`quality="best"`: the refined fusion and the closed form (`FusionConfig.closed_form_candidate`), both fitted
+    on the same batches, and the one with the lower loss on the held-back ones (`engine.held_back`): on their labels
+    when the alignment data has them, else the KL divergence from the parents' ensemble.
+
+    Refinement holds back every fifth alignment batch itself; the closed form gets the other four only, so that
+    neither candidate has seen the batches that judge them (repair after refinement, when asked for, still reads
+    every batch, as it does without the preset). Every process of a launch runs both and keeps the main process's
+    choice.
+    """
+    options = run.config.statistics_options()
+    with_labels = list(
+        batches(run.data, run.parents[run.anchor], options["batch_size"], options["num_samples"], labels=True)
+    )
+    loaded = [{key: value for key, value in batch.items() if key != "labels"} for batch in with_labels]
+    fitting, held_back = split(loaded)
+    refined = _align_and_average(replace(run, data=loaded))
+    started = time.perf_counter()
+    closed_run = _planned_run(
+        run.sources, fitting, run.config.closed_form_candidate(), spec=run.spec, progress=run.progress,
+        device=run.device,
+    )  # fmt: skip
+    closed = _merge_same_base(closed_run, None)
+    parents = closed_run.parents  # every parent loaded, as given: the same-base path loads them all
+    judged = {"refined": refined.model, "closed-form": closed.model, "anchor": parents[run.anchor]}
+    scored = [*parents, refined.model, closed.model]
+    labelled_held_back = split(with_labels)[1]
+    criterion = "labels" if labelled(labelled_held_back) else "ensemble"
+    with models_on(scored, run.device), evaluating(scored):
+        if criterion == "labels":
+            losses = {name: label_loss(model_logits(m, run.device), labelled_held_back) for name, m in judged.items()}
+        else:
+            targets = [ensemble([model_logits(p, run.device) for p in parents], run.weights, b) for b in held_back]
+            losses = {name: divergence(model_logits(m, run.device), held_back, targets) for name, m in judged.items()}
+    candidates = ("refined", "closed-form")
+    kept = broadcast_from_main(min(candidates, key=losses.__getitem__), run.process)  # a tie keeps refinement
+    result = refined if kept == "refined" else closed
+    result.config, result.timings = run.config, run.timings
+    result.timings["closed-form"] = time.perf_counter() - started
+    result.choice = QualityChoice(criterion, losses, kept, sum(map(batch_size_of, held_back)))
+    described = "cross-entropy on the labels" if criterion == "labels" else "KL to the parents' ensemble"
+    logger.info(
+        "quality='best' kept the %s fusion: held-back %s %s (the anchor alone: %.4f).",
+        kept, described, ", ".join(f"{name} {losses[name]:.4f}" for name in candidates), losses["anchor"],
+    )  # fmt: skip
+    if result.choice.worse_than_anchor:
+        logger.warning(
+            "The fused model's held-back %s is worse than the anchor's alone (%.4f vs %.4f): the parents may be "
+            "too far apart to fuse well; compare on your task.",
+            described, losses[kept], losses["anchor"],
+        )  # fmt: skip
     return result
 
 

@@ -21,12 +21,13 @@ from accelerate import PartialState
 from datasets import load_from_disk
 from safetensors.torch import save_file
 
-from hf_otfusion import FusionConfig, fuse
+from hf_otfusion import FusionConfig, fuse, fuse_with_diagnostics
 from hf_otfusion.cli import main as cli_main
 from hf_otfusion.engine.plan import resolve_plan
 from hf_otfusion.engine.statistics import collect_statistics
 
 BATCH_SIZE = 4
+BEST_CONFIG = FusionConfig(quality="best", refine_steps=4, batch_size=BATCH_SIZE)
 
 
 def run(workdir: Path) -> None:
@@ -72,6 +73,9 @@ def run(workdir: Path) -> None:
     quality = fuse(parents, data=data, config=config, progress=False)
     if state.is_main_process:
         save_file(dict(quality.state_dict()), workdir / "quality.safetensors")
+    # quality="best": refinement on every process, the closed form's Gram statistics summed over the processes
+    best = fuse_with_diagnostics(parents, data=data, config=BEST_CONFIG, progress=False)
+    save_file(dict(best.model.state_dict()), workdir / f"best{state.process_index}.safetensors")
     record = dict(
         num_processes=state.num_processes,
         process_index=state.process_index,
@@ -79,6 +83,7 @@ def run(workdir: Path) -> None:
         samples=samples,
         saves=saves,
         cli_exit=code,
+        choice=best.choice.to_dict(),
     )
     (workdir / f"rank{state.process_index}.json").write_text(json.dumps(record))
 

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import logging
+from types import SimpleNamespace
 
 import pytest
 from huggingface_hub import ModelCard, ModelCardData
 
 from hf_otfusion.cli import main
 from hf_otfusion.hub.parents import resolve_parent
-from hf_otfusion.output.card import inherited_license, license_conflict
+from hf_otfusion.output.card import _quality_text, inherited_license, license_conflict
 
 
 @pytest.fixture
@@ -79,3 +80,15 @@ def test_a_licence_named_only_in_the_config_counts(parents):
     assert resolve_parent(parents[0]).license == "cc-by-4.0"
     _with_licenses(parents, ["mit", "mit"])
     assert resolve_parent(parents[0]).license == "mit"  # the card's metadata wins over the config
+
+
+@pytest.mark.parametrize(("kept", "warned"), [("closed-form", False), ("refined", True)])
+def test_the_card_says_which_candidate_best_quality_kept_and_warns_when_the_anchor_did_better(kept, warned):
+    losses = {"refined": 0.41, "closed-form": 0.2, "anchor": 0.3}
+    choice = {"criterion": "labels", "held_back_loss": losses, "kept": kept, "held_back_samples": 60}
+    text = _quality_text(SimpleNamespace(quality={"map_kinds": {}, "repair": [], "refine": None, "choice": choice}))
+    other = "refined" if kept == "closed-form" else "closed-form"
+    expected = f"{losses[kept]:.4f} against {losses[other]:.4f} (the anchor alone: 0.3000)"
+    assert f"kept the {kept} fusion over the {other} one: on 60 held-back alignment samples" in text
+    assert "cross-entropy on their labels" in text and expected in text
+    assert ("does worse than the anchor alone" in text) == warned

@@ -454,4 +454,9 @@ def test_best_quality_flag_records_its_fields_and_asks_for_data(parents, align_d
     config = yaml.safe_load((out / "fusion_config.yaml").read_text())
     assert (config["quality"], config["refine_steps"], config["refine_weights"]) == ("best", 4, True)
     assert config["cost"] == "weights"  # the preset's closed-form start, refined on the data
-    assert "Learned parent weights per layer group" in (out / "README.md").read_text()
+    card = (out / "README.md").read_text()
+    choice = json.loads((out / "fusion_provenance.json").read_text())["quality"]["choice"]
+    assert set(choice["held_back_loss"]) == {"refined", "closed-form", "anchor"}
+    other = "closed-form" if choice["kept"] == "refined" else "refined"
+    assert f'`quality="best"` kept the {choice["kept"]} fusion over the {other} one' in card
+    assert ("Learned parent weights per layer group" in card) == (choice["kept"] == "refined")

@@ -13,9 +13,10 @@ import numpy as np
 import pytest
 import torch
 from conftest import build, inputs_for
+from distributed_worker import BEST_CONFIG
 from safetensors.torch import load_file
 
-from hf_otfusion import FusionConfig, fuse
+from hf_otfusion import FusionConfig, fuse, fuse_with_diagnostics
 from hf_otfusion.cli import main
 from hf_otfusion.engine.distributed import models_on, owned_batches, resolve_device
 from hf_otfusion.engine.plan import resolve_plan
@@ -114,6 +115,21 @@ def test_repair_and_refinement_under_torchrun_equal_the_single_process_fusion(ru
         # statistics summed in another order give rotations equal to ~1e-12; the float32 steps of refinement and
         # repair carry that to 1e-6..3e-5 (it varies between runs), far below any change of function
         torch.testing.assert_close(distributed[name], tensor, rtol=1e-4, atol=1e-4, msg=name)
+
+
+def test_best_quality_under_torchrun_keeps_one_candidate_on_every_process_as_one_process_would(run):
+    workdir, parents, ranks, _, _ = run
+    from datasets import load_from_disk
+
+    single = fuse_with_diagnostics(parents, data=load_from_disk(str(workdir / "align")), config=BEST_CONFIG,
+                                   progress=False)  # fmt: skip
+    assert ranks[0]["choice"] == ranks[1]["choice"]
+    assert ranks[0]["choice"]["kept"] == single.choice.kept
+    assert ranks[0]["choice"]["held_back_loss"] == pytest.approx(single.choice.held_back_loss, rel=1e-4)
+    on_processes = [load_file(workdir / f"best{r}.safetensors") for r in range(2)]
+    for name, tensor in single.model.state_dict().items():
+        assert torch.equal(on_processes[0][name], on_processes[1][name]), name  # one model, whichever process
+        torch.testing.assert_close(on_processes[0][name], tensor, rtol=1e-4, atol=1e-4, msg=name)
 
 
 def test_every_batch_belongs_to_exactly_one_process():

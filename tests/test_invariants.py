@@ -123,6 +123,7 @@ PARENT_SAFETY_CONFIGS = {
     "repair": dict(repair="all"),
     "refine with layer weights and norms": dict(refine_steps=3, refine_weights=True, refine_norms=True),
     "best": dict(quality="best", refine_steps=3),
+    "closed-form": dict(quality="closed-form"),
     "vanilla": dict(method="vanilla"),
 }
 
@@ -131,8 +132,9 @@ PARENT_SAFETY_CONFIGS = {
 @pytest.mark.parametrize("option", list(PARENT_SAFETY_CONFIGS))
 def test_fusion_leaves_the_callers_parents_as_they_were(family, option):
     """Parents given as models are the caller's: no option may write into them (the anchor is copied before it is
-    averaged, reparameterised and repaired), so a caller can score or finetune them after fusing."""
-    parents = [build(family), build(family, seed=1)]
+    averaged, reparameterised and repaired) or leave them in another mode (the passes run them in eval mode), so a
+    caller can score or finetune them after fusing."""
+    parents = [build(family), build(family, seed=1).train()]  # one in eval mode, one training
     before = [{name: tensor.clone() for name, tensor in p.state_dict().items()} for p in parents]
     data = [inputs_for(parents[0], batch=8, seed=s) for s in range(8)]
     fields = dict(PARENT_SAFETY_CONFIGS[option], batch_size=8)
@@ -140,3 +142,4 @@ def test_fusion_leaves_the_callers_parents_as_they_were(family, option):
     for k, parent in enumerate(parents):
         for name, tensor in parent.state_dict().items():
             assert torch.equal(tensor, before[k][name]), f"parent {k}: {name} changed"
+    assert [{module.training for module in parent.modules()} for parent in parents] == [{False}, {True}]

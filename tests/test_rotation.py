@@ -12,6 +12,8 @@ from datasets import Dataset
 
 from hf_otfusion import FusionConfig, fuse, fuse_with_diagnostics
 from hf_otfusion.config import BEST_REFINE_STEPS
+from hf_otfusion.engine.held_back import split
+from hf_otfusion.engine.passes import batches
 from hf_otfusion.engine.permute import permute_model, random_rotation_fixing_ones, rotate_model
 from hf_otfusion.engine.plan import named_tensors, resolve_plan
 from hf_otfusion.engine.repair import repair_sites, site_moments
@@ -435,7 +437,6 @@ def test_refinement_reruns_to_identical_weights_in_another_process():
 @pytest.mark.parametrize("option", ["refine_permutations", "refine_norms", "refine_weights", "refine_invertible"])
 def test_refinement_options_keep_what_they_scored(option):
     """The fused model written after refinement gives the held-back loss refinement reported for the kept step."""
-    from hf_otfusion.engine.passes import batches
 
     parents = [build("vit-cls"), build("vit-cls", seed=1)]
     data = alignment_data(parents[0], samples=80)
@@ -502,17 +503,87 @@ def test_best_quality_preset_sets_refinement_with_layer_weights_and_round_trips(
         FusionConfig(quality="fast")
 
 
-def test_best_quality_preset_fuses_like_its_fields_and_a_rotated_copy_back():
+def test_best_quality_preset_fuses_a_rotated_copy_back():
     model = build("vit-cls")
     rotated = rotate_model(permute_model(model, seed=4), seed=3, within_heads=True)
-    data = alignment_data(model)
-    preset = fuse([model, rotated], data=data, config=FusionConfig(quality="best", refine_steps=12), progress=False)
-    config = FusionConfig(cost="weights", refine_steps=12, refine_weights=True)
-    fields = fuse([model, rotated], data=data, config=config, progress=False)
-    for (name, a), b in zip(preset.state_dict().items(), fields.state_dict().values(), strict=True):
-        assert torch.equal(a, b), name
+    config = FusionConfig(quality="best", refine_steps=12)
+    result = fuse_with_diagnostics([model, rotated], data=alignment_data(model), config=config, progress=False)
     inputs = inputs_for(model)
-    assert relative_error(outputs(preset, inputs), outputs(model, inputs)) < 1e-4
+    assert relative_error(outputs(result.model, inputs), outputs(model, inputs)) < 1e-4
+    losses = result.choice.held_back_loss
+    assert max(abs(loss) for loss in losses.values()) < 1e-6  # both candidates exact, as the anchor is
+
+
+# (family, seed of the second parent, labelled alignment data, the candidate kept): picked so that both candidates
+# and both measures are kept somewhere; the labels are the closed form's own predictions, which favour it
+BEST_CHOICES = [
+    ("vit-cls", 1, False, "refined"),
+    ("bert-seqcls", 2, False, "closed-form"),
+    ("bert-seqcls", 1, True, "closed-form"),
+    ("vit-cls", 1, True, "refined"),
+]
+
+
+@pytest.mark.parametrize(("family", "seed", "labelled", "kept"), BEST_CHOICES)
+def test_best_quality_keeps_the_candidate_with_the_lower_held_back_loss(family, seed, labelled, kept):
+    """`quality="best"` returns, bit for bit, the refined fusion or the closed form fitted on the same batches (the
+    held-back fifth left out of the closed form), whichever has the lower loss on the held-back batches: the labels'
+    cross-entropy where the data has labels, else the KL divergence from the parents' ensemble."""
+    parents = [build(family), build(family, seed=seed)]
+    data = alignment_data(parents[0])
+    fitting, held_back = split(list(batches(data, parents[0], 8, None)))
+    closed = fuse(parents, data=fitting, config=FusionConfig(quality="closed-form"), progress=False)
+    refine = FusionConfig(cost="weights", refine_steps=12, refine_weights=True)
+    refined = fuse(parents, data=data, config=refine, progress=False)
+    with torch.no_grad():
+        inputs = {key: torch.tensor(value) for key, value in data.to_dict().items()}
+        if labelled:
+            data = data.add_column("label", closed(**inputs).logits.argmax(-1).tolist())
+        labelled_held_back = split(list(batches(data, parents[0], 8, None, labels=True)))[1]
+
+        def loss(model) -> float:
+            total = 0.0
+            for batch, with_labels in zip(held_back, labelled_held_back, strict=True):
+                log_probs = model(**batch).logits.log_softmax(-1)
+                if labelled:
+                    total -= log_probs.gather(1, with_labels["labels"][:, None]).sum().item()
+                else:
+                    target = sum(p(**batch).logits.softmax(-1) for p in parents) / 2
+                    total += (target * (target.log() - log_probs)).sum().item()
+            return total / sum(len(next(iter(batch.values()))) for batch in held_back)
+
+        expected = {"refined": loss(refined), "closed-form": loss(closed), "anchor": loss(parents[0])}
+    result = fuse_with_diagnostics(parents, data=data, config=FusionConfig(quality="best", refine_steps=12),
+                                   progress=False)  # fmt: skip
+    choice = result.choice
+    assert (choice.criterion, choice.kept, choice.held_back_samples) == ("labels" if labelled else "ensemble", kept, 8)
+    assert choice.held_back_loss == pytest.approx(expected, rel=1e-4)
+    assert choice.kept == min(("refined", "closed-form"), key=expected.__getitem__)
+    assert (result.config.quality, result.config.method, result.config.refine_steps) == ("best", "ot", 12)
+    chosen = refined if kept == "refined" else closed
+    for (name, a), b in zip(result.model.state_dict().items(), chosen.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("column", ["label", "labels"])
+def test_passes_drop_labels_unless_asked_and_then_give_a_label_column_as_labels(column):
+    model = build("vit-cls")
+    data = alignment_data(model, samples=10).add_column(column, list(range(10)))
+    assert {key for batch in batches(data, model, 4, None) for key in batch} == {"pixel_values"}
+    as_lists = [{column: torch.arange(3), "pixel_values": torch.zeros(3, 1, 8, 8)}]  # batch dicts, not a Dataset
+    for source in (data, as_lists):
+        kept = list(batches(source, model, 4, None, labels=True))
+        assert all(set(batch) == {"pixel_values", "labels"} for batch in kept)
+    assert torch.equal(torch.cat([b["labels"] for b in batches(data, model, 4, None, labels=True)]), torch.arange(10))
+    bare = build("vit-base")  # no task head: the model takes no labels, so none are kept
+    assert {key for batch in batches(data, bare, 4, None, labels=True) for key in batch} == {"pixel_values"}
+
+
+def test_best_quality_needs_five_batches_to_hold_one_back():
+    model = build("vit-cls")
+    config = FusionConfig(quality="best", refine_steps=3, batch_size=16)
+    with pytest.raises(FusionError, match="at least 5 batches of alignment data"):
+        fuse([model, build("vit-cls", seed=1)], data=alignment_data(model), config=config, progress=False)
 
 
 def test_closed_form_preset_merges_like_its_fields_rotating_only_under_the_preset():

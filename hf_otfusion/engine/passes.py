@@ -10,7 +10,7 @@ each pass supplies only what its hooks record.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -82,17 +82,40 @@ class TokenSelection:
         return output[self._masks[shape]]
 
 
+@contextmanager
+def evaluating(models: Sequence[torch.nn.Module]) -> Iterator[None]:
+    """Runs the block with every model in eval mode (no dropout), then gives each its own mode back: the parents
+    are often the caller's models, and a pass must leave them as it found them."""
+    modes = [model.training for model in models]
+    for model in models:
+        model.eval()
+    try:
+        yield
+    finally:
+        for model, mode in zip(models, modes, strict=True):
+            model.train(mode)
+
+
 def batches(
-    data, model: PreTrainedModel, batch_size: int, num_samples: int | None, shard: tuple[int, int] | None = None
+    data,
+    model: PreTrainedModel,
+    batch_size: int,
+    num_samples: int | None,
+    shard: tuple[int, int] | None = None,
+    labels: bool = False,
 ) -> Iterator[dict]:
     """Yields model-input batches, truncated to `num_samples` samples in total.
 
     With `shard=(process_index, num_processes)`, only this process's batches (`distributed.owned_batches`):
     a Dataset selects their rows before loading; other iterables are read in full and the rest skipped.
+    Labels are dropped (no pass needs the model's loss), unless `labels` asks to keep them: then a `label`
+    column is given as `labels`, the name the model takes, as transformers' data collators rename it.
     """
     accepted = set(inspect.signature(model.forward).parameters)
+    if not labels:
+        accepted.discard("labels")
     if hasattr(data, "column_names") and hasattr(data, "with_format"):  # a datasets.Dataset
-        columns = [c for c in data.column_names if c in accepted]
+        columns = [c for c in data.column_names if c in accepted or (labels and c == "label")]
         if num_samples is not None:
             data = data.select(range(min(num_samples, len(data))))
         if shard is not None:
@@ -102,7 +125,10 @@ def batches(
         data = torch.utils.data.DataLoader(data.with_format("torch", columns=columns), batch_size=batch_size)
     remaining = num_samples
     for index, batch in enumerate(data):
-        batch = {key: value for key, value in dict(batch).items() if key in accepted and key != "labels"}
+        batch = dict(batch)
+        if labels and "label" in batch and "labels" not in batch:
+            batch["labels"] = batch.pop("label")
+        batch = {key: value for key, value in batch.items() if key in accepted}
         if remaining is not None:
             if remaining <= 0:
                 return

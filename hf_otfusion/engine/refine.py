@@ -30,14 +30,14 @@ from transformers import PreTrainedModel
 
 from ..errors import FusionError
 from .align import align_tensor
-from .passes import batch_size_of, batches
+from .held_back import LogitsOf, divergence, ensemble, logits, split
+from .passes import batches, evaluating
 from .plan import FusionPlan
 from .transport import TransportMap, complement_basis
 
 logger = logging.getLogger(__name__)
 
 PERMUTATION_MARGIN = 1.0  # a permutation's starting score lead: Adam steps of ~lr each must overcome it to swap
-HELD_BACK_EVERY = 5  # every fifth batch of the alignment data decides which refined maps are kept
 EVALUATE_EVERY = 10  # steps between two held-back evaluations
 
 
@@ -211,144 +211,131 @@ def refine_maps(
             "models) and/or within_heads='orthogonal'."
         )
     loaded = list(batches(data, model, statistics_options.get("batch_size", 8), statistics_options.get("num_samples")))
-    held_back = loaded[HELD_BACK_EVERY - 1 :: HELD_BACK_EVERY]
-    training = [batch for i, batch in enumerate(loaded) if i % HELD_BACK_EVERY != HELD_BACK_EVERY - 1]
-    if not held_back or not training:
-        raise FusionError(
-            f"refine_steps needs at least {HELD_BACK_EVERY} batches of alignment data (every {HELD_BACK_EVERY}th is "
-            f"held back to decide when to stop); got {len(loaded)}. Pass more data or lower batch_size."
-        )
-    model.eval()
-    # each parent's tensors in the anchor's basis under the closed-form maps: Δ = I reproduces today's fusion
-    aligned = {
-        k: {name: align_tensor(t, plan.parameters[name], maps.get(k, {})).float() for name, t in tensors.items()}
-        for k, tensors in params.items()
-    }
-    targets = [_ensemble(model, aligned, weights, batch) for batch in loaded]
-    target_of = {id(batch): target for batch, target in zip(loaded, targets, strict=True)}
-    refined = [(k, space) for k, names in spaces.items() for space in names]
-
-    def general(space: str) -> bool:  # a head space that only linear maps read: values, not queries and keys
-        return invertible and plan.spaces[space].heads is not None and not plan.spaces[space].scaled_dot_product
-
-    if invertible and not any(general(space) and maps[k][space].kind == "orthogonal" for k, space in refined):
-        raise FusionError(
-            "refine_invertible learns the value maps inside matched heads, and this fusion rotates none: use "
-            "within_heads='orthogonal' (cost='activations', heads='aware', solver='exact')."
-        )
-    rotations = torch.nn.ModuleList(
-        _BasisChange(
-            plan.spaces[space].size, plan.spaces[space].num_heads, fixes_ones=plan.spaces[space].stream,
-            invertible=general(space),
-        )
-        if maps[k][space].kind == "orthogonal"
-        else _Permutation(plan.spaces[space].size)
-        for k, space in refined
-    )  # fmt: skip
-    norm_names = _norm_tensor_names(model, plan) if norms else []
-    # started at their average (the closed-form maps keep a reparameterised norm's ones and zeros as they are)
-    learned = torch.nn.ParameterList(
-        torch.nn.Parameter(sum(weights[k] * aligned[k][name] for k in aligned)) for name in norm_names
-    )
-    mixer = _Mixing(plan, list(aligned), weights) if mixing else None
-    # the tensors rebuilt at every step: those on a refined axis, and with learned weights every averaged one. In
-    # the plan's order: the order they are built in is the order backward sums their gradients in (a set's order
-    # would change with each process's string-hash seed, and so would the rounding)
-    moving_names = [
-        name
-        for name, axes in plan.parameters.items()
-        if name not in norm_names
-        and (mixer is not None or any(a is not None and _moves(a.space, spaces) for a in axes))
-    ]
-    fixed = {
-        name: sum(weights[k] * aligned[k][name] for k in aligned)
-        for name in plan.parameters
-        if name not in moving_names and name not in norm_names
-    }
-
-    def fused_parameters() -> dict[str, torch.Tensor]:
-        deltas = {key: rotation() for key, rotation in zip(refined, rotations, strict=True)}
-        read_deltas = {
-            key: rotation(readers=True)
-            for key, rotation in zip(refined, rotations, strict=True)
-            if isinstance(rotation, _BasisChange) and rotation.invertible
+    training, held_back = split(loaded)  # the held-back batches decide which refined maps are kept
+    with evaluating([model]):  # no dropout while compared with the ensemble; the caller's mode back after
+        # each parent's tensors in the anchor's basis under the closed-form maps: Δ = I reproduces today's fusion
+        aligned = {
+            k: {name: align_tensor(t, plan.parameters[name], maps.get(k, {})).float() for name, t in tensors.items()}
+            for k, tensors in params.items()
         }
-        mix = mixer() if mixer is not None else None
-        result = dict(fixed)
-        for name in moving_names:
-            total = 0.0
-            for k in aligned:
-                tensor = aligned[k][name]
-                for dim, axis in enumerate(plan.parameters[name]):
-                    key = (k, axis.space) if axis is not None else None
-                    if key in deltas:  # new = Δᵀ old along the axis: the composed map is O Δ (readers: O Δ⁻ᵀ)
-                        delta = read_deltas.get(key, deltas[key]) if axis.reads else deltas[key]
-                        tensor = torch.tensordot(delta, tensor.movedim(dim, 0), dims=([0], [0])).movedim(0, dim)
-                total = total + (weights[k] if mixer is None else mixer.weight(mix, k, name)) * tensor
-            result[name] = total
-        result.update(zip(norm_names, learned, strict=True))
-        return result
+        parents = [_called_with(model, tensors) for tensors in aligned.values()]
+        targets = [ensemble(parents, [weights[k] for k in aligned], batch) for batch in loaded]
+        target_of = {id(batch): target for batch, target in zip(loaded, targets, strict=True)}
+        refined = [(k, space) for k, names in spaces.items() for space in names]
 
-    def loss_on(batch, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
-        logits = _logits(functional_call(model, tensors, args=(), kwargs=batch))
-        return torch.nn.functional.kl_div(logits.log_softmax(-1), target_of[id(batch)], reduction="batchmean")
+        def general(space: str) -> bool:  # a head space that only linear maps read: values, not queries and keys
+            return invertible and plan.spaces[space].heads is not None and not plan.spaces[space].scaled_dot_product
 
-    def held_back_loss() -> float:
-        with torch.no_grad():
-            tensors = fused_parameters()  # once per evaluation: nothing learned changes between its batches
-            return float(
-                sum(loss_on(batch, tensors).item() * batch_size_of(batch) for batch in held_back)
-                / sum(map(batch_size_of, held_back))
+        if invertible and not any(general(space) and maps[k][space].kind == "orthogonal" for k, space in refined):
+            raise FusionError(
+                "refine_invertible learns the value maps inside matched heads, and this fusion rotates none: use "
+                "within_heads='orthogonal' (cost='activations', heads='aware', solver='exact')."
             )
-
-    trained = _Trained(rotations, learned, mixer)
-    optimiser = torch.optim.Adam(trained.parameters(), lr=learning_rate)
-    before = best = held_back_loss()
-    best_step, best_state = 0, {key: value.detach().clone() for key, value in trained.state_dict().items()}
-    for step in tqdm(range(1, steps + 1), desc="refine alignment", unit="step", disable=not progress):
-        optimiser.zero_grad()
-        loss_on(training[(step - 1) % len(training)], fused_parameters()).backward()
-        optimiser.step()
-        if step % EVALUATE_EVERY == 0 or step == steps:
-            current = held_back_loss()
-            if current < best:
-                best, best_step = current, step
-                best_state = {key: value.detach().clone() for key, value in trained.state_dict().items()}
-    trained.load_state_dict(best_state)
-    anchor = next(k for k in aligned if k not in maps)
-    with torch.no_grad():
-        anchor_loss = sum(
-            torch.nn.functional.kl_div(
-                _logits(functional_call(model, aligned[anchor], args=(), kwargs=batch)).log_softmax(-1),
-                target_of[id(batch)], reduction="sum",
-            ).item()
-            for batch in held_back
-        ) / sum(map(batch_size_of, held_back))  # fmt: skip
-    if best > anchor_loss:
-        logger.warning(
-            "After refinement the fused model is further from the parents' ensemble on held-back data than the "
-            "anchor alone (KL %.4f vs %.4f): the parents may be too far apart to fuse well; compare on your task.",
-            best, anchor_loss,
+        rotations = torch.nn.ModuleList(
+            _BasisChange(
+                plan.spaces[space].size, plan.spaces[space].num_heads, fixes_ones=plan.spaces[space].stream,
+                invertible=general(space),
+            )
+            if maps[k][space].kind == "orthogonal"
+            else _Permutation(plan.spaces[space].size)
+            for k, space in refined
         )  # fmt: skip
-    with torch.no_grad():
-        for (k, space), rotation in zip(refined, rotations, strict=True):
-            if isinstance(rotation, _Permutation):  # Π[σ[j], j] = 1 after the closed-form perm: composed perm[σ]
-                sigma = rotation().argmax(dim=0).numpy()
-                maps[k][space] = TransportMap.from_permutation(maps[k][space].permutation[sigma])
-                continue
-            closed_form = maps[k][space].output_matrix()
-            composed = closed_form @ rotation(torch.float64).numpy()
-            written = TransportMap.from_invertible if rotation.invertible else TransportMap.from_orthogonal
-            maps[k][space] = written(composed)
-    with torch.no_grad():
-        if mixer is not None:  # every tensor is a learned mixture: the caller writes them all
-            tensors = {name: tensor.detach().clone() for name, tensor in fused_parameters().items()}
-        else:
-            tensors = {name: tensor.detach().clone() for name, tensor in zip(norm_names, learned, strict=True)}
-    layer_weights = mixer.report() if mixer is not None else None
-    return RefineReport(
-        steps, best_step, before, best, float(anchor_loss), time.perf_counter() - started, layer_weights, tensors
-    )
+        norm_names = _norm_tensor_names(model, plan) if norms else []
+        # started at their average (the closed-form maps keep a reparameterised norm's ones and zeros as they are)
+        learned = torch.nn.ParameterList(
+            torch.nn.Parameter(sum(weights[k] * aligned[k][name] for k in aligned)) for name in norm_names
+        )
+        mixer = _Mixing(plan, list(aligned), weights) if mixing else None
+        # the tensors rebuilt at every step: those on a refined axis, and with learned weights every averaged one. In
+        # the plan's order: the order they are built in is the order backward sums their gradients in (a set's order
+        # would change with each process's string-hash seed, and so would the rounding)
+        moving_names = [
+            name
+            for name, axes in plan.parameters.items()
+            if name not in norm_names
+            and (mixer is not None or any(a is not None and _moves(a.space, spaces) for a in axes))
+        ]
+        fixed = {
+            name: sum(weights[k] * aligned[k][name] for k in aligned)
+            for name in plan.parameters
+            if name not in moving_names and name not in norm_names
+        }
+
+        def fused_parameters() -> dict[str, torch.Tensor]:
+            deltas = {key: rotation() for key, rotation in zip(refined, rotations, strict=True)}
+            read_deltas = {
+                key: rotation(readers=True)
+                for key, rotation in zip(refined, rotations, strict=True)
+                if isinstance(rotation, _BasisChange) and rotation.invertible
+            }
+            mix = mixer() if mixer is not None else None
+            result = dict(fixed)
+            for name in moving_names:
+                total = 0.0
+                for k in aligned:
+                    tensor = aligned[k][name]
+                    for dim, axis in enumerate(plan.parameters[name]):
+                        key = (k, axis.space) if axis is not None else None
+                        if key in deltas:  # new = Δᵀ old along the axis: the composed map is O Δ (readers: O Δ⁻ᵀ)
+                            delta = read_deltas.get(key, deltas[key]) if axis.reads else deltas[key]
+                            tensor = torch.tensordot(delta, tensor.movedim(dim, 0), dims=([0], [0])).movedim(0, dim)
+                    total = total + (weights[k] if mixer is None else mixer.weight(mix, k, name)) * tensor
+                result[name] = total
+            result.update(zip(norm_names, learned, strict=True))
+            return result
+
+        def loss_on(batch, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+            fused = _called_with(model, tensors)(batch)
+            return torch.nn.functional.kl_div(fused.log_softmax(-1), target_of[id(batch)], reduction="batchmean")
+
+        held_back_targets = [target_of[id(batch)] for batch in held_back]
+
+        def held_back_loss() -> float:
+            with torch.no_grad():
+                tensors = fused_parameters()  # once per evaluation: nothing learned changes between its batches
+            return divergence(_called_with(model, tensors), held_back, held_back_targets)
+
+        trained = _Trained(rotations, learned, mixer)
+        optimiser = torch.optim.Adam(trained.parameters(), lr=learning_rate)
+        before = best = held_back_loss()
+        best_step, best_state = 0, {key: value.detach().clone() for key, value in trained.state_dict().items()}
+        for step in tqdm(range(1, steps + 1), desc="refine alignment", unit="step", disable=not progress):
+            optimiser.zero_grad()
+            loss_on(training[(step - 1) % len(training)], fused_parameters()).backward()
+            optimiser.step()
+            if step % EVALUATE_EVERY == 0 or step == steps:
+                current = held_back_loss()
+                if current < best:
+                    best, best_step = current, step
+                    best_state = {key: value.detach().clone() for key, value in trained.state_dict().items()}
+        trained.load_state_dict(best_state)
+        anchor = next(k for k in aligned if k not in maps)
+        anchor_loss = divergence(_called_with(model, aligned[anchor]), held_back, held_back_targets)
+        if best > anchor_loss:
+            logger.warning(
+                "After refinement the fused model is further from the parents' ensemble on held-back data than the "
+                "anchor alone (KL %.4f vs %.4f): the parents may be too far apart to fuse well; compare on your task.",
+                best, anchor_loss,
+            )  # fmt: skip
+        with torch.no_grad():
+            for (k, space), rotation in zip(refined, rotations, strict=True):
+                if isinstance(rotation, _Permutation):  # Π[σ[j], j] = 1 after the closed-form perm: composed perm[σ]
+                    sigma = rotation().argmax(dim=0).numpy()
+                    maps[k][space] = TransportMap.from_permutation(maps[k][space].permutation[sigma])
+                    continue
+                closed_form = maps[k][space].output_matrix()
+                composed = closed_form @ rotation(torch.float64).numpy()
+                written = TransportMap.from_invertible if rotation.invertible else TransportMap.from_orthogonal
+                maps[k][space] = written(composed)
+        with torch.no_grad():
+            if mixer is not None:  # every tensor is a learned mixture: the caller writes them all
+                tensors = {name: tensor.detach().clone() for name, tensor in fused_parameters().items()}
+            else:
+                tensors = {name: tensor.detach().clone() for name, tensor in zip(norm_names, learned, strict=True)}
+        layer_weights = mixer.report() if mixer is not None else None
+        return RefineReport(
+            steps, best_step, before, best, float(anchor_loss), time.perf_counter() - started, layer_weights, tensors
+        )
 
 
 def _norm_tensor_names(model: PreTrainedModel, plan: FusionPlan) -> list[str]:
@@ -364,20 +351,6 @@ def _moves(space: str, spaces: dict[int, list[str]]) -> bool:
     return any(space in names for names in spaces.values())
 
 
-def _ensemble(model, aligned: dict[int, dict[str, torch.Tensor]], weights: list[float], batch) -> torch.Tensor:
-    """The weighted mean of the parents' output distributions on one batch: the target of refinement."""
-    with torch.no_grad():
-        return sum(
-            weights[k] * _logits(functional_call(model, tensors, args=(), kwargs=batch)).softmax(-1)
-            for k, tensors in aligned.items()
-        )
-
-
-def _logits(output) -> torch.Tensor:
-    logits = getattr(output, "logits", None)
-    if logits is None:
-        raise FusionError(
-            "refine_steps matches the fused model's output distribution to the parents' ensemble, so it needs a model "
-            "with a task head (logits); this one returns none. Fuse classification checkpoints, or set refine_steps=0."
-        )
-    return logits
+def _called_with(model: PreTrainedModel, tensors: dict[str, torch.Tensor]) -> LogitsOf:
+    """The logits of `model` run with `tensors` in place of its own, as a function of the batch."""
+    return lambda batch: logits(functional_call(model, tensors, args=(), kwargs=batch))

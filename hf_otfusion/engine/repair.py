@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from .distributed import models_on
-from .passes import DataPass, TokenSelection, forward_hooks
+from .passes import DataPass, TokenSelection, evaluating, forward_hooks
 from .plan import FusionPlan
 
 # a unit whose fused standard deviation is below this keeps its scale (nothing to restore from a dead unit)
@@ -150,8 +150,8 @@ def site_moments(
         return hook
 
     modules = dict(model.named_modules())
-    model.eval()
-    with models_on([model], device), forward_hooks([(modules[site], record(site)) for site in sites]):
+    hooks = [(modules[site], record(site)) for site in sites]
+    with models_on([model], device), forward_hooks(hooks), evaluating([model]):
         data_pass = DataPass(
             data, model, batch_size=statistics_options.get("batch_size", 8),
             num_samples=statistics_options.get("num_samples"), selection=selection,

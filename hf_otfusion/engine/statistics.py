@@ -21,7 +21,7 @@ from transformers import PreTrainedModel
 
 from ..errors import EmptyAlignmentDataError, InvalidConfigError
 from .distributed import all_reduce_sum_, gather_objects
-from .passes import DataPass, TokenSelection, forward_hooks
+from .passes import DataPass, TokenSelection, evaluating, forward_hooks
 from .plan import FusionPlan
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -214,13 +214,12 @@ def collect_statistics(
         modules = dict(model.named_modules())
         for name in sorted(keys):
             hooks.append((modules[name], record_anchor(name) if k == anchor else record_parent(k, name)))
-        model.eval()
     order = [anchor] + [k for k in range(len(models)) if k != anchor]
     data_pass = DataPass(
         data, models[anchor], batch_size=batch_size, num_samples=num_samples, process=process, selection=selection,
         progress=progress, description="activation statistics",
     )  # fmt: skip
-    with forward_hooks(hooks), torch.inference_mode():
+    with forward_hooks(hooks), evaluating(models), torch.inference_mode():
         for batch in data_pass:
             for k in order:
                 models[k](**batch)

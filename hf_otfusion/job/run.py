@@ -259,6 +259,7 @@ def quality_record(result) -> dict:
         "map_kinds": {space: sorted(found) for space, found in kinds.items()},
         "repair": [site.to_dict() for site in result.repair],
         "refine": result.refine.to_dict() if result.refine is not None else None,
+        "choice": result.choice.to_dict() if result.choice is not None else None,
     }
 
 

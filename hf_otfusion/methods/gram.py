@@ -19,7 +19,7 @@ import torch
 from transformers import PreTrainedModel
 
 from ..engine.distributed import all_reduce_sum_
-from ..engine.passes import DataPass, TokenSelection, forward_hooks
+from ..engine.passes import DataPass, TokenSelection, evaluating, forward_hooks
 from ..errors import EmptyAlignmentDataError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -153,9 +153,12 @@ def collect_gram_statistics(
         data, model, batch_size=batch_size, num_samples=num_samples, process=process, selection=selection,
         progress=progress, description=description,
     )  # fmt: skip
-    model.eval()
     try:
-        with forward_hooks([(modules[name], record(name)) for name in names], before=True), torch.inference_mode():
+        with (
+            forward_hooks([(modules[name], record(name)) for name in names], before=True),
+            evaluating([model]),
+            torch.inference_mode(),
+        ):
             for batch in data_pass:
                 model(**batch)
     finally:

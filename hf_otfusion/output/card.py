@@ -285,7 +285,9 @@ def _diagnostics_text(provenance: Provenance) -> str:
 
 
 def _quality_text(provenance: Provenance) -> str:
-    """Which kind of map each space got, what repair and refinement did, and a warning when refinement lost."""
+    """Which kind of map each space got, what repair and refinement did, which candidate `quality="best"` kept, and a
+    warning when the fused model did worse than the anchor on held-back data (the choice's measure, when there is
+    one, else refinement's)."""
     quality = provenance.quality
     if not quality:
         return ""
@@ -309,8 +311,21 @@ def _quality_text(provenance: Provenance) -> str:
                 f"{group} {', '.join(f'{w:.2f}' for w in ws)}" for group, ws in refine["layer_weights"].items()
             )
             lines += ["", f"Learned parent weights per layer group (parents in order): {learned}."]
-        if refine["held_back_loss_after"] > refine["anchor_held_back_loss"]:
+        if refine["held_back_loss_after"] > refine["anchor_held_back_loss"] and not quality.get("choice"):
             lines += ["", "**Warning:** the fused model is further from the parents' ensemble than the anchor alone."]
+    choice = quality.get("choice")
+    if choice:
+        losses, kept = choice["held_back_loss"], choice["kept"]
+        measure = "cross-entropy on their labels" if choice["criterion"] == "labels" else "KL to the parents' ensemble"
+        other = next(name for name in losses if name not in (kept, "anchor"))
+        lines += [
+            "",
+            f'`quality="best"` kept the {kept} fusion over the {other} one: on {choice["held_back_samples"]} '
+            f"held-back alignment samples, {measure} {losses[kept]:.4f} against {losses[other]:.4f} (the anchor "
+            f"alone: {losses['anchor']:.4f}).",
+        ]
+        if losses[kept] > losses["anchor"]:
+            lines += ["", "**Warning:** on those samples the fused model does worse than the anchor alone."]
     return "\n".join(lines)
 
 

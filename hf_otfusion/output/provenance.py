@@ -40,7 +40,8 @@ class Provenance:
         evaluation: an evaluation table (`{"split", "rows": [{"name", "accuracy", "loss", ...}]}`) or `None`.
         diagnostics: one dict per solved space and parent (`engine.maps.SpaceDiagnostics.to_dict()`).
         quality: what the quality steps did: `map_kinds` (space kind -> the kinds of map it got), `repair` (one
-            dict per repaired site) and `refine` (`engine.refine.RefineReport.to_dict()`), or `None`.
+            dict per repaired site), `refine` (`engine.refine.RefineReport.to_dict()`) and `choice` (which candidate
+            `quality="best"` kept, `engine.held_back.QualityChoice.to_dict()`), or `None`.
         readiness: the merge-readiness report of the parents (`methods.readiness.ReadinessReport.to_dict()`) or `None`.
         timings: seconds per stage.
         outputs: sha256 of each weight file written.
