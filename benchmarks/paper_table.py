@@ -418,8 +418,18 @@ def machine_record(args, argv: list[str] | None, started: float) -> dict:
         "load_average": os.getloadavg(),
         "threads": args.threads,
         "torch": torch.__version__,
-        "machine": f"{os.cpu_count()} CPU cores ({platform.machine()})",
+        "machine": f"{os.cpu_count()} CPU cores ({platform.machine()}, {cpu_model()})",
     }
+
+
+def cpu_model() -> str:
+    """The CPU's model name: float kernels differ between CPU families (e.g. AVX-512 or not), so the last bits
+    of a result, and now and then a near-tied test prediction, can differ between two machines of one kind."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            return next(line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or "unknown CPU"
 
 
 def main(argv: list[str] | None = None) -> None:
