@@ -199,6 +199,12 @@ CASES = [
     ([*DATA, "pixels", "--split", "validation"], 2, "pixels holds a single Dataset, not a DatasetDict, so it has no"),
     ([*DATA, "pixels", "--eval-data", "one-row.csv", "--eval-split", "test"], 2,
      "one-row.csv has no split 'test'; available splits: ['train']."),
+    # too few batches for refinement to hold one back, refused by the pre-flight (before any download)
+    ([*DATA, "pixels", "--quality", "best", "--dry-run"], 2, "refine_steps and quality='best' need at least 5 "
+     "batches of alignment data (every 5th is held back to judge the fusion); got 1. Pass more data or lower "
+     "batch_size."),
+    ([*DATA, "pixels", "--refine-steps", "5", "--batch-size", "1"], 2, "refine_steps and quality='best' need at "
+     "least 5 batches of alignment data (every 5th is held back to judge the fusion); got 4."),
     # target and width problems, refused by the pre-flight
     ([*FUSE, "--out", "fused", "--target", "hidden_size=64", "--dry-run"], 2,
      "The target has 64 units in space 'residual' where the anchor has 32: a target compresses, it cannot widen."),

@@ -28,17 +28,23 @@ def split(loaded: list[dict]) -> tuple[list[dict], list[dict]]:
     """(fitting batches, held-back batches): every `HELD_BACK_EVERY`-th batch is held back.
 
     Raises:
-        FusionError: too few batches to hold one back and fit on another.
+        FusionError: too few batches to hold one back and fit on another (`check_enough_batches`).
     """
+    check_enough_batches(len(loaded))
     held_back = loaded[HELD_BACK_EVERY - 1 :: HELD_BACK_EVERY]
     fitting = [batch for i, batch in enumerate(loaded) if i % HELD_BACK_EVERY != HELD_BACK_EVERY - 1]
-    if not held_back or not fitting:
+    return fitting, held_back
+
+
+def check_enough_batches(count: int) -> None:
+    """Raises `FusionError` unless `count` batches are enough to hold one back: pre-flight calls it on the row
+    count before any download, `split` on the batches themselves."""
+    if count < HELD_BACK_EVERY:
         raise FusionError(
             f"refine_steps and quality='best' need at least {HELD_BACK_EVERY} batches of alignment data (every "
-            f"{HELD_BACK_EVERY}th is held back to judge the fusion); got {len(loaded)}. Pass more data or lower "
+            f"{HELD_BACK_EVERY}th is held back to judge the fusion); got {count}. Pass more data or lower "
             "batch_size."
         )
-    return fitting, held_back
 
 
 def logits(output) -> torch.Tensor:
