@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Protocol
 from ..data import MODEL_INPUT_COLUMNS, DataSource, encode_with_anchor_processor, load_processor
 from ..data_checks import FIXES_FOR_GIVEN_INPUTS, check_model_inputs
 from ..engine.held_back import check_enough_batches
+from ..engine.passes import num_batches
 from ..errors import FusionError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -97,8 +98,7 @@ def check_job_data(job: JobInputs, checked: Preflight) -> None:
             model, label = models[k], f"{flag} {source.source}"
             rows = source.load()
             if flag == "--data" and job.config.refine_steps:  # refinement holds batches back: enough of them?
-                used = len(rows) if job.config.num_samples is None else min(len(rows), job.config.num_samples)
-                check_enough_batches(-(-used // job.config.batch_size))
+                check_enough_batches(num_batches(rows, job.config.batch_size, job.config.num_samples))
             first = rows.select(range(min(len(rows), 8)))
             inputs = encoded(job, source, processors[k], model.config.label2id, first)  # type: ignore[attr-defined]
             check_encoded(rows, inputs, model, source=label, text_column=job.text_column, image_column=job.image_column)

@@ -21,6 +21,7 @@ from transformers import PreTrainedModel, default_data_collator
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from ..checkpoints import ModelOrPath, load_parent
+from ..engine.passes import evaluating
 from ..engine.tasks import task_of
 from ..errors import TrainingDataError, UnsupportedTaskError
 from .metrics import load_metric
@@ -189,21 +190,19 @@ def evaluate_model(
     loader = torch.utils.data.DataLoader(
         dataset.with_format("torch", columns=columns), batch_size=batch_size, collate_fn=data_collator(processor)
     )
-    was_training = model.training
-    model.eval()
     device = next(model.parameters()).device
     accuracy = load_metric("accuracy")
     extra = {name: load_metric(name) for name in metrics}
     total_loss, count = 0.0, 0
-    for batch in tqdm(loader, desc=desc, disable=not progress, leave=False):
-        labels = batch.pop("labels").to(device)
-        logits = model(**{k: v.to(device) for k, v in batch.items()}).logits.float()
-        total_loss += torch.nn.functional.cross_entropy(logits, labels, reduction="sum").item()
-        count += len(labels)
-        predictions = logits.argmax(-1).cpu()
-        for metric in (accuracy, *extra.values()):
-            metric.add_batch(predictions=predictions, references=labels.cpu())
-    model.train(was_training)
+    with evaluating([model]):  # the model's own train/eval mode back afterwards
+        for batch in tqdm(loader, desc=desc, disable=not progress, leave=False):
+            labels = batch.pop("labels").to(device)
+            logits = model(**{k: v.to(device) for k, v in batch.items()}).logits.float()
+            total_loss += torch.nn.functional.cross_entropy(logits, labels, reduction="sum").item()
+            count += len(labels)
+            predictions = logits.argmax(-1).cpu()
+            for metric in (accuracy, *extra.values()):
+                metric.add_batch(predictions=predictions, references=labels.cpu())
     scores = {"accuracy": accuracy.compute()["accuracy"], "loss": total_loss / count, "num_examples": count}
     for name, metric in extra.items():
         scores[name] = metric.compute()[name]
