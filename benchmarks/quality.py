@@ -145,8 +145,19 @@ def rows_for(family: str, refine_steps: int) -> list[tuple[str, str, dict]]:
         ("regmean", f"+ {label} + RegMean instead of the average", dict(rotations, **regmean)),
         ("regmean-repair", f"+ {label} + RegMean + repair", dict(rotations, **regmean, repair="all")),
         ("free-regmean", f"+ {label} from weights + RegMean", dict(free, **regmean)),
-        ("free-regmean-repair", f"+ {label} from weights + RegMean + repair", dict(free, **regmean, repair="all")),
-        ("closed-form", f"quality='closed-form' (+ {label} from weights + RegMean + repair)",
+        ("free-regmean-repair", f"+ {label} from weights + RegMean + repair (quality='closed-form' before)",
+         dict(free, **regmean, repair="all")),
+    ]  # fmt: skip
+    # RegMean on the fused model's own inputs: each linear layer refitted in flow order to its parents' outputs
+    fused_inputs = dict(regmean_inputs="fused")
+    rows += [
+        ("vanilla-regmean-fused", "no alignment + RegMean on the fused inputs", dict(method="regmean", **fused_inputs)),
+        ("regmean-fused-permutations", "before: OT exact, activations (permutations) + RegMean on the fused inputs",
+         dict(regmean, **fused_inputs)),
+        ("regmean-fused", f"+ {label} + RegMean on the fused inputs", dict(rotations, **regmean, **fused_inputs)),
+        ("free-regmean-fused-repair", f"+ {label} from weights + RegMean on the fused inputs + repair",
+         dict(free, **regmean, **fused_inputs, repair="all")),
+        ("closed-form", f"quality='closed-form' (+ {label} from weights + RegMean on the fused inputs)",
          dict(quality="closed-form")),
     ]  # fmt: skip
     return rows
@@ -319,7 +330,7 @@ def plot(reports: list[dict], out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(len(reports), 1, figsize=(14, 3.6 * len(reports)), squeeze=False)
+    fig, axes = plt.subplots(len(reports), 1, figsize=(14, 4.4 * len(reports)), squeeze=False)
     for ax, r in zip(axes[:, 0], reports, strict=True):
         names = list(r["rows"])
         values = [100 * r["rows"][name]["test"]["accuracy"] for name in names]

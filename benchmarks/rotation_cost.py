@@ -18,8 +18,8 @@ rotates the residual stream and within heads on the pre-LN ViT, and only within 
 `batch_size=8` so that the 64 rows make the 5 batches refinement needs at least (one held back); its line adds
 `refine_s_per_step`, the refinement's seconds (the ensemble's targets on every batch, then the steps) over N,
 which is what to multiply by `quality="best"`'s 1000 steps. `--regmean` adds RegMean in place of the average
-after the same maps (`method="regmean"`, `align="ot"`, both rotations) and the `quality="closed-form"` preset
-(the data-free maps, RegMean, then repair).
+after the same maps (`method="regmean"`, `align="ot"`, both rotations), alone and with repair (the former
+`quality="closed-form"`), and the `quality="closed-form"` preset (the data-free maps, RegMean on the fused inputs).
 """
 
 from __future__ import annotations
@@ -40,7 +40,9 @@ ONE_ROUND = {"default with rotation_rounds=1": {"rotation_rounds": 1}}  # data-f
 REGMEAN = {
     "RegMean after both rotations": {"method": "regmean", "align": "ot", "residual": "orthogonal",
                                      "within_heads": "orthogonal"},
-    "quality='closed-form' (data-free maps, RegMean, repair)": {"quality": "closed-form"},
+    "RegMean after both rotations + repair (quality='closed-form' before)": {
+        "method": "regmean", "align": "ot", "residual": "orthogonal", "within_heads": "orthogonal", "repair": "all"},
+    "quality='closed-form' (data-free maps, RegMean on the fused inputs)": {"quality": "closed-form"},
 }  # fmt: skip
 
 

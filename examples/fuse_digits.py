@@ -4,8 +4,9 @@
 
 Each fusion variant aligns parent 1 onto parent 0 (the anchor) using 600 training images as alignment data:
 permutations only (how OT fusion worked before rotations), the default (the residual stream and the heads
-rotated), the default with repair of the fused units' statistics, the closed-form preset (RegMean in place of
-the average, then repair: no training step), and the default with a short learned refinement of the rotations.
+rotated), the default with repair of the fused units' statistics, the closed-form preset (every linear layer
+refitted by least squares on the fused model's own inputs: no training step), and the default with a short
+learned refinement of the rotations.
 The best variant is then finetuned for 60 steps on the training images, and the result, with the anchor's
 image processor, is saved where `pipeline("image-classification", model=...)` loads it.
 """
@@ -32,7 +33,7 @@ VARIANTS = {
     "OT permutations only": FusionConfig(residual="shared", within_heads="permutation"),
     "OT rotations (default)": FusionConfig(),
     "OT rotations + repair": FusionConfig(repair="all"),
-    "OT closed form (RegMean + repair, no training)": FusionConfig(quality="closed-form"),
+    "OT closed form (RegMean on fused inputs, no training)": FusionConfig(quality="closed-form"),
     "OT rotations + refine 200": FusionConfig(refine_steps=200, batch_size=32),
 }
 

@@ -37,6 +37,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "within_heads": ("auto", "permutation", "orthogonal"),
     "task_vector": ("plain", "ties", "dare"),
     "quality": ("default", "best", "closed-form"),
+    "regmean_inputs": ("parents", "fused"),
 }
 
 
@@ -56,6 +57,14 @@ class FusionConfig:
         scale: λ of task arithmetic, θ = θ_base + λ Σ_k w_k (θ_k − θ_base), w_k = `weights` or 1.
         regmean_alpha: RegMean's scaling of the Gram matrices' off-diagonal entries, in [0, 1] (1 = plain
             least squares; smaller is more regularised, 0 = per-input weighted averaging).
+        regmean_inputs: which inputs RegMean fits each linear layer on. `parents`: each parent's own inputs
+            (RegMean as published). `fused`: the inputs the fused model itself gives the layer, layer after layer
+            in flow order, each fitted to its aligned parents' outputs on the same tokens, so that a layer corrects
+            the error the layers below it left (`methods.fused_inputs`; a small fixed ridge towards the average
+            takes the place of `regmean_alpha`, which it does not read). It costs about `layers / 2` passes of
+            every model over the alignment data instead of one. On the committed pairs it is the most accurate
+            fusion without training on ViT, DeiT and the wider ViT (`benchmarks/results/quality.md`), and
+            `quality="closed-form"` uses it.
         task_vector: how `task-arithmetic` treats the task vectors τ_k = θ_k − θ_base, tensor by tensor, against
             the interference of parents that move an entry in opposite directions or pile up small redundant
             updates: `plain` adds the w_k τ_k as they are; `ties` (TIES-Merging, Yadav et al. 2023) trims each
@@ -161,12 +170,12 @@ class FusionConfig:
             instead of the preset). With a `target` shape only the refinement runs (RegMean keeps the anchor's
             widths). It needs alignment data, a model with logits and `method="ot"`; the fields recorded are the
             refinement's, whichever candidate is kept.
-            `closed-form` is the most accurate fusion without a training step, on average over the same pairs
-            and the wider ViT: the maps solved from the weights (`cost="weights"`, with both rotations where they
-            are exact), then RegMean in place of the average (`method="regmean"`, `align="ot"`: each linear layer
-            fitted by least squares to its aligned parents' outputs on the alignment data) and repair
-            (`repair="all"`); seconds on these models, and the one that beats both BERT parents and their
-            ensemble. It needs alignment data and `method` left at `ot` (or `regmean`), and no `refine_steps`.
+            `closed-form` is the most accurate fusion without a training step on the committed pairs: the maps
+            solved from the weights (`cost="weights"`, with both rotations where they are exact), then RegMean on
+            the fused model's own inputs (`method="regmean"`, `align="ot"`, `regmean_inputs="fused"`: each linear
+            layer, in flow order, fitted by least squares to its aligned parents' outputs on the inputs the fused
+            layers below it give it). Repair stays off: after this fit it lowered accuracy. Tens of seconds on
+            these models. It needs alignment data and `method` left at `ot` (or `regmean`), and no `refine_steps`.
             A preset sets its fields whatever they were; the resolved fields are what cards and job files record.
         repair: after averaging, move each fused unit's activation mean and standard deviation on the
             alignment data to the weighted average of its aligned parent units' (REPAIR, Jordan et al. 2023):
@@ -190,6 +199,7 @@ class FusionConfig:
     base: str | None = None
     scale: float = 1.0
     regmean_alpha: float = 0.9
+    regmean_inputs: str = "parents"
     task_vector: str = "plain"
     density: float = 1.0
     seed: int = 0
@@ -244,6 +254,22 @@ class FusionConfig:
                 f"base={self.base!r} is only used by method='task-arithmetic', not {self.method!r}.",
                 field="base",
                 value=self.base,
+            )
+        if self.regmean_inputs != "parents" and self.method != "regmean":
+            raise InvalidConfigError(
+                f"regmean_inputs={self.regmean_inputs!r} chooses the inputs of RegMean's least squares, not of "
+                f"method={self.method!r}; use method='regmean' (align='ot' for parents trained apart), or leave "
+                "regmean_inputs at 'parents'.",
+                field="regmean_inputs",
+                value=self.regmean_inputs,
+            )
+        if self.regmean_inputs == "fused" and self.regmean_alpha != 0.9:
+            raise InvalidConfigError(
+                f"regmean_alpha={self.regmean_alpha} shapes RegMean on the parents' inputs; with "
+                "regmean_inputs='fused' a fixed ridge towards the average regularises instead. Leave regmean_alpha "
+                "at 0.9, or use regmean_inputs='parents'.",
+                field="regmean_alpha",
+                value=self.regmean_alpha,
             )
         if self.task_vector != "plain" and self.method != "task-arithmetic":
             raise InvalidConfigError(
@@ -361,8 +387,8 @@ class FusionConfig:
         self.refine_weights = True
 
     def _apply_closed_form_quality(self) -> None:
-        """Sets the fields of `quality="closed-form"`: data-free maps, RegMean, repair (see the class docstring);
-        `resolved` rotates under it where that is exact, as for `method="ot"`."""
+        """Sets the fields of `quality="closed-form"`: data-free maps, RegMean on the fused inputs (see the class
+        docstring); `resolved` rotates under it where that is exact, as for `method="ot"`."""
         if self.method not in ("ot", "regmean") or self.refine_steps:
             got = f"refine_steps={self.refine_steps}" if self.refine_steps else f"method={self.method!r}"
             raise InvalidConfigError(
@@ -371,7 +397,8 @@ class FusionConfig:
                 field="quality",
                 value=self.quality,
             )
-        self.method, self.align, self.cost, self.repair = "regmean", "ot", "weights", "all"
+        self.method, self.align, self.cost, self.repair = "regmean", "ot", "weights", "none"
+        self.regmean_inputs = "fused"
 
     def closed_form_candidate(self) -> FusionConfig:
         """What `quality="best"` weighs its refinement against: this config under the `closed-form` preset, its

@@ -31,6 +31,7 @@ from .engine.spec import AlignmentSpec
 from .engine.statistics import collect_statistics, statistics_keys
 from .engine.transport import TransportMap
 from .errors import EmptyAlignmentDataError, FusionError, InvalidConfigError
+from .methods.fused_inputs import LayerRefit, refit_linears
 from .methods.same_base import (
     SAME_BASE_METHODS,
     aligned_model,
@@ -59,6 +60,8 @@ class FusionResult:
         repair: one entry per repaired site (`config.repair`), in flow order.
         refine: what learned refinement of the orthogonal maps did (`config.refine_steps`), else None.
         choice: with `quality="best"`, each candidate's held-back divergence and the one kept, else None.
+        refit: one entry per linear layer refitted on the fused model's inputs (`regmean_inputs="fused"`), in flow
+            order: its relative output error before and after.
     """
 
     model: PreTrainedModel
@@ -69,6 +72,7 @@ class FusionResult:
     repair: list[SiteRepair] = field(default_factory=list)
     refine: RefineReport | None = None
     choice: QualityChoice | None = None
+    refit: list[LayerRefit] = field(default_factory=list)
 
     def summary(self) -> str:
         """A plain-text table of the per-space diagnostics."""
@@ -291,7 +295,7 @@ def _merge_same_base(run: _FusionRun, base: ModelOrPath | None) -> FusionResult:
     if aligns:
         result.maps, result.diagnostics = _maps_onto_anchor(run, dict(enumerate(models)), plans, params.__getitem__)
     grams = None
-    if config.method == "regmean":
+    if config.method == "regmean" and config.regmean_inputs == "parents":
         started = time.perf_counter()
         grams = parent_grams(
             parents, params, plans, result.maps, run.data, config, run.progress, device=run.device,
@@ -305,6 +309,8 @@ def _merge_same_base(run: _FusionRun, base: ModelOrPath | None) -> FusionResult:
         base_maps=result.maps.get(len(parents)), grams=grams,
     )  # fmt: skip
     timings["apply"] = time.perf_counter() - started
+    if config.method == "regmean" and config.regmean_inputs == "fused":
+        result.refit = _refit(run, result.model, result.maps, params)
     if config.repair != "none":  # RegMean only (`FusionConfig`); before the output norm is given back
         result.repair = _repair(run, result.model, result.maps, params.__getitem__)
     anchor_norm = output_norm_of(parents[anchor], plans[anchor]) if rotates else None
@@ -542,6 +548,30 @@ def _repair(
     )  # fmt: skip
     run.timings["repair"] = time.perf_counter() - started
     return repaired
+
+
+def _refit(
+    run: _FusionRun,
+    fused: PreTrainedModel,
+    maps: dict[int, dict[str, TransportMap]],
+    params: list[dict[str, torch.Tensor]],
+) -> list[LayerRefit]:
+    """RegMean on the fused model's own inputs (`methods.fused_inputs`): `fused` (the average, in the anchor's basis)
+    refitted in place to its parents moved with `maps`, all held at once; on each parent's own data for a
+    multi-task merge (`parent_data`). Adds the stage's time."""
+    started = time.perf_counter()
+    aligned = {
+        k: aligned_model(fused, params[k], run.plans[k], maps.get(k, {})) for k, w in enumerate(run.weights) if w > 0
+    }
+    if run.parent_data is None:
+        sources = [(run.data, [(model, run.weights[k]) for k, model in aligned.items()])]
+    else:
+        sources = [(run.parent_data[k], [(model, run.weights[k])]) for k, model in aligned.items()]
+    refitted = refit_linears(
+        fused, sources, run.config.statistics_options(), progress=run.progress, device=run.device, process=run.process
+    )
+    run.timings["refit"] = time.perf_counter() - started
+    return refitted
 
 
 def _raw_rows(data) -> bool:

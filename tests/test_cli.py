@@ -18,6 +18,7 @@ from safetensors import safe_open
 from hf_otfusion import permute_model
 from hf_otfusion.cli import main
 from hf_otfusion.engine.plan import resolve_plan
+from hf_otfusion.methods.gram import mergeable_linears
 from hf_otfusion.output.card import build_card_data
 from hf_otfusion.output.provenance import Provenance
 
@@ -85,10 +86,15 @@ def test_closed_form_preset_is_a_flag_and_records_its_fields(parents, align_data
     flags = ["--data", align_data, "--batch-size", "4", "--quality", "closed-form", "-q"]
     assert main(["fuse", *paths, "--out", str(out), *flags]) == 0
     config = yaml.safe_load((out / "fusion_config.yaml").read_text())
-    recorded = tuple(config[k] for k in ("quality", "method", "align", "cost", "repair", "residual", "within_heads"))
-    assert recorded == ("closed-form", "regmean", "ot", "weights", "all", "auto", "auto")  # as given; resolved:
+    keys = ("quality", "method", "align", "cost", "regmean_inputs", "repair", "residual", "within_heads")
+    recorded = tuple(config[k] for k in keys)
+    assert recorded == ("closed-form", "regmean", "ot", "weights", "fused", "none", "auto", "auto")  # as given
     quality = Provenance.load(out).quality
-    assert quality["map_kinds"]["residual"] == ["orthogonal"] and quality["repair"]
+    assert quality["map_kinds"]["residual"] == ["orthogonal"] and not quality["repair"]
+    layers = len(mergeable_linears(parent))  # every linear layer, the classifier's too
+    assert len(quality["refit"]) == layers
+    assert all(layer["error_after"] < 1e-6 for layer in quality["refit"])  # a permuted copy: each layer refits exactly
+    assert f"Refit on the fused inputs: {layers} linear layers" in (out / "README.md").read_text()
     fused = T.AutoModelForImageClassification.from_pretrained(out).eval()  # the anchor's plain class
     inputs = inputs_for(parent, seed=3)
     assert relative_error(outputs(fused, inputs), outputs(parent, inputs)) < 1e-4  # b is a permuted copy of a

@@ -515,12 +515,12 @@ def test_best_quality_preset_fuses_a_rotated_copy_back():
 
 
 # (family, seed of the second parent, labelled alignment data, the candidate kept): picked so that both candidates
-# and both measures are kept somewhere; the labels are the closed form's own predictions, which favour it
+# and both measures are kept somewhere; the labels are the expected candidate's own predictions, which favour it
 BEST_CHOICES = [
     ("vit-cls", 1, False, "refined"),
     ("bert-seqcls", 2, False, "closed-form"),
     ("bert-seqcls", 1, True, "closed-form"),
-    ("vit-cls", 1, True, "refined"),
+    ("bert-seqcls", 2, True, "refined"),
 ]
 
 
@@ -538,7 +538,8 @@ def test_best_quality_keeps_the_candidate_with_the_lower_held_back_loss(family, 
     with torch.no_grad():
         inputs = {key: torch.tensor(value) for key, value in data.to_dict().items()}
         if labelled:
-            data = data.add_column("label", closed(**inputs).logits.argmax(-1).tolist())
+            favoured = closed if kept == "closed-form" else refined
+            data = data.add_column("label", favoured(**inputs).logits.argmax(-1).tolist())
         labelled_held_back = split(list(batches(data, parents[0], 8, None, labels=True)))[1]
 
         def loss(model) -> float:
@@ -588,11 +589,12 @@ def test_best_quality_needs_five_batches_to_hold_one_back():
 
 def test_closed_form_preset_merges_like_its_fields_rotating_only_under_the_preset():
     preset = FusionConfig(quality="closed-form")
-    assert (preset.method, preset.align, preset.cost, preset.repair) == ("regmean", "ot", "weights", "all")
+    assert (preset.method, preset.align, preset.cost, preset.repair) == ("regmean", "ot", "weights", "none")
+    assert preset.regmean_inputs == "fused"
     assert FusionConfig.from_dict(preset.to_dict()) == preset  # what cards and job files record rebuilds it
     resolved = preset.resolved(True, True)
     assert (resolved.residual, resolved.within_heads) == ("orthogonal", "orthogonal")
-    fields = FusionConfig(method="regmean", align="ot", cost="weights", repair="all")
+    fields = FusionConfig(method="regmean", align="ot", cost="weights", regmean_inputs="fused")
     assert fields.resolved(True, True).residual == "shared"  # without the preset: permutations, as before
     for bad in (dict(refine_steps=5), dict(method="vanilla")):
         with pytest.raises(InvalidConfigError, match="quality='closed-form' merges the aligned parents by RegMean"):

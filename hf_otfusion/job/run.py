@@ -260,6 +260,7 @@ def quality_record(result) -> dict:
         "repair": [site.to_dict() for site in result.repair],
         "refine": result.refine.to_dict() if result.refine is not None else None,
         "choice": result.choice.to_dict() if result.choice is not None else None,
+        "refit": [layer.to_dict() for layer in result.refit],
     }
 
 

@@ -293,14 +293,15 @@ def merge_parameters(
         plans: each parent's resolved plan (how its axes map onto spaces).
         maps: transport maps onto the anchor, for the aligned parents only.
         base: the shared ancestor (`task-arithmetic`).
-        grams: each parent's Gram statistics (`regmean`), from `parent_grams`.
+        grams: each parent's Gram statistics (`regmean`), from `parent_grams`; none for `regmean_inputs="fused"`,
+            whose linear layers are averaged here and refitted by `fused_inputs.refit_linears`.
     """
     method, count = config.method, len(params)
     if method not in SAME_BASE_METHODS:
         raise FusionError(f"merge_parameters merges {SAME_BASE_METHODS}, not method={method!r}.")
     if method == "task-arithmetic" and base is None:
         raise FusionError("method='task-arithmetic' needs the parents' shared ancestor: set FusionConfig.base.")
-    if method == "regmean" and grams is None:
+    if method == "regmean" and grams is None and config.regmean_inputs == "parents":
         raise FusionError("method='regmean' needs the parents' Gram statistics (see parent_grams).")
     check_same_widths(plans, config.anchor, method, among=[k for k in range(count) if k not in maps])
     alphas = config.normalised_weights(count)
@@ -311,7 +312,8 @@ def merge_parameters(
         return align_tensor(tensor, plans[k].parameters[name], maps[k]) if k in maps else tensor.double()
 
     base_plan = plans[config.anchor]  # the base lives in a copy of the anchor
-    linears = mergeable_linears(anchor_model) if method == "regmean" else {}
+    # RegMean on the fused inputs starts from the average and refits it afterwards (`methods.fused_inputs`)
+    linears = mergeable_linears(anchor_model) if method == "regmean" and grams is not None else {}
     fitted: dict[str, torch.Tensor] = {}
     fused = copy.deepcopy(anchor_model)
     own = dict(fused.named_parameters())

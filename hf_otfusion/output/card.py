@@ -168,7 +168,11 @@ def method_text(config: dict[str, Any], anchor: int) -> str:
         "interpolate": f"How: the parents' weights were interpolated (weights: {weights}).",
         "task-arithmetic": _task_arithmetic_text(config),
         "regmean": f"How: RegMean, every linear layer solved in closed form from the Gram matrices of its inputs "
-        f"(off-diagonal scale {config.get('regmean_alpha')}), other weights averaged.",
+        f"(off-diagonal scale {config.get('regmean_alpha')}), other weights averaged."
+        if config.get("regmean_inputs", "parents") == "parents"
+        else "How: RegMean on the fused model's own inputs: the weights averaged, then every linear layer, in the "
+        "order the model runs them, refitted by least squares to its parents' outputs on the inputs the layers "
+        "below it give it.",
     }
     text = texts.get(config["method"], f"How: method {config['method']}.")
     if config["method"] not in ("ot", "vanilla") and config.get("align") == "ot":
@@ -298,6 +302,15 @@ def _quality_text(provenance: Provenance) -> str:
         lines += ["", f"Maps: {described}."]
     if quality.get("repair"):
         lines += ["", f"Repair restored the activation mean and std of {len(quality['repair'])} sites."]
+    refit = quality.get("refit")
+    if refit:
+        before = sum(layer["error_before"] for layer in refit) / len(refit)
+        after = sum(layer["error_after"] for layer in refit) / len(refit)
+        lines += [
+            "",
+            f"Refit on the fused inputs: {len(refit)} linear layers; mean relative output error against the parents "
+            f"{before:.4f} (averaged) -> {after:.4f} (refitted), on the alignment data.",
+        ]
     refine = quality.get("refine")
     if refine:
         lines += [

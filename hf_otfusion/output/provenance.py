@@ -41,7 +41,8 @@ class Provenance:
         diagnostics: one dict per solved space and parent (`engine.maps.SpaceDiagnostics.to_dict()`).
         quality: what the quality steps did: `map_kinds` (space kind -> the kinds of map it got), `repair` (one
             dict per repaired site), `refine` (`engine.refine.RefineReport.to_dict()`) and `choice` (which candidate
-            `quality="best"` kept, `engine.held_back.QualityChoice.to_dict()`), or `None`.
+            `quality="best"` kept, `engine.held_back.QualityChoice.to_dict()`), `refit` (one dict per linear layer
+            refitted on the fused model's inputs, `methods.fused_inputs.LayerRefit.to_dict()`), or `None`.
         readiness: the merge-readiness report of the parents (`methods.readiness.ReadinessReport.to_dict()`) or `None`.
         timings: seconds per stage.
         outputs: sha256 of each weight file written.
