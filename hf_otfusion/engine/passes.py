@@ -201,6 +201,11 @@ class DataPass:
             self.seen += batch_size_of(batch)
 
 
+class StopForward(Exception):
+    """Raised by a hook once a pass has what it came for (the site it measures ran): the rest of the forward pass
+    is not needed, and the caller catches it around the model call."""
+
+
 @contextmanager
 def forward_hooks(hooks: Iterable[tuple[torch.nn.Module, Callable]], *, before: bool = False) -> Iterator[None]:
     """Registers each `(module, callback)` as a forward hook (a pre-hook with kwargs when `before`), and removes

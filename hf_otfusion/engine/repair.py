@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from .distributed import models_on
-from .passes import DataPass, TokenSelection, evaluating, forward_hooks
+from .passes import DataPass, StopForward, TokenSelection, evaluating, forward_hooks
 from .plan import FusionPlan
 
 # a unit whose fused standard deviation is below this keeps its scale (nothing to restore from a dead unit)
@@ -125,10 +125,6 @@ def repair_model(
     return reports
 
 
-class _StopForward(Exception):
-    """Raised by a hook once the last measured site has run: the rest of the forward pass is not needed."""
-
-
 def site_moments(
     model: PreTrainedModel,
     sites: list[str],
@@ -145,7 +141,7 @@ def site_moments(
         def hook(module, inputs, output):
             moments[site].update(selection(output))
             if site == stop_after:
-                raise _StopForward
+                raise StopForward
 
         return hook
 
@@ -160,7 +156,7 @@ def site_moments(
             for batch in data_pass:
                 try:
                     model(**batch)
-                except _StopForward:
+                except StopForward:
                     pass
     return moments
 
