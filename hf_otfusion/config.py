@@ -164,8 +164,8 @@ class FusionConfig:
             candidate is the maps solved from the weights (`cost="weights"`, the data-free rotations) refined on
             the data with learned layer weights (`refine_weights=True`) for `refine_steps` steps, 1000
             (`BEST_REFINE_STEPS`) when it is 0; the other is `closed-form` below (`closed_form_candidate`). On the
-            committed pairs of `benchmarks/results/quality.md` it keeps the refinement on ViT and DeiT and the
-            closed form on BERT, the most accurate one-shot row of each. An explicit `refine_steps` is kept, and
+            committed pairs of `benchmarks/results/quality.md` it keeps the refinement on ViT and DeiT (the most
+            accurate one-shot rows there) and the closed form on BERT. An explicit `refine_steps` is kept, and
             `cost` is set whatever it was (to refine from activation maps, set `refine_steps` and `refine_weights`
             instead of the preset). With a `target` shape only the refinement runs (RegMean keeps the anchor's
             widths). It needs alignment data, a model with logits and `method="ot"`; the fields recorded are the
