@@ -33,7 +33,7 @@ VARIANTS = {
     "OT permutations only": FusionConfig(residual="shared", within_heads="permutation"),
     "OT rotations (default)": FusionConfig(),
     "OT rotations + repair": FusionConfig(repair="all"),
-    "OT closed form (RegMean on fused inputs, no training)": FusionConfig(quality="closed-form"),
+    "OT closed form (no training)": FusionConfig(quality="closed-form"),
     "OT rotations + refine 200": FusionConfig(refine_steps=200, batch_size=32),
 }
 
