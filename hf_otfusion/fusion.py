@@ -6,7 +6,7 @@ import copy
 import gc
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -536,18 +536,26 @@ def _repair(
     parents moved with `maps`: parent k's tensors as they are averaged come from `tensors_of(k)` when its turn
     comes (loaded then, or kept by the caller). Adds the stage's time."""
     started = time.perf_counter()
-
-    def aligned_parents():
-        for k, weight in enumerate(run.weights):
-            if weight > 0:
-                yield aligned_model(fused, tensors_of(k), run.plans[k], maps.get(k, {})), weight
-
+    aligned_parents = ((model, weight) for _, model, weight in _aligned_parents(run, fused, maps, tensors_of))
     repaired = repair_model(
-        fused, run.plans[run.anchor], aligned_parents(), run.data, run.config.repair,
+        fused, run.plans[run.anchor], aligned_parents, run.data, run.config.repair,
         run.config.statistics_options(), progress=run.progress, device=run.device,
     )  # fmt: skip
     run.timings["repair"] = time.perf_counter() - started
     return repaired
+
+
+def _aligned_parents(
+    run: _FusionRun,
+    fused: PreTrainedModel,
+    maps: dict[int, dict[str, TransportMap]],
+    tensors_of: Callable[[int], dict[str, torch.Tensor]],
+) -> Iterator[tuple[int, PreTrainedModel, float]]:
+    """(k, parent k moved into the anchor's basis as a copy of `fused`, its weight) for every parent of positive
+    weight, built one at a time when iterated (repair holds one at a time; the refit holds them all)."""
+    for k, weight in enumerate(run.weights):
+        if weight > 0:
+            yield k, aligned_model(fused, tensors_of(k), run.plans[k], maps.get(k, {})), weight
 
 
 def _refit(
@@ -560,13 +568,11 @@ def _refit(
     refitted in place to its parents moved with `maps`, all held at once; on each parent's own data for a
     multi-task merge (`parent_data`). Adds the stage's time."""
     started = time.perf_counter()
-    aligned = {
-        k: aligned_model(fused, params[k], run.plans[k], maps.get(k, {})) for k, w in enumerate(run.weights) if w > 0
-    }
+    aligned = list(_aligned_parents(run, fused, maps, params.__getitem__))  # (k, model, weight), all held at once
     if run.parent_data is None:
-        sources = [(run.data, [(model, run.weights[k]) for k, model in aligned.items()])]
+        sources = [(run.data, [(model, weight) for _, model, weight in aligned])]
     else:
-        sources = [(run.parent_data[k], [(model, run.weights[k])]) for k, model in aligned.items()]
+        sources = [(run.parent_data[k], [(model, weight)]) for k, model, weight in aligned]
     refitted = refit_linears(
         fused, sources, run.config.statistics_options(), progress=run.progress, device=run.device, process=run.process
     )

@@ -133,18 +133,19 @@ def _layer_groups(model: PreTrainedModel, data: Iterable, statistics_options: di
                 model(**batch)
                 break
     groups: list[list[str]] = []
+    placed: set[str] = set()
     previous = None
     for name, tensor in order:
-        if name in {n for group in groups for n in group}:
+        if name in placed:
             continue  # a layer run twice keeps its first place
         if previous is not None and tensor is previous:
             groups[-1].append(name)
         else:
             groups.append([name])
+        placed.add(name)
         previous = tensor
     order.clear()  # the batch's tensors are not held past the probe
-    seen = {n for group in groups for n in group}
-    groups += [[name] for name in modules if name in names and name not in seen]
+    groups += [[name] for name in modules if name in names and name not in placed]
     return groups
 
 
@@ -166,9 +167,9 @@ def _group_sums(
             data, fused, batch_size=statistics_options.get("batch_size", 8),
             num_samples=statistics_options.get("num_samples"), process=process, selection=selection,
         )  # fmt: skip
+        weight = sum(c for _, c in parents)
         for batch in data_pass:
             inputs = _augmented(_inputs_of(fused, group[0], batch, selection), modules[group[0]].bias is not None)
-            weight = sum(c for _, c in parents)
             targets = {name: 0.0 for name in group}
             for model, c in parents:
                 for name, output in _outputs_of(model, group, batch, selection).items():
