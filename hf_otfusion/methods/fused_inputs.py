@@ -19,16 +19,20 @@ It is the idea of RegMean++ (Nguyen et al., 2025: feed each layer the merged mod
 trained apart: with one shared dataset, RegMean++'s targets (the parents' weights applied to the merged model's
 inputs) reduce to the plain average, so the targets here are the parents' own outputs, as layer-wise
 reconstruction does in post-training quantisation. Layers fed the same tensor (query, key and value) are fitted
-from one pass. Each layer costs a pass of the fused model and of every aligned parent up to that layer, so the
-whole fit costs about `layers / 2` passes of every model over the alignment data; the passes distribute like
-the Gram pass (each process runs its share of the batches, the sums are added). Written here because no library
-refits a merged transformer layer by layer.
+from one pass. Inside the layer stack the passes start from each batch's kept input to the layer's block
+(`engine.replay`), and the parents' outputs of a block are taken once for all of its layers, so the fit costs
+about four block runs of the fused model and two of each parent per block, instead of a pass from the
+embeddings per layer (`layers / 2` whole passes of every model); a layer after the stack (the pooler, the
+classifier) still costs a whole pass of each model. The passes distribute like the Gram pass (each process runs
+its share of the batches, the sums are added). Written here because no library refits a merged transformer
+layer by layer.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
@@ -36,8 +40,10 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
+from ..engine import replay as block_replay
 from ..engine.distributed import all_reduce_sum_, models_on
-from ..engine.passes import DataPass, StopForward, TokenSelection, evaluating, forward_hooks
+from ..engine.passes import DataPass, StopForward, TokenSelection, evaluating, forward_hooks, token_selection
+from ..engine.replay import BlockReplay, block_index, layer_stack
 from ..errors import EmptyAlignmentDataError
 from .gram import mergeable_linears
 
@@ -65,7 +71,8 @@ class LayerRefit:
 
 @dataclass
 class _Sums:
-    """The sums one layer's fit needs: `Σ [x;1][x;1]ᵀ`, `Σ [x;1] ȳᵀ` and `Σ ||ȳ||²` (float64, weighted by c_k)."""
+    """The sums one layer's fit needs: `Σ [x;1][x;1]ᵀ` (one tensor shared by the layers of a group), `Σ [x;1] ȳᵀ`
+    and `Σ ||ȳ||²` (float64, weighted by c_k)."""
 
     gram: torch.Tensor
     cross: torch.Tensor
@@ -81,6 +88,7 @@ def refit_linears(
     device: torch.device | None = None,
     process: PartialState | None = None,
     ridge: float = RIDGE,
+    replay: bool = True,
 ) -> list[LayerRefit]:
     """Refits every linear layer of `fused` (`gram.mergeable_linears`) in place, in the order a forward pass runs them.
 
@@ -93,6 +101,8 @@ def refit_linears(
             (`FusionConfig.statistics_options`): padding never counts.
         process: the accelerate state of a multi-process launch (each process runs its share; a collective call).
         ridge: λ over the mean diagonal entry of each layer's Gram matrix (`RIDGE`); must be positive.
+        replay: run the layers of the layer stack from each batch's kept input to their block
+            (`engine.replay`) rather than from the embeddings; the same sums, in far fewer block runs.
 
     Raises:
         EmptyAlignmentDataError: no token reached the layers.
@@ -102,10 +112,13 @@ def refit_linears(
     models = [fused, *(model for _, parents in sources for model, _ in parents)]
     reports = []
     with models_on(models, device), evaluating(models):
+        runs = [_SourceRuns(fused, data, parents, statistics_options, process, replay) for data, parents in sources]
         for group in tqdm(groups, desc="RegMean on the fused inputs", unit="layer group", disable=not progress):
-            sums = _group_sums(fused, group, sources, statistics_options, process)
-            for name in group:
-                reports.append(_solve_into(modules[name], name, sums[name], ridge))
+            block_layers = [n for g in groups for n in g if _same_block(runs[0].stack, n, group[0])]
+            for source in runs:
+                source.start_at(group[0], block_layers)
+            sums = _group_sums(fused, group, runs, process)
+            reports += _solve_group({name: modules[name] for name in group}, sums, ridge)
     before = sum(r.error_before for r in reports) / max(len(reports), 1)
     after = sum(r.error_after for r in reports) / max(len(reports), 1)
     logger.info("Refitted %d linear layers on the fused model's inputs: mean relative output error %.4f -> %.4f.",
@@ -149,46 +162,186 @@ def _layer_groups(model: PreTrainedModel, data: Iterable, statistics_options: di
     return groups
 
 
+class _SourceRuns:
+    """One source's data and models (the fused model, its aligned parents) and how a group's pass runs them on
+    each batch: whole forward passes, or, for a group inside the layer stack, from every batch's kept input to
+    the group's block (`engine.replay.BlockReplay`), which gives the same activations.
+
+    Inside the stack, the parents' weighted outputs Ȳ of every layer of the current block are taken once, when
+    the passes reach the block, since the parents never change; the fused model's inputs are taken anew for
+    every group, each on the layers refitted before it. Ȳ is kept only while it fits in `replay.MAX_BYTES`;
+    beyond that, the parents run again for each group.
+    """
+
+    def __init__(
+        self,
+        fused: PreTrainedModel,
+        data: Iterable,
+        parents: Sequence[tuple[PreTrainedModel, float]],
+        statistics_options: dict,
+        process: PartialState | None,
+        replay: bool,
+    ) -> None:
+        self.fused, self.parents = fused, list(parents)
+        self.data, self.options, self.process = data, statistics_options, process
+        self.weight = sum(c for _, c in parents)
+        self.selection = TokenSelection(
+            statistics_options.get("tokens", "all"), statistics_options.get("tokens_per_sample")
+        )
+        self.stack = layer_stack(fused) if replay else None
+        self.replays: list[BlockReplay] | None = None  # the fused model's, then each parent's
+        self.block: int | None = None  # the block the kept inputs are at; None: whole passes
+        self.targets: dict[str, list[torch.Tensor]] | None = None  # Ȳ of the block's layers, per batch
+        self.seen = self.samples = 0
+
+    def _data_pass(self) -> DataPass:
+        return DataPass(
+            self.data, self.fused, batch_size=self.options.get("batch_size", 8),
+            num_samples=self.options.get("num_samples"), process=self.process, selection=self.selection,
+        )  # fmt: skip
+
+    def start_at(self, layer: str, block_layers: list[str]) -> None:
+        """Gets ready for a pass up to `layer`, of the layers `block_layers` of its block: inside the layer stack,
+        the kept inputs moved to its block (kept first when this is the stack's first pass) and, on a new block,
+        the parents' outputs taken; past the stack, the kept inputs moved past its last block."""
+        block = block_index(self.stack, layer) if self.stack is not None else None
+        if block is None and self.block is None:  # before the stack, or no replay: whole passes
+            return
+        if self.replays is None:
+            self.replays = self._kept_inputs()
+            if self.replays is None:
+                self.stack = None
+                return
+        if block is None:  # past the stack (the pooler, the classifier)
+            block = len(self.replays[0].blocks)
+        for kept in self.replays:
+            kept.advance(block)
+        if block != self.block:
+            self.block = block
+            self.targets = self._block_targets(block, block_layers) if block < len(self.replays[0].blocks) else None
+
+    def _kept_inputs(self) -> list[BlockReplay] | None:
+        """Each model's input to the first block on every batch, or None when a model's stack cannot be replayed
+        or the kept inputs outgrow `replay.MAX_BYTES`."""
+        replays: list[BlockReplay] = []
+        data_pass = self._data_pass()
+        for batch in data_pass:
+            if not replays:
+                one = {key: value[:1] for key, value in batch.items()}  # the check needs one sample
+                found = [BlockReplay.for_model(model, one) for model in [self.fused, *(m for m, _ in self.parents)]]
+                if any(r is None for r in found):
+                    logger.info("The layer stack cannot be replayed from kept inputs: whole passes for every layer.")
+                    return None
+                replays = [r for r in found if r is not None]
+            if not all([r.add(batch, self.selection.attention_mask) for r in replays]):
+                cap = block_replay.MAX_BYTES / 1e9
+                logger.info("The kept block inputs would pass %.1f GB per model: whole passes for every layer "
+                            "(cap the alignment data with num_samples to keep them).", cap)  # fmt: skip
+                return None
+        self.samples = data_pass.seen
+        return replays or None
+
+    def _block_targets(self, block: int, names: list[str]) -> dict[str, list[torch.Tensor]] | None:
+        """Ȳ of each layer of `names` (those of `block`) on every kept batch, taken while the parents' kept inputs
+        move through the block; None (the parents left at the block) when Ȳ would pass `replay.MAX_BYTES`."""
+        assert self.replays is not None
+        fused = self.replays[0]
+        width = sum(self.fused.get_submodule(name).out_features for name in names)
+        rows = 0
+        for hidden, mask in zip(fused.hidden, fused.masks, strict=True):
+            shape = (int(hidden.shape[0]), int(hidden.shape[1]))
+            rows += int(token_selection(shape, mask, self.selection.tokens, self.selection.tokens_per_sample).sum())
+        if rows * width * 8 > block_replay.MAX_BYTES:
+            return None
+        targets: dict[str, list[torch.Tensor]] = {name: [] for name in names}
+
+        def record(name: str, c: float):
+            def hook(module, inputs, output):
+                y = c * self.selection(output).double()
+                batch = targets[name]
+                if len(batch) == index[0]:
+                    batch.append(y)
+                else:
+                    batch[index[0]] += y
+
+            return hook
+
+        index = [0]
+
+        def before_batch(i: int) -> None:
+            index[0] = i
+            self.selection.new_batch(fused.masks[i])
+
+        for (model, c), kept in zip(self.parents, self.replays[1:], strict=True):
+            modules = dict(model.named_modules())
+            with forward_hooks([(modules[name], record(name, c)) for name in names]):
+                kept.advance(block + 1, before_batch)
+        return targets
+
+    def _parent_outputs(self, names: list[str], runs: list[Callable[[], object]]) -> dict[str, torch.Tensor]:
+        """Ȳ = Σ_k c_k Y_k of each layer of `names` on one batch, `runs[k]` running parent k on it (float64)."""
+        targets: dict[str, torch.Tensor] = {}
+        for (model, c), run in zip(self.parents, runs, strict=True):
+            for name, output in _outputs_of(model, names, run, self.selection).items():
+                targets[name] = targets[name] + c * output.double() if name in targets else c * output.double()
+        return targets
+
+    def batches(self, group: list[str]) -> Iterator[tuple[Callable[[], object], dict[str, torch.Tensor]]]:
+        """For each batch of this process: a call that runs the fused model on it (hooks installed by the caller)
+        and Ȳ of each layer of `group`; the batch's attention mask is set on `selection` first. Adds the samples
+        run to `seen`."""
+        if self.block is None or self.replays is None:  # whole passes
+            data_pass = self._data_pass()
+            for batch in data_pass:
+                runs = [functools.partial(model, **batch) for model, _ in self.parents]
+                yield functools.partial(self.fused, **batch), self._parent_outputs(group, runs)
+            self.seen += data_pass.seen
+            return
+        fused, parents = self.replays[0], self.replays[1:]
+        if self.block == len(fused.blocks):  # past the stack: whole passes with the stack skipped
+            for index, batch in enumerate(self._data_pass()):
+                runs = [functools.partial(kept.run_past_stack, index, batch) for kept in parents]
+                yield functools.partial(fused.run_past_stack, index, batch), self._parent_outputs(group, runs)
+        else:
+            for index, mask in enumerate(fused.masks):
+                self.selection.new_batch(mask)
+                if self.targets is not None:
+                    targets = {name: self.targets[name][index] for name in group}
+                else:
+                    targets = self._parent_outputs(group, [functools.partial(kept.run, index) for kept in parents])
+                yield functools.partial(fused.run, index), targets
+        self.seen += self.samples
+
+
 def _group_sums(
-    fused: PreTrainedModel,
-    group: list[str],
-    sources: Sequence[tuple[Iterable, Sequence[tuple[PreTrainedModel, float]]]],
-    statistics_options: dict,
-    process: PartialState | None,
+    fused: PreTrainedModel, group: list[str], sources: Sequence[_SourceRuns], process: PartialState | None
 ) -> dict[str, _Sums]:
     """The sums of each layer of `group` over every source's data: the fused model's inputs of the group (one
     tensor for all of it) against each aligned parent's outputs of every layer in it."""
-    selection = TokenSelection(statistics_options.get("tokens", "all"), statistics_options.get("tokens_per_sample"))
     modules = dict(fused.named_modules())
     sums: dict[str, _Sums] = {}
     seen = 0
-    for data, parents in sources:
-        data_pass = DataPass(
-            data, fused, batch_size=statistics_options.get("batch_size", 8),
-            num_samples=statistics_options.get("num_samples"), process=process, selection=selection,
-        )  # fmt: skip
-        weight = sum(c for _, c in parents)
-        for batch in data_pass:
-            inputs = _augmented(_inputs_of(fused, group[0], batch, selection), modules[group[0]].bias is not None)
-            targets = {name: 0.0 for name in group}
-            for model, c in parents:
-                for name, output in _outputs_of(model, group, batch, selection).items():
-                    targets[name] = targets[name] + c * output.double()
+    for source in sources:
+        weight = source.weight
+        before = source.seen
+        for run, targets in source.batches(group):
+            inputs = _augmented(_input_of(fused, group[0], run, source.selection), modules[group[0]].bias is not None)
+            if not sums:  # the layers of a group read one input: they share one Gram matrix
+                gram = torch.zeros(inputs.shape[1], inputs.shape[1], dtype=torch.float64)
+                for name in group:
+                    m = targets[name].shape[1]
+                    sums[name] = _Sums(gram, torch.zeros(inputs.shape[1], m, dtype=torch.float64),
+                                       torch.zeros((), dtype=torch.float64))  # fmt: skip
+            sums[group[0]].gram += weight * (inputs.T @ inputs).cpu()
             for name in group:
                 y = targets[name]
-                assert isinstance(y, torch.Tensor)
-                if name not in sums:
-                    n, m = inputs.shape[1], y.shape[1]
-                    zeros = torch.zeros
-                    sums[name] = _Sums(zeros(n, n, dtype=torch.float64), zeros(n, m, dtype=torch.float64),
-                                       zeros((), dtype=torch.float64))  # fmt: skip
-                sums[name].gram += weight * (inputs.T @ inputs).cpu()
                 sums[name].cross += (inputs.T @ y).cpu()
                 sums[name].energy += (y.square().sum() / max(weight, 1e-300)).cpu()
-        seen += data_pass.seen
+        seen += source.seen - before
     if process is not None and process.num_processes > 1:  # raw sums: adding them over processes is exact
         count = torch.tensor([float(seen)], dtype=torch.float64)
-        all_reduce_sum_([count, *(t for s in sums.values() for t in (s.gram, s.cross, s.energy))], process)
+        shared = [sums[group[0]].gram] if sums else []  # the one Gram matrix, summed once
+        all_reduce_sum_([count, *shared, *(t for s in sums.values() for t in (s.cross, s.energy))], process)
         seen = int(count.item())
     if seen == 0 or not sums:
         raise EmptyAlignmentDataError(
@@ -198,8 +351,13 @@ def _group_sums(
     return sums
 
 
-def _inputs_of(model: PreTrainedModel, name: str, batch: dict, selection: TokenSelection) -> torch.Tensor:
-    """The (tokens, in_features) input of layer `name` on `batch`; the pass stops there."""
+def _same_block(stack: str | None, a: str, b: str) -> bool:
+    """Whether layers `a` and `b` lie in one block of the layer stack."""
+    return stack is not None and block_index(stack, a) is not None and block_index(stack, a) == block_index(stack, b)
+
+
+def _input_of(model: PreTrainedModel, name: str, run: Callable[[], object], selection: TokenSelection) -> torch.Tensor:
+    """The (tokens, in_features) input of layer `name` when `run` runs the model on a batch; the pass stops there."""
     captured = []
 
     def hook(module, args, kwargs):
@@ -208,14 +366,15 @@ def _inputs_of(model: PreTrainedModel, name: str, batch: dict, selection: TokenS
 
     with forward_hooks([(dict(model.named_modules())[name], hook)], before=True), torch.inference_mode():
         try:
-            model(**batch)
+            run()
         except StopForward:
             pass
     return captured[0].double()
 
 
-def _outputs_of(model: PreTrainedModel, names: list[str], batch: dict, selection: TokenSelection) -> dict:
-    """Each layer's (tokens, out_features) output on `batch`; the pass stops after the last of `names` runs."""
+def _outputs_of(model: PreTrainedModel, names: list[str], run: Callable[[], object], selection: TokenSelection) -> dict:
+    """Each layer's (tokens, out_features) output when `run` runs the model on a batch; the pass stops after the
+    last of `names` runs."""
     captured: dict[str, torch.Tensor] = {}
 
     def record(name: str):
@@ -229,7 +388,7 @@ def _outputs_of(model: PreTrainedModel, names: list[str], batch: dict, selection
     modules = dict(model.named_modules())
     with forward_hooks([(modules[n], record(n)) for n in names]), torch.inference_mode():
         try:
-            model(**batch)
+            run()
         except StopForward:
             pass
     return captured
@@ -240,30 +399,37 @@ def _augmented(inputs: torch.Tensor, bias: bool) -> torch.Tensor:
     return torch.cat([inputs, inputs.new_ones(len(inputs), 1)], 1) if bias else inputs
 
 
-def _solve_into(module: torch.nn.Linear, name: str, sums: _Sums, ridge: float) -> LayerRefit:
-    """Solves the ridge regression of one layer towards its current weights and writes the result into it."""
-    has_bias = module.bias is not None
-    start = module.weight.detach().double().T.cpu()
-    if has_bias:
-        assert module.bias is not None
-        start = torch.cat([start, module.bias.detach().double().cpu()[None]], 0)
-    n = module.in_features
-    scale = sums.gram.diagonal()[:n].mean()
-    energy = max(float(sums.energy), 1e-300)
-
-    def error(solution: torch.Tensor) -> float:  # ||X̃ S − Ȳ||² from the sums, relative to ||Ȳ||²
-        value = (solution * (sums.gram @ solution)).sum() - 2 * (solution * sums.cross).sum() + sums.energy
-        return float(value.clamp_min(0)) / energy
-
-    before = error(start)
-    if not scale > 0:  # the data never excites this layer: it keeps the average
-        return LayerRefit(name, before, before)
-    penalty = torch.zeros(len(sums.gram), dtype=torch.float64)
+def _solve_group(layers: dict[str, torch.nn.Linear], sums: dict[str, _Sums], ridge: float) -> list[LayerRefit]:
+    """Solves the ridge regression of each layer of one group (one input, so one Gram matrix and one Cholesky
+    factor) towards its current weights and writes the results into the layers."""
+    first = next(iter(layers))
+    gram = sums[first].gram
+    n = layers[first].in_features
+    scale = gram.diagonal()[:n].mean()
+    penalty = torch.zeros(len(gram), dtype=torch.float64)
     penalty[:n] = ridge * scale
-    solution = torch.linalg.solve(sums.gram + torch.diag(penalty), sums.cross + penalty[:, None] * start)
-    with torch.no_grad():
-        module.weight.copy_(solution[:n].T.to(module.weight.dtype))
-        if has_bias:
-            assert module.bias is not None
-            module.bias.copy_(solution[n].to(module.bias.dtype))
-    return LayerRefit(name, before, error(solution))
+    system = gram + torch.diag(penalty)  # positive definite: the ridge on the weights, every token on the bias
+    factor, info = torch.linalg.cholesky_ex(system)
+    reports = []
+    for name, module in layers.items():
+        layer = sums[name]
+        start = module.weight.detach().double().T.cpu()
+        if module.bias is not None:
+            start = torch.cat([start, module.bias.detach().double().cpu()[None]], 0)
+        energy = max(float(layer.energy), 1e-300)
+        # ||X̃ S − Ȳ||² relative to ||Ȳ||², from the sums: Σ S∘(G S) − 2 Σ S∘(X̃ᵀȲ) + ||Ȳ||²
+        before = float(((start * (gram @ start)).sum() - 2 * (start * layer.cross).sum() + layer.energy).clamp_min(0))
+        if not scale > 0:  # the data never excites this layer: it keeps the average
+            reports.append(LayerRefit(name, before / energy, before / energy))
+            continue
+        rhs = layer.cross + penalty[:, None] * start
+        solution = torch.cholesky_solve(rhs, factor) if int(info) == 0 else torch.linalg.solve(system, rhs)
+        # G S = rhs − P S at the solution, which spares a second product with G
+        after = (solution * (rhs - penalty[:, None] * solution)).sum() - 2 * (solution * layer.cross).sum()
+        after = float((after + layer.energy).clamp_min(0))
+        with torch.no_grad():
+            module.weight.copy_(solution[:n].T.to(module.weight.dtype))
+            if module.bias is not None:
+                module.bias.copy_(solution[n].to(module.bias.dtype))
+        reports.append(LayerRefit(name, before / energy, after / energy))
+    return reports
