@@ -11,7 +11,10 @@ from conftest import build, inputs_for
 
 from hf_otfusion import FusionConfig, fuse
 from hf_otfusion.engine import replay as replay_module
+from hf_otfusion.engine.distributed import models_on
 from hf_otfusion.engine.passes import StopForward
+from hf_otfusion.engine.plan import resolve_plan
+from hf_otfusion.engine.repair import repair_model, repair_sites
 from hf_otfusion.engine.replay import BlockReplay, block_index, layer_stack
 from hf_otfusion.methods.fused_inputs import refit_linears
 
@@ -184,3 +187,80 @@ def test_parents_run_again_for_each_group_when_their_outputs_would_pass_the_cap(
     for name, p in whole.named_parameters():
         assert torch.equal(p, dict(rerun_model.named_parameters())[name]), name
         assert torch.equal(p, dict(kept_model.named_parameters())[name]), name
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_repair_from_kept_block_inputs_gives_the_weights_of_whole_passes(family, monkeypatch):
+    """Repair measuring each site inside the stack from the kept inputs to its block writes the very weights
+    (and reports) of repair with a pass from the embeddings per site, and it did replay: every site inside the
+    stack ran from the kept inputs on every batch (counted)."""
+    parents = [build(family, seed=0), build(family, seed=1)]
+    fused = fuse(parents, config=FusionConfig(method="vanilla"), progress=False)
+    data = [inputs_for(parents[0], seed=s) for s in range(3)]
+    plan = resolve_plan(fused)
+    replayed, whole = copy.deepcopy(fused), copy.deepcopy(fused)
+    runs = []
+    original = BlockReplay.run
+    monkeypatch.setattr(BlockReplay, "run", lambda self, index: runs.append(index) or original(self, index))
+    pairs = [(parents[0], 0.25), (parents[1], 0.75)]
+    reports = repair_model(replayed, plan, pairs, data, "all", OPTIONS, progress=False)
+    replayed_runs = len(runs)
+    reference = repair_model(whole, plan, pairs, data, "all", OPTIONS, progress=False, replay=False)
+    assert len(runs) == replayed_runs  # the whole passes replay nothing
+    stack = layer_stack(fused)
+    in_stack = [site for site in repair_sites(plan, "all") if block_index(stack, site) is not None]
+    assert len(in_stack) >= 2 * fused.config.num_hidden_layers and replayed_runs == len(in_stack) * len(data)
+    assert [r.to_dict() for r in reports] == [r.to_dict() for r in reference]
+    for name, p in replayed.named_parameters():
+        assert torch.equal(p, dict(whole.named_parameters())[name]), name
+    assert any(not torch.equal(p, dict(fused.named_parameters())[n]) for n, p in replayed.named_parameters())
+
+
+def _copying_to(module, *args, **kwargs):
+    """`Module.to` as a move between devices behaves: every parameter gets new storage (here, on the host)."""
+    for param in module.parameters():
+        param.data = param.data.clone()
+    return module
+
+
+def test_models_on_keeps_what_the_block_wrote_into_a_changed_model_only(monkeypatch):
+    """Each model gets its own tensors back (the same objects); the values written on the "device" reach them
+    for the models listed as changed, and not for the others."""
+    monkeypatch.setattr(torch.nn.Module, "to", _copying_to)
+    changed, untouched = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    before = [(m.weight, m.weight.detach().clone()) for m in (changed, untouched)]
+    storage = changed.weight.data_ptr()
+    with models_on([changed, untouched], torch.device("cpu"), changed=[changed]):
+        assert changed.weight.data_ptr() != storage  # it did "move"
+        with torch.no_grad():
+            changed.weight.add_(1.0)
+            untouched.weight.add_(1.0)
+    assert changed.weight is before[0][0] and untouched.weight is before[1][0]
+    assert changed.weight.data_ptr() == storage
+    assert torch.equal(changed.weight, before[0][1] + 1.0)
+    assert torch.equal(untouched.weight, before[1][1])
+
+
+@pytest.mark.parametrize("stage", ["refit", "repair"])
+def test_a_refit_or_repair_run_on_another_device_keeps_its_weights(stage, monkeypatch):
+    """With the models moved to a "device" (new storage, as a GPU gives) the refit and repair write the very
+    weights they write in place on the host: the changes made there are not dropped when the host tensors
+    are put back."""
+    parents = [build("vit-cls", seed=0), build("vit-cls", seed=1)]
+    fused = fuse(parents, config=FusionConfig(method="vanilla"), progress=False)
+    data = [inputs_for(parents[0], seed=s) for s in range(2)]
+    pairs = [(parents[0], 0.5), (parents[1], 0.5)]
+    on_host, on_device = copy.deepcopy(fused), copy.deepcopy(fused)
+
+    def run(model, device):
+        if stage == "refit":
+            refit_linears(model, [(data, pairs)], OPTIONS, progress=False, device=device)
+        else:
+            repair_model(model, resolve_plan(model), pairs, data, "all", OPTIONS, progress=False, device=device)
+
+    run(on_host, None)
+    monkeypatch.setattr(torch.nn.Module, "to", _copying_to)
+    run(on_device, torch.device("cpu"))
+    assert any(not torch.equal(p, dict(fused.named_parameters())[n]) for n, p in on_host.named_parameters())
+    for name, p in on_device.named_parameters():
+        assert torch.equal(p, dict(on_host.named_parameters())[name]), name

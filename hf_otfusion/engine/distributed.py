@@ -119,19 +119,26 @@ def broadcast_from_main(obj: Any, process: PartialState | None) -> Any:
 
 
 @contextmanager
-def models_on(models: Sequence[torch.nn.Module], device: torch.device | None) -> Iterator[None]:
+def models_on(
+    models: Sequence[torch.nn.Module], device: torch.device | None, changed: Sequence[torch.nn.Module] = ()
+) -> Iterator[None]:
     """Runs the block with the models moved to `device`, then puts back their original tensors.
 
     Putting back the very tensors the models held (rather than copying back from the device) keeps the host
-    memory as it was and keeps references to the old parameters valid, whatever happened on the device.
+    memory as it was and keeps references to the old parameters valid, whatever happened on the device. The
+    models in `changed` (those the block writes into: a refit, a repair) first have their parameters' values
+    on the device copied into those original tensors, so the changes are kept.
     """
     if device is None:
         yield
         return
     params, buffers = [], []
+    kept = {id(model) for model in changed}
     for model in {id(model): model for model in models}.values():
         for module in model.modules():
-            params += [(module, name, p, p.data) for name, p in module.named_parameters(recurse=False)]
+            params += [
+                (module, name, p, p.data, id(model) in kept) for name, p in module.named_parameters(recurse=False)
+            ]
             buffers += [(module, name, buffer) for name, buffer in module.named_buffers(recurse=False)]
         model.to(device)
     try:
@@ -139,7 +146,9 @@ def models_on(models: Sequence[torch.nn.Module], device: torch.device | None) ->
     finally:
         # `to` moves a parameter's data in place, or (between unlike devices, e.g. meta) swaps in a new
         # Parameter: undo both, so tied parameters stay one object
-        for module, name, param, data in params:
+        for module, name, param, data, keep in params:
+            if keep:
+                data.copy_(getattr(module, name).data)
             param.data = data
             setattr(module, name, param)
         for module, name, buffer in buffers:

@@ -17,13 +17,16 @@ accelerate runs a model from a block's cached input.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import logging
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from transformers import PreTrainedModel
 
-from .passes import StopForward, forward_hooks
+from .passes import DataPass, StopForward, TokenSelection, forward_hooks
+
+logger = logging.getLogger(__name__)
 
 #: the most bytes one model's kept block inputs may take before the caller falls back to whole passes
 MAX_BYTES = 4 * 2**30
@@ -136,6 +139,29 @@ class BlockReplay:
                 del block.forward
                 if forward is not None:
                     block.forward = forward
+
+
+def keep_block_inputs(
+    models: Sequence[PreTrainedModel], data_pass: DataPass, selection: TokenSelection
+) -> list[BlockReplay] | None:
+    """One `BlockReplay` per model, holding its input to the first block on every batch of `data_pass` (which
+    sets each batch's attention mask on `selection`); `None` when a model's stack cannot be replayed or the kept
+    inputs outgrow `MAX_BYTES`, and the caller runs whole passes. The models run in their current state: take
+    the inputs once every change before the stack (an embedding's) is made."""
+    replays: list[BlockReplay] = []
+    for batch in data_pass:
+        if not replays:
+            one = {key: value[:1] for key, value in batch.items()}  # the check needs one sample
+            found = [BlockReplay.for_model(model, one) for model in models]
+            if any(r is None for r in found):
+                logger.info("The layer stack cannot be replayed from kept inputs: whole passes instead.")
+                return None
+            replays = [r for r in found if r is not None]
+        if not all([r.add(batch, selection.attention_mask) for r in replays]):
+            logger.info("The kept block inputs would pass %.1f GB per model: whole passes instead (cap the "
+                        "alignment data with num_samples to keep them).", MAX_BYTES / 1e9)  # fmt: skip
+            return None
+    return replays or None
 
 
 def layer_stack(model: torch.nn.Module) -> str | None:

@@ -43,7 +43,7 @@ from transformers import PreTrainedModel
 from ..engine import replay as block_replay
 from ..engine.distributed import all_reduce_sum_, models_on
 from ..engine.passes import DataPass, StopForward, TokenSelection, evaluating, forward_hooks, token_selection
-from ..engine.replay import BlockReplay, block_index, layer_stack
+from ..engine.replay import BlockReplay, block_index, keep_block_inputs, layer_stack
 from ..errors import EmptyAlignmentDataError
 from .gram import mergeable_linears
 
@@ -111,12 +111,16 @@ def refit_linears(
     modules = dict(fused.named_modules())
     models = [fused, *(model for _, parents in sources for model, _ in parents)]
     reports = []
-    with models_on(models, device), evaluating(models):
+    with models_on(models, device, changed=[fused]), evaluating(models):
         runs = [_SourceRuns(fused, data, parents, statistics_options, process, replay) for data, parents in sources]
+        stack = runs[0].stack
+        block_layers: dict[int | None, list[str]] = {}  # the layers of each block of the stack (None: outside it)
+        for name in (name for group in groups for name in group):
+            block_layers.setdefault(block_index(stack, name) if stack is not None else None, []).append(name)
         for group in tqdm(groups, desc="RegMean on the fused inputs", unit="layer group", disable=not progress):
-            block_layers = [n for g in groups for n in g if _same_block(runs[0].stack, n, group[0])]
+            block = block_index(stack, group[0]) if stack is not None else None
             for source in runs:
-                source.start_at(group[0], block_layers)
+                source.start_at(group[0], block_layers.get(block, []) if block is not None else [])
             sums = _group_sums(fused, group, runs, process)
             reports += _solve_group({name: modules[name] for name in group}, sums, ridge)
     before = sum(r.error_before for r in reports) / max(len(reports), 1)
@@ -183,6 +187,7 @@ class _SourceRuns:
         replay: bool,
     ) -> None:
         self.fused, self.parents = fused, list(parents)
+        self.parent_modules = [dict(model.named_modules()) for model, _ in self.parents]
         self.data, self.options, self.process = data, statistics_options, process
         self.weight = sum(c for _, c in parents)
         self.selection = TokenSelection(
@@ -192,7 +197,9 @@ class _SourceRuns:
         self.replays: list[BlockReplay] | None = None  # the fused model's, then each parent's
         self.block: int | None = None  # the block the kept inputs are at; None: whole passes
         self.targets: dict[str, list[torch.Tensor]] | None = None  # Ȳ of the block's layers, per batch
-        self.seen = self.samples = 0
+        self.seen = 0  # the samples the last `batches()` ran
+        self.samples = 0  # the samples of the kept inputs
+        self.rows = 0  # the token rows they select (what the parents' outputs of a block hold per unit)
 
     def _data_pass(self) -> DataPass:
         return DataPass(
@@ -221,25 +228,16 @@ class _SourceRuns:
             self.targets = self._block_targets(block, block_layers) if block < len(self.replays[0].blocks) else None
 
     def _kept_inputs(self) -> list[BlockReplay] | None:
-        """Each model's input to the first block on every batch, or None when a model's stack cannot be replayed
-        or the kept inputs outgrow `replay.MAX_BYTES`."""
-        replays: list[BlockReplay] = []
+        """Each model's input to the first block on every batch (`replay.keep_block_inputs`)."""
         data_pass = self._data_pass()
-        for batch in data_pass:
-            if not replays:
-                one = {key: value[:1] for key, value in batch.items()}  # the check needs one sample
-                found = [BlockReplay.for_model(model, one) for model in [self.fused, *(m for m, _ in self.parents)]]
-                if any(r is None for r in found):
-                    logger.info("The layer stack cannot be replayed from kept inputs: whole passes for every layer.")
-                    return None
-                replays = [r for r in found if r is not None]
-            if not all([r.add(batch, self.selection.attention_mask) for r in replays]):
-                cap = block_replay.MAX_BYTES / 1e9
-                logger.info("The kept block inputs would pass %.1f GB per model: whole passes for every layer "
-                            "(cap the alignment data with num_samples to keep them).", cap)  # fmt: skip
-                return None
+        replays = keep_block_inputs([self.fused, *(m for m, _ in self.parents)], data_pass, self.selection)
         self.samples = data_pass.seen
-        return replays or None
+        if replays is not None:
+            for hidden, mask in zip(replays[0].hidden, replays[0].masks, strict=True):
+                shape = (int(hidden.shape[0]), int(hidden.shape[1]))
+                selected = token_selection(shape, mask, self.selection.tokens, self.selection.tokens_per_sample)
+                self.rows += int(selected.sum())
+        return replays
 
     def _block_targets(self, block: int, names: list[str]) -> dict[str, list[torch.Tensor]] | None:
         """Ȳ of each layer of `names` (those of `block`) on every kept batch, taken while the parents' kept inputs
@@ -247,11 +245,7 @@ class _SourceRuns:
         assert self.replays is not None
         fused = self.replays[0]
         width = sum(self.fused.get_submodule(name).out_features for name in names)
-        rows = 0
-        for hidden, mask in zip(fused.hidden, fused.masks, strict=True):
-            shape = (int(hidden.shape[0]), int(hidden.shape[1]))
-            rows += int(token_selection(shape, mask, self.selection.tokens, self.selection.tokens_per_sample).sum())
-        if rows * width * 8 > block_replay.MAX_BYTES:
+        if self.rows * width * 8 > block_replay.MAX_BYTES:
             return None
         targets: dict[str, list[torch.Tensor]] = {name: [] for name in names}
 
@@ -272,8 +266,7 @@ class _SourceRuns:
             index[0] = i
             self.selection.new_batch(fused.masks[i])
 
-        for (model, c), kept in zip(self.parents, self.replays[1:], strict=True):
-            modules = dict(model.named_modules())
+        for (_, c), modules, kept in zip(self.parents, self.parent_modules, self.replays[1:], strict=True):
             with forward_hooks([(modules[name], record(name, c)) for name in names]):
                 kept.advance(block + 1, before_batch)
         return targets
@@ -281,21 +274,21 @@ class _SourceRuns:
     def _parent_outputs(self, names: list[str], runs: list[Callable[[], object]]) -> dict[str, torch.Tensor]:
         """Ȳ = Σ_k c_k Y_k of each layer of `names` on one batch, `runs[k]` running parent k on it (float64)."""
         targets: dict[str, torch.Tensor] = {}
-        for (model, c), run in zip(self.parents, runs, strict=True):
-            for name, output in _outputs_of(model, names, run, self.selection).items():
+        for (_, c), modules, run in zip(self.parents, self.parent_modules, runs, strict=True):
+            for name, output in _outputs_of({n: modules[n] for n in names}, run, self.selection).items():
                 targets[name] = targets[name] + c * output.double() if name in targets else c * output.double()
         return targets
 
     def batches(self, group: list[str]) -> Iterator[tuple[Callable[[], object], dict[str, torch.Tensor]]]:
         """For each batch of this process: a call that runs the fused model on it (hooks installed by the caller)
-        and Ȳ of each layer of `group`; the batch's attention mask is set on `selection` first. Adds the samples
-        run to `seen`."""
+        and Ȳ of each layer of `group`; the batch's attention mask is set on `selection` first. Afterwards `seen`
+        is the number of samples run."""
         if self.block is None or self.replays is None:  # whole passes
             data_pass = self._data_pass()
             for batch in data_pass:
                 runs = [functools.partial(model, **batch) for model, _ in self.parents]
                 yield functools.partial(self.fused, **batch), self._parent_outputs(group, runs)
-            self.seen += data_pass.seen
+            self.seen = data_pass.seen
             return
         fused, parents = self.replays[0], self.replays[1:]
         if self.block == len(fused.blocks):  # past the stack: whole passes with the stack skipped
@@ -310,7 +303,7 @@ class _SourceRuns:
                 else:
                     targets = self._parent_outputs(group, [functools.partial(kept.run, index) for kept in parents])
                 yield functools.partial(fused.run, index), targets
-        self.seen += self.samples
+        self.seen = self.samples
 
 
 def _group_sums(
@@ -323,9 +316,8 @@ def _group_sums(
     seen = 0
     for source in sources:
         weight = source.weight
-        before = source.seen
         for run, targets in source.batches(group):
-            inputs = _augmented(_input_of(fused, group[0], run, source.selection), modules[group[0]].bias is not None)
+            inputs = _augmented(_input_of(modules[group[0]], run, source.selection), modules[group[0]].bias is not None)
             if not sums:  # the layers of a group read one input: they share one Gram matrix
                 gram = torch.zeros(inputs.shape[1], inputs.shape[1], dtype=torch.float64)
                 for name in group:
@@ -337,7 +329,7 @@ def _group_sums(
                 y = targets[name]
                 sums[name].cross += (inputs.T @ y).cpu()
                 sums[name].energy += (y.square().sum() / max(weight, 1e-300)).cpu()
-        seen += source.seen - before
+        seen += source.seen
     if process is not None and process.num_processes > 1:  # raw sums: adding them over processes is exact
         count = torch.tensor([float(seen)], dtype=torch.float64)
         shared = [sums[group[0]].gram] if sums else []  # the one Gram matrix, summed once
@@ -351,20 +343,15 @@ def _group_sums(
     return sums
 
 
-def _same_block(stack: str | None, a: str, b: str) -> bool:
-    """Whether layers `a` and `b` lie in one block of the layer stack."""
-    return stack is not None and block_index(stack, a) is not None and block_index(stack, a) == block_index(stack, b)
-
-
-def _input_of(model: PreTrainedModel, name: str, run: Callable[[], object], selection: TokenSelection) -> torch.Tensor:
-    """The (tokens, in_features) input of layer `name` when `run` runs the model on a batch; the pass stops there."""
+def _input_of(layer: torch.nn.Module, run: Callable[[], object], selection: TokenSelection) -> torch.Tensor:
+    """The (tokens, in_features) input of `layer` when `run` runs its model on a batch; the pass stops there."""
     captured = []
 
     def hook(module, args, kwargs):
         captured.append(selection(args[0] if args else kwargs["input"]))
         raise StopForward
 
-    with forward_hooks([(dict(model.named_modules())[name], hook)], before=True), torch.inference_mode():
+    with forward_hooks([(layer, hook)], before=True), torch.inference_mode():
         try:
             run()
         except StopForward:
@@ -372,21 +359,20 @@ def _input_of(model: PreTrainedModel, name: str, run: Callable[[], object], sele
     return captured[0].double()
 
 
-def _outputs_of(model: PreTrainedModel, names: list[str], run: Callable[[], object], selection: TokenSelection) -> dict:
-    """Each layer's (tokens, out_features) output when `run` runs the model on a batch; the pass stops after the
-    last of `names` runs."""
+def _outputs_of(layers: dict[str, torch.nn.Module], run: Callable[[], object], selection: TokenSelection) -> dict:
+    """Each of `layers`' (tokens, out_features) output when `run` runs their model on a batch; the pass stops after
+    the last of them runs."""
     captured: dict[str, torch.Tensor] = {}
 
     def record(name: str):
         def hook(module, inputs, output):
             captured[name] = selection(output)
-            if len(captured) == len(names):
+            if len(captured) == len(layers):
                 raise StopForward
 
         return hook
 
-    modules = dict(model.named_modules())
-    with forward_hooks([(modules[n], record(n)) for n in names]), torch.inference_mode():
+    with forward_hooks([(layer, record(name)) for name, layer in layers.items()]), torch.inference_mode():
         try:
             run()
         except StopForward:
