@@ -155,6 +155,8 @@ def rows_for(family: str, refine_steps: int) -> list[tuple[str, str, dict]]:
         ("regmean-fused-permutations", "before: OT exact, activations (permutations) + RegMean on the fused inputs",
          dict(regmean, **fused_inputs)),
         ("regmean-fused", f"+ {label} + RegMean on the fused inputs", dict(rotations, **regmean, **fused_inputs)),
+        ("free-regmean-fused-permutations", "data-free OT exact (permutations) + RegMean on the fused inputs",
+         dict(regmean, **fused_inputs, cost="weights")),
         ("free-regmean-fused-repair", f"+ {label} from weights + RegMean on the fused inputs + repair",
          dict(free, **regmean, **fused_inputs, repair="all")),
         ("closed-form", f"quality='closed-form' (+ {label} from weights + RegMean on the fused inputs)",
