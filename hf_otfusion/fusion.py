@@ -172,9 +172,11 @@ def fuse_with_diagnostics(
         base: the parents' shared ancestor for `task-arithmetic`, as a model or checkpoint; defaults to
             `config.base`.
         progress: show progress bars.
-        device: where the statistics forward passes (and Sinkhorn solves) run: `"cuda"`, `"cpu"`, `"auto"`
-            (CUDA when available); `None` leaves the models where they are. Models are moved there for the
-            pass and get their original tensors back afterwards.
+        device: where the forward passes over the data run (statistics, RegMean's Gram and fused-inputs passes,
+            repair), and the Sinkhorn solves: `"cuda"`, `"cpu"`, `"auto"` (CUDA when available); `None` leaves the
+            models where they are. Models are moved there for each stage and get their original tensors back
+            afterwards, with what the refit or repair wrote into the fused model. Exact solves and refinement run
+            on the CPU.
         parent_data: `regmean` only: each parent's own data for its Gram statistics, one entry per parent, in
             place of `data` (`data` still serves the alignment of `align="ot"`). `merge_tasks` passes each
             task's data here.

@@ -67,7 +67,11 @@ def add_parsers(commands) -> None:
         align.add_argument_group("alignment (FusionConfig fields)"), FusionConfig,
         shown_defaults={"cost": "activations with --data, else weights"}, only=ALIGN_FIELDS,
     )  # fmt: skip
-    align.add_argument("--device", help="where the statistics pass runs: cpu, cuda, auto (default: cpu)")
+    align.add_argument(
+        "--device",
+        help="where the forward passes over the alignment data run (statistics, RegMean, repair) and Sinkhorn "
+        "solves: cpu, cuda, auto (default: cpu); exact solves and refinement stay on the CPU",
+    )
     hub = align.add_argument_group("Hub")
     hub.add_argument("--push-to-hub", metavar="NS/NAME", help="after writing, upload each aligned parent to its "
                      "own model repository NS/NAME-<parent-name>, one commit each")  # fmt: skip
