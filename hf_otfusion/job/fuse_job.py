@@ -61,7 +61,8 @@ class FuseJob:
             --base) the base under its head.
         eval_split: split of --eval-data (default: the only split, or test).
         eval_num_samples: evaluate on this many rows (seeded by --data-seed).
-        device: where the statistics pass runs: cpu, cuda, auto (default: cpu).
+        device: where the passes over the alignment data (statistics, RegMean, repair) and Sinkhorn solves run:
+            cpu, cuda, auto (default: cpu); exact solves and refinement stay on the CPU.
         dtype: dtype of the saved fused weights (default: the anchor's; with --multi-task, each parent's).
         max_shard_size: shard model.safetensors above this size, with an index.
         multi_task: merge only the shared encoder and keep every parent's own head (parents fine-tuned from one
